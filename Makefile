@@ -1,0 +1,22 @@
+# cellssl: the two commands a fresh clone needs (see README).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test
+
+$(BIN)/cellssl: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/cellssl
+
+install: $(BIN)/cellssl
+
+# Main job: pretrain MSBReg on the built-in synthetic smears, then few-shot + linear report.
+demo: install
+	$(BIN)/cellssl demo --out runs/demo
+
+# Install and run the whole test suite (CPU, a few minutes).
+test: install
+	$(BIN)/pytest -q

@@ -1,0 +1,73 @@
+"""A PNG grid of augmented views, to check by eye that a recipe's augmentations look sensible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cellssl.augment.views import MultiViewTransform, denormalize
+from cellssl.config import DataConfig
+
+# colours for a per-channel composite when there are 2 channels (green, magenta)
+_TWO_CHANNEL = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=np.float32)
+
+
+def to_display(img: np.ndarray) -> np.ndarray:
+    """(H, W, C) float in [0, 1] -> something ``imshow`` shows: (H, W) grey for C=1, RGB for C=3,
+    a green/magenta composite for C=2, and the first three channels as RGB for C>3."""
+    c = img.shape[2]
+    if c == 1:
+        return img[:, :, 0]
+    if c == 2:
+        return np.clip(img @ _TWO_CHANNEL, 0, 1)
+    return np.clip(img[:, :, :3], 0, 1)
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    out = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def save_view_grid(
+    dataset,
+    transform: MultiViewTransform,
+    data_cfg: DataConfig,
+    out_path: str | Path,
+    n: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write a PNG with ``n`` rows: each row an image of ``dataset`` (an ImageDataset; its raw
+    (H, W, C) arrays, not its own transform) followed by its M augmented views. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    n = min(n, len(dataset))
+    idx = rng.choice(len(dataset), size=n, replace=False)
+    m = transform.n_views
+    fig, axes = plt.subplots(n, m + 1, figsize=(1.4 * (m + 1), 1.4 * n), squeeze=False)
+    for row, i in enumerate(idx):
+        img, label = dataset.load(int(i))
+        views = denormalize(transform(img)["views"], data_cfg)
+        tiles = [_resize(img, transform.size)] + list(views)
+        for col, tile in enumerate(tiles):
+            ax = axes[row, col]
+            ax.imshow(to_display(tile), cmap="gray" if tile.shape[2] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                name = dataset.classes[label] if getattr(dataset, "classes", None) and label >= 0 else f"#{i}"
+                ax.set_ylabel(str(name), fontsize=7)
+            if row == 0:
+                ax.set_title("original" if col == 0 else f"view {col}", fontsize=8)
+    fig.tight_layout(pad=0.2)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

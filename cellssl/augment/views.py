@@ -1,0 +1,390 @@
+"""Multi-view augmentation for cell images (albumentations + a vectorised HED stain jitter).
+
+A view is: a random resized crop that keeps most of the cell, rotation by any angle with
+reflected borders and flips (cells have no "up"), then appearance changes that depend on the
+modality. Bright-field RGB (Wright-Giemsa, H&E): stain jitter in HED optical-density space and a
+colour jitter. Fluorescence or any non-RGB channel count: an independent gain and gamma per
+channel, never mixing channels. Then blur, Gaussian / Poisson noise, optional elastic warping,
+and per-channel normalisation to a (C, S, S) float32 tensor.
+
+Input everywhere: float32 (H, W, C) arrays in [0, 1] (what :func:`cellssl.data.io.read_image`
+returns). Output of :class:`MultiViewTransform`: ``{"views": (M, C, S, S)}`` plus
+``{"local": (L, C, s, s)}`` when local views are configured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from cellssl.config import DataConfig, ViewsConfig
+from cellssl.errors import DataError
+
+# --- HED colour deconvolution (same matrices and log scaling as skimage.color) ---------------
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+_LOG_ADJUST = -np.log(1e-6)  # skimage divides optical density by this constant
+_HED_F32 = HED_FROM_RGB.astype(np.float32)
+_RGB_F32 = RGB_FROM_HED.astype(np.float32)
+
+
+def rgb_to_od_stains(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB in [0, 1] -> (H, W, 3) H, E, D stain optical densities (unclipped, natural log)."""
+    od = -np.log(np.maximum(rgb, 1e-6, dtype=np.float32))
+    return od @ _HED_F32
+
+
+def od_stains_to_rgb(stains: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_od_stains`: (H, W, 3) stain ODs -> RGB (H, W, 3) clipped to [0, 1]."""
+    rgb = np.exp(-(stains @ _RGB_F32))
+    return np.clip(rgb, 0.0, 1.0, out=rgb)
+
+
+def rgb2hed(rgb: np.ndarray) -> np.ndarray:
+    """Vectorised float32 equivalent of ``skimage.color.rgb2hed`` on (H, W, 3) in [0, 1]."""
+    return np.maximum(rgb_to_od_stains(rgb) / np.float32(_LOG_ADJUST), 0.0)
+
+
+def hed2rgb(hed: np.ndarray) -> np.ndarray:
+    """Vectorised float32 equivalent of ``skimage.color.hed2rgb`` on (H, W, 3)."""
+    return od_stains_to_rgb(hed.astype(np.float32) * np.float32(_LOG_ADJUST))
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """Stain jitter (Tellez et al. 2018): per stain channel s of H, E, D optical density,
+    ``s' = s * a + b`` with ``a ~ 1 + N(0, sigma)`` and ``b ~ N(0, sigma)``; sigma=0 is identity.
+    Input/output: float32 RGB (H, W, 3) in [0, 1]."""
+
+    def __init__(self, sigma: float = 0.04, p: float = 1.0):
+        super().__init__(p=p)
+        self.sigma = float(sigma)
+
+    def get_params(self) -> dict[str, Any]:
+        rng = self.random_generator
+        return {
+            "alpha": (1.0 + rng.normal(0.0, self.sigma, 3)).astype(np.float32),
+            "beta": rng.normal(0.0, self.sigma, 3).astype(np.float32),
+        }
+
+    def apply(self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **_: Any) -> np.ndarray:
+        if self.sigma == 0:
+            return img
+        # (od @ H^-1 * a + b) @ H == od @ (H^-1 diag(a) H) + b @ H: one 3x3 product per pixel
+        mat = (_HED_F32 * alpha[None, :]) @ _RGB_F32
+        offset = beta @ _RGB_F32
+        od = np.log(np.maximum(img, 1e-6, dtype=np.float32))  # = -OD
+        # cv2.transform applies a per-pixel 3x4 affine map (rows = output channels)
+        affine = np.concatenate([mat.T, -offset[:, None]], axis=1).astype(np.float32)
+        out = np.exp(cv2.transform(od, affine))
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("sigma",)
+
+
+class ChannelIntensityJitter(A.ImageOnlyTransform):
+    """Independent per-channel gamma then gain: ``x_c' = clip(gain_c * x_c ** gamma_c, 0, 1)``,
+    gain ~ U(1 - strength, 1 + strength), log gamma ~ U(log g0, log g1). Channels never mix, so a
+    channel that is all zero stays zero. Input/output float32 (H, W, C)."""
+
+    def __init__(self, strength: float = 0.25, gamma: Sequence[float] = (0.8, 1.25), p: float = 1.0):
+        super().__init__(p=p)
+        self.strength = float(strength)
+        self.gamma = (float(gamma[0]), float(gamma[1]))
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        c = data["image"].shape[2] if data["image"].ndim == 3 else 1
+        rng = self.random_generator
+        gain = rng.uniform(1 - self.strength, 1 + self.strength, c).astype(np.float32)
+        lg = np.log(np.clip(self.gamma, 1e-3, None))
+        gamma = np.exp(rng.uniform(lg[0], lg[1], c)).astype(np.float32)
+        return {"gain": gain, "gamma": gamma}
+
+    def apply(self, img: np.ndarray, gain: np.ndarray, gamma: np.ndarray, **_: Any) -> np.ndarray:
+        out = np.power(np.clip(img, 0.0, 1.0), gamma.reshape(1, 1, -1)) * gain.reshape(1, 1, -1)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("strength", "gamma")
+
+
+class AdditiveGaussianNoise(A.ImageOnlyTransform):
+    """Adds N(0, std) noise (same std for all channels, independent per pixel); clips to [0, 1].
+
+    The noise is a random window of a fixed bank of 2**20 standard normals (fast; any window is
+    i.i.d. N(0, 1) noise)."""
+
+    _BANK = np.random.default_rng(12345).standard_normal(2**20, dtype=np.float32)
+
+    def __init__(self, std: float = 0.02, p: float = 0.5):
+        super().__init__(p=p)
+        self.std = float(std)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"offset": int(self.random_generator.integers(2**20)), "sign": float(self.random_generator.choice((-1.0, 1.0)))}
+
+    def apply(self, img: np.ndarray, offset: int, sign: float, **_: Any) -> np.ndarray:
+        n = img.size
+        bank = self._BANK
+        if n > bank.size:
+            noise = np.random.default_rng(offset).standard_normal(n, dtype=np.float32)
+        else:
+            offset %= bank.size - n + 1
+            noise = bank[offset : offset + n]
+        out = img + (sign * self.std) * noise.reshape(img.shape)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("std",)
+
+
+class RandomRotation(A.ImageOnlyTransform):
+    """Rotation by a uniform angle in [-180, 180) degrees about the centre, reflected borders
+    (cv2.warpAffine, bilinear). Works for any channel count. Input/output (H, W, C)."""
+
+    def __init__(self, p: float = 1.0):
+        super().__init__(p=p)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"angle": float(self.random_generator.uniform(-180.0, 180.0))}
+
+    def apply(self, img: np.ndarray, angle: float, **_: Any) -> np.ndarray:
+        h, w = img.shape[:2]
+        mat = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+
+        def warp(x: np.ndarray) -> np.ndarray:
+            y = cv2.warpAffine(x, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+            return y[:, :, None] if y.ndim == 2 else y
+
+        c = img.shape[2]
+        if c <= 4:
+            return warp(np.ascontiguousarray(img))
+        return np.concatenate([warp(np.ascontiguousarray(img[:, :, k : k + 4])) for k in range(0, c, 4)], axis=2)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
+class RGBColorJitter(A.ImageOnlyTransform):
+    """Brightness, contrast, saturation and hue jitter for float32 RGB (H, W, 3), as one affine
+    colour map: brightness b (multiply), contrast c (blend with the mean luminance), saturation s
+    (blend with the per-pixel luminance), hue h (rotation by 2*pi*h of the chroma plane in YIQ,
+    a linear stand-in for an HSV hue shift). Factors: b, c, s ~ U(1 - x, 1 + x), h ~ U(-x, x)."""
+
+    _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
+    _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
+
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.15, hue: float = 0.03, p: float = 0.8):
+        super().__init__(p=p)
+        self.brightness, self.contrast, self.saturation, self.hue = map(float, (brightness, contrast, saturation, hue))
+
+    def get_params(self) -> dict[str, Any]:
+        rng = self.random_generator
+        b = rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)
+        c = rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)
+        s = rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)
+        h = rng.uniform(-self.hue, self.hue)
+        return {"b": b, "c": c, "s": s, "h": h}
+
+    def apply(self, img: np.ndarray, b: float, c: float, s: float, h: float, **_: Any) -> np.ndarray:
+        a = 2 * np.pi * h
+        rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        yiq = self._RGB2YIQ
+        # column-vector map: rgb -> yiq, scale chroma by s, rotate hue, back to rgb
+        m = (b * c) * (self._YIQ2RGB @ rot @ np.diag([1.0, s, s]) @ yiq)
+        luma_mean = float(np.dot(cv2.mean(img)[:3], self._LUMA)) * b
+        affine = np.concatenate([m, np.full((3, 1), (1 - c) * luma_mean)], axis=1).astype(np.float32)
+        out = cv2.transform(img, affine)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness", "contrast", "saturation", "hue")
+
+
+class PoissonNoise(A.ImageOnlyTransform):
+    """Shot noise: ``x' = Poisson(x * peak) / peak`` with ``peak`` (photons at full scale) drawn
+    log-uniformly from ``peak_range``. Input/output float32 (H, W, C) in [0, 1]."""
+
+    def __init__(self, peak_range: Sequence[float] = (30.0, 300.0), p: float = 0.5):
+        super().__init__(p=p)
+        self.peak_range = (float(peak_range[0]), float(peak_range[1]))
+
+    def get_params(self) -> dict[str, Any]:
+        lo, hi = np.log(self.peak_range)
+        return {"peak": float(np.exp(self.random_generator.uniform(lo, hi))), "seed": int(self.random_generator.integers(2**31))}
+
+    def apply(self, img: np.ndarray, peak: float, seed: int, **_: Any) -> np.ndarray:
+        counts = np.random.default_rng(seed).poisson(np.clip(img, 0, 1) * peak)
+        return np.clip(counts.astype(np.float32) / peak, 0.0, 1.0)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("peak_range",)
+
+
+# --- building the pipeline -------------------------------------------------------------------
+def channel_stats(data: DataConfig, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) arrays of shape (C,) from ``data.mean``/``data.std`` (default 0.5/0.25)."""
+
+    def expand(values: Sequence[float] | None, default: float, name: str) -> np.ndarray:
+        if values is None:
+            return np.full(channels, default, np.float32)
+        v = np.asarray(values, np.float32).reshape(-1)
+        if v.size == 1:
+            return np.full(channels, float(v[0]), np.float32)
+        if v.size != channels:
+            raise DataError(f"data.{name} has {v.size} values but the images have {channels} channel(s): give one value per channel")
+        return v
+
+    mean, std = expand(data.mean, 0.5, "mean"), expand(data.std, 0.25, "std")
+    if (std <= 0).any():
+        raise DataError(f"data.std must be positive, got {list(std)}")
+    return mean, std
+
+
+def to_tensor(img: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """(H, W, C) float32 -> normalised (C, H, W) float32 tensor: (x - mean) / std per channel."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    x = np.empty((img.shape[2], img.shape[0], img.shape[1]), np.float32)
+    np.subtract(img.transpose(2, 0, 1), mean[:, None, None], out=x)
+    x *= (1.0 / std)[:, None, None]
+    return torch.from_numpy(x)
+
+
+def is_brightfield_rgb(data: DataConfig, channels: int) -> bool:
+    """Bright-field colour recipe applies: modality brightfield and three channels."""
+    return data.modality == "brightfield" and channels == 3
+
+
+def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: int, scale: Sequence[float]) -> A.Compose:
+    """albumentations pipeline for one view at ``size`` px (geometry at output size, then appearance)."""
+    reflect = cv2.BORDER_REFLECT_101
+    t: list[A.BasicTransform] = [
+        A.RandomResizedCrop(size=(size, size), scale=tuple(scale), ratio=tuple(views.crop_ratio), p=1.0),
+    ]
+    if views.rotate:
+        t.append(RandomRotation(p=1.0))
+    if views.flip:
+        t += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if views.elastic_prob > 0:
+        t.append(A.ElasticTransform(alpha=size * 0.5, sigma=size * 0.08, border_mode=reflect, p=views.elastic_prob))
+    if is_brightfield_rgb(data, channels):
+        if views.hed_jitter > 0:
+            t.append(HEDJitter(views.hed_jitter, p=1.0))
+        if views.color_jitter_prob > 0:
+            t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue, p=views.color_jitter_prob))
+    elif views.channel_intensity > 0 or tuple(views.gamma) != (1.0, 1.0):
+        t.append(ChannelIntensityJitter(views.channel_intensity, views.gamma, p=1.0))
+    if views.blur_prob > 0:
+        t.append(A.GaussianBlur(blur_limit=0, sigma_limit=tuple(views.blur_sigma), p=views.blur_prob))
+    if views.noise_prob > 0 and views.noise_std > 0:
+        t.append(AdditiveGaussianNoise(views.noise_std, p=views.noise_prob))
+    if views.poisson_prob > 0:
+        t.append(PoissonNoise(p=views.poisson_prob))
+    return A.Compose(t, strict=False)
+
+
+class MultiViewTransform:
+    """Callable: float32 (H, W, C) in [0, 1] -> ``{"views": Tensor (M, C, S, S)}`` and, when
+    ``views.local_views > 0``, ``{"local": Tensor (L, C, s, s)}`` (s = ``views.local_size``).
+
+    Random state is private to the transform (``seed``) and re-seeded from
+    ``torch.initial_seed()`` inside each DataLoader worker, so workers never repeat each other.
+    """
+
+    def __init__(self, views: ViewsConfig, data: DataConfig, channels: int, seed: int | None = None):
+        self.views_cfg, self.data_cfg, self.channels = views, data, int(channels)
+        self.size = int(data.image_size)
+        self.n_views = int(views.n_views)
+        self.n_local = int(views.local_views)
+        self.mean, self.std = channel_stats(data, self.channels)
+        self.global_t = _view_pipeline(views, data, self.channels, self.size, views.crop_scale)
+        self.local_t = (
+            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale) if self.n_local else None
+        )
+        self.seed = seed
+        self._seed_key: tuple[int, int | None] | None = None
+        self._reseed(seed)
+
+    def _reseed(self, seed: int | None) -> None:
+        self.global_t.set_random_seed(seed)
+        if self.local_t is not None:
+            self.local_t.set_random_seed(None if seed is None else seed + 1)
+        self._seed_key = (os.getpid(), None)
+
+    def _maybe_reseed_worker(self) -> None:
+        info = torch.utils.data.get_worker_info()
+        key = (os.getpid(), info.seed if info is not None else None)
+        if info is not None and key != self._seed_key:
+            base = 0 if self.seed is None else self.seed
+            self._reseed(int((info.seed + 7919 * base) % (2**31)))
+            self._seed_key = key
+
+    def _check(self, img: np.ndarray) -> np.ndarray:
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if img.ndim != 3 or img.shape[2] != self.channels:
+            raise DataError(f"view transform built for {self.channels} channel(s) got an image of shape {img.shape}")
+        return np.ascontiguousarray(img, dtype=np.float32)
+
+    def view(self, img: np.ndarray, local: bool = False) -> np.ndarray:
+        """One augmented view as float32 (S, S, C) in [0, 1] before normalisation."""
+        out = (self.local_t if local else self.global_t)(image=img)["image"]
+        return out[:, :, None] if out.ndim == 2 else out
+
+    def __call__(self, img: np.ndarray) -> dict[str, torch.Tensor]:
+        self._maybe_reseed_worker()
+        img = self._check(img)
+        out = {"views": torch.stack([to_tensor(self.view(img), self.mean, self.std) for _ in range(self.n_views)])}
+        if self.n_local:
+            out["local"] = torch.stack([to_tensor(self.view(img, True), self.mean, self.std) for _ in range(self.n_local)])
+        return out
+
+    def __repr__(self) -> str:
+        return f"MultiViewTransform(M={self.n_views}, L={self.n_local}, C={self.channels}, S={self.size})"
+
+
+def build_view_transform(views: ViewsConfig, data: DataConfig, channels: int, seed: int | None = None) -> MultiViewTransform:
+    """The multi-view transform of a recipe: float32 (H, W, C) -> {"views": (M, C, S, S)[, "local": (L, C, s, s)]}."""
+    return MultiViewTransform(views, data, channels, seed=seed)
+
+
+class EvalTransform:
+    """Float32 (H, W, C) in [0, 1] -> normalised Tensor (C, S, S): resize only, no augmentation."""
+
+    def __init__(self, data: DataConfig, channels: int):
+        self.size = int(data.image_size)
+        self.channels = int(channels)
+        self.mean, self.std = channel_stats(data, self.channels)
+
+    def __call__(self, img: np.ndarray) -> torch.Tensor:
+        if img.ndim == 2:
+            img = img[:, :, None]
+        img = np.ascontiguousarray(img, dtype=np.float32)
+        if img.shape[:2] != (self.size, self.size):
+            shrink = img.shape[0] > self.size and img.shape[1] > self.size
+            out = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            img = out[:, :, None] if out.ndim == 2 else out
+        return to_tensor(img, self.mean, self.std)
+
+
+def build_eval_transform(data: DataConfig, channels: int) -> EvalTransform:
+    """Deterministic transform for evaluation/feature extraction: (H, W, C) -> Tensor (C, S, S)."""
+    return EvalTransform(data, channels)
+
+
+def denormalize(t: torch.Tensor, data: DataConfig) -> np.ndarray:
+    """Undo the normalisation for display: (C, H, W) -> (H, W, C), or (N, C, H, W) -> (N, H, W, C),
+    float32 clipped to [0, 1]."""
+    x = t.detach().float().cpu().numpy()
+    c = x.shape[-3]
+    mean, std = channel_stats(data, c)
+    x = np.moveaxis(x, -3, -1) * std + mean
+    return np.clip(x, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,410 @@
+"""The ``cellssl`` command line: parse, load a recipe, call one function.
+
+Every user-caused error is one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from cellssl.errors import CellSSLError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+# ---- shared options ----------------------------------------------------------------------
+def _recipe_options(f):
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a recipe value, e.g. --set method.sv_weight=0.2 (repeatable).")(f)
+    f = click.option("--overlay", "overlays", multiple=True, metavar="YAML",
+                     help="Merge another YAML on top of the recipe (e.g. recipes/ablation/centroid.yaml).")(f)
+    f = click.option("--recipe", default="blood_smear", show_default=True,
+                     help="Recipe name from recipes/ (`cellssl list recipes`) or a path to a YAML file.")(f)
+    return f
+
+
+def _eval_options(f):
+    f = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")(f)
+    f = click.option("--batch-size", type=int, default=256, show_default=True, help="Feature extraction batch.")(f)
+    f = click.option("--image-size", type=int, default=None, help="Input size (default: the checkpoint's).")(f)
+    f = click.option("--adapt-bn", type=click.Path(), default=None,
+                     help="Re-estimate BatchNorm statistics on this folder first (AdaBN).")(f)
+    f = click.option("--checkpoint", required=True,
+                     help="A checkpoint from `cellssl pretrain` or random:<timm name> for a random-init baseline.")(f)
+    return f
+
+
+def _flag_overrides(**flags) -> list[str]:
+    """Turn CLI flags into recipe overrides (``None`` = not given)."""
+    mapping = {
+        "data": "data.path", "out": "train.out", "device": "train.device", "max_steps": "train.max_steps",
+        "epochs": "train.epochs", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
+        "image_size": "data.image_size", "backbone": "model.backbone", "seed": "train.seed",
+        "checkpoint_every": "train.checkpoint_every", "method": "method.name", "workers": "data.num_workers",
+    }
+    return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None]
+
+
+def _print_summary(report: dict) -> None:
+    from cellssl.eval.report import format_summary
+
+    click.echo(format_summary(report))
+
+
+# ---- the group ---------------------------------------------------------------------------
+@click.group(context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="cellssl")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """cellssl: self-supervised representation learning for cell images (MSBReg), few-shot
+    evaluation, and adaptation to a new lab.
+
+    \b
+    Start here:
+      cellssl demo                                  # synthetic smears: pretrain + few-shot report
+      cellssl pretrain --recipe blood_smear --data DIR
+      cellssl fewshot --checkpoint RUN/checkpoints/last.pt --data LABELLED_DIR --out report.json
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command(context_settings=CONTEXT)
+@_recipe_options
+@click.option("--data", type=click.Path(), default=None, help="Image folder (default: the recipe's, else synthetic).")
+@click.option("--out", type=click.Path(), default=None, help="Run folder (default: runs/<recipe>-<time>).")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this wall-clock.")
+@click.option("--batch-size", type=int, default=None, help="Per-process batch size.")
+@click.option("--image-size", type=int, default=None)
+@click.option("--backbone", default=None, help="Any timm model name.")
+@click.option("--method", default=None, help="msbreg | byol | simclr | vicreg | barlow")
+@click.option("--seed", type=int, default=None)
+@click.option("--workers", type=int, default=None, help="Data-loader worker processes.")
+@click.option("--checkpoint-every", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+def pretrain(recipe, overlays, overrides, resume, **flags):
+    """Self-supervised pretraining (MSBReg by default). Multi-GPU: torchrun --nproc_per_node N -m cellssl.cli pretrain ..."""
+    from cellssl.config import load_recipe
+    from cellssl.engine.fit import fit
+
+    r = load_recipe(recipe, list(overrides) + _flag_overrides(**flags), list(overlays))
+    if resume and not r.train.out:
+        raise CellSSLError("--resume needs --out (the run folder to continue)")
+    result = fit(r, resume=resume)
+    note = f" (stopped early: {result.stopped_early})" if result.stopped_early else ""
+    click.echo(f"pretrained {result.step}/{result.total_steps} steps{note}; checkpoint: {result.checkpoint}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_recipe_options
+@click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
+@click.option("--data", type=click.Path(), default=None, help="Labelled folder (default: built-in synthetic smears).")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--device", default=None)
+def demo(recipe, overlays, overrides, out, data, max_steps, device):
+    """The main job end to end: pretrain MSBReg, then few-shot + linear evaluation with a report.
+
+    Uses the cpu_demo recipe and the built-in synthetic blood-smear set unless told otherwise.
+    """
+    from cellssl.config import load_recipe
+    from cellssl.demo import run_demo
+
+    name = recipe if recipe != "blood_smear" or overlays or overrides else "cpu_demo"
+    r = load_recipe(name, list(overrides) + _flag_overrides(data=data, max_steps=max_steps, device=device),
+                    list(overlays))
+    report_md = run_demo(r, Path(out))
+    click.echo(f"report: {report_md}")
+
+
+# ---- evaluation --------------------------------------------------------------------------
+@cli.command(context_settings=CONTEXT)
+@_eval_options
+@click.option("--data", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Output .npz")
+def embed(checkpoint, data, out, image_size, batch_size, device, adapt_bn):
+    """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels)."""
+    from cellssl.eval.features import embed as run
+
+    path = run(checkpoint, data, out, image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn)
+    click.echo(f"features written to {path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_eval_options
+@click.option("--data", required=True, type=click.Path(), help="Labelled folder (one sub-folder per class).")
+@click.option("--ways", default="all", show_default=True, help="N classes per episode, or 'all'.")
+@click.option("--shots", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="K (repeatable).")
+@click.option("--queries", type=int, default=15, show_default=True)
+@click.option("--episodes", type=int, default=600, show_default=True)
+@click.option("--classifier", type=click.Choice(["prototype", "logreg"]), default="prototype", show_default=True)
+@click.option("--seed", type=int, default=0)
+@click.option("--out", required=True, type=click.Path(), help="report.json (report.md and plots go next to it)")
+def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, out, image_size, batch_size, device,
+            adapt_bn):
+    """N-way K-shot episodes (SimpleShot or logistic regression): mean accuracy with 95% CI."""
+    from cellssl.eval.fewshot import fewshot as run
+
+    n_ways = None if str(ways).lower() == "all" else int(ways)
+    report = run(checkpoint, data, out, ways=n_ways, shots=tuple(shots), queries=queries, episodes=episodes,
+                 classifier=classifier, seed=seed, image_size=image_size, batch_size=batch_size, device=device,
+                 adapt_bn=adapt_bn)
+    _print_summary(report)
+
+
+@cli.command(context_settings=CONTEXT)
+@_eval_options
+@click.option("--train", "train_dir", required=True, type=click.Path())
+@click.option("--test", "test_dir", default=None, type=click.Path(), help="Labelled test folder.")
+@click.option("--split", type=float, default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--seed", type=int, default=0)
+@click.option("--out", required=True, type=click.Path())
+def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_size, device, adapt_bn):
+    """Linear probe (logistic regression, C chosen on a validation split) on frozen features."""
+    from cellssl.eval.linear import linear as run
+
+    report = run(checkpoint, train_dir, test_dir, out, split=split, seed=seed, image_size=image_size,
+                 batch_size=batch_size, device=device, adapt_bn=adapt_bn)
+    _print_summary(report)
+
+
+@cli.command(context_settings=CONTEXT)
+@_eval_options
+@click.option("--train", "train_dir", required=True, type=click.Path())
+@click.option("--test", "test_dir", default=None, type=click.Path())
+@click.option("--split", type=float, default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--k", type=int, default=20, show_default=True)
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--seed", type=int, default=0)
+@click.option("--out", required=True, type=click.Path())
+def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image_size, batch_size, device, adapt_bn):
+    """Weighted kNN classifier on frozen, L2-normalised features."""
+    from cellssl.eval.knn import knn as run
+
+    report = run(checkpoint, train_dir, test_dir, out, k=k, temperature=temperature, split=split, seed=seed,
+                 image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn)
+    _print_summary(report)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, help="A pretrain checkpoint or random:<timm name>.")
+@click.option("--data", required=True, type=click.Path(), help="The lab's labelled folder.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder (best.pt, report.json, report.md).")
+@click.option("--test", "test_dir", default=None, type=click.Path())
+@click.option("--val-fraction", type=float, default=0.2, show_default=True)
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--labels-per-class", type=int, default=None, help="Keep only K labelled images per class.")
+@click.option("--freeze-backbone", is_flag=True)
+@click.option("--lr", type=float, default=None)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--image-size", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0)
+def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_class, freeze_backbone, lr,
+             batch_size, image_size, device, seed):
+    """Fine-tune on a lab's labelled folder (class-balanced, early stopping, best model saved)."""
+    from cellssl.eval.finetune import finetune as run
+
+    report = run(checkpoint, data, out, val_fraction=val_fraction, test=test_dir, epochs=epochs,
+                 labels_per_class=labels_per_class, freeze_backbone=freeze_backbone, lr=lr, batch_size=batch_size,
+                 device=device, seed=seed, image_size=image_size)
+    _print_summary(report)
+
+
+# ---- data --------------------------------------------------------------------------------
+@cli.group(context_settings=CONTEXT)
+def datasets():
+    """Check, generate, download and shift datasets."""
+
+
+@datasets.command("check", context_settings=CONTEXT)
+@click.argument("folder", type=click.Path())
+def datasets_check(folder):
+    """Counts per class, sizes, channels, dtypes, duplicates and unreadable files."""
+    from cellssl.data.check import check_dataset, format_check_report
+
+    report = check_dataset(folder)
+    click.echo(format_check_report(report))
+    if report.get("unreadable"):
+        sys.exit(1)
+
+
+@datasets.command("synth", context_settings=CONTEXT)
+@click.option("--out", required=True, type=click.Path())
+@click.option("--n", type=int, default=800, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--image-size", type=int, default=64, show_default=True)
+def datasets_synth(out, n, seed, image_size):
+    """Write the procedural (synthetic) blood-smear set: one folder per cell class."""
+    from cellssl.data.synth import generate_dataset
+
+    path = generate_dataset(out, n=n, seed=seed, image_size=image_size)
+    click.echo(f"wrote {n} synthetic smear images to {path}")
+
+
+@datasets.command("download", context_settings=CONTEXT)
+@click.argument("name", type=click.Choice(["pbc", "bloodmnist"]))
+@click.option("--root", type=click.Path(), default="data", show_default=True)
+def datasets_download(name, root):
+    """Fetch a public dataset from its official source, verify it, unpack it."""
+    from cellssl.data.download import download_dataset
+
+    path = download_dataset(name, root)
+    click.echo(f"{name} is in {path}")
+
+
+@datasets.command("shift", context_settings=CONTEXT)
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--preset", default="scanner_b", show_default=True)
+@click.option("--seed", type=int, default=0)
+def datasets_shift(src, out, preset, seed):
+    """Make a domain-shifted copy of a folder (stain, blur, resolution, JPEG, illumination)."""
+    from cellssl.adapt.shift import shift_folder
+
+    n = shift_folder(src, out, preset=preset, seed=seed)
+    click.echo(f"wrote {n} shifted images ({preset}) to {out}")
+
+
+@cli.command(context_settings=CONTEXT)
+@_recipe_options
+@click.option("--data", type=click.Path(), default=None)
+@click.option("--out", type=click.Path(), default="views.png", show_default=True)
+@click.option("--n", type=int, default=8, show_default=True, help="Images (rows).")
+@click.option("--seed", type=int, default=0)
+def views(recipe, overlays, overrides, data, out, n, seed):
+    """Save a grid of images and their M augmented views: see what the network sees."""
+    from cellssl.augment.grid import save_view_grid
+    from cellssl.augment.views import build_view_transform
+    from cellssl.config import load_recipe
+    from cellssl.data.datasets import build_dataset
+
+    r = load_recipe(recipe, list(overrides) + _flag_overrides(data=data), list(overlays))
+    ds = build_dataset(r.data, labelled=False)
+    transform = build_view_transform(r.views, r.data, ds.channels)
+    save_view_grid(ds, transform, r.data, out, n=n, seed=seed)
+    click.echo(f"views written to {out}")
+
+
+# ---- domain adaptation -------------------------------------------------------------------
+@cli.command(context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=click.Path(), help="Source-lab checkpoint.")
+@click.option("--data", required=True, type=click.Path(), help="Target lab's unlabelled images.")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--max-steps", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None)
+@click.option("--method", default=None, help="Method for continued training (default: the checkpoint's).")
+@click.option("--source", type=click.Path(), default=None, help="Mix in source images from this folder.")
+@click.option("--source-fraction", type=float, default=None)
+@click.option("--bn-only", is_flag=True, help="Only re-estimate BatchNorm statistics (AdaBN), seconds.")
+@click.option("--resume", is_flag=True)
+@click.option("--device", default=None)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def adapt(checkpoint, data, out, max_steps, max_minutes, method, source, source_fraction, bn_only, resume, device,
+          overrides):
+    """Carry a model to a new lab: continued SSL on its unlabelled images, or AdaBN (--bn-only)."""
+    from cellssl.adapt.continued import adapt as run
+
+    path = run(checkpoint, data, out, max_steps=max_steps, max_minutes=max_minutes, method=method, source=source,
+               source_fraction=source_fraction, bn_only=bn_only, resume=resume, device=device,
+               overrides=list(overrides))
+    click.echo(f"adapted checkpoint: {path}")
+
+
+@cli.command("stain-normalize", context_settings=CONTEXT)
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--reference", required=True, type=click.Path(), help="Reference image or folder.")
+@click.option("--method", type=click.Choice(["macenko", "reinhard"]), default="macenko", show_default=True)
+def stain_normalize(src, out, reference, method):
+    """Stain-normalise a folder of bright-field images to a reference (Macenko or Reinhard)."""
+    from cellssl.adapt.stain import normalize_folder
+
+    n = normalize_folder(src, out, reference, method=method)
+    click.echo(f"wrote {n} normalised images to {out}")
+
+
+@cli.command("transfer-report", context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=click.Path(), help="Source checkpoint.")
+@click.option("--adapted", type=click.Path(), default=None, help="Checkpoint from `cellssl adapt`.")
+@click.option("--source", required=True, type=click.Path(), help="Labelled source-lab folder.")
+@click.option("--target", required=True, type=click.Path(), help="Labelled target-lab folder.")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--episodes", type=int, default=300, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def transfer_report(checkpoint, adapted, source, target, out, episodes, device):
+    """What each adaptation step buys on the target lab: few-shot and linear accuracy with CIs."""
+    from cellssl.adapt.report import transfer_report as run
+
+    path = run(checkpoint, source, target, out, adapted=adapted, episodes=episodes, device=device)
+    click.echo(f"transfer report: {path}")
+
+
+# ---- listing -----------------------------------------------------------------------------
+@cli.command("list", context_settings=CONTEXT)
+@click.argument("what", type=click.Choice(["recipes", "backbones", "methods"]))
+@click.option("--filter", "pattern", default="*", help="Glob for backbones, e.g. 'resnet*'.")
+def list_(what, pattern):
+    """List recipes, timm backbones or methods."""
+    if what == "recipes":
+        from cellssl.config import available_recipes, load_recipe
+
+        for name in available_recipes():
+            click.echo(f"{name:16s} {load_recipe(name).description}")
+    elif what == "backbones":
+        from cellssl.models import list_backbones
+
+        click.echo("\n".join(list_backbones(pattern)))
+    else:
+        from cellssl.methods import METHODS
+
+        for name, cls in sorted(METHODS.items()):
+            click.echo(f"{name:8s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI; user errors -> one line + exit 2; ``--debug`` -> traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="cellssl", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except CellSSLError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        hint = " — the disk is full; free space or choose another --out" if exc.errno == 28 else ""
+        click.echo(f"error: {exc.strerror or exc}{where}{hint}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # an internal bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        click.echo(f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Typed configuration: a recipe is a tree of dataclasses loaded from YAML.
+
+A recipe file has one mapping per section (``data``, ``views``, ``model``, ``method``, ``optim``,
+``train``, ``eval``, ``adapt``). Values are checked against the dataclass field types once, at
+load; an unknown key fails with its dotted name and the nearest valid key. Command-line
+overrides use the same dotted names: ``--set method.sv_weight=0.2``.
+
+Example::
+
+    recipe = load_recipe("blood_smear", overrides=["train.batch_size=64"])
+    recipe.train.batch_size  # 64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from cellssl.errors import ConfigError, did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how pixel values are read."""
+
+    path: Optional[str] = None  # folder of images; None = the built-in synthetic smear set
+    modality: str = "brightfield"  # brightfield | fluorescence
+    channels: Optional[int] = None  # None = detect from the first readable image
+    image_size: int = 64  # side of the square network input, in pixels
+    intensity: str = "auto"  # auto | uint8 | percentile | minmax | none
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    percentile_scope: str = "image"  # image | dataset
+    tiff_page: Optional[int] = None  # a page of a multi-page TIFF; None = project all pages
+    tiff_projection: str = "max"  # max | mean, for multi-page stacks
+    mean: Optional[list[float]] = None  # per-channel mean for input normalisation (None = 0.5)
+    std: Optional[list[float]] = None  # per-channel std (None = 0.25)
+    num_workers: int = 2
+    max_bad_fraction: float = 0.5  # stop when more than this fraction of files is unreadable
+    stain_normalize: str = "none"  # none | reinhard | macenko (bright-field only)
+    stain_reference: Optional[str] = None  # image or folder the stain normaliser is fitted on
+    synth_n: int = 800  # images in the built-in synthetic set
+    synth_seed: int = 0
+
+
+@dataclass
+class ViewsConfig:
+    """Multi-view augmentation (see ``cellssl.augment``)."""
+
+    n_views: int = 2  # M global views per image
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    rotate: bool = True  # any angle
+    flip: bool = True
+    hed_jitter: float = 0.04  # bright-field stain jitter in HED space (std of the shift)
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.15
+    hue: float = 0.03
+    color_jitter_prob: float = 0.8
+    channel_intensity: float = 0.25  # fluorescence: per-channel gain jitter
+    gamma: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    blur_prob: float = 0.3
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
+    noise_prob: float = 0.2
+    noise_std: float = 0.02
+    poisson_prob: float = 0.0
+    elastic_prob: float = 0.0
+    local_views: int = 0
+    local_size: int = 32
+    local_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (any timm name) and heads."""
+
+    backbone: str = "resnet18"
+    stem: str = "default"  # ResNets: default (7x7/2 + pool) | pool (3x3/1 + pool, 2x less downsampling) | small (3x3/1, no pool)
+    proj_hidden: int = 1024
+    proj_dim: int = 256
+    pred_hidden: int = 1024
+    sync_bn: bool = False
+    channels_last: bool = True
+    drop_path: float = 0.0
+
+
+@dataclass
+class MethodConfig:
+    """Self-supervised method and its loss weights."""
+
+    name: str = "msbreg"
+    momentum_base: float = 0.99  # EMA momentum at step 0 (cosine schedule to momentum_end)
+    momentum_end: float = 1.0
+    # MSBReg (docs: shared msbreg.md)
+    centroid_weight: float = 1.0
+    sv_weight: float = 0.1
+    brownian_weight: float = 0.1
+    centroid_variant: str = "centroid"  # centroid | per_view
+    sv_variant: str = "logdet"  # logdet | flat
+    sv_eps: float = 1e-4
+    sv_per_view: bool = False
+    # baselines
+    temperature: float = 0.2  # SimCLR NT-Xent
+    vicreg_sim: float = 25.0
+    vicreg_var: float = 25.0
+    vicreg_cov: float = 1.0
+    barlow_lambda: float = 0.0051
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    name: str = "adamw"  # adamw | lars | sgd
+    lr: float = 2e-3
+    scale_lr: bool = False  # multiply lr by batch_size / 256 (LARS convention)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_fraction: float = 0.05  # of the run's steps
+    warmup_steps: Optional[int] = None  # overrides warmup_fraction when set
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 0.0  # 0 = off
+    lars_eta: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    """Length, device and bookkeeping of a run."""
+
+    out: Optional[str] = None  # run folder; None = runs/<recipe>-<time>
+    batch_size: int = 128
+    epochs: Optional[int] = 10
+    max_steps: Optional[int] = None  # overrides epochs when set
+    max_minutes: Optional[float] = None  # wall-clock budget; stops cleanly with a checkpoint
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False
+    threads: Optional[int] = None  # torch CPU threads; None = torch default
+    checkpoint_every: int = 100
+    log_every: int = 10
+    monitor_every: int = 50  # collapse monitor (effective rank, per-dim std)
+    collapse_rank_fraction: float = 0.02  # warn when eff. rank < this x proj_dim
+    collapse_std_fraction: float = 0.1  # warn when mean per-dim std < this / sqrt(D)
+    stop_on_collapse: bool = False
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation defaults, and the online kNN monitor during pretraining."""
+
+    knn_every: int = 0  # steps; 0 = off
+    knn_data: Optional[str] = None  # labelled folder for the monitor
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    ways: Optional[int] = None  # None = all classes
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    queries: int = 15
+    episodes: int = 600
+    batch_size: int = 256
+
+
+@dataclass
+class AdaptConfig:
+    """Continued self-supervised training on a new lab's unlabelled images."""
+
+    lr_scale: float = 0.2  # adapt lr = optim.lr * lr_scale
+    momentum_base: float = 0.996
+    max_steps: int = 300
+    source_fraction: float = 0.0
+
+
+@dataclass
+class Recipe:
+    """A whole run: every section with its defaults."""
+
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+
+_CHOICES = {
+    "data.modality": ("brightfield", "fluorescence"),
+    "data.intensity": ("auto", "uint8", "percentile", "minmax", "none"),
+    "data.percentile_scope": ("image", "dataset"),
+    "data.tiff_projection": ("max", "mean"),
+    "data.stain_normalize": ("none", "reinhard", "macenko"),
+    "model.stem": ("default", "pool", "small"),
+    "method.centroid_variant": ("centroid", "per_view"),
+    "method.sv_variant": ("logdet", "flat"),
+    "optim.name": ("adamw", "lars", "sgd"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value to the annotated type ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        value = str(value)
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}"
+                + did_you_mean(value, _CHOICES[key])
+            )
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown recipe key '{dotted}'"
+                + did_you_mean(str(key), names).replace("'", f"'{prefix}", 1)
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    """Build a validated :class:`Recipe` from a nested mapping (unknown keys raise)."""
+    recipe = _build(Recipe, values, "")
+    validate(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain nested dicts (for YAML and checkpoints)."""
+    return dataclasses.asdict(recipe)
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if recipe.views.n_views < 2:
+        raise ConfigError(f"views.n_views must be at least 2, got {recipe.views.n_views}")
+    if recipe.data.image_size < 8:
+        raise ConfigError(f"data.image_size must be at least 8 pixels, got {recipe.data.image_size}")
+    if recipe.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size must be at least 2, got {recipe.train.batch_size}")
+    if len(recipe.views.crop_scale) != 2 or not 0 < recipe.views.crop_scale[0] <= recipe.views.crop_scale[1] <= 1:
+        raise ConfigError(f"views.crop_scale must be [low, high] with 0 < low <= high <= 1, got {recipe.views.crop_scale}")
+    if not 0 <= recipe.method.momentum_base <= 1:
+        raise ConfigError(f"method.momentum_base must be in [0, 1], got {recipe.method.momentum_base}")
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in ``recipes/``."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe name (``blood_smear``) or a path to a YAML file -> the file's path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file {p} does not exist")
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = available_recipes()
+    raise ConfigError(
+        f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
+        f"available: {', '.join(names) or '(none)'}, or pass a path to a .yaml file"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=1"`` -> (["a", "b"], 1); the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` style overrides to a nested mapping (in place; also returned)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': {part} is not a section")
+        node[parts[-1]] = value
+    return values
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (data:, model:, ...)")
+    return values
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Nested-dict merge: values of ``top`` win; sections are merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(name_or_path: str | None = "blood_smear", overrides: list[str] | None = None,
+                overlays: list[str] | None = None) -> Recipe:
+    """Load a recipe by name or path, merge YAML ``overlays`` (e.g. ``recipes/ablation/*.yaml``),
+    apply ``--set`` overrides, validate, return it."""
+    values: dict[str, Any] = {}
+    if name_or_path:
+        path = resolve_recipe_path(name_or_path)
+        values = _read_yaml(path)
+        values.setdefault("name", path.stem)
+    for overlay in overlays or []:
+        values = deep_merge(values, _read_yaml(resolve_recipe_path(overlay)))
+    apply_overrides(values, overrides or [])
+    return recipe_from_dict(values)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML."""
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

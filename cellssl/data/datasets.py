@@ -1,0 +1,396 @@
+"""Datasets of single-cell images: folders (labelled or not), CSV manifests, MedMNIST ``.npz``.
+
+:class:`ImageDataset` yields ``(image, label)`` with ``image`` a float32 (H, W, C) array in
+[0, 1] (or ``transform(image)``); :class:`MultiViewDataset` turns it into the multi-view
+batches a self-supervised method trains on. Unreadable files never stop a long run: they are
+skipped with one warning each and replaced by the next readable sample; only when more than
+``DataConfig.max_bad_fraction`` of the files is unreadable does a :class:`DataError` stop it.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellssl.config import DataConfig
+from cellssl.data.io import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    array_to_float,
+    channel_range,
+    convert_channels,
+    read_image,
+    read_raw_image,
+)
+from cellssl.errors import DataError
+
+BLOODMNIST_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+_SUFFIX_TEXT = ".png .jpg .tif ..."
+_PROBE = 16  # files read at build time to detect channels / fail fast on an unreadable folder
+
+
+class DataWarning(UserWarning):
+    """An unreadable file that was skipped."""
+
+
+class ImageDataset(Dataset):
+    """Images with integer labels (-1 when unlabelled); item = (float32 (H, W, C) in [0, 1], label).
+
+    Attributes: ``root``, ``samples`` (list of (path, label)), ``classes`` (empty when
+    unlabelled), ``channels``, ``labelled``, ``bad_files`` (paths found unreadable so far in this
+    process). ``pre_transform`` (e.g. stain normalisation) runs on the array before ``transform``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        samples: Sequence[tuple[Path, int]],
+        classes: Sequence[str] = (),
+        *,
+        cfg: DataConfig | None = None,
+        channels: int | None = None,
+        transform: Callable[[np.ndarray], Any] | None = None,
+        pre_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        value_range: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        self.root = Path(root)
+        self.samples = [(Path(p), int(y)) for p, y in samples]
+        self.classes = list(classes)
+        self.labelled = bool(self.classes)
+        self.cfg = cfg or DataConfig()
+        self.transform = transform
+        self.pre_transform = pre_transform
+        self.value_range = value_range
+        self.bad_files: set[Path] = set()
+        self.channels = int(channels) if channels else self._detect_channels()
+
+    # --- reading -------------------------------------------------------------------------
+    def _read(self, i: int, channels: int | None) -> np.ndarray:
+        """Decode sample ``i`` to float32 (H, W, C); raises ImageReadError."""
+        c = self.cfg
+        return read_image(
+            self.samples[i][0],
+            modality=c.modality,
+            intensity=c.intensity,
+            percentiles=tuple(c.percentiles),
+            tiff_page=c.tiff_page,
+            tiff_projection=c.tiff_projection,
+            channels=channels,
+            value_range=self.value_range,
+        )
+
+    def _detect_channels(self) -> int:
+        """Channel count of the first readable image among the first few; DataError if none is."""
+        errors = []
+        for i in range(min(_PROBE, len(self.samples))):
+            try:
+                return int(self._read(i, None).shape[2])
+            except ImageReadError as exc:
+                errors.append(exc)
+                self._mark_bad(i, exc)
+        raise DataError(
+            f"none of the first {len(errors)} images in {self.root} could be read "
+            f"(e.g. {errors[0] if errors else 'no files'}); run 'cellssl datasets check {self.root}'"
+        )
+
+    def _mark_bad(self, i: int, exc: ImageReadError) -> None:
+        """Record and warn (once per file) about an unreadable sample."""
+        path = self.samples[i][0]
+        if path in self.bad_files:
+            return
+        self.bad_files.add(path)
+        warnings.warn(f"skipping unreadable image {path}: {exc.reason}", DataWarning, stacklevel=3)
+        limit = self.cfg.max_bad_fraction * len(self.samples)
+        if len(self.bad_files) > limit:
+            raise DataError(
+                f"{len(self.bad_files)} of {len(self.samples)} images in {self.root} are unreadable "
+                f"(more than data.max_bad_fraction={self.cfg.max_bad_fraction}); "
+                f"run 'cellssl datasets check {self.root}' to list them"
+            )
+
+    def load(self, i: int) -> tuple[np.ndarray, int]:
+        """Sample ``i`` as (float32 (H, W, C), label) without ``transform``; an unreadable file is
+        replaced by the next readable index (deterministic)."""
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n
+            if self.samples[j][0] in self.bad_files:
+                continue
+            try:
+                img = self._read(j, self.channels)
+            except ImageReadError as exc:
+                self._mark_bad(j, exc)
+                continue
+            if self.pre_transform is not None:
+                img = self.pre_transform(img)
+            return img, self.samples[j][1]
+        raise DataError(f"no readable image left in {self.root}")
+
+    # --- Dataset protocol ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img, label = self.load(int(i))
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer labels, shape (N,); -1 for unlabelled samples."""
+        return np.array([y for _, y in self.samples], dtype=np.int64)
+
+    @property
+    def paths(self) -> list[Path]:
+        """File of each sample, in order."""
+        return [p for p, _ in self.samples]
+
+    def __repr__(self) -> str:
+        kind = f"{len(self.classes)} classes" if self.labelled else "unlabelled"
+        return f"{type(self).__name__}({self.root}, {len(self)} images, {kind}, channels={self.channels})"
+
+
+class ArrayImageDataset(ImageDataset):
+    """An :class:`ImageDataset` whose pixels come from an in-memory array (N, H, W[, C]), e.g.
+    MedMNIST ``.npz``; ``samples`` holds pseudo-paths ``file.npz:split/index``."""
+
+    def __init__(self, root: str | Path, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], split: str, **kw: Any):
+        self.images = images
+        samples = [(Path(f"{root}:{split}/{i}"), int(y)) for i, y in enumerate(labels)]
+        super().__init__(root, samples, classes, **kw)
+
+    def _read(self, i: int, channels: int | None) -> np.ndarray:
+        c = self.cfg
+        img = array_to_float(self.images[i], c.intensity, tuple(c.percentiles))
+        return convert_channels(img, channels, self.samples[i][0]) if channels else img
+
+
+class MultiViewDataset(Dataset):
+    """Wraps an :class:`ImageDataset` and a multi-view transform.
+
+    Item: ``{"views": Tensor (M, C, S, S) float32, "label": int, "index": int}`` plus
+    ``"local": Tensor (L, C, s, s)`` when the transform makes local views.
+    """
+
+    def __init__(self, base: ImageDataset, transform: Callable[[np.ndarray], dict[str, torch.Tensor]]):
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img, label = self.base.load(int(i))
+        out = self.transform(img)
+        item: dict[str, Any] = {"views": out["views"], "label": int(label), "index": int(i)}
+        if out.get("local") is not None:
+            item["local"] = out["local"]
+        return item
+
+
+# --- layouts -------------------------------------------------------------------------------
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    """Image files in ``folder`` (sorted; hidden files/folders skipped)."""
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = [
+        p for p in it
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    return sorted(files)
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """Immediate sub-folders of ``root`` that contain images (directly or below)."""
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in subs if _image_files(p, recursive=True)]
+
+
+def _no_images(root: Path) -> DataError:
+    return DataError(
+        f"no images found in {root}: expected image files ({_SUFFIX_TEXT}) or one sub-folder per class"
+    )
+
+
+def _folder_samples(root: Path, labelled: bool | None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Samples of a folder: one sub-folder per class -> labelled, otherwise images anywhere below."""
+    classes = _class_folders(root) if labelled is not False else []
+    top_level = _image_files(root, recursive=False)
+    if labelled is None:
+        labelled = bool(classes) and not top_level
+    if labelled:
+        if not classes:
+            raise DataError(f"{root} has no class sub-folders with images: put each class in its own sub-folder, or use unlabelled data")
+        samples = [(p, k) for k, d in enumerate(classes) for p in _image_files(d, recursive=True)]
+        return samples, [d.name for d in classes]
+    samples = [(p, -1) for p in _image_files(root, recursive=True)]
+    if not samples:
+        raise _no_images(root)
+    return samples, []
+
+
+def _csv_samples(path: Path, labelled: bool | None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Samples of a CSV manifest with columns ``path[,label]`` (paths relative to the CSV)."""
+    with path.open(newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
+    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
+        header = [h.strip().lower() for h in rows[0]]
+        rows = rows[1:]
+        p_col = 0
+        l_col = header.index("label") if "label" in header else (1 if len(header) > 1 else None)
+    else:
+        p_col, l_col = 0, (1 if rows and len(rows[0]) > 1 else None)
+    if not rows:
+        raise DataError(f"manifest {path} lists no images: expected rows 'path,label' (paths relative to the CSV)")
+    files = [(path.parent / r[p_col].strip()).resolve() for r in rows]
+    if l_col is None or labelled is False:
+        return [(p, -1) for p in files], []
+    names = [r[l_col].strip() if len(r) > l_col else "" for r in rows]
+    if any(n == "" for n in names):
+        raise DataError(f"manifest {path} has rows without a label: fill the label column or pass labelled=False")
+    uniq = sorted(set(names), key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+    index = {n: k for k, n in enumerate(uniq)}
+    return [(p, index[n]) for p, n in zip(files, names)], uniq
+
+
+def _npz_dataset(spec: str, cfg: DataConfig, labelled: bool | None, transform: Any) -> ArrayImageDataset:
+    """MedMNIST-style ``file.npz[:split]`` with ``<split>_images`` / ``<split>_labels`` arrays."""
+    file, _, split = spec.partition(".npz")
+    file = Path(file + ".npz")
+    split = split.lstrip(":") or "train"
+    if not file.is_file():
+        raise DataError(f"data path {file} does not exist")
+    try:
+        with np.load(file) as z:
+            keys = list(z.keys())
+            if f"{split}_images" not in keys:
+                splits = sorted({k.rsplit('_', 1)[0] for k in keys if k.endswith('_images')})
+                raise DataError(f"{file} has no split '{split}': use {file}:<split> with one of {', '.join(splits) or '(none)'}")
+            images = z[f"{split}_images"]
+            labels = z[f"{split}_labels"].reshape(len(images), -1)[:, 0] if f"{split}_labels" in keys else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {file}: {exc}") from None
+    if len(images) == 0:
+        raise DataError(f"{file}:{split} holds no images")
+    if labels is None or labelled is False:
+        labels, classes = np.full(len(images), -1), []
+    else:
+        n_cls = int(labels.max()) + 1
+        classes = BLOODMNIST_CLASSES if "blood" in file.name.lower() and n_cls == 8 else [str(k) for k in range(n_cls)]
+    return ArrayImageDataset(file, images, labels, classes, split, cfg=cfg, channels=cfg.channels, transform=transform)
+
+
+def default_synthetic_path(cfg: DataConfig) -> Path:
+    """Make sure the built-in synthetic set for ``cfg`` exists; return its folder."""
+    from cellssl.data.synth import default_synth_dir, ensure_synthetic
+
+    size = max(64, cfg.image_size)
+    return ensure_synthetic(default_synth_dir(cfg.synth_n, cfg.synth_seed, size), n=cfg.synth_n, seed=cfg.synth_seed, image_size=size)
+
+
+def _stain_normalizer(cfg: DataConfig) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The stain normaliser of ``cfg`` (lazy import of :mod:`cellssl.adapt.stain`), or None."""
+    if cfg.stain_normalize in (None, "none"):
+        return None
+    try:
+        from cellssl.adapt.stain import build_stain_normalizer
+    except ImportError as exc:
+        raise DataError(
+            f"data.stain_normalize={cfg.stain_normalize} needs cellssl.adapt.stain, which cannot be imported ({exc}); "
+            "set data.stain_normalize=none"
+        ) from None
+    return build_stain_normalizer(cfg.stain_normalize, cfg.stain_reference)
+
+
+def _dataset_range(ds: ImageDataset, cfg: DataConfig, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel percentiles over (up to) ``n`` evenly spaced images, for percentile_scope=dataset."""
+    idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int))
+    pix = []
+    for i in idx:
+        try:
+            raw = read_raw_image(ds.samples[i][0], tiff_page=cfg.tiff_page, tiff_projection=cfg.tiff_projection)
+        except ImageReadError:
+            continue
+        if raw.shape[2] == ds.channels:
+            flat = raw.reshape(-1, raw.shape[2]).astype(np.float32)
+            pix.append(flat[:: max(1, len(flat) // 4096)])
+    if not pix:
+        raise DataError(f"cannot compute dataset-wide percentiles for {ds.root}: no readable images")
+    lo, hi = channel_range(np.concatenate(pix)[:, None, :], tuple(cfg.percentiles))
+    return lo, hi
+
+
+def build_dataset(
+    cfg: DataConfig,
+    path: str | Path | None = None,
+    *,
+    labelled: bool | None = None,
+    transform: Callable[[np.ndarray], Any] | None = None,
+) -> ImageDataset:
+    """Build an :class:`ImageDataset` from ``path`` (default ``cfg.path``; None = synthetic set).
+
+    Layouts: a folder with one sub-folder per class (labelled), a folder with images anywhere
+    below (unlabelled; ``labelled=False`` forces this), a ``.csv`` manifest ``path[,label]``,
+    or a MedMNIST ``file.npz[:split]`` (default split ``train``). Items are float32 (H, W, C)
+    arrays in [0, 1] (or ``transform(array)``). Raises DataError for missing/empty inputs.
+    """
+    spec = str(path if path is not None else cfg.path) if (path is not None or cfg.path) else None
+    if spec is None:
+        spec = str(default_synthetic_path(cfg))
+    if ".npz" in Path(spec).name:
+        ds: ImageDataset = _npz_dataset(spec, cfg, labelled, transform)
+    else:
+        root = Path(spec).expanduser()
+        if not root.exists():
+            raise DataError(f"data path {root} does not exist: pass a folder of images, a .csv manifest or a .npz file")
+        if root.is_file() and root.suffix.lower() == ".csv":
+            samples, classes = _csv_samples(root, labelled)
+        elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
+            samples, classes = [(root, -1)], []
+        elif root.is_dir():
+            samples, classes = _folder_samples(root, labelled)
+        else:
+            raise DataError(f"data path {root} is not a folder, .csv manifest or .npz file")
+        ds = ImageDataset(root, samples, classes, cfg=cfg, channels=cfg.channels, transform=transform)
+        if cfg.percentile_scope == "dataset" and cfg.intensity in ("auto", "percentile", "minmax"):
+            first = read_raw_image(next(p for p, _ in ds.samples if p not in ds.bad_files), tiff_page=cfg.tiff_page, tiff_projection=cfg.tiff_projection)
+            if cfg.intensity != "auto" or first.dtype != np.uint8:
+                pct = (0.0, 100.0) if cfg.intensity == "minmax" else tuple(cfg.percentiles)
+                ds.value_range = _dataset_range(ds, DataConfig(**{**cfg.__dict__, "percentiles": list(pct)}))
+    ds.pre_transform = _stain_normalizer(cfg)
+    return ds
+
+
+def split_indices(
+    labels: Sequence[int] | np.ndarray,
+    fractions: Sequence[float] = (0.8, 0.2),
+    seed: int = 0,
+    stratified: bool = True,
+) -> list[np.ndarray]:
+    """Random disjoint index sets covering ``labels`` in the given ``fractions`` (normalised).
+
+    With ``stratified`` each class is split in the same proportions (every part gets at least one
+    sample of a class when the class has enough). Returns one sorted int64 array per fraction.
+    """
+    labels = np.asarray(labels)
+    fr = np.asarray(fractions, dtype=np.float64)
+    if fr.ndim != 1 or len(fr) == 0 or (fr < 0).any() or fr.sum() <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {list(fractions)}")
+    fr = fr / fr.sum()
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if stratified else [np.arange(len(labels))]
+    parts: list[list[np.ndarray]] = [[] for _ in fr]
+    for idx in groups:
+        idx = rng.permutation(idx)
+        cuts = np.round(np.cumsum(fr)[:-1] * len(idx)).astype(int)
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            parts[k].append(chunk)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]

@@ -1,0 +1,162 @@
+"""Checkpoints: atomic writes, safe loads, and rebuilding a backbone from one.
+
+A training checkpoint is a dict of tensors and plain Python values (loadable with
+``torch.load(weights_only=True)``):
+
+    format: "cellssl-1"   step: int   epoch: int   config: resolved recipe (nested dict)
+    method: str            model: method state_dict (backbone., projector., predictor., target_*)
+    optimizer, scaler: state dicts   extra: method state (Brownian RNG)   rng: RNG states
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellssl.errors import CheckpointError
+
+FORMAT = "cellssl-1"
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "python_version": random.getstate()[0],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    if not state:
+        return
+    py = state["python"]
+    random.setstate((state["python_version"], tuple(int(v) for v in py[:-1]), None))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a cellssl checkpoint with ``weights_only=True``; clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {first[:200]} (is it a cellssl checkpoint? "
+            "only weights-only checkpoints are loaded)"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cellssl checkpoint (no '{FORMAT}' format tag)")
+    return ckpt
+
+
+def load_state_checked(module: nn.Module, state: dict, what: str, path: str | Path) -> None:
+    """``load_state_dict`` that reports a shape/key mismatch in one line instead of a traceback."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        detail = []
+        if shapes:
+            k = shapes[0]
+            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        if missing:
+            detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CheckpointError(f"checkpoint {path} does not match this {what}: {'; '.join(detail)}")
+    module.load_state_dict(state)
+
+
+def describe(ckpt: dict) -> str:
+    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` for messages."""
+    cfg = ckpt.get("config", {})
+    return (
+        f"{ckpt.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
+        f"({ckpt.get('in_chans', '?')} ch, {cfg.get('data', {}).get('image_size', '?')} px), step {ckpt.get('step', '?')}"
+    )
+
+
+def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int | None = None,
+                  map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """A frozen-feature backbone from a checkpoint, or a random-init one for baselines.
+
+    Args:
+        spec: a checkpoint path, or ``"random:<timm name>"`` for a randomly initialised backbone
+            built the same way (same stem choice) as a pretrained one.
+        in_chans, image_size: needed for ``random:`` specs (defaults 3 and 64); checked against
+            the checkpoint otherwise.
+
+    Returns:
+        ``(backbone, info)``; ``backbone`` maps (B, C, H, W) -> (B, F) and is in eval mode;
+        ``info`` has ``config`` (recipe dict), ``in_chans``, ``image_size``, ``method``, ``step``.
+    """
+    from cellssl.config import ModelConfig, recipe_from_dict, recipe_to_dict
+    from cellssl.models import build_backbone
+
+    spec = str(spec)
+    if spec.startswith("random:"):
+        from cellssl.config import Recipe
+
+        recipe = Recipe()
+        recipe.model.backbone = spec.split(":", 1)[1]
+        recipe.data.image_size = image_size or recipe.data.image_size
+        chans = in_chans or 3
+        torch.manual_seed(0)
+        backbone = build_backbone(recipe.model, chans, recipe.data.image_size)
+        info = {"config": recipe_to_dict(recipe), "in_chans": chans, "image_size": recipe.data.image_size,
+                "method": "random", "step": 0}
+        return backbone.eval(), info
+    ckpt = load_checkpoint(spec, map_location)
+    recipe = recipe_from_dict(ckpt["config"])
+    chans = int(ckpt["in_chans"])
+    if in_chans is not None and in_chans != chans:
+        raise CheckpointError(
+            f"checkpoint {spec} was trained on {chans}-channel images but the data has {in_chans} channels"
+        )
+    model_cfg: ModelConfig = recipe.model
+    backbone = build_backbone(model_cfg, chans, recipe.data.image_size)
+    state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    load_state_checked(backbone, state, f"backbone ({model_cfg.backbone})", spec)
+    info = {"config": ckpt["config"], "in_chans": chans, "image_size": recipe.data.image_size,
+            "method": ckpt.get("method"), "step": ckpt.get("step")}
+    return backbone.eval(), info

@@ -1,0 +1,419 @@
+"""The training loop: one flat ``fit`` that reads top to bottom.
+
+views → online/target forward → losses → backward → optimiser → EMA update → log → checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellssl.config import Recipe, recipe_to_dict, save_recipe
+from cellssl.engine.checkpoint import (
+    FORMAT,
+    load_checkpoint,
+    load_state_checked,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from cellssl.engine.distributed import DistInfo, ResumableSampler, cleanup_distributed, init_distributed
+from cellssl.engine.logger import MetricsLogger
+from cellssl.errors import CellSSLError, ConfigError, DataError, TrainingError
+
+
+@dataclass
+class FitResult:
+    """What a run produced."""
+
+    out_dir: Path
+    checkpoint: Path
+    step: int
+    total_steps: int
+    stopped_early: str | None = None  # "max_minutes", "interrupted", "collapse" or None
+    last_metrics: dict = field(default_factory=dict)
+
+
+class EpochSeededViews(torch.utils.data.Dataset):
+    """Wraps a multi-view dataset so each item's augmentation depends only on (seed, epoch, index).
+
+    The sampler yields ``epoch·n + i``; before producing image i's views the Python, NumPy, torch
+    and albumentations generators are seeded from (seed, epoch, i). Data order *and* views are then
+    identical in a resumed run and in worker processes, whatever the worker count.
+    """
+
+    def __init__(self, views_dataset: torch.utils.data.Dataset, n: int, seed: int) -> None:
+        self.ds, self.n, self.seed = views_dataset, n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int):
+        epoch, i = divmod(int(key), self.n)
+        s = (self.seed * 1_000_003 + epoch * 7_368_787 + i) % (2**31 - 1)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        reseed_transforms(getattr(self.ds, "transform", None), s)
+        return self.ds[i]
+
+
+def reseed_transforms(obj, seed: int, _depth: int = 0) -> None:
+    """Seed every albumentations ``Compose`` reachable from ``obj`` (attributes, lists)."""
+    if obj is None or _depth > 3:
+        return
+    if hasattr(obj, "set_seed"):
+        obj.set_seed(seed)
+        return
+    if hasattr(obj, "set_random_seed"):
+        obj.set_random_seed(seed)
+        return
+    children = obj if isinstance(obj, (list, tuple)) else list(getattr(obj, "__dict__", {}).values())
+    for j, child in enumerate(children):
+        if isinstance(child, (list, tuple)) or hasattr(child, "__dict__"):
+            reseed_transforms(child, seed + 101 * (j + 1), _depth + 1)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:
+        pass
+
+
+def build_training_data(recipe: Recipe, dataset=None):
+    """(image dataset, multi-view dataset) for the recipe's data and views sections."""
+    from cellssl.augment.views import build_view_transform
+    from cellssl.data.datasets import MultiViewDataset, build_dataset
+
+    base = dataset if dataset is not None else build_dataset(recipe.data, labelled=False)
+    transform = build_view_transform(recipe.views, recipe.data, base.channels)
+    return base, MultiViewDataset(base, transform)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """Autocast context: bf16 on CUDA by default, none (fp32) on CPU unless asked."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext(), precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype), precision
+
+
+def collapse_stats(z: torch.Tensor) -> dict[str, float]:
+    """Effective rank and mean per-dimension std of L2-normalised embeddings ``(B, D)``."""
+    from cellssl.methods.msbreg import effective_rank
+
+    zn = torch.nn.functional.normalize(z.float(), dim=-1)
+    return {"eff_rank": float(effective_rank(zn)), "emb_std": float(zn.std(dim=0).mean())}
+
+
+def default_out_dir(recipe: Recipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {out} is not writable ({exc.strerror}); choose another with --out") from None
+
+
+def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = None, dataset=None,
+        log_prefix: str = "pretrain") -> FitResult:
+    """Pretrain ``recipe.method`` on ``recipe.data``; returns where the run and checkpoint are.
+
+    Args:
+        recipe: the resolved recipe (``train.out`` is the run folder).
+        resume: continue from ``OUT/checkpoints/last.pt`` with the same step, data order, RNG.
+        init_from: start the model (online and target) from another checkpoint's weights
+            (domain adaptation); the optimiser and schedule start fresh.
+        dataset: use this image dataset instead of building one from ``recipe.data``.
+    """
+    from cellssl.methods import build_method
+    from cellssl.models import build_backbone
+
+    tc = recipe.train
+    dist_info: DistInfo = init_distributed(tc.device)
+    device = dist_info.device
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    out = Path(tc.out) if tc.out else default_out_dir(recipe)
+    tc.out = str(out)
+    if dist_info.is_main:
+        _check_writable(out)
+    ckpt_path = out / "checkpoints" / "last.pt"
+
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+
+    # ---- data -------------------------------------------------------------------------
+    base, views_ds = build_training_data(recipe, dataset)
+    n = len(base)
+    global_batch = tc.batch_size * dist_info.world_size
+    if global_batch > n:
+        raise DataError(
+            f"batch size {tc.batch_size}×{dist_info.world_size} is larger than the dataset ({n} images in "
+            f"{getattr(base, 'root', 'the data')}): use --batch-size {max(2, n // (2 * dist_info.world_size))} or more data"
+        )
+    sampler = ResumableSampler(n, tc.batch_size, tc.seed, dist_info.rank, dist_info.world_size)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = tc.max_steps if tc.max_steps else (tc.epochs or 1) * steps_per_epoch
+    loader_kwargs = dict(
+        batch_size=tc.batch_size, sampler=sampler, num_workers=recipe.data.num_workers,
+        pin_memory=device.type == "cuda", drop_last=False,
+        persistent_workers=False, worker_init_fn=_worker_init,
+    )
+    if recipe.data.num_workers > 0:
+        loader_kwargs["prefetch_factor"] = 4
+    loader = torch.utils.data.DataLoader(EpochSeededViews(views_ds, n, tc.seed), **loader_kwargs)
+
+    # ---- model ------------------------------------------------------------------------
+    in_chans = base.channels
+    backbone = build_backbone(recipe.model, in_chans, recipe.data.image_size)
+    method = build_method(recipe.method, recipe.model, backbone)
+    if hasattr(method, "seed"):
+        method.seed(tc.seed + 1000 * dist_info.rank)
+    if init_from is not None:
+        src = load_checkpoint(init_from)
+        if int(src.get("in_chans", in_chans)) != in_chans:
+            raise DataError(f"checkpoint {init_from} expects {src['in_chans']}-channel images, the data has {in_chans}")
+        state = src["model"]
+        own = method.state_dict()
+        # Load what matches (backbone, and heads when the method is the same).
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not any(k.startswith("backbone.") for k in usable):
+            raise ConfigError(f"checkpoint {init_from} has no backbone matching {recipe.model.backbone}")
+        method.load_state_dict(usable, strict=False)
+        if method.uses_target:  # target starts at the loaded online weights
+            from cellssl.models import ema_update
+
+            ema_update(method.target_backbone, method.backbone, 0.0)
+            ema_update(method.target_projector, method.projector, 0.0)
+    method.to(device)
+    if recipe.model.channels_last and device.type == "cuda":
+        method.to(memory_format=torch.channels_last)
+    model: nn.Module = method
+    if dist_info.distributed:
+        if recipe.model.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            method = model
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    if tc.compile:
+        model = torch.compile(model)
+
+    from cellssl.engine.optim import build_optimizer, set_lr
+
+    optimizer = build_optimizer(method, recipe.optim, tc.batch_size * dist_info.world_size)
+    autocast, precision = autocast_for(device, tc.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # ---- resume -----------------------------------------------------------------------
+    start_step = 0
+    if resume:
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("method") != recipe.method.name:
+            raise ConfigError(
+                f"--resume: {ckpt_path} was trained with method '{ckpt.get('method')}', the recipe says "
+                f"'{recipe.method.name}'"
+            )
+        load_state_checked(method, ckpt["model"], f"{recipe.method.name} model", ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        method.load_extra_state(ckpt.get("extra", {}))
+        set_rng_state(ckpt.get("rng", {}))
+        start_step = int(ckpt["step"])
+        total_steps = int(ckpt.get("total_steps", total_steps)) if not tc.max_steps else total_steps
+        method.momentum = ckpt.get("momentum", method.momentum)
+
+    if dist_info.is_main:
+        save_recipe(recipe, out / "config.yaml")
+    logger = MetricsLogger(out, enabled=dist_info.is_main, resume_step=start_step if resume else None)
+
+    def save(step: int) -> None:
+        if not dist_info.is_main:
+            return
+        save_atomic(
+            {
+                "format": FORMAT,
+                "step": step,
+                "epoch": step // max(1, steps_per_epoch),
+                "total_steps": total_steps,
+                "method": recipe.method.name,
+                "in_chans": in_chans,
+                "config": recipe_to_dict(recipe),
+                "model": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "extra": method.extra_state(),
+                "momentum": float(method.momentum),
+                "rng": rng_state(),
+            },
+            ckpt_path,
+        )
+
+    # ---- loop -------------------------------------------------------------------------
+    progress = None
+    if dist_info.is_main and tc.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc=log_prefix, unit="step", dynamic_ncols=True)
+    knn_eval = _make_knn_monitor(recipe, device) if recipe.eval.knn_every and dist_info.is_main else None
+
+    method.train()
+    start_time = time.monotonic()
+    step = start_step
+    stopped: str | None = None
+    nonfinite = 0
+    last: dict = {}
+    collapse_warned = False
+    data_iter = None
+    epoch = -1
+    try:
+        t_data = time.perf_counter()
+        while step < total_steps:
+            if step // steps_per_epoch != epoch or data_iter is None:
+                epoch = step // steps_per_epoch
+                sampler.set_epoch(epoch, step % steps_per_epoch)
+                data_iter = iter(loader)
+            batch = next(data_iter)
+            views = batch["views"].to(device, non_blocking=True)
+            if recipe.model.channels_last and device.type == "cuda":
+                views = views.contiguous()
+            t_step = time.perf_counter()
+            data_time = t_step - t_data
+            lr = set_lr(optimizer, step, total_steps, recipe.optim)
+
+            with autocast:
+                outputs = model(views)
+            loss = outputs["loss"]
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                optimizer.zero_grad(set_to_none=True)
+                bad_terms = [k for k, v in outputs.items() if k.startswith("loss_") and not torch.isfinite(v).all()]
+                msg = f"step {step}: non-finite loss ({float(loss)}; terms: {', '.join(bad_terms) or 'total'}); step skipped"
+                warnings.warn(msg, stacklevel=1)
+                if nonfinite >= tc.max_nonfinite:
+                    raise TrainingError(
+                        f"stopped at step {step}: {nonfinite} non-finite losses in a row "
+                        f"(terms: {', '.join(bad_terms) or 'total'}); last good checkpoint: {ckpt_path}. "
+                        "Lower optim.lr or check the data"
+                    )
+                t_data = time.perf_counter()
+                continue
+            nonfinite = 0
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if recipe.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(method.parameters(), recipe.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            method.after_step(step + 1, total_steps)
+            step += 1
+            if device.type == "cuda" and (step % tc.log_every == 0):
+                torch.cuda.synchronize(device)
+            step_time = time.perf_counter() - t_step
+
+            if step % tc.log_every == 0 or step == total_steps or step == start_step + 1:
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "momentum": float(method.momentum),
+                    "step_time_s": step_time,
+                    "data_time_s": data_time,
+                    "img_per_s": global_batch / max(step_time + data_time, 1e-9),
+                }
+                row.update({k: float(v.detach()) for k, v in outputs.items() if k.startswith("loss")})
+                if step % tc.monitor_every == 0 or step == start_step + 1:
+                    stats = collapse_stats(outputs["z"])
+                    row.update(stats)
+                    d = outputs["z"].shape[-1]
+                    collapsed = (stats["eff_rank"] < tc.collapse_rank_fraction * d
+                                 or stats["emb_std"] < tc.collapse_std_fraction / math.sqrt(d))
+                    row["collapse_warning"] = bool(collapsed)
+                    if collapsed and step > start_step + 1:
+                        text = (f"step {step}: embeddings are collapsing (effective rank {stats['eff_rank']:.1f} of {d}, "
+                                f"per-dim std {stats['emb_std']:.4f})")
+                        if not collapse_warned:
+                            warnings.warn(text, stacklevel=1)
+                            collapse_warned = True
+                        if tc.stop_on_collapse:
+                            stopped = "collapse"
+                            logger.log(row)
+                            raise TrainingError(text + "; stopped (train.stop_on_collapse); checkpoint " + str(ckpt_path))
+                if knn_eval is not None and step % recipe.eval.knn_every == 0:
+                    row["knn_acc"] = knn_eval(method.backbone)
+                    method.train()
+                logger.log(row)
+                last = row
+                if progress is not None:
+                    post = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['img_per_s']:.0f}"}
+                    if "eff_rank" in row:
+                        post["rank"] = f"{row['eff_rank']:.0f}"
+                    if row.get("collapse_warning"):
+                        post["warn"] = "COLLAPSE"
+                    progress.set_postfix(post)
+            if progress is not None:
+                progress.update(1)
+            if step % tc.checkpoint_every == 0 and step < total_steps:
+                save(step)
+            if tc.max_minutes and (time.monotonic() - start_time) / 60 >= tc.max_minutes and step < total_steps:
+                stopped = "max_minutes"
+                break
+            t_data = time.perf_counter()
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    except (CellSSLError, RuntimeError):
+        if progress is not None:
+            progress.close()
+        logger.close()
+        raise
+    save(step)
+    if progress is not None:
+        progress.close()
+    logger.close()
+    if dist_info.distributed:
+        cleanup_distributed()
+    return FitResult(out, ckpt_path, step, total_steps, stopped, last)
+
+
+def _make_knn_monitor(recipe: Recipe, device: torch.device):
+    """A callable backbone -> kNN accuracy on ``eval.knn_data`` (the online monitor)."""
+    if not recipe.eval.knn_data:
+        raise ConfigError("eval.knn_every is set but eval.knn_data (a labelled folder) is not")
+    from cellssl.augment.views import build_eval_transform
+    from cellssl.data.datasets import build_dataset
+    from cellssl.eval.knn import online_knn_accuracy
+
+    ds = build_dataset(recipe.data, recipe.eval.knn_data, labelled=True)
+    transform = build_eval_transform(recipe.data, ds.channels)
+
+    def run(backbone: nn.Module) -> float:
+        return online_knn_accuracy(backbone, ds, transform, device, k=recipe.eval.knn_k,
+                                   temperature=recipe.eval.knn_temperature)
+
+    return run

@@ -1,0 +1,108 @@
+"""Optimisers (AdamW, SGD, LARS) with weight-decay exclusions, and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cellssl.config import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017, arXiv:1708.03888) as used by BYOL/MSBReg on large batches.
+
+    For parameters with ``lars=True`` the update is scaled by the trust ratio
+    η‖w‖ / (‖g + wd·w‖); biases and norm parameters (``lars=False``) take plain SGD+momentum.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch signature
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm, g_norm = torch.norm(p), torch.norm(g)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
+                    g = g.mul(trust)
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (not)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True},
+        {"params": no_decay, "weight_decay": 0.0, "lars": False},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg.name`` over ``model``'s trainable parameters.
+
+    The peak LR is ``cfg.lr`` (× batch_size/256 when ``cfg.scale_lr``); each group remembers it
+    as ``base_lr`` for the schedule.
+    """
+    lr = cfg.lr * (batch_size / 256 if cfg.scale_lr else 1.0)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "adamw":
+        for g in groups:
+            g.pop("lars")
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    elif cfg.name == "sgd":
+        for g in groups:
+            g.pop("lars")
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
+    else:
+        opt = LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    for g in opt.param_groups:
+        g["base_lr"] = lr
+    return opt
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to ``min_ratio·base_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def warmup_steps_for(cfg: OptimConfig, total_steps: int) -> int:
+    """Warm-up length in steps: ``warmup_steps`` when set, else ``warmup_fraction·total``."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return int(round(cfg.warmup_fraction * total_steps))
+
+
+def set_lr(opt: torch.optim.Optimizer, step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Set every group's LR for ``step``; returns the LR of the first group."""
+    warm = warmup_steps_for(cfg, total_steps)
+    lr = 0.0
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total_steps, g["base_lr"], warm, cfg.min_lr_ratio)
+        lr = lr or g["lr"]
+    return opt.param_groups[0]["lr"]

@@ -1,0 +1,427 @@
+"""Frozen features of a backbone on a folder of images, computed once and reused.
+
+Every evaluation (few-shot, linear probe, kNN, embedding export) starts here: a checkpoint (or a
+``random:<timm name>`` baseline, built by the very same :func:`~cellssl.engine.checkpoint.load_backbone`
+path) is loaded, the folder is read and normalised with the checkpoint recipe's
+:class:`~cellssl.config.DataConfig` (so images look exactly as they did in pretraining), and the
+backbone maps every image ``(C, S, S)`` to one feature vector ``(F,)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cellssl.errors import CheckpointError, DataError
+
+__all__ = [
+    "FeatureSet",
+    "TransformedDataset",
+    "extract_features",
+    "load_features",
+    "embed",
+    "resolve_device",
+    "subsample_per_class",
+    "align_labels",
+]
+
+
+@dataclass
+class FeatureSet:
+    """Features of one image folder.
+
+    Attributes:
+        features: float32 array (N, F), one row per image.
+        labels: int64 array (N,), class index into ``classes``; -1 for unlabelled images.
+        paths: N file paths as strings, relative to ``root`` when possible.
+        classes: class names (empty when unlabelled).
+        info: what produced the features: ``spec`` (checkpoint path or ``random:...``),
+            ``description``, ``method``, ``step``, ``backbone``, ``in_chans``, ``image_size``,
+            ``config`` (recipe dict), ``adapt_bn`` (folder or None), ``data`` (folder).
+        root: the data folder.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    info: dict = field(default_factory=dict)
+    root: str = ""
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def labelled(self) -> bool:
+        """True when every image has a class label (``labels >= 0``) and classes are known."""
+        return bool(self.classes) and len(self.labels) > 0 and bool((self.labels >= 0).all())
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> "FeatureSet":
+        """The rows ``idx`` (same classes, info and root)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return FeatureSet(
+            features=self.features[idx],
+            labels=self.labels[idx],
+            paths=[self.paths[i] for i in idx],
+            classes=list(self.classes),
+            info=dict(self.info),
+            root=self.root,
+        )
+
+
+class TransformedDataset(Dataset):
+    """``(transform(image), label)`` for the rows ``indices`` of an ImageDataset read without transform.
+
+    ``base`` must offer ``load(i) -> (float32 (H, W, C), label)`` (``ImageDataset``) or
+    ``__getitem__`` returning ``(array, label)``.
+    """
+
+    def __init__(self, base: Any, transform: Callable[[np.ndarray], torch.Tensor], indices: Sequence[int] | None = None):
+        self.base = base
+        self.transform = transform
+        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        img, label = self.base.load(j) if hasattr(self.base, "load") else self.base[j]
+        return self.transform(img), int(label)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
+    if isinstance(device, torch.device):
+        return device
+    from cellssl.engine.distributed import resolve_device as _resolve
+
+    return _resolve(str(device))
+
+
+def _batch_images(batch: Any) -> torch.Tensor:
+    """The image tensor of a DataLoader batch: ``(x, y)``, ``{"views"/"image": x}`` or ``x``."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "views"):
+            if key in batch:
+                x = batch[key]
+                return x[:, 0] if key == "views" and x.ndim == 5 else x
+    return batch
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """Backbone features of every item of ``dataset``, in order.
+
+    Args:
+        backbone: module mapping images (B, C, S, S) -> features (B, F).
+        dataset: yields ``(tensor (C, S, S), label)``.
+        device: where the forward passes run.
+
+    Returns:
+        float32 array (N, F), row i = ``backbone(dataset[i][0])``, computed in eval mode without
+        gradients (the module's previous train/eval mode is restored afterwards).
+    """
+    device = resolve_device(device)
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    out: list[np.ndarray] = []
+    iterator: Any = loader
+    if progress and len(loader) > 4:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(loader, desc="features", unit="batch", leave=False)
+    try:
+        for batch in iterator:
+            x = _batch_images(batch).to(device, non_blocking=True).float()
+            f = backbone(x)
+            if f.ndim != 2:
+                f = f.flatten(1)
+            out.append(f.float().cpu().numpy())
+    finally:
+        backbone.train(was_training)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def subsample_per_class(labels: np.ndarray, max_per_class: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted indices keeping at most ``max_per_class`` random images of each label (all if None).
+
+    Unlabelled data (all labels -1) is treated as one class, so this caps the total instead.
+    """
+    labels = np.asarray(labels)
+    if not max_per_class or max_per_class <= 0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > max_per_class:
+            idx = rng.choice(idx, size=max_per_class, replace=False)
+        keep.append(idx)
+    return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.arange(0)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _describe(info: dict) -> str:
+    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` (as engine.checkpoint.describe)."""
+    cfg = info.get("config") or {}
+    return (
+        f"{info.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
+        f"({info.get('in_chans', '?')} ch, {info.get('image_size', '?')} px), step {info.get('step', '?')}"
+    )
+
+
+class FeatureExtractor:
+    """Loads a backbone once (lazily, when the first folder tells the channel count) and extracts
+    features of any number of folders with it.
+
+    Args:
+        checkpoint: checkpoint path or ``random:<timm name>``.
+        image_size: network input side; None = the checkpoint recipe's (64 for ``random:``).
+        adapt_bn: a folder of target images: re-estimate BatchNorm statistics on it (AdaBN)
+            before extracting anything.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        *,
+        image_size: int | None = None,
+        batch_size: int = 256,
+        device: str | torch.device = "auto",
+        adapt_bn: str | Path | None = None,
+        num_workers: int = 0,
+        progress: bool = True,
+        seed: int = 0,
+    ):
+        from cellssl.config import recipe_from_dict
+        from cellssl.engine.checkpoint import load_backbone
+
+        self.spec = str(checkpoint)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.adapt_bn = str(adapt_bn) if adapt_bn else None
+        self.num_workers = num_workers
+        self.progress = progress
+        self.seed = seed
+        # First load: tells the recipe (data config) and, for checkpoints, the channel count.
+        self.backbone, self.info = load_backbone(self.spec, image_size=image_size, map_location="cpu")
+        self.recipe = recipe_from_dict(self.info["config"])
+        self.data_cfg = copy.deepcopy(self.recipe.data)
+        if image_size:
+            self.data_cfg.image_size = int(image_size)
+        self.data_cfg.path = None
+        self._ready = False
+
+    @property
+    def is_random(self) -> bool:
+        return self.spec.startswith("random:")
+
+    def _prepare(self, channels: int) -> None:
+        """Rebuild for ``channels`` if needed (random specs), move to device, AdaBN once."""
+        from cellssl.engine.checkpoint import load_backbone
+
+        if self._ready:
+            if channels != self.info["in_chans"]:
+                raise DataError(
+                    f"images have {channels} channel(s) but the backbone takes {self.info['in_chans']}; "
+                    "use folders with the same channels (or set data.channels)"
+                )
+            return
+        if channels != self.info["in_chans"]:
+            # Same code path for checkpoints: load_backbone raises a one-line CheckpointError.
+            self.backbone, self.info = load_backbone(self.spec, in_chans=channels, image_size=self.image_size,
+                                                     map_location="cpu")
+        self.backbone = self.backbone.to(self.device).eval()
+        if self.adapt_bn:
+            from cellssl.adapt.bn import adapt_batchnorm_folder
+
+            self.backbone = adapt_batchnorm_folder(
+                self.backbone, self.adapt_bn, self.data_cfg, self.device, batch_size=min(self.batch_size, 128),
+                seed=self.seed, in_chans=int(self.info["in_chans"]),
+            )
+        self._ready = True
+
+    def build(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> tuple[Any, np.ndarray]:
+        """The ImageDataset of ``data`` (no transform) and the row indices kept (``max_per_class``)."""
+        from cellssl.data.datasets import build_dataset
+
+        ds = build_dataset(self.data_cfg, data, labelled=labelled)
+        if labelled and not ds.classes:
+            raise DataError(f"{data} has no class sub-folders: labelled evaluation needs one folder per class")
+        keep = subsample_per_class(ds.labels, max_per_class, self.seed)
+        return ds, keep
+
+    def features(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> FeatureSet:
+        """Features of the folder (or csv / npz) ``data`` as a :class:`FeatureSet`."""
+        from cellssl.augment.views import build_eval_transform
+
+        ds, keep = self.build(data, labelled, max_per_class)
+        self._prepare(ds.channels)
+        transform = build_eval_transform(self.data_cfg, ds.channels)
+        feats = extract_features(self.backbone, TransformedDataset(ds, transform, keep), self.device,
+                                 self.batch_size, self.num_workers, self.progress)
+        root = Path(ds.root)
+        return FeatureSet(
+            features=feats,
+            labels=ds.labels[keep],
+            paths=[_relative(ds.samples[i][0], root) for i in keep],
+            classes=list(ds.classes),
+            info=self.describe(data),
+            root=str(root),
+        )
+
+    def describe(self, data: str | Path | None = None) -> dict:
+        """Plain-JSON description of the backbone (and data) for reports."""
+        cfg = self.info.get("config") or {}
+        return {
+            "spec": self.spec,
+            "description": _describe(self.info),
+            "method": self.info.get("method"),
+            "step": self.info.get("step"),
+            "backbone": cfg.get("model", {}).get("backbone"),
+            "in_chans": self.info.get("in_chans"),
+            "image_size": int(self.data_cfg.image_size),
+            "recipe": cfg.get("name"),
+            "config": cfg,
+            "adapt_bn": self.adapt_bn,
+            "data": str(data) if data is not None else None,
+        }
+
+
+def load_features(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    adapt_bn: str | Path | None = None,
+    labelled: bool | None = True,
+    max_per_class: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> FeatureSet:
+    """Frozen backbone features of every image in ``data``.
+
+    The backbone comes from :func:`~cellssl.engine.checkpoint.load_backbone` (a checkpoint or
+    ``random:<timm name>``); images are read and normalised with the checkpoint recipe's data
+    config (``image_size`` overrides the input side). With ``adapt_bn`` (a folder) BatchNorm
+    statistics are first re-estimated on that folder (AdaBN). ``max_per_class`` keeps at most
+    that many random images per class (``seed``) for quick runs.
+
+    Returns:
+        :class:`FeatureSet` with ``features`` (N, F) float32, ``labels`` (N,), ``paths``, ``classes``.
+    """
+    ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
+                          adapt_bn=adapt_bn, num_workers=num_workers, progress=progress, seed=seed)
+    return ex.features(data, labelled=labelled, max_per_class=max_per_class)
+
+
+def embed(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    adapt_bn: str | Path | None = None,
+    max_per_class: int | None = None,
+    num_workers: int = 0,
+) -> Path:
+    """Write the features of ``data`` to ``out`` (``.npz``; a folder gets ``embeddings.npz``).
+
+    Arrays: ``features`` (N, D) float32, ``paths`` (N,) str relative to ``data``; when the folder
+    is labelled (one sub-folder per class) also ``labels`` (N,) int64 and ``classes`` (K,) str.
+    Returns the written path.
+    """
+    out = Path(out)
+    if out.suffix != ".npz":
+        out = out / "embeddings.npz" if (out.is_dir() or not out.suffix) else out.with_suffix(".npz")
+    fs = load_features(checkpoint, data, image_size=image_size, batch_size=batch_size, device=device,
+                       adapt_bn=adapt_bn, labelled=None, max_per_class=max_per_class, num_workers=num_workers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        "features": fs.features.astype(np.float32),
+        "paths": np.asarray(fs.paths, dtype=str),
+    }
+    if fs.labelled:
+        arrays["labels"] = fs.labels.astype(np.int64)
+        arrays["classes"] = np.asarray(fs.classes, dtype=str)
+    np.savez(out, **arrays)
+    return out
+
+
+def align_labels(train: FeatureSet, test: FeatureSet) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Map both sets' labels onto the train classes by class *name*.
+
+    Returns ``(classes, y_train (N,), y_test (M,))``. A test class absent from train raises
+    DataError (a classifier cannot predict a class it never saw).
+    """
+    for fs, name in ((train, "training"), (test, "test")):
+        if not fs.labelled:
+            raise DataError(f"the {name} data {fs.root or ''} is not labelled: it needs one sub-folder per class")
+    classes = list(train.classes)
+    if list(test.classes) == classes:
+        return classes, train.labels.copy(), test.labels.copy()
+    missing = [c for c in test.classes if c not in classes]
+    used = set(np.unique(test.labels).tolist())
+    missing = [c for c in missing if test.classes.index(c) in used]
+    if missing:
+        raise DataError(
+            f"test classes {missing} of {test.root} are not among the training classes {classes} "
+            f"of {train.root}: use the same class folder names"
+        )
+    lut = np.array([classes.index(c) if c in classes else -1 for c in test.classes], dtype=np.int64)
+    return classes, train.labels.copy(), lut[test.labels]
+
+
+def check_min_images(fs: FeatureSet, what: str, minimum: int = 2) -> None:
+    """Raise DataError when ``fs`` has fewer than ``minimum`` images or fewer than 2 classes."""
+    if len(fs) < minimum:
+        raise DataError(f"{what} {fs.root} has {len(fs)} image(s); at least {minimum} are needed")
+    present = np.unique(fs.labels[fs.labels >= 0])
+    if len(present) < 2:
+        raise DataError(f"{what} {fs.root} has {len(present)} class(es); classification needs at least 2")
+
+
+def warn_once(message: str) -> None:
+    """A UserWarning (the CLI shows warnings as one line)."""
+    warnings.warn(message, UserWarning, stacklevel=3)

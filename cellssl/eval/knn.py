@@ -1,0 +1,225 @@
+"""Weighted k-nearest-neighbour classification on frozen features (InstDisc / DINO protocol).
+
+For a query ``q`` and training features ``x_i`` (all L2-normalised), the k most cosine-similar
+training images vote for their class with weight ``exp(s_i / T)``, ``s_i = <q, x_i>``; the
+class with the largest summed weight wins. No training, no hyper-parameters besides k and T:
+a quick, honest read-out of how well a representation clusters classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellssl.errors import DataError
+from cellssl.eval.features import (
+    FeatureExtractor,
+    FeatureSet,
+    TransformedDataset,
+    align_labels,
+    check_min_images,
+    extract_features,
+    subsample_per_class,
+)
+from cellssl.eval.metrics import classification_metrics
+
+__all__ = ["knn_classify", "knn_eval", "knn", "online_knn_accuracy", "split_featureset"]
+
+
+def knn_classify(
+    train_feats: np.ndarray,
+    train_labels: np.ndarray,
+    test_feats: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+    n_classes: int | None = None,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """Weighted kNN predictions.
+
+    Args:
+        train_feats: (N, F) features; train_labels: (N,) ints in ``[0, n_classes)``.
+        test_feats: (M, F) features.
+        k: neighbours (capped at N); temperature: T of the vote weights.
+
+    Math: rows are L2-normalised, ``S = Q X^T`` (M, N) cosine similarities; for each query the
+    top-k ``s_j`` vote ``score_c = sum_{j in topk, y_j = c} exp(s_j / T)``; prediction
+    ``argmax_c score_c``.
+
+    Returns:
+        int64 array (M,) of predicted classes.
+    """
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    if len(train_labels) == 0:
+        raise DataError("kNN needs at least one training image")
+    n_classes = int(n_classes if n_classes is not None else train_labels.max() + 1)
+    k = max(1, min(int(k), len(train_labels)))
+    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_feats, dtype=np.float32)), dim=1)
+    q_all = torch.nn.functional.normalize(torch.as_tensor(np.asarray(test_feats, dtype=np.float32)), dim=1)
+    y = torch.as_tensor(train_labels)
+    preds = []
+    for start in range(0, q_all.shape[0], chunk):
+        q = q_all[start:start + chunk]
+        sim = q @ x.T  # (m, N)
+        top_s, top_i = sim.topk(k, dim=1)  # (m, k)
+        weights = (top_s / temperature).exp()
+        votes = torch.zeros(q.shape[0], n_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, y[top_i], weights)
+        preds.append(votes.argmax(dim=1))
+    if not preds:
+        return np.zeros(0, dtype=np.int64)
+    return torch.cat(preds).numpy().astype(np.int64)
+
+
+def knn_eval(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07) -> dict:
+    """kNN classification of ``test`` by ``train`` features; classes matched by name.
+
+    Returns a report dict: ``accuracy``, ``balanced_accuracy``, ``macro_f1``,
+    ``confusion_matrix`` (K x K, rows = true), ``per_class_accuracy``, ``classes``, ``settings``
+    (k, temperature, n_train, n_test, feature_dim).
+    """
+    classes, ytr, yte = align_labels(train, test)
+    pred = knn_classify(train.features, ytr, test.features, k=k, temperature=temperature, n_classes=len(classes))
+    report = {"kind": "knn", "classes": classes}
+    report.update(classification_metrics(yte, pred, classes))
+    report["settings"] = {
+        "k": int(k),
+        "k_used": int(min(k, len(ytr))),
+        "temperature": float(temperature),
+        "n_train": int(len(ytr)),
+        "n_test": int(len(yte)),
+        "feature_dim": int(train.features.shape[1]),
+    }
+    return report
+
+
+def split_featureset(fs: FeatureSet, fraction: float, seed: int = 0) -> tuple[FeatureSet, FeatureSet]:
+    """Stratified random split: ``(rest, held_out)`` with ``fraction`` of each class held out."""
+    from cellssl.data.datasets import split_indices
+
+    if not 0 < fraction < 1:
+        raise DataError(f"--split must be a fraction between 0 and 1 (e.g. 0.3), got {fraction}")
+    check_min_images(fs, "data", 4)
+    train_idx, test_idx = split_indices(fs.labels, (1 - fraction, fraction), seed=seed, stratified=True)
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise DataError(f"splitting {len(fs)} images of {fs.root} with fraction {fraction} leaves an empty part")
+    return fs.subset(train_idx), fs.subset(test_idx)
+
+
+def train_test_features(
+    checkpoint: str | Path,
+    train: str | Path,
+    test: str | Path | None,
+    *,
+    split: float | None,
+    seed: int,
+    image_size: int | None,
+    batch_size: int,
+    device: str,
+    adapt_bn: str | Path | None,
+    max_per_class: int | None = None,
+    num_workers: int = 0,
+) -> tuple[FeatureSet, FeatureSet, dict]:
+    """Features of a train and a test folder with one backbone (or a stratified ``split`` of train).
+
+    Returns ``(train_features, test_features, extractor description)``.
+    """
+    if test is None and split is None:
+        raise DataError("give a test folder (--test) or a fraction of the training folder to hold out (--split 0.3)")
+    ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
+                          adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
+    tr = ex.features(train, labelled=True, max_per_class=max_per_class)
+    if test is not None:
+        te = ex.features(test, labelled=True, max_per_class=max_per_class)
+    else:
+        tr, te = split_featureset(tr, float(split), seed)
+    check_min_images(tr, "training data", 2)
+    desc = ex.describe(train)
+    desc["test_data"] = str(test) if test is not None else f"{split:g} stratified split of {train} (seed {seed})"
+    return tr, te, desc
+
+
+def knn(
+    checkpoint: str | Path,
+    train: str | Path,
+    test: str | Path | None,
+    out: str | Path,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    split: float | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    adapt_bn: str | Path | None = None,
+    max_per_class: int | None = None,
+    num_workers: int = 0,
+    plots: bool = True,
+) -> dict:
+    """kNN evaluation of a checkpoint: features of ``train`` and ``test`` (or a stratified
+    ``split`` fraction of ``train`` held out), :func:`knn_eval`, report written to ``out``
+    (``report.json`` + ``.md`` + confusion-matrix and embedding plots). Returns the report."""
+    from cellssl.eval.report import write_report
+
+    tr, te, desc = train_test_features(checkpoint, train, test, split=split, seed=seed, image_size=image_size,
+                                       batch_size=batch_size, device=device, adapt_bn=adapt_bn,
+                                       max_per_class=max_per_class, num_workers=num_workers)
+    report = knn_eval(tr, te, k=k, temperature=temperature)
+    report["checkpoint"] = desc
+    report["settings"].update({"seed": seed, "split": split, "max_per_class": max_per_class})
+    write_report(report, out, "knn", features=tr if plots else None, plots=plots)
+    return report
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, base: Any, indices: np.ndarray):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[int(self.indices[i])]
+
+
+def online_knn_accuracy(
+    backbone: nn.Module,
+    dataset: Any,
+    transform: Any,
+    device: str | torch.device,
+    k: int = 20,
+    temperature: float = 0.07,
+    val_fraction: float = 0.3,
+    seed: int = 0,
+    max_images: int = 2000,
+) -> float:
+    """kNN accuracy monitor used during pretraining.
+
+    At most ``max_images`` images of the labelled ``dataset`` (an ImageDataset read without a
+    transform; class-balanced cap, fixed by ``seed``) are passed through ``transform`` and the
+    backbone (eval mode, no grad; the caller restores train mode); a stratified
+    ``val_fraction`` of them is classified by :func:`knn_classify` against the rest.
+
+    Returns:
+        accuracy in [0, 1] (float).
+    """
+    from cellssl.data.datasets import split_indices
+
+    labels = np.asarray(dataset.labels)
+    n_cls = max(1, len(np.unique(labels)))
+    keep = subsample_per_class(labels, max(1, int(np.ceil(max_images / n_cls))), seed)
+    if len(keep) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_images, replace=False))
+    ds = TransformedDataset(dataset, transform, keep) if transform is not None else _Subset(dataset, keep)
+    feats = extract_features(backbone, ds, device, batch_size=256, num_workers=0, progress=False)
+    y = labels[keep]
+    tr, va = split_indices(y, (1 - val_fraction, val_fraction), seed=seed, stratified=True)
+    if len(tr) == 0 or len(va) == 0:
+        raise DataError(f"the kNN monitor needs more labelled images than {len(keep)}")
+    pred = knn_classify(feats[tr], y[tr], feats[va], k=k, temperature=temperature, n_classes=int(labels.max()) + 1)
+    return float(np.mean(pred == y[va]))

@@ -1,0 +1,123 @@
+"""What every self-supervised method shares: encoder, heads, optional EMA target, registry.
+
+A method is a loss plus its heads. The engine calls ``method(views)`` for a batch of views
+``(B, M, C, H, W)`` and gets a dict of scalar losses (``"loss"`` is the one to minimise, the
+others are logged), then ``method.after_step(step, total_steps)`` (the EMA update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cellssl.config import MethodConfig, ModelConfig
+from cellssl.errors import ConfigError, did_you_mean
+from cellssl.models import cosine_momentum, ema_update, make_target, mlp
+
+METHODS: dict[str, type["SSLMethod"]] = {}
+
+
+def register_method(name: str) -> Callable[[type["SSLMethod"]], type["SSLMethod"]]:
+    """Class decorator adding a method to the registry under ``name``."""
+
+    def wrap(cls: type[SSLMethod]) -> type[SSLMethod]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_method(method_cfg: MethodConfig, model_cfg: ModelConfig, backbone: nn.Module) -> "SSLMethod":
+    """Instantiate ``method_cfg.name`` around ``backbone`` (which maps (B,C,H,W) to (B,F))."""
+    if method_cfg.name not in METHODS:
+        raise ConfigError(
+            f"unknown method '{method_cfg.name}'{did_you_mean(method_cfg.name, METHODS)}; "
+            f"available: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[method_cfg.name](backbone, model_cfg, method_cfg)
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (B, D) from all DDP ranks along dim 0, keeping the local gradient.
+
+    Returns ``x`` itself when not distributed.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+class SSLMethod(nn.Module):
+    """Base class: backbone + projector (+ predictor) (+ EMA target of backbone + projector).
+
+    Attributes:
+        backbone: (B, C, H, W) -> (B, F).
+        projector: (B, F) -> (B, D), D = ``model_cfg.proj_dim``.
+        predictor: (B, D) -> (B, D) or None.
+        target_backbone / target_projector: frozen EMA copies, or None.
+    """
+
+    name = "base"
+    uses_target = False
+    uses_predictor = False
+    last_bn = False
+
+    def __init__(self, backbone: nn.Module, model_cfg: ModelConfig, cfg: MethodConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        feat = backbone.num_features
+        self.projector = mlp(feat, model_cfg.proj_hidden, model_cfg.proj_dim, last_bn=self.last_bn)
+        self.predictor = (
+            mlp(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim) if self.uses_predictor else None
+        )
+        self.target_backbone = make_target(backbone) if self.uses_target else None
+        self.target_projector = make_target(self.projector) if self.uses_target else None
+        self.momentum = cfg.momentum_base
+
+    # ----- pieces the methods combine -------------------------------------------------
+    @staticmethod
+    def flatten_views(views: Tensor) -> tuple[Tensor, int, int]:
+        """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m)."""
+        if views.ndim != 5:
+            raise ValueError(f"views must have shape (B, M, C, H, W), got {tuple(views.shape)}")
+        b, m = views.shape[:2]
+        return views.transpose(0, 1).reshape(m * b, *views.shape[2:]), b, m
+
+    @staticmethod
+    def unflatten(x: Tensor, b: int, m: int) -> Tensor:
+        """(M·B, D) view-major -> (B, M, D)."""
+        return x.reshape(m, b, -1).transpose(0, 1)
+
+    def online(self, x: Tensor) -> Tensor:
+        """Online embedding z = g(f(x)): (N, C, H, W) -> (N, D)."""
+        return self.projector(self.backbone(x))
+
+    @torch.no_grad()
+    def target(self, x: Tensor) -> Tensor:
+        """Target embedding z' = g'(f'(x)), no gradient: (N, C, H, W) -> (N, D)."""
+        return self.target_projector(self.target_backbone(x))
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA update of the target with τ on BYOL's cosine schedule (no-op without target)."""
+        if not self.uses_target:
+            return
+        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
+        ema_update(self.target_backbone, self.backbone, self.momentum)
+        ema_update(self.target_projector, self.projector, self.momentum)
+
+    def forward(self, views: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Method state that is not a tensor parameter (e.g. RNG), for checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Inverse of :meth:`extra_state`."""

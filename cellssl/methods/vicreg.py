@@ -1,0 +1,145 @@
+"""VICReg: variance-invariance-covariance regularisation.
+
+Bardes, Ponce, LeCun, *VICReg: Variance-Invariance-Covariance Regularization for
+Self-Supervised Learning*, arXiv:2105.04906 (ICLR 2022). Two branches share backbone and
+expander (Linear-BN-ReLU-Linear here); collapse is prevented by explicit batch statistics:
+
+    ℓ(Z, Z') = λ s(Z, Z') + μ [v(Z) + v(Z')] / 2 + ν [c(Z) + c(Z')]        (eq. 6)
+
+with s the mean squared error (eq. 5), v the hinge on each dimension's standard deviation
+(eq. 1–2) and c the sum of squared off-diagonal covariances over d (eq. 3–4). The halving of
+the variance sum follows the official code (facebookresearch/vicreg), for which the paper's
+weights λ = μ = 25, ν = 1 were tuned. For M > 2 views the loss (and each term) is averaged
+over the M(M−1)/2 pairs of views.
+
+Example::
+
+    za, zb = torch.randn(64, 128), torch.randn(64, 128)
+    vicreg_loss(za, zb)   # scalar
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cellssl.methods.base import SSLMethod, gather_with_grad, register_method
+
+
+def _check_bd(name: str, z: Tensor) -> None:
+    if z.ndim != 2:
+        raise ValueError(f"{name} must have shape (B, D), got {tuple(z.shape)}")
+
+
+def invariance_loss(z_a: Tensor, z_b: Tensor) -> Tensor:
+    """s(Z, Z') = (1 / B·D) Σ_b ‖z_b − z'_b‖² — the mean squared error (arXiv:2105.04906 eq. 5).
+
+    Args:
+        z_a, z_b: embeddings of two views ``(B, D)``, row b of each from the same image.
+    Returns:
+        Scalar float32.
+    """
+    _check_bd("z_a", z_a)
+    _check_bd("z_b", z_b)
+    with torch.autocast(device_type=z_a.device.type, enabled=False):
+        return F.mse_loss(z_a.float(), z_b.float())
+
+
+def variance_loss(z: Tensor, eps: float = 1e-4, gamma: float = 1.0) -> Tensor:
+    """v(Z) = (1/D) Σ_j max(0, γ − sqrt(Var(z_·j) + ε)) (arXiv:2105.04906 eq. 1–2).
+
+    Args:
+        z: embeddings ``(B, D)``, B ≥ 2; the variance is the unbiased batch variance.
+        eps: ε, keeps the gradient of the square root finite at zero variance.
+        gamma: γ, the target standard deviation.
+    Returns:
+        Scalar float32 in [0, γ]: 0 when every dimension has std ≥ γ, ≈ γ when collapsed.
+    """
+    _check_bd("z", z)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        std = torch.sqrt(z.float().var(dim=0) + eps)
+        return F.relu(gamma - std).mean()
+
+
+def covariance_loss(z: Tensor) -> Tensor:
+    """c(Z) = (1/D) Σ_{i≠j} C(Z)_ij², C(Z) = (1/(B−1)) Σ_b (z_b − z̄)(z_b − z̄)ᵀ (eq. 3–4).
+
+    Args:
+        z: embeddings ``(B, D)``, B ≥ 2.
+    Returns:
+        Scalar float32 ≥ 0: 0 when the dimensions are uncorrelated over the batch.
+    """
+    _check_bd("z", z)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        b, d = z.shape
+        zc = z - z.mean(dim=0, keepdim=True)
+        cov = zc.T @ zc / (b - 1)
+        off = cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()
+        return off / d
+
+
+def vicreg_terms(z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unweighted (s(Z, Z'), [v(Z) + v(Z')] / 2, c(Z) + c(Z')) for two views ``(B, D)``."""
+    inv = invariance_loss(z_a, z_b)
+    var = (variance_loss(z_a) + variance_loss(z_b)) / 2
+    cov = covariance_loss(z_a) + covariance_loss(z_b)
+    return inv, var, cov
+
+
+def vicreg_loss(z_a: Tensor, z_b: Tensor, sim: float = 25.0, var: float = 25.0, cov: float = 1.0) -> Tensor:
+    """VICReg loss of two views (arXiv:2105.04906 eq. 6, official-code variance halving).
+
+    Args:
+        z_a, z_b: expander outputs ``(B, D)`` of two views of the same B images.
+        sim, var, cov: λ, μ, ν (paper defaults 25, 25, 1).
+    Returns:
+        Scalar float32 ``λ s + μ (v_a + v_b)/2 + ν (c_a + c_b)``.
+    """
+    s, v, c = vicreg_terms(z_a, z_b)
+    return sim * s + var * v + cov * c
+
+
+@register_method("vicreg")
+class VICReg(SSLMethod):
+    """VICReg (arXiv:2105.04906): backbone + expander, no predictor, no target.
+
+    Recipe settings (``method.*``): ``vicreg_sim`` λ, ``vicreg_var`` μ, ``vicreg_cov`` ν.
+    The variance and covariance statistics use the batch gathered across DDP ranks (as the
+    official code does); the invariance term uses the local batch (the same in expectation).
+    """
+
+    uses_target = False
+    uses_predictor = False
+    last_bn = False
+
+    def forward(self, views: Tensor) -> dict[str, Tensor]:
+        """Losses for views ``(B, M, C, H, W)``, M ≥ 2, averaged over the pairs of views.
+
+        Returns ``loss`` (weighted total), ``loss_invariance``, ``loss_variance``,
+        ``loss_covariance`` (unweighted, detached) and ``z`` (detached ``(B·M, D)``, view-major).
+        """
+        cfg = self.cfg
+        x, b, m = self.flatten_views(views)
+        if m < 2:
+            raise ValueError("VICReg needs at least 2 views")
+        z_flat = self.online(x)
+        z = self.unflatten(z_flat, b, m)
+        inv = [invariance_loss(z[:, i], z[:, j]) for i, j in itertools.combinations(range(m), 2)]
+        l_inv = torch.stack(inv).mean()
+        # Averaged over the M(M−1)/2 pairs, [v_i + v_j]/2 is mean_i v_i and c_i + c_j is
+        # 2·mean_i c_i: each view's statistics are computed once.
+        zg = [gather_with_grad(z[:, i]) for i in range(m)]
+        l_var = torch.stack([variance_loss(zi) for zi in zg]).mean()
+        l_cov = 2 * torch.stack([covariance_loss(zi) for zi in zg]).mean()
+        loss = cfg.vicreg_sim * l_inv + cfg.vicreg_var * l_var + cfg.vicreg_cov * l_cov
+        return {
+            "loss": loss,
+            "loss_invariance": l_inv.detach(),
+            "loss_variance": l_var.detach(),
+            "loss_covariance": l_cov.detach(),
+            "z": z_flat.detach(),
+        }
