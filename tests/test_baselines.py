@@ -83,18 +83,14 @@ def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.T
     return F.cross_entropy(sim, labels)
 
 
-@pytest.mark.parametrize("m", [2, 3])
-def test_nt_xent_is_zero_for_a_single_image(m):
-    # B = 1: the other views are the only candidates, so every softmax puts all mass on a positive
-    # ... only when M = 2; with M = 3 each positive shares the softmax with the other positive.
-    z = torch.randn(1, m, 8)
-    expected = 0.0 if m == 2 else None
-    loss = nt_xent_loss(z, 0.2).item()
-    if expected is not None:
-        assert loss == pytest.approx(0.0, abs=1e-6)
-    else:  # identical views: two equal candidates -> log 2
-        loss_same = nt_xent_loss(torch.ones(1, 3, 8), 0.2).item()
-        assert loss_same == pytest.approx(math.log(2), abs=1e-6)
+def test_nt_xent_for_a_single_image():
+    # B = 1, M = 2: the positive is the only candidate, so the loss is exactly 0
+    torch.manual_seed(2)
+    assert nt_xent_loss(torch.randn(1, 2, 8), 0.2).item() == pytest.approx(0.0, abs=1e-6)
+    # B = 1, M = 3: the two positives share one softmax (p1 + p2 = 1), so the mean of
+    # −log p over them is ≥ log 2, with equality when the views coincide
+    assert nt_xent_loss(torch.ones(1, 3, 8), 0.2).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert nt_xent_loss(torch.randn(1, 3, 8), 0.2).item() >= math.log(2) - 1e-6
 
 
 def test_nt_xent_known_value_for_orthogonal_images():
@@ -306,7 +302,7 @@ def test_a_few_adamw_steps_lower_the_loss(name):
         method.after_step(step, 6)
     with torch.no_grad():
         final = method(views)["loss"].item()
-    assert final < losses[0], (name, losses, final)
+    assert final < 0.9 * losses[0], (name, losses, final)
 
 
 def test_byol_after_step_moves_target_towards_online():

@@ -8,6 +8,7 @@ with tifffile. Every reader failure becomes :class:`ImageReadError`, a one-line
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,13 +173,16 @@ def channel_range(x: np.ndarray, percentiles: Sequence[float]) -> tuple[np.ndarr
     """Per-channel (low, high) percentiles of an (H, W, C) array, ignoring NaN; each of shape (C,)."""
     flat = x.reshape(-1, x.shape[-1])
     if np.isnan(flat).any():
-        lo, hi = np.nanpercentile(flat, list(percentiles), axis=0)
+        with warnings.catch_warnings():  # an all-NaN channel gives NaN, handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanpercentile(flat, list(percentiles), axis=0)
     else:
         lo, hi = np.percentile(flat, list(percentiles), axis=0)
     # a channel whose percentiles coincide (sparse signal) falls back to its min/max
     flat_ch = ~(hi > lo)
     if flat_ch.any():
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             mn, mx = np.nanmin(flat, axis=0), np.nanmax(flat, axis=0)
         lo = np.where(flat_ch, mn, lo)
         hi = np.where(flat_ch, mx, hi)

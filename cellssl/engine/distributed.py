@@ -99,3 +99,15 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer (BatchNorm statistics) from rank ``src`` to all ranks.
+
+    Parameters stay identical under DDP; running statistics drift apart because each rank sees
+    different images. Called at the end of a run so every rank holds the same model.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src)

@@ -26,7 +26,13 @@ from cellssl.engine.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from cellssl.engine.distributed import DistInfo, ResumableSampler, cleanup_distributed, init_distributed
+from cellssl.engine.distributed import (
+    DistInfo,
+    ResumableSampler,
+    broadcast_buffers,
+    cleanup_distributed,
+    init_distributed,
+)
 from cellssl.engine.logger import MetricsLogger
 from cellssl.errors import CellSSLError, ConfigError, DataError, TrainingError
 
@@ -41,6 +47,7 @@ class FitResult:
     total_steps: int
     stopped_early: str | None = None  # "max_minutes", "interrupted", "collapse" or None
     last_metrics: dict = field(default_factory=dict)
+    method: nn.Module | None = None  # the trained (unwrapped) method, for programmatic use
 
 
 class EpochSeededViews(torch.utils.data.Dataset):
@@ -392,13 +399,15 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
             progress.close()
         logger.close()
         raise
+    if dist_info.distributed:
+        broadcast_buffers(method)
     save(step)
     if progress is not None:
         progress.close()
     logger.close()
     if dist_info.distributed:
         cleanup_distributed()
-    return FitResult(out, ckpt_path, step, total_steps, stopped, last)
+    return FitResult(out, ckpt_path, step, total_steps, stopped, last, method)
 
 
 def _make_knn_monitor(recipe: Recipe, device: torch.device):

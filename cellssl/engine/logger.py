@@ -12,7 +12,7 @@ class MetricsLogger:
     """Appends metric dicts to ``OUT/metrics.jsonl`` and mirrors scalars to TensorBoard.
 
     Only the main rank writes (``enabled=False`` elsewhere). A resumed run keeps appending;
-    rows with ``step`` beyond the resume point from a killed run are dropped first so the
+    rows with ``step`` after the resume point from a killed run are dropped first so the
     file never holds a step twice.
     """
 
@@ -26,7 +26,7 @@ class MetricsLogger:
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", -1) < resume_step:
+                    if json.loads(line).get("step", -1) <= resume_step:
                         keep.append(line)
                 except json.JSONDecodeError:
                     continue

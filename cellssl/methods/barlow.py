@@ -29,6 +29,12 @@ from torch import Tensor
 from cellssl.methods.base import SSLMethod, gather_with_grad, register_method
 
 
+def off_diagonal(x: Tensor) -> Tensor:
+    """The D(D−1) off-diagonal entries of a square matrix ``(D, D)`` as a flat vector."""
+    n = x.shape[0]
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
 def _check_bd(name: str, z: Tensor) -> None:
     if z.ndim != 2:
         raise ValueError(f"{name} must have shape (B, D), got {tuple(z.shape)}")
@@ -59,7 +65,7 @@ def barlow_terms(z_a: Tensor, z_b: Tensor, lambd: float = 0.0051) -> tuple[Tenso
         c = cross_correlation(z_a, z_b)
         diag = torch.diagonal(c)
         on = (1 - diag).pow(2).sum()
-        off = c.pow(2).sum() - diag.pow(2).sum()
+        off = off_diagonal(c).pow(2).sum()
         return on, lambd * off
 
 

@@ -29,6 +29,12 @@ from torch import Tensor
 from cellssl.methods.base import SSLMethod, gather_with_grad, register_method
 
 
+def off_diagonal(x: Tensor) -> Tensor:
+    """The D(D−1) off-diagonal entries of a square matrix ``(D, D)`` as a flat vector."""
+    n = x.shape[0]
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
 def _check_bd(name: str, z: Tensor) -> None:
     if z.ndim != 2:
         raise ValueError(f"{name} must have shape (B, D), got {tuple(z.shape)}")
@@ -78,8 +84,7 @@ def covariance_loss(z: Tensor) -> Tensor:
         b, d = z.shape
         zc = z - z.mean(dim=0, keepdim=True)
         cov = zc.T @ zc / (b - 1)
-        off = cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()
-        return off / d
+        return off_diagonal(cov).pow(2).sum() / d
 
 
 def vicreg_terms(z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,5 @@
+"""``python -m cellssl`` = the ``cellssl`` command."""
+
+from cellssl.cli import main
+
+main()

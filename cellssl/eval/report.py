@@ -1,0 +1,362 @@
+"""Evaluation reports: ``report.json`` (machine-readable), ``report.md`` (human-readable), plots.
+
+File names derive from the json path: ``dir/report.json`` -> ``dir/report.md``,
+``dir/confusion.png``, ``dir/shots.png``, ``dir/embedding.png``; any other stem is used as a
+prefix: ``dir/fewshot.json`` -> ``dir/fewshot.md``, ``dir/fewshot_shots.png``, ...
+A path without ``.json`` suffix is a folder: ``out/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding"]
+
+_TITLES = {
+    "fewshot": "Few-shot evaluation",
+    "linear": "Linear probe",
+    "knn": "k-nearest-neighbour evaluation",
+    "finetune": "Fine-tuning",
+}
+MIN_EMBED_POINTS = 10
+
+
+def report_paths(out: str | Path) -> dict[str, Path]:
+    """Where the json, markdown and plots of a report go (see module docstring)."""
+    out = Path(out)
+    if out.suffix.lower() != ".json":
+        out = out / "report.json"
+    prefix = "" if out.stem == "report" else f"{out.stem}_"
+    d = out.parent
+    return {
+        "json": out,
+        "markdown": out.with_suffix(".md"),
+        "confusion": d / f"{prefix}confusion.png",
+        "shots": d / f"{prefix}shots.png",
+        "embedding": d / f"{prefix}embedding.png",
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy / Path / tuple -> plain JSON types; NaN/inf -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * float(x):.1f}"
+
+
+# --- plots -------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str = "") -> Path | None:
+    """Row-normalised confusion matrix heat map (rows = true class), counts in each cell."""
+    cm_a = np.asarray(cm, dtype=np.float64)
+    if cm_a.size == 0 or cm_a.sum() == 0:
+        return None
+    plt = _plt()
+    k = len(classes)
+    rows = cm_a.sum(axis=1, keepdims=True)
+    norm = np.divide(cm_a, rows, out=np.zeros_like(cm_a), where=rows > 0)
+    size = max(4.0, 0.6 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{int(cm_a[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_shots(results: dict, path: Path, title: str = "") -> Path | None:
+    """Mean few-shot accuracy vs. K with 95 % CI error bars."""
+    if not results:
+        return None
+    plt = _plt()
+    ks = sorted(int(k) for k in results)
+    means = [100 * results[str(k)]["mean"] for k in ks]
+    cis = [100 * (results[str(k)]["ci95"] or 0.0) for k in ks]
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    ax.errorbar(ks, means, yerr=cis, marker="o", capsize=4)
+    ax.set_xscale("log" if len(ks) > 1 and max(ks) / max(1, min(ks)) >= 8 else "linear")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("shots per class (K)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "few-shot accuracy (95 % CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def embedding_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D map of (N, F) features: UMAP when installed, else PCA(50) + t-SNE. Returns (N, 2), method."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    try:
+        import umap  # type: ignore
+
+        return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
+    except Exception:
+        pass
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n = len(x)
+    if x.shape[1] > 50 and n > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(x), "t-SNE"
+
+
+def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int = 0, title: str = "") -> Path | None:
+    """Scatter of a 2-D embedding of a FeatureSet (at most ``max_points``, class-balanced),
+    coloured by class; None when there are fewer than 10 points."""
+    from cellssl.eval.features import subsample_per_class
+
+    x, y = np.asarray(features.features), np.asarray(features.labels)
+    if len(x) < MIN_EMBED_POINTS or x.ndim != 2:
+        return None
+    classes = list(features.classes)
+    n_cls = max(1, len(np.unique(y)))
+    keep = subsample_per_class(y, int(np.ceil(max_points / n_cls)), seed)
+    if len(keep) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_points, replace=False))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xy, method = embedding_2d(x[keep], seed)
+    except Exception as exc:  # a plot must never fail an evaluation
+        warnings.warn(f"skipping the embedding plot: {exc}", UserWarning, stacklevel=2)
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    yk = y[keep]
+    if classes and (yk >= 0).all():
+        for c, name in enumerate(classes):
+            m = yk == c
+            if m.any():
+                ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(c % cmap.N), label=name)
+        ax.legend(markerscale=3, fontsize=8, loc="best", frameon=False)
+    else:
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or f"{method} of {len(keep)} image features")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- markdown ----------------------------------------------------------------------------------
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def _checkpoint_lines(report: dict) -> list[str]:
+    ck = report.get("checkpoint") or {}
+    if not ck:
+        return []
+    lines = ["## Backbone", ""]
+    lines.append(f"- checkpoint: `{ck.get('spec', '?')}` — {ck.get('description', '')}")
+    if ck.get("recipe"):
+        lines.append(f"- recipe: {ck['recipe']}")
+    lines.append(f"- input: {ck.get('in_chans', '?')} channel(s), {ck.get('image_size', '?')} px")
+    if ck.get("data"):
+        lines.append(f"- data: `{ck['data']}`")
+    if ck.get("test_data"):
+        lines.append(f"- test data: `{ck['test_data']}`")
+    if ck.get("adapt_bn"):
+        lines.append(f"- BatchNorm statistics re-estimated (AdaBN) on `{ck['adapt_bn']}`")
+    if str(ck.get("spec", "")).startswith("random:"):
+        lines.append("- *random initialisation: a baseline, not a trained model*")
+    return lines + [""]
+
+
+def _settings_lines(report: dict) -> list[str]:
+    st = report.get("settings") or {}
+    if not st:
+        return []
+    rows = [[k, json.dumps(_jsonable(v)) if isinstance(v, (list, dict)) else v] for k, v in st.items()]
+    return ["## Settings", "", *_table(["setting", "value"], rows), ""]
+
+
+def _metrics_lines(m: dict, heading: str) -> list[str]:
+    if not m or "accuracy" not in m:
+        return []
+    lines = [f"## {heading}", ""]
+    lines += _table(["metric", "value (%)"], [
+        ["accuracy", _pct(m.get("accuracy"))],
+        ["balanced accuracy", _pct(m.get("balanced_accuracy"))],
+        ["macro-F1", _pct(m.get("macro_f1"))],
+    ])
+    lines.append("")
+    pc = m.get("per_class_accuracy") or {}
+    sup = m.get("support") or {}
+    if pc:
+        lines += ["### Per-class accuracy", ""]
+        lines += _table(["class", "accuracy (%)", "images"], [[c, _pct(a), sup.get(c, "")] for c, a in pc.items()])
+        lines.append("")
+    cm = m.get("confusion_matrix")
+    classes = m.get("classes") or list(pc)
+    if cm and classes and len(classes) <= 20:
+        lines += ["### Confusion matrix (rows = true, columns = predicted)", ""]
+        lines += _table(["true \\ pred", *classes], [[c, *row] for c, row in zip(classes, cm)])
+        lines.append("")
+    return lines
+
+
+def _fewshot_lines(report: dict) -> list[str]:
+    res = report.get("results") or {}
+    if not res:
+        return []
+    st = report.get("settings", {})
+    ks = sorted(res, key=int)
+    lines = ["## Results", "", f"Accuracy over {st.get('episodes', '?')} episodes, {st.get('queries', '?')} queries per class, "
+             f"classifier `{st.get('classifier', '?')}`; mean ± 95 % confidence interval.", ""]
+    lines += _table(["ways", "shots (K)", "accuracy (%)", "std (%)"],
+                    [[res[k]["ways"], k, f"{_pct(res[k]['mean'])} ± {_pct(res[k]['ci95'])}", _pct(res[k].get("std"))] for k in ks])
+    lines += ["", "### Per-class accuracy (%)", ""]
+    classes = report.get("classes") or []
+    lines += _table(["class", *[f"{k}-shot" for k in ks]],
+                    [[c, *[_pct(res[k]["per_class_accuracy"].get(c)) for k in ks]] for c in classes])
+    return lines + [""]
+
+
+def _finetune_lines(report: dict) -> list[str]:
+    lines = []
+    hist = report.get("history") or []
+    if hist:
+        lines += ["## Training", "", f"Best epoch {report.get('best_epoch')} (validation accuracy "
+                  f"{_pct(report.get('best_val_accuracy'))} %); weights: `{report.get('best_checkpoint', '')}`", ""]
+        lines += _table(["epoch", "train loss", "train acc (%)", "val acc (%)"],
+                        [[h["epoch"], f"{h['train_loss']:.4f}", _pct(h.get("train_accuracy")), _pct(h.get("val_accuracy"))]
+                         for h in hist])
+        lines.append("")
+    if report.get("test"):
+        lines += _metrics_lines({**report["test"], "classes": report.get("classes")}, "Test set")
+    if report.get("validation"):
+        lines += _metrics_lines({**report["validation"], "classes": report.get("classes")}, "Validation set (best model)")
+    return lines
+
+
+def write_report(report: dict, out: str | Path, kind: str, *, features: Any = None, plots: bool = True,
+                 embedding_max: int = 2000) -> Path:
+    """Write ``report`` as json + markdown (+ plots) at ``out``; returns the json path.
+
+    Plots (matplotlib Agg): confusion matrix (``linear``/``knn``/``finetune``), accuracy vs.
+    shots with 95 % CI (``fewshot``), and a 2-D t-SNE/UMAP map of ``features`` (a FeatureSet,
+    at most ``embedding_max`` points) coloured by class. Plots are skipped when there is too
+    little to show. ``report["files"]`` is set to the written paths (as strings).
+    """
+    paths = report_paths(out)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    report.setdefault("kind", kind)
+    files: dict[str, Any] = {"json": str(paths["json"]), "markdown": str(paths["markdown"]), "plots": []}
+    made: dict[str, Path] = {}
+    if plots:
+        classes = report.get("classes") or []
+        cm_src = (report.get("test") or report.get("validation")) if kind == "finetune" else report
+        if kind in ("linear", "knn", "finetune") and cm_src and cm_src.get("confusion_matrix"):
+            p = plot_confusion(cm_src["confusion_matrix"], classes, paths["confusion"], _TITLES.get(kind, kind))
+            if p:
+                made["confusion"] = p
+        if kind == "fewshot":
+            p = plot_shots(report.get("results") or {}, paths["shots"])
+            if p:
+                made["shots"] = p
+        if features is not None:
+            p = plot_embedding(features, paths["embedding"], max_points=embedding_max)
+            if p:
+                made["embedding"] = p
+    files["plots"] = [str(p) for p in made.values()]
+    report["files"] = files
+
+    lines = [f"# {_TITLES.get(kind, kind)}", ""]
+    lines += _checkpoint_lines(report)
+    if kind == "fewshot":
+        lines += _fewshot_lines(report)
+    elif kind == "finetune":
+        lines += _finetune_lines(report)
+    else:
+        extra = f" (C = {report['C']:g})" if kind == "linear" and report.get("C") is not None else ""
+        lines += _metrics_lines(report, f"Results{extra}")
+    lines += _settings_lines(report)
+    if made:
+        lines += ["## Plots", ""]
+        for name, p in made.items():
+            lines += [f"![{name}]({p.name})", ""]
+    paths["markdown"].write_text("\n".join(lines).rstrip() + "\n")
+    paths["json"].write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    return paths["json"]
+
+
+def format_summary(report: dict) -> str:
+    """A few readable lines for the terminal, ending with where ``report.md`` is."""
+    kind = report.get("kind", "")
+    ck = report.get("checkpoint") or {}
+    lines = []
+    if ck:
+        lines.append(f"{_TITLES.get(kind, kind)} of {ck.get('spec', '?')} ({ck.get('description', '')})")
+    if kind == "fewshot":
+        for k, r in sorted((report.get("results") or {}).items(), key=lambda kv: int(kv[0])):
+            lines.append(f"  {r['ways']}-way {k}-shot: {_pct(r['mean'])} ± {_pct(r['ci95'])} %")
+    else:
+        m = (report.get("test") or report.get("validation")) if kind == "finetune" else report
+        if kind == "finetune" and report.get("best_epoch") is not None:
+            lines.append(f"  best epoch {report['best_epoch']}, validation accuracy {_pct(report.get('best_val_accuracy'))} %")
+        if m:
+            where = "test" if kind == "finetune" and report.get("test") else ("validation" if kind == "finetune" else "test")
+            extra = f", C={report['C']:g}" if kind == "linear" else ""
+            lines.append(
+                f"  {where} accuracy {_pct(m.get('accuracy'))} %, balanced {_pct(m.get('balanced_accuracy'))} %, "
+                f"macro-F1 {_pct(m.get('macro_f1'))} %{extra}"
+            )
+    files = report.get("files") or {}
+    if files.get("markdown"):
+        lines.append(f"report: {files['markdown']}")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny image folders made in the test, the shared real-data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_image_folder(root: Path, n_per_class: int = 16, size: int = 24, classes=("red", "green", "blue"),
+                      seed: int = 0) -> Path:
+    """Labelled folder with colour-coded classes plus texture noise (has learnable structure)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 80, size=(size, size, 3)).astype(np.uint8)
+            img[..., c % 3] = np.clip(img[..., c % 3].astype(int) + 150, 0, 255).astype(np.uint8)
+            yy, xx = np.mgrid[:size, :size]
+            r = rng.integers(size // 5, size // 3)
+            mask = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 < r**2
+            img[mask] = img[mask] // 2
+            Image.fromarray(img).save(d / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "cells")
+
+
+@pytest.fixture
+def shared_pbc() -> Path:
+    path = SHARED_DATA / "pbc128"
+    if not path.is_dir():
+        pytest.skip(f"real PBC data not found at {path} (../shared/data is only beside the project checkout)")
+    return path
+
+
+def tiny_recipe_yaml(path: Path, **train) -> Path:
+    """A CPU-second recipe: resnet18 at 16 px, small heads, no workers, no progress bar."""
+    import yaml
+
+    t = {"batch_size": 8, "max_steps": 8, "checkpoint_every": 4, "log_every": 1, "monitor_every": 2,
+         "progress": False, "threads": 1}
+    t.update(train)
+    recipe = {
+        "name": "tiny",
+        "data": {"image_size": 16, "num_workers": 0},
+        "views": {"n_views": 2},
+        "model": {"backbone": "resnet18", "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+        "method": {"name": "msbreg"},
+        "optim": {"name": "adamw", "lr": 0.001},
+        "train": t,
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path

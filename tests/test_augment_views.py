@@ -1,0 +1,180 @@
+"""Multi-view transforms: shapes, channel independence, HED math, geometry, eval transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellssl.augment.views import (
+    ChannelIntensityJitter,
+    HEDJitter,
+    RandomRotation,
+    RGBColorJitter,
+    build_eval_transform,
+    build_view_transform,
+    denormalize,
+    hed2rgb,
+    rgb2hed,
+)
+from cellssl.config import DataConfig, ViewsConfig
+from cellssl.data.io import scale_intensity
+from cellssl.errors import DataError
+
+
+def _img(c: int, h: int = 48, w: int = 40, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((h, w, c), dtype=np.float32)
+
+
+@pytest.mark.parametrize("c,modality", [(1, "fluorescence"), (3, "brightfield"), (3, "fluorescence"), (4, "fluorescence"), (6, "fluorescence")])
+def test_view_shapes(c: int, modality: str) -> None:
+    data = DataConfig(image_size=32, modality=modality)
+    views = ViewsConfig(n_views=3, local_views=2, local_size=16, poisson_prob=0.5, elastic_prob=0.5, blur_prob=1.0, noise_prob=1.0)
+    out = build_view_transform(views, data, c, seed=0)(_img(c))
+    assert out["views"].shape == (3, c, 32, 32) and out["views"].dtype == torch.float32
+    assert out["local"].shape == (2, c, 16, 16)
+    assert torch.isfinite(out["views"]).all()
+    assert not torch.equal(out["views"][0], out["views"][1])  # views differ
+
+
+def test_uint16_derived_input_and_2d_input() -> None:
+    raw = np.random.default_rng(0).integers(100, 4000, (50, 50, 1)).astype(np.uint16)
+    img = scale_intensity(raw, "auto")
+    out = build_view_transform(ViewsConfig(), DataConfig(modality="fluorescence"), 1, seed=0)(img[:, :, 0])
+    assert out["views"].shape == (2, 1, 64, 64) and "local" not in out
+
+
+def test_wrong_channel_count_is_a_clear_error() -> None:
+    t = build_view_transform(ViewsConfig(), DataConfig(), 3)
+    with pytest.raises(DataError, match="3 channel"):
+        t(_img(4))
+
+
+def test_normalisation_uses_config_mean_std() -> None:
+    data = DataConfig(image_size=16, mean=[0.2, 0.4, 0.6], std=[0.1, 0.2, 0.3])
+    t = build_eval_transform(data, 3)
+    img = np.ones((16, 16, 3), np.float32) * 0.5
+    out = t(img)
+    assert out.shape == (3, 16, 16)
+    np.testing.assert_allclose(out[:, 0, 0].numpy(), [3.0, 0.5, -1 / 3], rtol=1e-5)
+    np.testing.assert_allclose(denormalize(out, data), img, atol=1e-6)
+    with pytest.raises(DataError, match="data.mean"):
+        build_eval_transform(DataConfig(mean=[0.1, 0.2]), 3)
+
+
+def test_eval_transform_resizes_without_augmentation() -> None:
+    data = DataConfig(image_size=24)
+    t = build_eval_transform(data, 1)
+    img = _img(1, 48, 48)
+    a, b = t(img), t(img)
+    assert a.shape == (1, 24, 24) and torch.equal(a, b)
+    # area resize of 2x2 blocks = block means
+    expected = img[:, :, 0].reshape(24, 2, 24, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(denormalize(a, data)[:, :, 0], expected, atol=1e-5)
+
+
+def test_fluorescence_jitter_never_mixes_channels() -> None:
+    img = _img(2)
+    img[:, :, 1] = 0.0
+    views = ViewsConfig(channel_intensity=0.5, gamma=[0.5, 2.0], blur_prob=1.0, noise_prob=0.0)
+    t = build_view_transform(views, DataConfig(modality="fluorescence", image_size=32), 2, seed=1)
+    for _ in range(10):
+        v = t.view(img)  # before normalisation
+        assert v.shape == (32, 32, 2)
+        assert (v[:, :, 1] == 0).all() and v[:, :, 0].max() > 0
+    # the jitter itself changes each channel by its own monotone map
+    jit = ChannelIntensityJitter(0.5, (0.5, 2.0))
+    jit.set_random_seed(0)
+    x = np.stack([np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)] * 3, axis=2)
+    y = jit(image=x)["image"]
+    assert not np.allclose(y[:, :, 0], y[:, :, 1])  # independent parameters per channel
+    assert all((np.diff(y[:, :, k].ravel()) >= 0).all() for k in range(3))  # monotone
+
+
+def test_brightfield_uses_hed_and_colour_fluorescence_does_not() -> None:
+    bf = build_view_transform(ViewsConfig(), DataConfig(modality="brightfield"), 3)
+    fl = build_view_transform(ViewsConfig(), DataConfig(modality="fluorescence"), 3)
+    names = lambda t: {type(x).__name__ for x in t.global_t.transforms}  # noqa: E731
+    assert {"HEDJitter", "RGBColorJitter"} <= names(bf) and "ChannelIntensityJitter" not in names(bf)
+    assert "ChannelIntensityJitter" in names(fl) and not {"HEDJitter", "RGBColorJitter"} & names(fl)
+
+
+def test_vectorised_hed_matches_skimage() -> None:
+    from skimage.color import hed2rgb as sk_hed2rgb
+    from skimage.color import rgb2hed as sk_rgb2hed
+
+    rgb = _img(3, 32, 32)
+    rgb[0, 0] = 0.0  # the log floor
+    np.testing.assert_allclose(rgb2hed(rgb), sk_rgb2hed(rgb), atol=1e-6)
+    hed = sk_rgb2hed(rgb)
+    np.testing.assert_allclose(hed2rgb(hed), sk_hed2rgb(hed), atol=1e-6)
+
+
+def test_hed_jitter_zero_is_identity_and_matches_reference() -> None:
+    rgb = np.clip(_img(3, 16, 16) * 0.8 + 0.1, 0, 1)
+    zero = HEDJitter(0.0)
+    zero.set_random_seed(0)
+    np.testing.assert_allclose(zero(image=rgb)["image"], rgb, atol=1e-6)
+    # the fused implementation equals the textbook one: rgb -> HED (unclipped OD) -> a*s + b -> rgb
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    j = HEDJitter(0.05)
+    j.set_random_seed(3)
+    p = j.get_params()
+    od = -np.log(np.maximum(rgb.astype(np.float64), 1e-6)) @ hed_from_rgb
+    ref = np.clip(np.exp(-((od * p["alpha"] + p["beta"]) @ rgb_from_hed)), 0, 1)
+    out = j.apply(rgb, **p)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert np.abs(out - rgb).mean() > 1e-3  # and it does change the colours
+
+
+def test_colour_jitter_identity_and_saturation() -> None:
+    rgb = np.clip(_img(3, 8, 8), 0.05, 0.95)
+    cj = RGBColorJitter()
+    np.testing.assert_allclose(cj.apply(rgb, b=1.0, c=1.0, s=1.0, h=0.0), rgb, atol=1e-5)
+    grey = cj.apply(rgb, b=1.0, c=1.0, s=0.0, h=0.0)
+    assert np.abs(grey - grey.mean(axis=2, keepdims=True)).max() < 1e-5  # saturation 0 -> grey
+    brighter = cj.apply(rgb * 0.5, b=1.5, c=1.0, s=1.0, h=0.0)
+    np.testing.assert_allclose(brighter, rgb * 0.75, atol=1e-5)
+
+
+def test_rotation_preserves_a_centred_disc_and_flips_are_symmetries() -> None:
+    yy, xx = np.mgrid[0:41, 0:41]
+    disc = ((yy - 20) ** 2 + (xx - 20) ** 2 < 12**2).astype(np.float32)[:, :, None]
+    rot = RandomRotation()
+    rot.set_random_seed(0)
+    for _ in range(5):
+        out = rot(image=disc)["image"]
+        assert out.shape == disc.shape
+        assert np.abs(out - disc).mean() < 0.02  # a centred disc is rotation-invariant
+    # rotating a corner marker by 90 degrees moves it to another corner
+    marker = np.zeros((21, 21, 1), np.float32)
+    marker[2, 2] = 1.0
+    turned = rot.apply(marker, angle=90.0)
+    assert turned[2, 2, 0] < 0.1 and max(turned[18, 2, 0], turned[2, 18, 0]) > 0.9
+    # geometry-only views of a disc stay discs (crop scale 1 keeps it whole)
+    views = ViewsConfig(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hed_jitter=0, color_jitter_prob=0,
+                        channel_intensity=0, gamma=[1.0, 1.0], blur_prob=0, noise_prob=0)
+    t = build_view_transform(views, DataConfig(image_size=41, modality="fluorescence"), 1, seed=0)
+    for _ in range(4):
+        assert np.abs(t.view(disc) - disc).mean() < 0.02
+
+
+def test_same_seed_same_views_and_reproducible() -> None:
+    img = _img(3)
+    a = build_view_transform(ViewsConfig(), DataConfig(), 3, seed=7)(img)["views"]
+    b = build_view_transform(ViewsConfig(), DataConfig(), 3, seed=7)(img)["views"]
+    c = build_view_transform(ViewsConfig(), DataConfig(), 3, seed=8)(img)["views"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_poisson_noise_scales_with_signal() -> None:
+    from cellssl.augment.views import PoissonNoise
+
+    pn = PoissonNoise(peak_range=(100, 100), p=1.0)
+    pn.set_random_seed(0)
+    x = np.zeros((64, 64, 2), np.float32)
+    x[:, :, 1] = 0.5
+    y = pn(image=x)["image"]
+    assert (y[:, :, 0] == 0).all()  # no photons, no noise
+    assert abs(y[:, :, 1].mean() - 0.5) < 0.02 and 0.05 < y[:, :, 1].std() < 0.1  # sqrt(50)/100
