@@ -317,17 +317,20 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
                 outputs = model(views)
             loss = outputs["loss"]
             if not torch.isfinite(loss):
+                # The update is not applied; the step still counts so data order stays tied to steps.
                 nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
                 bad_terms = [k for k, v in outputs.items() if k.startswith("loss_") and not torch.isfinite(v).all()]
-                msg = f"step {step}: non-finite loss ({float(loss)}; terms: {', '.join(bad_terms) or 'total'}); step skipped"
-                warnings.warn(msg, stacklevel=1)
+                terms = ", ".join(bad_terms) or "total"
+                warnings.warn(f"step {step + 1}: non-finite loss (terms: {terms}); update skipped", stacklevel=1)
                 if nonfinite >= tc.max_nonfinite:
                     raise TrainingError(
-                        f"stopped at step {step}: {nonfinite} non-finite losses in a row "
-                        f"(terms: {', '.join(bad_terms) or 'total'}); last good checkpoint: {ckpt_path}. "
-                        "Lower optim.lr or check the data"
+                        f"stopped at step {step + 1}: {nonfinite} non-finite losses in a row (terms: {terms}); "
+                        f"last good checkpoint: {ckpt_path}. Lower optim.lr or check the data"
                     )
+                step += 1
+                if progress is not None:
+                    progress.update(1)
                 t_data = time.perf_counter()
                 continue
             nonfinite = 0
@@ -386,7 +389,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
                     progress.set_postfix(post)
             if progress is not None:
                 progress.update(1)
-            if step % tc.checkpoint_every == 0 and step < total_steps:
+            if step % tc.checkpoint_every == 0 and step < total_steps and nonfinite == 0:
                 save(step)
             if tc.max_minutes and (time.monotonic() - start_time) / 60 >= tc.max_minutes and step < total_steps:
                 stopped = "max_minutes"

@@ -107,7 +107,7 @@ class BarlowTwins(SSLMethod):
             raise ValueError("Barlow Twins needs at least 2 views")
         z_flat = self.online(x)
         z = self.unflatten(z_flat, b, m)
-        zg = [gather_with_grad(z[:, i]) for i in range(m)]
+        zg = [gather_with_grad(z[:, i].contiguous()) for i in range(m)]
         ons, offs = [], []
         for i, j in itertools.combinations(range(m), 2):
             on, off = barlow_terms(zg[i], zg[j], self.cfg.barlow_lambda)

@@ -137,7 +137,7 @@ class VICReg(SSLMethod):
         l_inv = torch.stack(inv).mean()
         # Averaged over the M(M−1)/2 pairs, [v_i + v_j]/2 is mean_i v_i and c_i + c_j is
         # 2·mean_i c_i: each view's statistics are computed once.
-        zg = [gather_with_grad(z[:, i]) for i in range(m)]
+        zg = [gather_with_grad(z[:, i].contiguous()) for i in range(m)]
         l_var = torch.stack([variance_loss(zi) for zi in zg]).mean()
         l_cov = 2 * torch.stack([covariance_loss(zi) for zi in zg]).mean()
         loss = cfg.vicreg_sim * l_inv + cfg.vicreg_var * l_var + cfg.vicreg_cov * l_cov
