@@ -50,7 +50,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 class SSLMethod(nn.Module):

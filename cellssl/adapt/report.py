@@ -1,0 +1,392 @@
+"""Transfer report: what each adaptation step buys on a new lab's labelled images.
+
+Rows (all on the labelled *target* folder unless said otherwise):
+
+* ``source_domain`` — the source model on the labelled *source* folder (the reference: what the
+  model does at home);
+* ``source`` — the source model as is on the target;
+* ``adabn`` — + AdaBN: BatchNorm statistics re-estimated on the target images;
+* ``stain`` — + stain normalisation: target images Macenko-normalised to the source folder's stain;
+* ``continued`` — + continued SSL: the ``adapted`` checkpoint from ``cellssl adapt`` (when given).
+
+For each: few-shot accuracy (all-way SimpleShot, K in ``shots``, ``episodes`` episodes, mean ±
+95 % CI over episodes) and linear-probe accuracy (stratified 50/50 split of the folder, fixed
+seed; 95 % CI = normal binomial interval over the test images). Domain gap of each variant
+(source features vs. target features as that variant produces them — AdaBN uses the source BN
+statistics for source images and the target ones for target images): cross-validated accuracy of
+a linear source-vs-target classifier (0.5 = indistinguishable) and the RBF-kernel MMD² (unbiased,
+median-heuristic bandwidth). Outputs in ``out``: ``transfer.json``, ``transfer.md``,
+``transfer_accuracy.png`` (bars with CI error bars) and ``transfer_embedding.png`` (t-SNE of
+source+target features, coloured by domain and by class).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellssl.errors import DataError
+
+__all__ = ["transfer_report", "domain_gap", "domain_classifier_accuracy", "mmd2_rbf", "ROW_LABELS"]
+
+ROW_LABELS = {
+    "source_domain": "source model on the source lab (reference)",
+    "source": "source model",
+    "adabn": "+ AdaBN",
+    "stain": "+ stain normalisation (Macenko)",
+    "continued": "+ continued SSL",
+}
+
+
+# ---- domain gap -------------------------------------------------------------------------------
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _balanced(xs: np.ndarray, xt: np.ndarray, max_per_domain: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = min(len(xs), len(xt), max_per_domain)
+    return xs[rng.choice(len(xs), n, replace=False)], xt[rng.choice(len(xt), n, replace=False)]
+
+
+def domain_classifier_accuracy(xs: np.ndarray, xt: np.ndarray, seed: int = 0, folds: int = 5,
+                               max_per_domain: int = 1000) -> float:
+    """Cross-validated accuracy of logistic regression telling source (``xs``) from target
+    (``xt``) features: equal numbers of each (so chance = 0.5), L2-normalised and standardised,
+    ``folds``-fold stratified CV. 1.0 = the domains are linearly separable."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    a, b = _balanced(_l2(xs), _l2(xt), max_per_domain, seed)
+    if len(a) < 4:
+        return float("nan")
+    x = np.concatenate([a, b])
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    k = int(min(folds, len(a)))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = cross_val_score(clf, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed))
+    return float(np.mean(scores))
+
+
+def mmd2_rbf(xs: np.ndarray, xt: np.ndarray, seed: int = 0, max_per_domain: int = 500) -> tuple[float, float]:
+    """Unbiased MMD² between L2-normalised ``xs`` and ``xt`` with ``k(x, y) = exp(-||x-y||² / (2σ²))``,
+    σ = median pairwise distance of the pooled sample (median heuristic). Returns ``(mmd2, sigma)``."""
+    a, b = _balanced(_l2(xs), _l2(xt), max_per_domain, seed)
+    m = len(a)
+    if m < 2:
+        return float("nan"), float("nan")
+    z = np.concatenate([a, b])
+    sq = np.maximum((z**2).sum(1)[:, None] + (z**2).sum(1)[None, :] - 2 * z @ z.T, 0.0)
+    iu = np.triu_indices(len(z), 1)
+    sigma = float(np.sqrt(np.median(sq[iu]))) or 1.0
+    k = np.exp(-sq / (2 * sigma**2))
+    kxx, kyy, kxy = k[:m, :m], k[m:, m:], k[:m, m:]
+    mmd2 = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean())
+    return float(mmd2), sigma
+
+
+def domain_gap(xs: np.ndarray, xt: np.ndarray, seed: int = 0) -> dict:
+    """``{"domain_classifier_acc", "mmd2", "mmd_sigma", "n_per_domain"}`` for source/target features."""
+    mmd2, sigma = mmd2_rbf(xs, xt, seed)
+    return {"domain_classifier_acc": domain_classifier_accuracy(xs, xt, seed), "mmd2": mmd2, "mmd_sigma": sigma,
+            "n_per_domain": int(min(len(xs), len(xt)))}
+
+
+# ---- accuracy ---------------------------------------------------------------------------------
+def _plan_fewshot(labels: np.ndarray, shots: Sequence[int], queries: int) -> tuple[list[int], int]:
+    """Shots that fit the smallest class, and the number of queries (≤ ``queries``)."""
+    _, counts = np.unique(labels[labels >= 0], return_counts=True)
+    smallest = int(counts.min()) if len(counts) else 0
+    ok = [int(k) for k in shots if k + 1 <= smallest]
+    if not ok:
+        return [], 0
+    return ok, int(max(1, min(queries, smallest - max(ok))))
+
+
+def evaluate_features(fs: Any, shots: Sequence[int], episodes: int, queries: int, seed: int) -> dict:
+    """Few-shot (SimpleShot, all ways) and linear-probe accuracy of a labelled FeatureSet."""
+    from cellssl.data.datasets import split_indices
+    from cellssl.eval.fewshot import run_fewshot
+    from cellssl.eval.linear import linear_probe
+
+    out: dict[str, Any] = {"n_images": len(fs), "fewshot": {}, "linear": None}
+    ok, q = _plan_fewshot(fs.labels, shots, queries)
+    if len(np.unique(fs.labels)) < 2:
+        raise DataError(f"{fs.root}: the transfer report needs at least 2 classes")
+    if ok:
+        rep = run_fewshot(fs, ways=None, shots=ok, queries=q, episodes=episodes, classifier="prototype", seed=seed)
+        out["fewshot"] = {k: {"mean": v["mean"], "ci95": v["ci95"], "ways": v["ways"]} for k, v in rep["results"].items()}
+        out["queries"] = q
+    tr_idx, te_idx = split_indices(fs.labels, (0.5, 0.5), seed=seed, stratified=True)
+    if len(tr_idx) >= 2 and len(te_idx) >= 1 and len(np.unique(fs.labels[tr_idx])) >= 2:
+        rep = linear_probe(fs.subset(tr_idx), fs.subset(te_idx), seed=seed)
+        p, n = float(rep["accuracy"]), len(te_idx)
+        out["linear"] = {"accuracy": p, "ci95": float(1.96 * math.sqrt(max(p * (1 - p), 0.0) / n)),
+                         "balanced_accuracy": rep.get("balanced_accuracy"), "C": rep.get("C"),
+                         "n_train": int(len(tr_idx)), "n_test": int(n)}
+    return out
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
+    metrics = [(f"{k}-shot", lambda r, k=k: (r["fewshot"].get(str(k)) or {})) for k in shots]
+    metrics.append(("linear", lambda r: r["linear"] or {}))
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) * len(rows) / 2.5), 4.2))
+    width = 0.8 / len(rows)
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(rows):
+        means = [100 * (get(r).get("mean", get(r).get("accuracy")) or np.nan) for _, get in metrics]
+        cis = [100 * (get(r).get("ci95") or 0.0) for _, get in metrics]
+        xs = np.arange(len(metrics)) + (i - (len(rows) - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=cis, capsize=3, color=cmap(i % 10), label=r["label"])
+    ax.set_xticks(np.arange(len(metrics)), [m for m, _ in metrics])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", frameon=True)
+    ax.set_title("target-lab accuracy (95 % CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = _l2(x).astype(np.float32)
+    if x.shape[1] > 50 and len(x) > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3.0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, max_points: int) -> Path | None:
+    """One row per (title, source FeatureSet, target FeatureSet): t-SNE coloured by domain | by class."""
+    from cellssl.eval.features import subsample_per_class
+
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.8 * len(panels)), squeeze=False)
+    for row, (title, s, t) in enumerate(panels):
+        names = sorted(set(s.classes) | set(t.classes))
+        per = max(1, int(max_points // 2 // max(1, len(names))))
+        ks, kt = subsample_per_class(s.labels, per, seed), subsample_per_class(t.labels, per, seed)
+        x = np.concatenate([s.features[ks], t.features[kt]])
+        if len(x) < 10:
+            plt.close(fig)
+            return None
+        dom = np.r_[np.zeros(len(ks)), np.ones(len(kt))]
+        cls = np.array([names.index(s.classes[c]) for c in s.labels[ks]] + [names.index(t.classes[c]) for c in t.labels[kt]])
+        xy = _tsne(x, seed)
+        a, b = axes[row]
+        for d, (lab, col) in enumerate([("source lab", "tab:blue"), ("target lab", "tab:orange")]):
+            m = dom == d
+            a.scatter(xy[m, 0], xy[m, 1], s=5, alpha=0.6, color=col, label=lab)
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        for c, name in enumerate(names):
+            for d, marker in ((0, "o"), (1, "^")):
+                m = (cls == c) & (dom == d)
+                if m.any():
+                    b.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.6, color=cmap(c % cmap.N), marker=marker,
+                              label=name if d == 0 else None)
+        a.legend(markerscale=3, fontsize=8, frameon=False)
+        b.legend(markerscale=3, fontsize=7, frameon=False, ncol=2)
+        a.set_title(f"{title}: by domain")
+        b.set_title(f"{title}: by class (o source, ^ target)")
+        for ax in (a, b):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("t-SNE of source + target features")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- markdown ---------------------------------------------------------------------------------
+def _pm(entry: dict | None, key: str = "mean") -> str:
+    if not entry or entry.get(key) is None or not math.isfinite(float(entry[key])):
+        return "–"
+    return f"{100 * entry[key]:.1f} ± {100 * (entry.get('ci95') or 0.0):.1f}"
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def format_table(report: dict) -> str:
+    """The markdown table of a transfer report (accuracies in %, mean ± 95 % CI)."""
+    shots = report["settings"]["shots"]
+    head = ["model", "evaluated on"] + [f"{k}-shot" for k in shots] + ["linear probe", "domain clf. acc", "MMD²"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for r in report["rows"]:
+        gap = r.get("domain_gap") or {}
+        cells = [r["label"], r["data"]] + [_pm(r["fewshot"].get(str(k))) for k in shots]
+        cells += [_pm(r["linear"], "accuracy"), _num(gap.get("domain_classifier_acc"), ".3f"), _num(gap.get("mmd2"), ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = ["# Transfer report", "",
+             f"- source checkpoint: `{report['checkpoint']}`" + (f" ({report['description']})" if report.get("description") else ""),
+             f"- adapted checkpoint: `{report['adapted']}`" if report.get("adapted") else "- adapted checkpoint: none given",
+             f"- source lab: `{report['source']}` ({s['n_source']} images); target lab: `{report['target']}` "
+             f"({s['n_target']} images), {len(report['classes'])} classes", "",
+             "Accuracy in % (mean ± 95 % CI). Few-shot: all-way SimpleShot (CL2N nearest centroid), "
+             f"{s['episodes']} episodes, {s.get('queries', '?')} queries per class; CI over episodes. Linear probe: "
+             "logistic regression on a stratified 50/50 split of the folder (seed "
+             f"{s['seed']}); CI = 1.96·sqrt(p(1-p)/n_test).", "",
+             format_table(report), "",
+             "Domain gap (source vs. target features of each variant): *domain clf. acc* = 5-fold "
+             "cross-validated accuracy of a linear source-vs-target classifier on balanced samples "
+             "(0.5 = indistinguishable, 1.0 = separable); *MMD²* = unbiased RBF-kernel MMD² on "
+             "L2-normalised features, bandwidth = median pairwise distance (0 = same distribution).", ""]
+    files = report.get("files", {})
+    for key in ("bars", "embedding"):
+        if files.get(key):
+            lines += [f"![{key}]({Path(files[key]).name})", ""]
+    return "\n".join(lines)
+
+
+# ---- the report -------------------------------------------------------------------------------
+def transfer_report(
+    checkpoint: str | Path,
+    source: str | Path,
+    target: str | Path,
+    out: str | Path,
+    *,
+    adapted: str | Path | None = None,
+    episodes: int = 300,
+    device: str = "auto",
+    shots: Sequence[int] = (1, 5, 10),
+    seed: int = 0,
+    queries: int = 15,
+    max_per_class: int | None = None,
+    stain_method: str = "macenko",
+    batch_size: int = 256,
+    embedding_max: int = 1200,
+    progress: bool = False,
+) -> Path:
+    """Write the transfer report (see module docstring) to ``out``; returns ``out/transfer.md``.
+
+    ``source`` and ``target`` are labelled folders (one sub-folder per class, same class names);
+    ``max_per_class`` caps the images per class read from each (quick runs).
+    """
+    from cellssl.adapt.stain import normalize_folder
+    from cellssl.eval.features import FeatureExtractor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shots = [int(k) for k in shots]
+
+    def extractor(spec: str | Path, adapt_bn: str | Path | None = None) -> FeatureExtractor:
+        return FeatureExtractor(spec, batch_size=batch_size, device=device, adapt_bn=adapt_bn, progress=progress,
+                                seed=seed)
+
+    base = extractor(checkpoint)
+    f_src = base.features(source, labelled=True, max_per_class=max_per_class)
+    f_tgt = base.features(target, labelled=True, max_per_class=max_per_class)
+    missing = sorted(set(f_tgt.classes) - set(f_src.classes))
+    if missing:
+        warnings.warn(f"target classes not in the source folder: {', '.join(missing)}", UserWarning, stacklevel=2)
+    features: dict[str, tuple[Any, Any]] = {"source": (f_src, f_tgt)}
+    f_bn = extractor(checkpoint, adapt_bn=target).features(target, labelled=True, max_per_class=max_per_class)
+    features["adabn"] = (f_src, f_bn)
+    with tempfile.TemporaryDirectory(prefix="cellssl-stain-") as tmp:
+        stained = Path(tmp) / "target"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a few blank crops falling back to identity is expected
+            normalize_folder(target, stained, reference=source, method=stain_method)
+        f_st = base.features(stained, labelled=True, max_per_class=max_per_class)
+        f_st.root = str(target)
+    features["stain"] = (f_src, f_st)
+    if adapted is not None:
+        ad = extractor(adapted)
+        features["continued"] = (ad.features(source, labelled=True, max_per_class=max_per_class),
+                                 ad.features(target, labelled=True, max_per_class=max_per_class))
+
+    rows: list[dict] = []
+    ref = evaluate_features(f_src, shots, episodes, queries, seed)
+    rows.append({"key": "source_domain", "label": ROW_LABELS["source_domain"], "data": "source", **ref,
+                 "domain_gap": None})
+    for key, (fs, ft) in features.items():
+        res = evaluate_features(ft, shots, episodes, queries, seed)
+        gap = domain_gap(fs.features, ft.features, seed)
+        rows.append({"key": key, "label": ROW_LABELS[key], "data": "target", **res, "domain_gap": gap})
+
+    report: dict[str, Any] = {
+        "kind": "transfer",
+        "checkpoint": str(checkpoint),
+        "description": base.describe(source).get("description"),
+        "adapted": str(adapted) if adapted is not None else None,
+        "source": str(source),
+        "target": str(target),
+        "classes": list(f_tgt.classes),
+        "rows": rows,
+        "domain_gap": {r["key"]: r["domain_gap"] for r in rows if r["domain_gap"]},
+        "settings": {"shots": shots, "episodes": int(episodes), "queries": rows[1].get("queries", queries),
+                     "ways": "all", "classifier": "prototype (SimpleShot, CL2N)", "linear_split": [0.5, 0.5],
+                     "seed": int(seed), "stain_method": stain_method, "max_per_class": max_per_class,
+                     "n_source": len(f_src), "n_target": len(f_tgt), "feature_dim": int(f_src.features.shape[1])},
+    }
+    files: dict[str, str] = {"json": str(out / "transfer.json"), "markdown": str(out / "transfer.md")}
+    try:
+        p = _plot_bars([r for r in rows], [k for k in shots if any(str(k) in r["fewshot"] for r in rows)],
+                       out / "transfer_accuracy.png")
+        if p:
+            files["bars"] = str(p)
+        panels = [("source model", *features["source"])]
+        if "continued" in features:
+            panels.append(("continued SSL", *features["continued"]))
+        else:
+            panels.append(("AdaBN", *features["adabn"]))
+        p = _plot_embedding(panels, out / "transfer_embedding.png", seed, embedding_max)
+        if p:
+            files["embedding"] = str(p)
+    except Exception as exc:  # a plot must never fail the report
+        warnings.warn(f"transfer plots skipped: {type(exc).__name__}: {exc}", UserWarning, stacklevel=2)
+    report["files"] = files
+    (out / "transfer.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    md = out / "transfer.md"
+    md.write_text(_markdown(report))
+    return md
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
