@@ -73,12 +73,12 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     for name, (fs, lin, tag) in rows.items():
         cells = []
         for k in shots:
-            r = fs["shots"][str(k)] if str(k) in fs["shots"] else fs["shots"][k]
+            r = fs["results"][str(k)]
             cells.append(f"{r['mean']:.3f} ± {r['ci95']:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {lin['accuracy']:.3f} |")
     lines += [
         "",
-        f"Few-shot: {fs.get('ways', 'all')}-way episodes, {ev.queries} queries, {ev.episodes} episodes, "
+        f"Few-shot: {fs['settings']['ways']}-way episodes, {ev.queries} queries, {ev.episodes} episodes, "
         "SimpleShot (centred, L2-normalised nearest centroid).",
         "Details and plots: `pretrained/fewshot.md`, `pretrained/linear.md`, `random/…`; "
         "training curves: `pretrain/metrics.jsonl` (TensorBoard: `pretrain/tensorboard`).",
@@ -86,7 +86,7 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(line for line in lines if line is not None) + "\n")
     (out / "report.json").write_text(json.dumps(
-        {name: {"fewshot": fs["shots"], "linear_accuracy": lin["accuracy"]} for name, (fs, lin, _) in rows.items()},
+        {name: {"fewshot": fs["results"], "linear_accuracy": lin["accuracy"]} for name, (fs, lin, _) in rows.items()},
         indent=2, default=str))
     print(report.read_text())
     return report

@@ -48,7 +48,7 @@ def test_fit_lowers_centroid_loss_and_logs_every_key(tmp_path, tiny_folder):
 
 def test_kill_9_then_resume_is_bitwise_identical(tmp_path, tiny_folder):
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=16, checkpoint_every=2)
-    common = ["pretrain", "--recipe", str(recipe), "--data", str(tiny_folder)]
+    common = ["pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--workers", "1"]
     ref = _cli(*common, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     # The interrupted run: kill -9 once a mid-run checkpoint exists.

@@ -145,6 +145,11 @@ class StainNormalizer:
                 raise DataError(f"cannot fit Macenko stain vectors on {self.reference}: {exc}") from None
             if not (np.isfinite(norm.HERef).all() and np.isfinite(norm.maxCRef).all()):
                 raise DataError(f"cannot fit Macenko stain vectors on {self.reference}: non-finite result")
+            he = np.asarray(norm.HERef, dtype=np.float64)
+            cos = abs(float(he[:, 0] @ he[:, 1]) / max(float(np.linalg.norm(he[:, 0]) * np.linalg.norm(he[:, 1])), 1e-12))
+            if cos > 0.995:
+                raise DataError(f"the stain reference {self.reference} shows only one stain colour (Macenko needs two); "
+                                "use a folder of source images as the reference, or method reinhard")
             return norm
         from torchstain.numpy.normalizers import NumpyReinhardNormalizer
 
@@ -175,10 +180,12 @@ class StainNormalizer:
             try:
                 with np.errstate(all="ignore"), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    out, _, _ = self._norm.normalize(img_u8, Io=_IO, beta=_BETA, stains=False)
-            except Exception as exc:
+                    out = self._macenko(img_u8)
+            except Exception as exc:  # LinAlgError / IndexError on degenerate images
                 self._fallback(f"{type(exc).__name__}: {exc}")
                 return None
+            if out is None:
+                self._fallback("stain vectors could not be estimated")
             return out
         stds = _lab_stats(img_u8)[1]
         if not (stds > 1e-3).all():
@@ -187,6 +194,37 @@ class StainNormalizer:
         with np.errstate(all="ignore"):
             out = self._norm.normalize(img_u8.astype(np.float32))
         return out
+
+    def _macenko(self, img_u8: np.ndarray) -> np.ndarray | None:
+        """Macenko with the image's stain vectors matched to the reference ones.
+
+        torchstain estimates the image's stain matrix (``fit`` on the image); unlike torchstain's
+        ``normalize`` (which orders H/E by "larger red OD first", a heuristic that flips on
+        shifted or weak stains and then swaps the colours) the two vectors are ordered to match
+        the reference vectors (larger |cosine| of the assignment). Concentrations: least squares
+        ``OD = HE·C``; each stain is scaled so its 99th percentile matches the reference;
+        ``I = Io·exp(-HE_ref·C')``, as torchstain.
+        """
+        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
+        est = NumpyMacenkoNormalizer()
+        est.fit(img_u8, Io=_IO, beta=_BETA)
+        he, ref = np.asarray(est.HERef, dtype=np.float64), np.asarray(self._norm.HERef, dtype=np.float64)
+        if not np.isfinite(he).all():
+            return None
+        cos = np.abs((he / np.linalg.norm(he, axis=0)).T @ (ref / np.linalg.norm(ref, axis=0)))  # (2, 2)
+        if cos[0, 1] + cos[1, 0] > cos[0, 0] + cos[1, 1]:
+            he = he[:, ::-1]
+        h, w, _ = img_u8.shape
+        od = -np.log((img_u8.reshape(-1, 3).astype(np.float64) + 1.0) / _IO)
+        conc = np.linalg.lstsq(he, od.T, rcond=None)[0]  # (2, N)
+        max_c = np.percentile(conc, 99, axis=1)
+        if not (np.isfinite(max_c).all() and (max_c > 1e-6).all()):
+            return None
+        scale = np.clip(np.asarray(self._norm.maxCRef, dtype=np.float64) / max_c, 0.2, 5.0)  # no blow-ups
+        conc = conc * scale[:, None]
+        out = np.clip(_IO * np.exp(-ref @ conc), 0, 255)
+        return out.T.reshape(h, w, 3).astype(np.uint8)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         img = np.asarray(img)

@@ -364,6 +364,13 @@ class MultiViewTransform:
             self.local_t.set_random_seed(None if seed is None else seed + 1)
         self._seed_key = (os.getpid(), None)
 
+    def set_seed(self, seed: int) -> None:
+        """Seed all randomness of the next calls (the engine does this per (epoch, image) so that
+        views do not depend on worker count or on where a resumed run restarted)."""
+        self._reseed(int(seed))
+        info = torch.utils.data.get_worker_info()
+        self._seed_key = (os.getpid(), info.seed if info is not None else None)
+
     def _maybe_reseed_worker(self) -> None:
         info = torch.utils.data.get_worker_info()
         key = (os.getpid(), info.seed if info is not None else None)
