@@ -153,3 +153,67 @@ def test_pickled_checkpoint_is_refused(tmp_path):
 def test_debug_flag_shows_traceback():
     res = cli("--debug", "pretrain", "--recipe", "blod_smear")
     assert res.returncode == 2 and "Traceback" in res.stderr
+
+
+def _messy_folder(root):
+    """A labelled folder with every kind of bad file next to good ones."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import make_image_folder
+
+    make_image_folder(root, n_per_class=10, size=24)
+    bad = root / "red"
+    good = next(bad.glob("*.png"))
+    data = good.read_bytes()
+    jpg = bad / "truncated.jpg"
+    Image.open(good).save(jpg, quality=90)
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
+    (bad / "notes.png").write_text("this is text, not an image")
+    (bad / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(bad / "one_pixel.png")
+    Image.fromarray((np.random.default_rng(0).random((24, 24)) * 255).astype(np.uint8)).save(bad / "gray.png")
+    Image.fromarray((np.random.default_rng(1).random((24, 24)) * 65535).astype(np.uint16)).save(bad / "sixteen.png")
+    assert data  # the good file is untouched
+    return root
+
+
+def test_messy_folder_trains_and_names_bad_files(tmp_path):
+    folder = _messy_folder(tmp_path / "messy")
+    res = cli("pretrain", "--recipe", str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=6, batch_size=12)),
+              "--data", str(folder), "--out", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("truncated.jpg", "notes.png", "empty.png", "one_pixel.png"):
+        assert name in res.stderr, f"{name} not named in the warnings"
+    assert "Traceback" not in res.stderr
+    check = cli("datasets", "check", str(folder))
+    assert check.returncode != 0
+    for name in ("truncated.jpg", "notes.png", "empty.png", "one_pixel.png"):
+        assert name in check.stdout
+    assert "gray.png" not in check.stdout.split("unreadable", 1)[-1]
+
+
+def test_fewshot_class_too_small_is_one_line(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "cells", n_per_class=12, size=24)
+    for f in sorted((folder / "blue").glob("*.png"))[1:]:
+        f.unlink()
+    msg = one_line_error(cli("fewshot", "--checkpoint", "random:resnet18", "--data", str(folder), "--shots", "5",
+                             "--episodes", "5", "--image-size", "24", "--out", str(tmp_path / "fs.json")))
+    assert "blue" in msg
+
+
+def test_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
+    import cellssl.engine.fit as fit_module
+    from cellssl.cli import main
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "checkpoints" / "last.pt"))
+
+    monkeypatch.setattr(fit_module, "fit", full)
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--recipe", "cpu_demo", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk is full" in err[0] and "last.pt" in err[0]
