@@ -138,3 +138,27 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path, tiny_folder):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs between ranks"
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_max_minutes_and_ctrl_c_stop_cleanly_with_checkpoint(tmp_path, tiny_folder, monkeypatch):
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=50)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'a'}", "train.max_minutes=0.00001"])
+    res = fit(r)
+    assert res.stopped_early == "max_minutes" and res.step == 1
+    assert load_checkpoint(res.checkpoint)["step"] == 1
+
+    from cellssl.methods.msbreg import MSBReg
+
+    original, calls = MSBReg.forward, {"n": 0}
+
+    def interrupted(self, views):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, views)
+
+    monkeypatch.setattr(MSBReg, "forward", interrupted)
+    r.train.out, r.train.max_minutes = str(tmp_path / "b"), None
+    res = fit(r)
+    assert res.stopped_early == "interrupted" and res.step == 2
+    assert load_checkpoint(res.checkpoint)["step"] == 2
