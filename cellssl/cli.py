@@ -248,6 +248,19 @@ def datasets_synth(out, n, seed, image_size):
     click.echo(f"wrote {n} synthetic smear images to {path}")
 
 
+@datasets.command("tile", context_settings=CONTEXT)
+@click.argument("image", type=click.Path())
+@click.option("--mask", type=click.Path(), default=None, help="Instance mask: one crop centred on each object.")
+@click.option("--out", required=True, type=click.Path())
+@click.option("--size", type=int, default=64, show_default=True)
+def datasets_tile(image, mask, out, size):
+    """Cut a large (e.g. 16-bit fluorescence) image into cell-centred or grid crops (TIFF)."""
+    from cellssl.data.tiles import tile_image_to_folder
+
+    paths = tile_image_to_folder(image, mask, out, size)
+    click.echo(f"wrote {len(paths)} crops of {size} px to {out}")
+
+
 @datasets.command("download", context_settings=CONTEXT)
 @click.argument("name", type=click.Choice(["pbc", "bloodmnist"]))
 @click.option("--root", type=click.Path(), default="data", show_default=True)

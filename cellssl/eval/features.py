@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cellssl.errors import CheckpointError, DataError
+from cellssl.errors import DataError
 
 __all__ = [
     "FeatureSet",

@@ -159,7 +159,7 @@ def finetune(
     macro_f1, confusion_matrix, per_class_accuracy), ``classes``, ``settings``, ``checkpoint``.
     """
     from cellssl.augment.views import build_eval_transform, build_view_transform
-    from cellssl.data.datasets import build_dataset, split_indices
+    from cellssl.data.datasets import split_indices
     from cellssl.engine.checkpoint import FORMAT, save_atomic
     from cellssl.eval.report import write_report
 
