@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cellssl.errors import DataError
+from cellssl.eval.features import _batch_images
 
 __all__ = ["adapt_batchnorm", "adapt_batchnorm_folder", "batchnorm_layers"]
 
@@ -28,26 +30,6 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
         m for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
     ]
-
-
-class _Indexed(Dataset):
-    def __init__(self, base: Dataset, indices: np.ndarray):
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.base[int(self.indices[i])]
-
-
-def _images(batch: Any) -> torch.Tensor:
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    if isinstance(batch, dict):
-        x = batch.get("image", batch.get("views"))
-        return x[:, 0] if x is not None and x.ndim == 5 else x
-    return batch
 
 
 @torch.no_grad()
@@ -88,7 +70,7 @@ def adapt_batchnorm(
     idx = np.arange(n)
     if n > max_images:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
-    loader = DataLoader(_Indexed(dataset, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     momenta = [m.momentum for m in layers]
     backbone.eval()
     for m in layers:
@@ -98,7 +80,7 @@ def adapt_batchnorm(
     seen = 0
     try:
         for batch in loader:
-            x = _images(batch).to(device).float()
+            x = _batch_images(batch).to(device).float()
             if x.shape[0] < 2 and seen > 0:
                 continue  # a single-image tail batch has no variance to contribute
             backbone(x)

@@ -53,6 +53,18 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
+def off_diagonal(x: Tensor) -> Tensor:
+    """The D(D−1) off-diagonal entries of a square matrix ``(D, D)`` as a flat vector."""
+    n = x.shape[0]
+    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def check_bd(name: str, z: Tensor) -> None:
+    """Raise with the received shape unless ``z`` is ``(B, D)``."""
+    if z.ndim != 2:
+        raise ValueError(f"{name} must have shape (B, D), got {tuple(z.shape)}")
+
+
 class SSLMethod(nn.Module):
     """Base class: backbone + projector (+ predictor) (+ EMA target of backbone + projector).
 

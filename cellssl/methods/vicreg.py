@@ -26,18 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, gather_with_grad, register_method
-
-
-def off_diagonal(x: Tensor) -> Tensor:
-    """The D(D−1) off-diagonal entries of a square matrix ``(D, D)`` as a flat vector."""
-    n = x.shape[0]
-    return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
-
-
-def _check_bd(name: str, z: Tensor) -> None:
-    if z.ndim != 2:
-        raise ValueError(f"{name} must have shape (B, D), got {tuple(z.shape)}")
+from cellssl.methods.base import SSLMethod, check_bd as _check_bd, gather_with_grad, off_diagonal, register_method
 
 
 def invariance_loss(z_a: Tensor, z_b: Tensor) -> Tensor:
