@@ -53,7 +53,8 @@ ABLATION = {
     "BYOL, M views (per-view targets)": ("msbreg", "recipes/ablation/byol_mviews.yaml", []),
     "+ centroid": ("msbreg", "recipes/ablation/centroid.yaml", []),
     "+ centroid + singular value": ("msbreg", "recipes/ablation/centroid_sv.yaml", []),
-    "+ centroid + SV + Brownian (MSBReg)": ("msbreg", "recipes/ablation/centroid_sv_bd.yaml", []),
+    # the full method is the MSBReg row's run (same settings as recipes/ablation/centroid_sv_bd.yaml)
+    "+ centroid + SV + Brownian (= MSBReg)": ("msbreg", None, []),
 }
 
 
@@ -129,7 +130,8 @@ def pretrain(name: str, method: str, overlay: str | None, extra: list[str], seed
     from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
 
-    out = Path(args.work) / "runs" / f"{method}-{abs(hash((name, overlay))) % 10**6}-s{seed}"
+    key = hashlib.sha1(json.dumps([method, overlay, extra, args.set]).encode()).hexdigest()[:8]
+    out = Path(args.work) / "runs" / f"{method}-{key}-s{seed}"
     ckpt = out / "checkpoints" / "last.pt"
     steps = max(1, args.views_budget // (args.batch_size * args.n_views))
     overrides = [
@@ -348,7 +350,10 @@ def main() -> None:
         *[f"![{f}]({f})" for f in files],
         "",
     ]
-    out_md.write_text("\n".join(lines))
+    keep = ""  # a hand-written "## Analysis" section survives re-runs
+    if out_md.exists() and "\n## Analysis" in out_md.read_text():
+        keep = out_md.read_text()[out_md.read_text().index("\n## Analysis"):]
+    out_md.write_text("\n".join(lines) + keep)
     (out_md.with_suffix(".json")).write_text(json.dumps(rows_all, indent=2))
     print(f"\nwrote {out_md} ({total_min:.1f} min)")
 
