@@ -1,0 +1,40 @@
+"""Typed recipes: YAML + overlays + --set overrides, validated once."""
+
+import pytest
+import yaml
+
+from cellssl.config import available_recipes, load_recipe, recipe_from_dict, recipe_to_dict
+from cellssl.errors import ConfigError
+
+
+def test_shipped_recipes_load_and_round_trip():
+    assert {"blood_smear", "fluorescence", "cpu_demo"} <= set(available_recipes())
+    for name in available_recipes():
+        r = load_recipe(name)
+        assert recipe_from_dict(recipe_to_dict(r)) == r
+
+
+def test_overrides_are_typed():
+    r = load_recipe("blood_smear", ["views.crop_scale=[0.6, 1.0]", "train.max_steps=7", "model.stem=pool",
+                                    "data.path=null", "train.compile=true"])
+    assert r.views.crop_scale == [0.6, 1.0] and r.train.max_steps == 7 and r.model.stem == "pool"
+    assert r.data.path is None and r.train.compile is True
+
+
+def test_overlay_merges_one_section(tmp_path):
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text(yaml.safe_dump({"method": {"sv_weight": 0.0}}))
+    r = load_recipe("blood_smear", overlays=[str(overlay)])
+    assert r.method.sv_weight == 0.0 and r.method.brownian_weight == 0.1  # the rest of the section stays
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("model.stem=wide", "model.stem: 'wide' is not one of"),
+    ("views.n_views=1", "at least 2"),
+    ("optim.name=adam", "did you mean 'adamw'"),
+    ("modle.backbone=x", "unknown recipe key 'modle'"),
+    ("train.epochs=1.5", "expected an integer"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_recipe("blood_smear", [override])
