@@ -186,7 +186,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
     loader_kwargs = dict(
         batch_size=tc.batch_size, sampler=sampler, num_workers=recipe.data.num_workers,
         pin_memory=device.type == "cuda", drop_last=False,
-        persistent_workers=False, worker_init_fn=_worker_init,
+        persistent_workers=recipe.data.num_workers > 0, worker_init_fn=_worker_init,
     )
     if recipe.data.num_workers > 0:
         loader_kwargs["prefetch_factor"] = 4
