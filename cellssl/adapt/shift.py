@@ -148,19 +148,10 @@ def shift_folder(src: str | Path, out: str | Path, preset: str = "scanner_b", se
 
     Bright-field 8-bit images (RGB or grey); other dtypes (16-bit TIFF) are refused.
     """
-    from cellssl.data.io import ImageReadError, is_image_file, read_raw_image
+    from cellssl.data.io import ImageReadError, folder_to_folder_images, read_raw_image
 
     p = _preset(preset)
-    src, out = Path(src).expanduser(), Path(out).expanduser()
-    if not src.is_dir():
-        raise DataError(f"{src} is not a folder of images")
-    if out.resolve() == src.resolve():
-        raise ConfigError("the output folder must differ from the input folder")
-    files = sorted(q for q in src.rglob("*") if q.is_file() and is_image_file(q)
-                   and not any(part.startswith(".") for part in q.relative_to(src).parts)
-                   and out.resolve() not in q.resolve().parents)
-    if not files:
-        raise DataError(f"no images found in {src}")
+    src, out, files = folder_to_folder_images(src, out)
     n = 0
     for f in files:
         rel = f.relative_to(src)

@@ -295,19 +295,10 @@ def normalize_folder(src: str | Path, out: str | Path, reference: str | Path, me
     ``reference``: an image or a folder (e.g. the source lab's images). Images with too little
     stain are copied unchanged (warning); unreadable files are skipped with a warning.
     """
-    from cellssl.data.io import ImageReadError, is_image_file
+    from cellssl.data.io import ImageReadError, folder_to_folder_images
 
-    src, out = Path(src).expanduser(), Path(out).expanduser()
-    if not src.is_dir():
-        raise DataError(f"{src} is not a folder of images")
-    if out.resolve() == src.resolve():
-        raise ConfigError("the output folder must differ from the input folder")
+    src, out, files = folder_to_folder_images(src, out)
     norm = StainNormalizer(method, reference)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and is_image_file(p)
-                   and not any(part.startswith(".") for part in p.relative_to(src).parts)
-                   and out.resolve() not in p.resolve().parents)
-    if not files:
-        raise DataError(f"no images found in {src}")
     n = 0
     for p in files:
         try:

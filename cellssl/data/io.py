@@ -41,6 +41,27 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Path, list[Path]]:
+    """Image files below ``src`` for a command that writes a transformed copy into ``out``.
+
+    Skips hidden files/folders and anything already inside ``out``; one-line errors for a
+    missing ``src``, ``out == src`` or no images. Returns ``(src, out, sorted files)``.
+    """
+    from cellssl.errors import ConfigError
+
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if not src.is_dir():
+        raise DataError(f"{src} is not a folder of images")
+    if out.resolve() == src.resolve():
+        raise ConfigError("the output folder must differ from the input folder")
+    files = sorted(q for q in src.rglob("*") if q.is_file() and is_image_file(q)
+                   and not any(part.startswith(".") for part in q.relative_to(src).parts)
+                   and out.resolve() not in q.resolve().parents)
+    if not files:
+        raise DataError(f"no images found in {src}")
+    return src, out, files
+
+
 def _read_pil(path: Path) -> np.ndarray:
     """Decode a Pillow-readable file to a (H, W) or (H, W, C) array in its native dtype."""
     try:
