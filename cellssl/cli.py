@@ -80,7 +80,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
 @click.option("--max-steps", type=int, default=None)
 @click.option("--epochs", type=int, default=None)
-@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (with a checkpoint) after this wall-clock.")
+@click.option("--max-minutes", type=float, default=None,
+              help="Wall-clock budget: the first steps are timed, then the whole schedule (warm-up, cosine LR, "
+                   "EMA) is sized to the steps that fit, so the run anneals and ends on time; --resume keeps it.")
 @click.option("--batch-size", type=int, default=None, help="Per-process batch size.")
 @click.option("--image-size", type=int, default=None)
 @click.option("--backbone", default=None, help="Any timm model name.")

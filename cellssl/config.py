@@ -103,10 +103,17 @@ class MethodConfig:
     centroid_weight: float = 1.0
     sv_weight: float = 0.1
     brownian_weight: float = 0.1
-    centroid_variant: str = "centroid"  # centroid | per_view
+    # centroid_variant: per_view = each online view against the target centroid of the *other*
+    # views (default, msbreg.md eq. 1); halves = online centroid of one half of the views against
+    # the target centroid of the other half, both ways; same_views = online centroid against the
+    # target centroid of the same views (ablation only: satisfiable without invariance).
+    centroid_variant: str = "per_view"
     sv_variant: str = "logdet"  # logdet | flat
     sv_eps: float = 1e-4
-    sv_per_view: bool = False
+    # sv_on: per_view = the loss on each view's batch, averaged over views (default);
+    # centroid = on the per-image centroids of the views; stacked = on all views stacked into one
+    # batch (ablation only: it rewards pushing two views of one image apart).
+    sv_on: str = "per_view"
     # baselines
     temperature: float = 0.2  # SimCLR NT-Xent
     vicreg_sim: float = 25.0
@@ -128,6 +135,11 @@ class OptimConfig:
     warmup_steps: Optional[int] = None  # overrides warmup_fraction when set
     min_lr_ratio: float = 0.01
     grad_clip: float = 0.0  # 0 = off
+    # Predictor LR (methods with a predictor): lr × predictor_lr_scale, following the backbone's
+    # warm-up + cosine schedule ("cosine") or held at its peak after warm-up ("constant",
+    # the SimSiam / DirectPred setting).
+    predictor_lr_scale: float = 1.0
+    predictor_lr_schedule: str = "cosine"
     lars_eta: float = 0.02
 
 
@@ -139,7 +151,11 @@ class TrainConfig:
     batch_size: int = 128
     epochs: Optional[int] = 10
     max_steps: Optional[int] = None  # overrides epochs when set
-    max_minutes: Optional[float] = None  # wall-clock budget; stops cleanly with a checkpoint
+    # Wall-clock budget: the step time is measured over the first ``budget_probe_steps`` steps,
+    # then the schedule (warm-up, cosine LR, EMA τ) is sized to the steps that fit and stored in
+    # the checkpoint, so the run anneals fully and ``--resume`` keeps the same schedule.
+    max_minutes: Optional[float] = None
+    budget_probe_steps: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
@@ -203,7 +219,9 @@ _CHOICES = {
     "data.tiff_projection": ("max", "mean"),
     "data.stain_normalize": ("none", "reinhard", "macenko"),
     "model.stem": ("default", "pool", "small"),
-    "method.centroid_variant": ("centroid", "per_view"),
+    "method.centroid_variant": ("per_view", "halves", "same_views"),
+    "method.sv_on": ("per_view", "centroid", "stacked"),
+    "optim.predictor_lr_schedule": ("cosine", "constant"),
     "method.sv_variant": ("logdet", "flat"),
     "optim.name": ("adamw", "lars", "sgd"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -283,9 +301,29 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def migrate_legacy(values: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite keys and values of older recipes/checkpoints to today's names (a copy).
+
+    ``method.sv_per_view: true|false`` -> ``method.sv_on: per_view|stacked``;
+    ``method.centroid_variant: centroid`` -> ``same_views`` (the same-view form it named).
+    """
+    method = values.get("method")
+    if not isinstance(method, dict):
+        return values
+    method = dict(method)
+    if "sv_per_view" in method:
+        legacy = method.pop("sv_per_view")
+        per_view = _coerce(legacy, bool, "method.sv_per_view")
+        method["sv_on"] = "per_view" if per_view else "stacked"
+    if method.get("centroid_variant") == "centroid":
+        method["centroid_variant"] = "same_views"
+    return {**values, "method": method}
+
+
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:
-    """Build a validated :class:`Recipe` from a nested mapping (unknown keys raise)."""
-    recipe = _build(Recipe, values, "")
+    """Build a validated :class:`Recipe` from a nested mapping (unknown keys raise; older key
+    names are migrated first, see :func:`migrate_legacy`)."""
+    recipe = _build(Recipe, migrate_legacy(values), "")
     validate(recipe)
     return recipe
 
@@ -307,6 +345,15 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"views.crop_scale must be [low, high] with 0 < low <= high <= 1, got {recipe.views.crop_scale}")
     if not 0 <= recipe.method.momentum_base <= 1:
         raise ConfigError(f"method.momentum_base must be in [0, 1], got {recipe.method.momentum_base}")
+    if recipe.method.centroid_variant == "halves" and recipe.views.n_views % 2:
+        raise ConfigError(
+            f"method.centroid_variant=halves splits the views into two equal halves: views.n_views must be even, "
+            f"got {recipe.views.n_views}"
+        )
+    if recipe.optim.predictor_lr_scale <= 0:
+        raise ConfigError(f"optim.predictor_lr_scale must be > 0, got {recipe.optim.predictor_lr_scale}")
+    if recipe.train.budget_probe_steps < 1:
+        raise ConfigError(f"train.budget_probe_steps must be at least 1, got {recipe.train.budget_probe_steps}")
 
 
 def available_recipes() -> list[str]:

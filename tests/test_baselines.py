@@ -319,27 +319,34 @@ def test_byol_after_step_moves_target_towards_online():
 
 # ----- ablation recipes ------------------------------------------------------------------
 
-ABLATIONS = {
-    "byol_mviews": dict(centroid_variant="per_view", sv_weight=0.0, brownian_weight=0.0),
-    "centroid": dict(centroid_variant="centroid", sv_weight=0.0, brownian_weight=0.0),
-    "centroid_sv": dict(centroid_variant="centroid", sv_weight=0.1, brownian_weight=0.0),
-    "centroid_sv_bd": dict(centroid_variant="centroid", sv_weight=0.1, brownian_weight=0.1),
+ABLATIONS = {  # what each overlay switches, on top of the recipe (other values come from the recipe)
+    "centroid": dict(sv_weight=0.0, brownian_weight=0.0),
+    "centroid_sv": dict(brownian_weight=0.0),
+    "centroid_bd": dict(sv_weight=0.0),
+    "centroid_sv_bd": dict(),
+    "old_forms": dict(centroid_variant="same_views", sv_on="stacked"),
 }
 
 
-def test_ablation_recipes_are_the_four_rows():
+def test_ablation_recipes_are_the_rows():
     assert sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")) == sorted(ABLATIONS)
 
 
 @pytest.mark.parametrize("row", sorted(ABLATIONS))
-def test_ablation_recipe_loads_and_sets_only_the_method(row):
+def test_ablation_overlay_switches_only_its_forces(row):
+    from cellssl.config import load_recipe
+
     path = ABLATION_DIR / f"{row}.yaml"
     text = path.read_text()
     assert text.lstrip().startswith("#")  # says which ablation row it is
     d = yaml.safe_load(text)
     assert set(d) == {"method"}
-    recipe = recipe_from_dict({"method": d["method"]})
+    base = load_recipe("blood_smear")
+    recipe = load_recipe("blood_smear", overlays=[str(path)])
     assert recipe.method.name == "msbreg"
     for key, value in ABLATIONS[row].items():
         assert getattr(recipe.method, key) == value, key
-    assert recipe.method.centroid_weight == 1.0
+    untouched = {k: v for k, v in vars(base.method).items() if k not in ABLATIONS[row]}
+    assert {k: getattr(recipe.method, k) for k in untouched} == untouched
+    if row != "old_forms":  # the ablation rows use the default (non-trivial) loss forms
+        assert (recipe.method.centroid_variant, recipe.method.sv_on) == ("per_view", "per_view")

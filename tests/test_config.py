@@ -38,3 +38,22 @@ def test_overlay_merges_one_section(tmp_path):
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_recipe("blood_smear", [override])
+
+
+def test_legacy_loss_settings_are_migrated():
+    """Recipes and checkpoints from before the per-view defaults still load, as what they meant."""
+    old = recipe_from_dict({"method": {"centroid_variant": "centroid", "sv_per_view": False}})
+    assert (old.method.centroid_variant, old.method.sv_on) == ("same_views", "stacked")
+    assert recipe_from_dict({"method": {"sv_per_view": True}}).method.sv_on == "per_view"
+    r = load_recipe("blood_smear", ["method.sv_per_view=false"])
+    assert r.method.sv_on == "stacked"
+
+
+def test_default_loss_forms_are_the_non_trivial_ones():
+    for r in (recipe_from_dict({}), load_recipe("blood_smear")):
+        assert r.method.centroid_variant == "per_view" and r.method.sv_on == "per_view"
+
+
+def test_halves_needs_an_even_number_of_views():
+    with pytest.raises(ConfigError, match="n_views must be even"):
+        load_recipe("blood_smear", ["method.centroid_variant=halves", "views.n_views=3"])

@@ -162,3 +162,70 @@ def test_max_minutes_and_ctrl_c_stop_cleanly_with_checkpoint(tmp_path, tiny_fold
     res = fit(r)
     assert res.stopped_early == "interrupted" and res.step == 2
     assert load_checkpoint(res.checkpoint)["step"] == 2
+
+
+class _FakeClock:
+    """Replaces ``time`` inside cellssl.engine.fit: monotonic() advances 1 s per call."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_max_minutes_sizes_the_schedule_so_lr_anneals(tmp_path, tiny_folder, monkeypatch):
+    """A wall-clock budget fixes total_steps from the measured step time: the run ends on its own
+    with the LR at its final value (not cut mid-schedule), and the checkpoint keeps the schedule."""
+    import cellssl.engine.fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "time", _FakeClock())
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=None, epochs=1000, log_every=1)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'a'}", "train.max_minutes=0.5",
+                     "train.budget_probe_steps=3", "optim.min_lr_ratio=0.01"])
+    planned = 1000 * (48 // 8)
+    res = fit(r)
+    assert res.stopped_early is None
+    assert 5 < res.total_steps < planned and res.step == res.total_steps
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == res.total_steps
+    # the LR of the last step is the end of the cosine schedule over total_steps, near min_lr
+    from cellssl.engine.optim import lr_at, warmup_steps_for
+
+    t = res.total_steps
+    assert rows[-1]["lr"] == pytest.approx(lr_at(t - 1, t, 0.001, warmup_steps_for(r.optim, t), 0.01))
+    assert rows[-1]["lr"] < 0.05 * 0.001 and rows[len(rows) // 2]["lr"] > 0.3 * 0.001
+    ckpt = load_checkpoint(res.checkpoint)
+    assert ckpt["total_steps"] == res.total_steps and ckpt["schedule_fixed"] is True
+
+
+def test_resume_keeps_the_budgeted_schedule(tmp_path, tiny_folder, monkeypatch):
+    import cellssl.engine.fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "time", _FakeClock())
+    out = tmp_path / "a"
+    args = [f"data.path={tiny_folder}", f"train.out={out}", "train.max_minutes=0.5", "train.budget_probe_steps=3"]
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=None, epochs=1000, checkpoint_every=4)),
+                    args)
+    first = fit(r)
+    ckpt = load_checkpoint(first.checkpoint)
+    ckpt["step"] = 8  # as if killed after the checkpoint at step 8
+    save_atomic(ckpt, first.checkpoint)
+    monkeypatch.setattr(fit_mod, "time", _FakeClock())
+    again = fit(load_recipe(str(tmp_path / "r.yaml"), args), resume=True)
+    assert again.total_steps == first.total_steps and again.step == first.total_steps
+
+
+def test_local_views_train_msbreg_and_are_refused_elsewhere(tmp_path, tiny_folder):
+    from cellssl.errors import ConfigError
+
+    base = [f"data.path={tiny_folder}", "views.local_views=2", "views.local_size=16", "data.image_size=24"]
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=4)), base + [f"train.out={tmp_path / 'm'}"])
+    res = fit(r)
+    assert res.step == 4 and torch.isfinite(torch.tensor(res.last_metrics["loss_centroid"]))
+    with pytest.raises(ConfigError, match="local_views=2: method 'simclr' does not train on local crops"):
+        fit(load_recipe(str(tmp_path / "r.yaml"), base + [f"train.out={tmp_path / 's'}", "method.name=simclr"]))

@@ -57,3 +57,26 @@ def test_lr_warmup_then_cosine_and_momentum_schedule():
     assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
     assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
     assert not math.isnan(lr_at(5, 0, 1.0, 0, 0.0))
+
+
+def test_predictor_gets_its_own_lr_scale_and_constant_schedule():
+    from cellssl.engine.optim import set_lr
+
+    model = nn.Module()
+    model.backbone = nn.Linear(4, 4)
+    model.predictor = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    cfg = OptimConfig(name="adamw", lr=0.01, warmup_steps=2, min_lr_ratio=0.0,
+                      predictor_lr_scale=10.0, predictor_lr_schedule="constant")
+    opt = build_optimizer(model, cfg, 256)
+    pred_ids = {id(p) for p in model.predictor.parameters()}
+    is_pred = [all(id(p) in pred_ids for p in g["params"]) and g["params"] for g in opt.param_groups]
+    assert sum(bool(x) for x in is_pred) == 2  # predictor weights and its biases/norms
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    set_lr(opt, 100, 100, cfg)  # end of the run: the backbone has decayed, the predictor has not
+    for g, pred in zip(opt.param_groups, is_pred):
+        assert g["lr"] == pytest.approx(0.1 if pred else 0.0, abs=1e-6)
+    set_lr(opt, 0, 100, cfg)  # both warm up
+    for g, pred in zip(opt.param_groups, is_pred):
+        assert g["lr"] == pytest.approx(0.05 if pred else 0.005)
+    same = build_optimizer(model, OptimConfig(name="adamw", lr=0.01), 256)
+    assert len(same.param_groups) == 2  # default: one schedule for all

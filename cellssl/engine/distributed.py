@@ -111,3 +111,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf, src)
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank ``src``'s integer on every rank (e.g. the step count a time budget allows), so that
+    all ranks run the same schedule; ``value`` itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(value)
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.broadcast(t, src)
+    return int(t.item())

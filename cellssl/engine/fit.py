@@ -30,6 +30,7 @@ from cellssl.engine.distributed import (
     DistInfo,
     ResumableSampler,
     broadcast_buffers,
+    broadcast_int,
     cleanup_distributed,
     init_distributed,
 )
@@ -196,6 +197,11 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
     in_chans = base.channels
     backbone = build_backbone(recipe.model, in_chans, recipe.data.image_size)
     method = build_method(recipe.method, recipe.model, backbone)
+    if recipe.views.local_views and not method.supports_local_views:
+        raise ConfigError(
+            f"views.local_views={recipe.views.local_views}: method '{recipe.method.name}' does not train on local "
+            f"crops (multi-crop is implemented for msbreg); set views.local_views=0"
+        )
     if hasattr(method, "seed"):
         method.seed(tc.seed + 1000 * dist_info.rank)
     if init_from is not None:
@@ -236,6 +242,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
 
     # ---- resume -----------------------------------------------------------------------
     start_step = 0
+    schedule_fixed = not tc.max_minutes  # a wall-clock budget sizes the schedule after a few steps
     if resume:
         if not ckpt_path.exists():
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
@@ -252,7 +259,9 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
         method.load_extra_state(ckpt.get("extra", {}))
         set_rng_state(ckpt.get("rng", {}))
         start_step = int(ckpt["step"])
-        total_steps = int(ckpt.get("total_steps", total_steps)) if not tc.max_steps else total_steps
+        schedule_fixed = bool(ckpt.get("schedule_fixed", False))
+        if schedule_fixed or not tc.max_steps:
+            total_steps = int(ckpt.get("total_steps", total_steps))
         method.momentum = ckpt.get("momentum", method.momentum)
 
     if dist_info.is_main:
@@ -268,6 +277,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
                 "step": step,
                 "epoch": step // max(1, steps_per_epoch),
                 "total_steps": total_steps,
+                "schedule_fixed": schedule_fixed,
                 "method": recipe.method.name,
                 "in_chans": in_chans,
                 "config": recipe_to_dict(recipe),
@@ -296,6 +306,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
     nonfinite = 0
     last: dict = {}
     collapse_warned = False
+    t_probe, probe_from = None, start_step
     data_iter = None
     epoch = -1
     try:
@@ -307,6 +318,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
                 data_iter = iter(loader)
             batch = next(data_iter)
             views = batch["views"].to(device, non_blocking=True)
+            local = batch["local"].to(device, non_blocking=True) if "local" in batch else None
             if recipe.model.channels_last and device.type == "cuda":
                 views = views.contiguous()
             t_step = time.perf_counter()
@@ -314,7 +326,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
             lr = set_lr(optimizer, step, total_steps, recipe.optim)
 
             with autocast:
-                outputs = model(views)
+                outputs = model(views) if local is None else model(views, local)
             loss = outputs["loss"]
             if not torch.isfinite(loss):
                 # The update is not applied; the step still counts so data order stays tied to steps.
@@ -389,10 +401,24 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
                     progress.set_postfix(post)
             if progress is not None:
                 progress.update(1)
+            if not schedule_fixed and t_probe is None:
+                t_probe, probe_from = time.monotonic(), step  # the first step (allocation) is not typical
+            elif not schedule_fixed and step - probe_from >= tc.budget_probe_steps:
+                per_step = (time.monotonic() - t_probe) / (step - probe_from)
+                total_steps = budget_total_steps(step, total_steps, per_step,
+                                                 tc.max_minutes * 60 - (time.monotonic() - start_time))
+                total_steps = broadcast_int(total_steps)
+                schedule_fixed = True
+                if progress is not None:
+                    progress.total = total_steps
+                    progress.refresh()
             if step % tc.checkpoint_every == 0 and step < total_steps and nonfinite == 0:
                 save(step)
-            if tc.max_minutes and (time.monotonic() - start_time) / 60 >= tc.max_minutes and step < total_steps:
+            if (tc.max_minutes and step < total_steps
+                    and (time.monotonic() - start_time) / 60 >= tc.max_minutes * (1.25 if schedule_fixed else 1.0)):
                 stopped = "max_minutes"
+                warnings.warn(f"--max-minutes {tc.max_minutes:g}: stopped at step {step} of {total_steps} (the steps "
+                              f"took longer than measured); rerun with --resume to finish the schedule", stacklevel=1)
                 break
             t_data = time.perf_counter()
     except KeyboardInterrupt:
@@ -411,6 +437,15 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
     if dist_info.distributed:
         cleanup_distributed()
     return FitResult(out, ckpt_path, step, total_steps, stopped, last, method)
+
+
+def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds_left: float,
+                       margin: float = 0.97) -> int:
+    """Steps a wall-clock budget allows: ``step`` done plus what fits in ``seconds_left`` at the
+    measured ``seconds_per_step`` (× ``margin`` for checkpoints and logging), capped at ``planned``
+    (the recipe's epochs or max_steps) and at least ``step + 1``."""
+    fits = int(max(0.0, seconds_left) * margin / max(seconds_per_step, 1e-9))
+    return max(step + 1, min(planned, step + fits))
 
 
 def _make_knn_monitor(recipe: Recipe, device: torch.device):

@@ -46,16 +46,21 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (not)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, predictor_prefix: str | None = None) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (not). With
+    ``predictor_prefix`` (e.g. ``"predictor."``) the parameters under it form two more groups,
+    marked ``predictor=True``, so that they can take their own LR."""
+    parts = (False, True) if predictor_prefix else (False,)
+    groups = {(pred, nd): [] for pred in parts for nd in (False, True)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        is_pred = bool(predictor_prefix) and name.startswith(predictor_prefix)
+        groups[(is_pred, p.ndim <= 1 or name.endswith(".bias"))].append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay, "lars": True},
-        {"params": no_decay, "weight_decay": 0.0, "lars": False},
+        {"params": params, "weight_decay": 0.0 if nd else weight_decay, "lars": not nd, "predictor": pred}
+        for (pred, nd), params in groups.items()
+        if params or not pred
     ]
 
 
@@ -63,10 +68,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torc
     """The optimiser named by ``cfg.name`` over ``model``'s trainable parameters.
 
     The peak LR is ``cfg.lr`` (× batch_size/256 when ``cfg.scale_lr``); each group remembers it
-    as ``base_lr`` for the schedule.
+    as ``base_lr`` for the schedule. A ``predictor`` sub-module (BYOL, MSBReg) gets
+    ``cfg.predictor_lr_scale`` × that LR and, with ``predictor_lr_schedule: constant``, no decay.
     """
     lr = cfg.lr * (batch_size / 256 if cfg.scale_lr else 1.0)
-    groups = param_groups(model, cfg.weight_decay)
+    has_pred = getattr(model, "predictor", None) is not None
+    separate = has_pred and (cfg.predictor_lr_scale != 1.0 or cfg.predictor_lr_schedule != "cosine")
+    groups = param_groups(model, cfg.weight_decay, "predictor." if separate else None)
     if cfg.name == "adamw":
         for g in groups:
             g.pop("lars")
@@ -78,7 +86,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torc
     else:
         opt = LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     for g in opt.param_groups:
-        g["base_lr"] = lr
+        is_pred = g.pop("predictor", False)
+        g["base_lr"] = lr * (cfg.predictor_lr_scale if is_pred else 1.0)
+        g["constant_lr"] = bool(is_pred and cfg.predictor_lr_schedule == "constant")
     return opt
 
 
@@ -99,10 +109,12 @@ def warmup_steps_for(cfg: OptimConfig, total_steps: int) -> int:
 
 
 def set_lr(opt: torch.optim.Optimizer, step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Set every group's LR for ``step``; returns the LR of the first group."""
+    """Set every group's LR for ``step`` (groups marked ``constant_lr`` stay at their peak after
+    warm-up); returns the LR of the first group."""
     warm = warmup_steps_for(cfg, total_steps)
-    lr = 0.0
     for g in opt.param_groups:
-        g["lr"] = lr_at(step, total_steps, g["base_lr"], warm, cfg.min_lr_ratio)
-        lr = lr or g["lr"]
+        if g.get("constant_lr"):
+            g["lr"] = lr_at(step, warm, g["base_lr"], warm, 1.0)
+        else:
+            g["lr"] = lr_at(step, total_steps, g["base_lr"], warm, cfg.min_lr_ratio)
     return opt.param_groups[0]["lr"]

@@ -26,12 +26,12 @@ import itertools
 import torch
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, check_bd as _check_bd, gather_with_grad, off_diagonal, register_method
+from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, register_method
 
 
 def standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
     """Per-dimension batch standardisation ``(z − mean) / sqrt(var + ε)`` (biased var): (B, D) -> (B, D)."""
-    _check_bd("z", z)
+    check_shape("z", z, ndim=2)
     z = z.float()
     mean = z.mean(dim=0, keepdim=True)
     var = z.var(dim=0, unbiased=False, keepdim=True)
@@ -40,8 +40,8 @@ def standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
 
 def cross_correlation(z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
     """C = ẑ_aᵀ ẑ_b / B of the standardised embeddings ``(B, D)`` -> ``(D, D)`` in float32."""
-    _check_bd("z_a", z_a)
-    _check_bd("z_b", z_b)
+    check_shape("z_a", z_a, ndim=2)
+    check_shape("z_b", z_b, ndim=2)
     if z_a.shape != z_b.shape:
         raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
     with torch.autocast(device_type=z_a.device.type, enabled=False):

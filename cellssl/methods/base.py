@@ -59,10 +59,17 @@ def off_diagonal(x: Tensor) -> Tensor:
     return x.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
-def check_bd(name: str, z: Tensor) -> None:
-    """Raise with the received shape unless ``z`` is ``(B, D)``."""
-    if z.ndim != 2:
-        raise ValueError(f"{name} must have shape (B, D), got {tuple(z.shape)}")
+_SHAPE_NAMES = {2: "(B, D)", 3: "(N, M, D)", 5: "(B, M, C, H, W)"}
+
+
+def check_shape(name: str, x: Tensor, ndim: int | None = None, like: Tensor | None = None) -> None:
+    """The one shape check of the losses: raise ``ValueError`` naming ``name`` and the received
+    shape unless ``x`` has ``ndim`` dimensions ((B, D), (N, M, D) or (B, M, C, H, W)) and/or the
+    same shape as ``like``."""
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {_SHAPE_NAMES.get(ndim, f'{ndim}-D')}, got {tuple(x.shape)}")
+    if like is not None and x.shape != like.shape:
+        raise ValueError(f"{name} must have the same shape as the first input {tuple(like.shape)}, got {tuple(x.shape)}")
 
 
 class SSLMethod(nn.Module):
@@ -78,6 +85,7 @@ class SSLMethod(nn.Module):
     name = "base"
     uses_target = False
     uses_predictor = False
+    supports_local_views = False  # multi-crop: small local crops through the online branch
     last_bn = False
 
     def __init__(self, backbone: nn.Module, model_cfg: ModelConfig, cfg: MethodConfig) -> None:
@@ -97,8 +105,7 @@ class SSLMethod(nn.Module):
     @staticmethod
     def flatten_views(views: Tensor) -> tuple[Tensor, int, int]:
         """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m)."""
-        if views.ndim != 5:
-            raise ValueError(f"views must have shape (B, M, C, H, W), got {tuple(views.shape)}")
+        check_shape("views", views, ndim=5)
         b, m = views.shape[:2]
         return views.transpose(0, 1).reshape(m * b, *views.shape[2:]), b, m
 

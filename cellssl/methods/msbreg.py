@@ -26,46 +26,68 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, gather_with_grad, register_method
+from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, register_method
 
 
-def _check_nmd(name: str, x: Tensor) -> None:
-    if x.ndim != 3:
-        raise ValueError(f"{name} must have shape (N, M, D), got {tuple(x.shape)}")
+def _cos_dist(a_hat: Tensor, b: Tensor) -> Tensor:
+    """2 − 2 cos(a, b) along the last dimension (``a_hat`` already unit length)."""
+    return 2 - 2 * (a_hat * F.normalize(b, dim=-1)).sum(dim=-1)
 
 
-def centroid_loss(p: Tensor, z_target: Tensor, variant: str = "centroid") -> Tensor:
+def centroid_loss(p: Tensor, z_target: Tensor, variant: str = "per_view", p_local: Tensor | None = None) -> Tensor:
     """Multi-view centroid loss (attraction), MSBReg §3 / msbreg.md eq. (1).
 
+    The online and target sides never contain the same view (except in the ``same_views``
+    ablation), so the loss can only be lowered by making views of one image agree.
+
     Args:
-        p: online predictions ``(N, M, D)`` (N images, M views).
+        p: online predictions ``(N, M, D)`` (N images, M global views).
         z_target: target embeddings ``(N, M, D)``; detached here, so no gradient reaches the target.
-        variant: ``"centroid"``: c_i = mean_m p̂_im, c'_i = mean_m ẑ'_im,
-            L = (1/N) Σ_i (2 − 2 cos(c_i, c'_i)).
-            ``"per_view"``: each online view to the target centroid of the *other* views,
-            L = (1/NM) Σ_im (2 − 2 cos(p̂_im, mean_{m'≠m} ẑ'_im')); with M = 2 this is BYOL's
-            symmetric loss.
+        variant:
+            ``"per_view"`` (default): each online view against the target centroid of the *other*
+            views, L = (1/NM) Σ_im (2 − 2 cos(p̂_im, c'_{i,−m})), c'_{i,−m} = mean_{m'≠m} ẑ'_im';
+            with M = 2 this is BYOL's symmetric loss.
+            ``"halves"``: views split into halves A, B (M even); the online centroid of A against
+            the target centroid of B and vice versa, L = (1/2N) Σ_i [d(c_iA, c'_iB) + d(c_iB, c'_iA)];
+            with M = 2 it equals ``per_view``.
+            ``"same_views"`` (ablation only): online centroid against the target centroid of the
+            same views, L = (1/N) Σ_i (2 − 2 cos(mean_m p̂_im, mean_m ẑ'_im)). Each online view
+            can predict its own target view and reach 0 without any invariance between views.
+        p_local: optional online predictions of local crops ``(N, L, D)`` (multi-crop); each is
+            pulled to the target centroid of all M global views, and the global and local terms
+            are averaged with weights M and L (every online view counts once).
 
     Returns:
         Scalar loss in [0, 4].
     """
-    _check_nmd("p", p)
-    _check_nmd("z_target", z_target)
-    if p.shape != z_target.shape:
-        raise ValueError(f"p and z_target must have the same shape, got {tuple(p.shape)} and {tuple(z_target.shape)}")
+    check_shape("p", p, ndim=3)
+    check_shape("z_target", z_target, like=p)
+    n, m, _ = p.shape
     p_hat = F.normalize(p.float(), dim=-1)
     zt_hat = F.normalize(z_target.detach().float(), dim=-1)
-    if variant == "centroid":
-        c = p_hat.mean(dim=1)
-        ct = zt_hat.mean(dim=1)
-        return (2 - 2 * F.cosine_similarity(c, ct, dim=-1)).mean()
     if variant == "per_view":
-        m = p.shape[1]
         if m < 2:
-            raise ValueError("per_view centroid loss needs at least 2 views")
+            raise ValueError("the per_view centroid loss needs at least 2 views")
         others = (zt_hat.sum(dim=1, keepdim=True) - zt_hat) / (m - 1)
-        return (2 - 2 * F.cosine_similarity(p_hat, others, dim=-1)).mean()
-    raise ValueError(f"unknown centroid variant {variant!r}: use 'centroid' or 'per_view'")
+        loss = _cos_dist(p_hat, others).mean()
+    elif variant == "halves":
+        if m % 2:
+            raise ValueError(f"the halves centroid loss needs an even number of views, got {m}")
+        h = m // 2
+        ca, cb = F.normalize(p_hat[:, :h].mean(1), dim=-1), F.normalize(p_hat[:, h:].mean(1), dim=-1)
+        loss = 0.5 * (_cos_dist(ca, zt_hat[:, h:].mean(1)) + _cos_dist(cb, zt_hat[:, :h].mean(1))).mean()
+    elif variant == "same_views":
+        loss = _cos_dist(F.normalize(p_hat.mean(dim=1), dim=-1), zt_hat.mean(dim=1)).mean()
+    else:
+        raise ValueError(f"unknown centroid variant {variant!r}: use 'per_view', 'halves' or 'same_views'")
+    if p_local is None or p_local.shape[1] == 0:
+        return loss
+    check_shape("p_local", p_local, ndim=3)
+    if p_local.shape[0] != n or p_local.shape[2] != p.shape[2]:
+        raise ValueError(f"p_local must have shape (N, L, D) with N={n}, D={p.shape[2]}, got {tuple(p_local.shape)}")
+    n_local = p_local.shape[1]
+    local = _cos_dist(F.normalize(p_local.float(), dim=-1), zt_hat.mean(dim=1, keepdim=True)).mean()
+    return (m * loss + n_local * local) / (m + n_local)
 
 
 def _normalised_centred(z: Tensor) -> Tensor:
@@ -107,8 +129,7 @@ def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", m
     Returns:
         Scalar loss; for logdet, ≥ −log(1/D + ε) with equality for a perfectly flat spectrum.
     """
-    if z.ndim != 2:
-        raise ValueError(f"z must have shape (B, D), got {tuple(z.shape)}")
+    check_shape("z", z, ndim=2)
     with torch.autocast(device_type=z.device.type, enabled=False):
         zc = _normalised_centred(z)
         b, d = zc.shape
@@ -155,7 +176,7 @@ def brownian_loss(z: Tensor, r: Tensor) -> Tensor:
     Returns:
         Scalar loss in [−1, 1].
     """
-    _check_nmd("z", z)
+    check_shape("z", z, ndim=3)
     if r.shape != (z.shape[0], z.shape[2]):
         raise ValueError(f"r must have shape (N, D) = {(z.shape[0], z.shape[2])}, got {tuple(r.shape)}")
     zh = F.normalize(z.float(), dim=-1)
@@ -171,19 +192,41 @@ def effective_rank(z: Tensor) -> Tensor:
         return torch.exp(h)
 
 
+def sv_inputs(z: Tensor, mode: str = "per_view") -> list[Tensor]:
+    """The batches the singular-value loss is computed on, from online embeddings ``(N, M, D)``.
+
+    ``"per_view"`` (default): the M batches ``z[:, m]`` ``(N, D)``; the loss is their mean, so
+    the spread *between* views of one image is never counted as dispersion.
+    ``"centroid"``: one batch of per-image centroids mean_m ẑ_im ``(N, D)``.
+    ``"stacked"`` (ablation only): one batch of all views ``(N·M, D)``; its gradient pushes views
+    of the same image apart, against the attraction.
+    """
+    check_shape("z", z, ndim=3)
+    if mode == "per_view":
+        return list(z.unbind(dim=1))
+    if mode == "centroid":
+        return [F.normalize(z.float(), dim=-1).mean(dim=1)]
+    if mode == "stacked":
+        return [z.transpose(0, 1).reshape(-1, z.shape[-1])]
+    raise ValueError(f"unknown sv_on {mode!r}: use 'per_view', 'centroid' or 'stacked'")
+
+
 @register_method("msbreg")
 class MSBReg(SSLMethod):
     """MSBReg (arXiv:2207.03552): online backbone+projector+predictor, EMA target, three losses.
 
     Recipe settings (``method.*``): ``centroid_weight`` λ_MC, ``sv_weight`` λ_SV,
-    ``brownian_weight`` λ_BD, ``centroid_variant``, ``sv_variant``, ``sv_eps``, ``sv_per_view``,
+    ``brownian_weight`` λ_BD, ``centroid_variant`` (per_view | halves | same_views),
+    ``sv_on`` (per_view | centroid | stacked), ``sv_variant``, ``sv_eps``,
     ``momentum_base``/``momentum_end`` (τ schedule). Setting a weight to 0 switches that force off
     (and skips its computation), which gives the paper's ablation rows; with all dispersion off
-    and M = 2 it is BYOL.
+    and M = 2 it is BYOL. Local crops (``views.local_views``, multi-crop) go through the online
+    branch only and are pulled to the target centroid of the global views.
     """
 
     uses_target = True
     uses_predictor = True
+    supports_local_views = True
 
     def __init__(self, backbone, model_cfg, cfg) -> None:
         super().__init__(backbone, model_cfg, cfg)
@@ -193,11 +236,12 @@ class MSBReg(SSLMethod):
         """Seed the Brownian noise generator (the engine passes the run's seed + rank)."""
         self.noise.manual_seed(int(seed) + 7919)
 
-    def forward(self, views: Tensor) -> dict[str, Tensor]:
-        """Losses for a batch of views ``(B, M, C, H, W)``.
+    def forward(self, views: Tensor, local: Tensor | None = None) -> dict[str, Tensor]:
+        """Losses for a batch of global views ``(B, M, C, H, W)`` and optional local crops
+        ``(B, L, C, h, w)``.
 
         Returns a dict with ``loss`` (weighted total), ``loss_centroid``, ``loss_sv``,
-        ``loss_brownian`` and ``z`` (detached online embeddings ``(B·M, D)`` for monitoring).
+        ``loss_brownian`` and ``z`` (detached online embeddings of the global views ``(B·M, D)``).
         """
         cfg = self.cfg
         x, b, m = self.flatten_views(views)
@@ -205,17 +249,19 @@ class MSBReg(SSLMethod):
         p_flat = self.predictor(z_flat)
         zt_flat = self.target(x)
         z = self.unflatten(z_flat, b, m)
+        p_local = None
+        if local is not None and local.shape[1] > 0:
+            xl, _, n_local = self.flatten_views(local)
+            p_local = self.unflatten(self.predictor(self.online(xl)), b, n_local)
         out: dict[str, Tensor] = {}
         zero = z_flat.new_zeros(()).float()
-        l_mc = centroid_loss(self.unflatten(p_flat, b, m), self.unflatten(zt_flat, b, m), cfg.centroid_variant)
+        l_mc = centroid_loss(self.unflatten(p_flat, b, m), self.unflatten(zt_flat, b, m), cfg.centroid_variant,
+                             p_local=p_local)
         l_sv = zero
         if cfg.sv_weight:
-            if cfg.sv_per_view:
-                l_sv = torch.stack(
-                    [singular_value_loss(gather_with_grad(z[:, i]), cfg.sv_eps, cfg.sv_variant) for i in range(m)]
-                ).mean()
-            else:
-                l_sv = singular_value_loss(gather_with_grad(z_flat), cfg.sv_eps, cfg.sv_variant)
+            batches = sv_inputs(z, cfg.sv_on)
+            l_sv = torch.stack([singular_value_loss(gather_with_grad(zb), cfg.sv_eps, cfg.sv_variant)
+                                for zb in batches]).mean()
         l_bd = zero
         if cfg.brownian_weight:
             r = sample_brownian_directions(b, z.shape[-1], self.noise, z.device)

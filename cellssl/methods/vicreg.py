@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, check_bd as _check_bd, gather_with_grad, off_diagonal, register_method
+from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, register_method
 
 
 def invariance_loss(z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -37,8 +37,8 @@ def invariance_loss(z_a: Tensor, z_b: Tensor) -> Tensor:
     Returns:
         Scalar float32.
     """
-    _check_bd("z_a", z_a)
-    _check_bd("z_b", z_b)
+    check_shape("z_a", z_a, ndim=2)
+    check_shape("z_b", z_b, ndim=2)
     with torch.autocast(device_type=z_a.device.type, enabled=False):
         return F.mse_loss(z_a.float(), z_b.float())
 
@@ -53,7 +53,7 @@ def variance_loss(z: Tensor, eps: float = 1e-4, gamma: float = 1.0) -> Tensor:
     Returns:
         Scalar float32 in [0, γ]: 0 when every dimension has std ≥ γ, ≈ γ when collapsed.
     """
-    _check_bd("z", z)
+    check_shape("z", z, ndim=2)
     with torch.autocast(device_type=z.device.type, enabled=False):
         std = torch.sqrt(z.float().var(dim=0) + eps)
         return F.relu(gamma - std).mean()
@@ -67,7 +67,7 @@ def covariance_loss(z: Tensor) -> Tensor:
     Returns:
         Scalar float32 ≥ 0: 0 when the dimensions are uncorrelated over the batch.
     """
-    _check_bd("z", z)
+    check_shape("z", z, ndim=2)
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
         b, d = z.shape
