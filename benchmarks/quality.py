@@ -1,26 +1,34 @@
-"""Quality benchmark: MSBReg against BYOL, SimCLR, VICReg, Barlow Twins and the paper's ablation,
-on real blood cells (PBC, ``../shared/data/pbc128``), under the same budget.
+"""Quality benchmark: MSBReg against BYOL, SimCLR, VICReg, Barlow Twins and the ablation of its
+three forces, on real blood cells (PBC, ``../shared/data/pbc128``), at equal cost, over seeds.
 
 Protocol
 --------
-* A fixed, stratified split of PBC by file name (seed 0): ``pretrain`` 70 % (used *without labels*
-  for pretraining, and with labels only to fit the linear / kNN probes), ``val`` 10 % (for tuning:
-  ``--eval-on val``), ``test`` 20 % (never seen in pretraining; the reported numbers).
-* Every method: the ``blood_smear`` recipe (resnet18, 64 px by default), the same views, the
-  same optimiser and schedule, the same number of image-views (``--views-budget``) and the same
-  wall-clock cap (``--minutes``); only ``method.*`` differs.
-* Frozen features are evaluated with cellssl's own evaluation code: 8-way 1/5/10-shot SimpleShot
-  episodes (15 queries) on ``test``, a logistic-regression linear probe (pretrain → test) and a
-  kNN (k=20, T=0.07) probe. Reference rows: raw pixels (16×16×3) and random-init resnet18.
-* Several seeds: mean ± 95 % CI over seeds (t-interval); one seed: the episode CI.
+* A fixed, stratified split of PBC by file-name hash (seed 0): ``pretrain`` 70 % (used *without
+  labels* for pretraining, and with labels only to fit the linear / kNN probes), ``val`` 10 %
+  (tuning: ``--eval-on val``), ``test`` 20 % (never seen in pretraining or tuning; reported).
+* Every row: the ``blood_smear`` recipe (resnet18 at 64 px), the same views, optimiser, batch
+  and number of steps (``--steps`` × batch × views = the same image-view budget). Only the
+  method and its own tuned settings (``TUNED``, chosen on ``val`` with the same number of
+  tuning runs per method, see docs/tuning.md) differ.
+* Frozen features, cellssl's own evaluation code: 8-way 1/5/10-shot SimpleShot episodes (15
+  queries) on the evaluated split; a logistic-regression linear probe and a kNN (k=20, T=0.07)
+  probe fitted on ``pretrain`` and tested on the evaluated split. Reference rows: raw pixels
+  (16×16×3) and random-init resnet18.
+* ``--seeds N``: N pretraining seeds per row; mean ± 95 % t-interval over seeds.
+* Resumable per row and seed: finished results live in ``--store`` (default docs/results.json)
+  under a key of every setting that matters; a re-run skips them, so a long benchmark can be
+  completed in pieces (``--rows`` picks rows), and an interrupted pretraining run resumes from
+  its checkpoint.
 
-    python benchmarks/quality.py --quick            # < 10 min on 2 CPU cores
-    python benchmarks/quality.py                    # full CPU run (about 2 h), writes docs/results.md
-    python benchmarks/quality.py --device cuda --image-size 96 --minutes 10 --seeds 3
+    python benchmarks/quality.py --quick                    # a few minutes: 1 seed, tiny budget
+    python benchmarks/quality.py                            # full CPU run: 400 steps, 2 seeds
+    python benchmarks/quality.py --rows MSBReg,VICReg --seeds 3
+    python benchmarks/quality.py --grid benchmarks/tuning.yaml --eval-on val --steps 200 --seeds 1 \\
+        --store docs/tuning.json --out docs/tuning.md       # tuning on val
 
-Writes ``--out`` (default ``docs/results.md``) with the tables, the command, the machine and the
-date, and plots next to it (accuracy vs shots per method; loss terms and effective rank over
-training). Cite PBC: Acevedo et al., Data in Brief 30 (2020), CC BY 4.0.
+Writes ``--out`` (default docs/results.md) with the tables, commands, machine and date, plots
+next to it, and keeps a hand-written ``## Analysis`` section across re-runs. Cite PBC: Acevedo
+et al., Data in Brief 30 (2020), CC BY 4.0.
 """
 
 from __future__ import annotations
@@ -41,21 +49,33 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = {
-    # row name: (method name, overlay or None, extra overrides)
-    "MSBReg": ("msbreg", None, []),
-    "BYOL": ("byol", None, []),
-    "SimCLR": ("simclr", None, []),
-    "VICReg": ("vicreg", None, []),
-    "Barlow Twins": ("barlow", None, []),
+# Each method's own settings, chosen on the val split with the same number of tuning runs per
+# method (docs/tuning.md). MSBReg's live in recipes/blood_smear.yaml (what users get).
+TUNED: dict[str, list[str]] = {
+    "msbreg": [],
+    "byol": [],
+    "simclr": [],
+    "vicreg": [],
+    "barlow": [],
 }
-ABLATION = {
-    "BYOL, M views (per-view targets)": ("msbreg", "recipes/ablation/byol_mviews.yaml", []),
-    "+ centroid": ("msbreg", "recipes/ablation/centroid.yaml", []),
-    "+ centroid + singular value": ("msbreg", "recipes/ablation/centroid_sv.yaml", []),
-    # the full method is the MSBReg row's run (same settings as recipes/ablation/centroid_sv_bd.yaml)
-    "+ centroid + SV + Brownian (= MSBReg)": ("msbreg", None, []),
+
+# row name -> what to train ("raw"/"random" are the untrained references)
+ROWS: dict[str, dict] = {
+    "raw pixels (16×16×3)": {"kind": "raw"},
+    "random-init resnet18": {"kind": "random"},
+    "MSBReg": {"method": "msbreg"},
+    "MSBReg, old forms (same-view centroid, stacked SV)": {"method": "msbreg",
+                                                            "overlay": "recipes/ablation/old_forms.yaml"},
+    "BYOL": {"method": "byol"},
+    "SimCLR": {"method": "simclr"},
+    "VICReg": {"method": "vicreg"},
+    "Barlow Twins": {"method": "barlow"},
+    "ablation: centroid only (= BYOL, M views)": {"method": "msbreg", "overlay": "recipes/ablation/centroid.yaml"},
+    "ablation: centroid + SV": {"method": "msbreg", "overlay": "recipes/ablation/centroid_sv.yaml"},
+    "ablation: centroid + Brownian": {"method": "msbreg", "overlay": "recipes/ablation/centroid_bd.yaml"},
 }
+ABLATION_FULL = "MSBReg"  # the ablation's "all three forces" row is the MSBReg row
+METRICS = ["linear", "knn", "1shot", "5shot", "10shot"]
 
 
 def make_split(src: Path, work: Path, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> dict[str, Path]:
@@ -101,13 +121,13 @@ def raw_pixel_features(folder: Path, size: int = 16):
     return FeatureSet(np.stack(feats), np.asarray(labels), paths, classes, {"spec": "raw pixels"}, str(folder))
 
 
-def evaluate(train_fs, test_fs, args) -> dict:
+def evaluate(train_fs, test_fs, episodes: int) -> dict:
     """Few-shot (on test), linear probe and kNN (train → test) for one feature extractor."""
     from cellssl.eval.fewshot import run_fewshot
     from cellssl.eval.knn import knn_eval
     from cellssl.eval.linear import linear_probe
 
-    fs = run_fewshot(test_fs, ways=8, shots=(1, 5, 10), queries=15, episodes=args.episodes, seed=0)
+    fs = run_fewshot(test_fs, ways=8, shots=(1, 5, 10), queries=15, episodes=episodes, seed=0)
     lin = linear_probe(train_fs, test_fs, seed=0)
     kn = knn_eval(train_fs, test_fs, k=20, temperature=0.07)
     row = {"linear": lin["accuracy"], "knn": kn["accuracy"]}
@@ -117,51 +137,94 @@ def evaluate(train_fs, test_fs, args) -> dict:
     return row
 
 
-def features_for(spec: str, parts: dict[str, Path], args, probe_max: int | None):
-    from cellssl.eval.features import load_features
+def row_overrides(spec: dict, args) -> list[str]:
+    """The recipe overrides of one row: the shared budget, the method's tuned settings, the row's own."""
+    method = spec["method"]
+    return [f"method.name={method}", f"train.batch_size={args.batch_size}", f"views.n_views={args.n_views}",
+            f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
+            *TUNED.get(method, []), *spec.get("set", []), *args.set]
 
-    kw = dict(image_size=args.image_size, device=args.device, batch_size=256, progress=False)
-    train = load_features(spec, parts["pretrain"], max_per_class=probe_max, **kw)
-    test = load_features(spec, parts[args.eval_on], **kw)
-    return train, test
+
+def row_key(name: str, spec: dict, args) -> str:
+    """Hash of everything that changes a row's numbers (not the seed)."""
+    overlay = spec.get("overlay")
+    text = (REPO / overlay).read_text() if overlay else ""
+    blob = [spec.get("kind", "ssl"), row_overrides(spec, args) if "method" in spec else [args.image_size, args.backbone],
+            text, args.recipe, (REPO / "recipes" / f"{args.recipe}.yaml").read_text() if "method" in spec else "",
+            args.steps, args.eval_on, args.episodes, args.probe_max]
+    return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def pretrain(name: str, method: str, overlay: str | None, extra: list[str], seed: int, parts, args) -> Path:
+def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> tuple[Path, dict]:
+    """Pretrain one row's model for one seed (resumes an interrupted run); returns (checkpoint, done info)."""
     from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
 
-    key = hashlib.sha1(json.dumps([method, overlay, extra, args.set]).encode()).hexdigest()[:8]
-    out = Path(args.work) / "runs" / f"{method}-{key}-s{seed}"
+    out = Path(args.work) / "runs" / f"{spec['method']}-{key}-s{seed}"
     ckpt = out / "checkpoints" / "last.pt"
-    steps = max(1, args.views_budget // (args.batch_size * args.n_views))
+    done_file = out / "done.json"
+    if done_file.exists() and ckpt.exists():
+        return ckpt, json.loads(done_file.read_text())
     overrides = [
-        f"data.path={parts['pretrain']}", f"data.image_size={args.image_size}", f"method.name={method}",
-        f"train.batch_size={args.batch_size}", f"views.n_views={args.n_views}", f"train.max_steps={steps}",
-        f"train.max_minutes={args.minutes}", f"train.seed={seed}", f"train.out={out}",
-        f"train.device={args.device}", "train.checkpoint_every=200", f"train.progress={str(args.progress).lower()}",
-        f"data.num_workers={args.workers}", f"model.backbone={args.backbone}",
-    ] + extra + list(args.set)
+        f"data.path={parts['pretrain']}", f"train.max_steps={args.steps}", f"train.seed={seed}", f"train.out={out}",
+        f"train.device={args.device}", "train.checkpoint_every=50", f"train.progress={str(args.progress).lower()}",
+        f"data.num_workers={args.workers}", *row_overrides(spec, args),
+    ]
+    overlay = spec.get("overlay")
     recipe = load_recipe(args.recipe, overrides, [str(REPO / overlay)] if overlay else [])
-    done = ckpt.exists() and json.loads((out / "done.json").read_text()) if (out / "done.json").exists() else False
-    if not done:
-        t0 = time.monotonic()
-        res = fit(recipe, resume=ckpt.exists())
-        (out / "done.json").write_text(json.dumps({"steps": res.step, "minutes": (time.monotonic() - t0) / 60,
-                                                   "stopped": res.stopped_early}))
-    return ckpt
+    t0 = time.monotonic()
+    res = fit(recipe, resume=ckpt.exists())
+    info = {"steps": res.step, "minutes": (time.monotonic() - t0) / 60, "stopped": res.stopped_early,
+            "image_views": res.step * args.batch_size * args.n_views}
+    done_file.write_text(json.dumps(info))
+    return ckpt, info
+
+
+def features_for(spec_str: str, parts: dict[str, Path], args):
+    """Probe (pretrain part) and evaluation features; a checkpoint is read at its own image size."""
+    from cellssl.eval.features import load_features
+
+    size = args.image_size if spec_str.startswith("random:") else None
+    kw = dict(image_size=size, device=args.device, batch_size=256, progress=False)
+    train = load_features(spec_str, parts["pretrain"], max_per_class=args.probe_max, **kw)
+    test = load_features(spec_str, parts[args.eval_on], **kw)
+    return train, test
+
+
+def run_seed(name: str, spec: dict, seed: int, parts, args, key: str) -> dict:
+    """Train (if needed) and evaluate one row for one seed."""
+    if spec.get("kind") == "raw":
+        from cellssl.eval.features import subsample_per_class
+
+        tr, te = raw_pixel_features(parts["pretrain"]), raw_pixel_features(parts[args.eval_on])
+        if args.probe_max:
+            tr = tr.subset(subsample_per_class(tr.labels, args.probe_max))
+        return evaluate(tr, te, args.episodes)
+    if spec.get("kind") == "random":
+        tr, te = features_for(f"random:{args.backbone}", parts, args)
+        return evaluate(tr, te, args.episodes)
+    ckpt, info = pretrain(spec, seed, parts, args, key)
+    tr, te = features_for(str(ckpt), parts, args)
+    row = evaluate(tr, te, args.episodes)
+    row.update(info, run=str(ckpt.parent.parent))
+    return row
+
+
+def t95(n: int) -> float:
+    """Two-sided 95 % Student-t quantile for n − 1 degrees of freedom."""
+    return {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}.get(n, 2.0)
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Mean and 95 % t-interval over seeds; with one seed, the episode CI for few-shot."""
-    keys = ["linear", "knn", "1shot", "5shot", "10shot"]
-    out = {}
-    for k in keys:
+    """Mean and 95 % t-interval over seeds per metric; with one seed, the episode CI for few-shot."""
+    out: dict = {}
+    for k in METRICS:
         v = np.array([r[k] for r in rows], dtype=float)
         if len(v) > 1:
-            t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(v), 2.0)
-            out[k] = (float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v))))
+            out[k] = (float(v.mean()), float(t95(len(v)) * v.std(ddof=1) / math.sqrt(len(v))))
         else:
             out[k] = (float(v[0]), float(rows[0].get(f"{k}_ci", 0.0)) if "shot" in k else 0.0)
+        out[f"{k}_seeds"] = [float(x) for x in v]
     out["n_seeds"] = len(rows)
     out["minutes"] = float(np.mean([r.get("minutes", 0.0) for r in rows]))
     out["steps"] = int(np.mean([r.get("steps", 0) for r in rows]))
@@ -173,11 +236,20 @@ def fmt(v: tuple[float, float]) -> str:
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    lines = ["| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | steps | min |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | seeds | steps | min/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {fmt(r['linear'])} | {fmt(r['knn'])} | {fmt(r['1shot'])} | {fmt(r['5shot'])} | "
-                     f"{fmt(r['10shot'])} | {r.get('steps', '')} | {r.get('minutes', 0):.1f} |")
+                     f"{fmt(r['10shot'])} | {r['n_seeds']} | {r.get('steps') or '–'} | {r.get('minutes', 0):.1f} |")
+    return lines
+
+
+def seed_table(results: dict[str, dict]) -> list[str]:
+    lines = ["| features | linear per seed | 5-shot per seed |", "|---|---|---|"]
+    for name, r in results.items():
+        if r["n_seeds"] > 1:
+            lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in r['linear_seeds'])} | "
+                         f"{', '.join(f'{x:.3f}' for x in r['5shot_seeds'])} |")
     return lines
 
 
@@ -190,7 +262,7 @@ def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: 
     from cellssl.engine.logger import read_metrics
 
     files = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
         ys = [r[f"{k}shot"][0] for k in (1, 5, 10)]
         es = [r[f"{k}shot"][1] for k in (1, 5, 10)]
@@ -198,15 +270,16 @@ def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: 
     ax.set_xlabel("shots per class (8-way)")
     ax.set_ylabel("accuracy")
     ax.set_xticks([1, 5, 10])
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p = out_dir / f"{stem}_shots.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
     files.append(p.name)
+    runs = {k: v for k, v in runs.items() if v.is_dir()}
     if runs:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name, run in runs.items():
             rows = read_metrics(run)
             if not rows:
@@ -215,19 +288,19 @@ def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: 
             rk = [r for r in rows if "eff_rank" in r]
             axes[1].plot([r["step"] for r in rk], [r["eff_rank"] for r in rk], label=name)
         axes[0].set_title("training loss")
-        axes[1].set_title("effective rank of embeddings")
+        axes[1].set_title("effective rank of the embeddings (of 256)")
         for a in axes:
             a.set_xlabel("step")
             a.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
+        axes[1].legend(fontsize=6)
         fig.tight_layout()
         p = out_dir / f"{stem}_training.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)
         files.append(p.name)
-        msb = [run for name, run in runs.items() if name.startswith("MSBReg")]
-        if msb:
-            rows = read_metrics(msb[0])
+        msb = runs.get("MSBReg")
+        if msb is not None and read_metrics(msb):
+            rows = read_metrics(msb)
             fig, ax = plt.subplots(figsize=(6, 3.5))
             for k in ("loss_centroid", "loss_sv", "loss_brownian"):
                 ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
@@ -243,119 +316,136 @@ def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: 
     return files
 
 
+def load_grid(path: str) -> dict[str, dict]:
+    """Rows from a YAML list of ``{name, method, overlay?, set?: [KEY=VALUE, ...]}``."""
+    import yaml
+
+    rows = {}
+    for item in yaml.safe_load(Path(path).read_text()):
+        spec = {"method": item["method"], "set": list(item.get("set", []))}
+        if item.get("overlay"):
+            spec["overlay"] = item["overlay"]
+        rows[item["name"]] = spec
+    return rows
+
+
+def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_min: float) -> None:
+    """Tables and plots of every stored row that matches the current settings."""
+    import torch
+
+    results, runs = {}, {}
+    for name, spec in rows.items():
+        entry = store.get(name)
+        if not entry or entry["key"] != row_key(name, spec, args) or not entry["seeds"]:
+            continue
+        seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
+        results[name] = summarise(seeds)
+        if seeds[0].get("run"):
+            runs[name] = Path(seeds[0]["run"])
+    main_rows = {k: v for k, v in results.items() if not k.startswith("ablation:")}
+    ablation = {k: v for k, v in results.items() if k.startswith("ablation:")}
+    if ablation and ABLATION_FULL in results:
+        ablation["ablation: centroid + SV + Brownian (= MSBReg)"] = results[ABLATION_FULL]
+    files = plots(main_rows, {k: v for k, v in runs.items() if k in main_rows}, out_md.parent, out_md.stem)
+    cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    views = args.steps * args.batch_size * args.n_views
+    lines = [
+        f"# Quality benchmark{' (quick)' if args.quick else ''}: PBC blood cells",
+        "",
+        f"- last command: `{cmd.strip()}` ({total_min:.0f} min); rows and seeds finished earlier are kept in "
+        f"`{args.store}` and skipped",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, device {args.device}",
+        f"- data: PBC (Acevedo et al., Data in Brief 30, 2020, CC BY 4.0), 128 px crops in `{args.data}`; "
+        f"split by file-name hash: pretrain 70 % (no labels in pretraining), val 10 %, test 20 %; "
+        f"evaluated on **{args.eval_on}**",
+        f"- pretraining: `{args.recipe}` recipe, {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
+        f"{args.n_views} views, **{args.steps} steps = {views:,} image-views per run** for every method; "
+        f"each method's own settings as tuned on val (`TUNED` in this script; MSBReg's are the recipe's)"
+        + (f"; extra overrides: {args.set}" if args.set else ""),
+        f"- evaluation: 8-way 1/5/10-shot SimpleShot episodes on {args.eval_on} (15 queries, {args.episodes} "
+        f"episodes); linear probe (logistic regression on L2-normalised, standardised features, C by "
+        f"validation) and kNN (k=20, T=0.07) fitted on the pretrain part"
+        + (f" ({args.probe_max} per class)" if args.probe_max else "") + f", tested on {args.eval_on}",
+        "- ± is a 95 % interval: Student-t over seeds when there are several, else over few-shot episodes; "
+        "`min/run` is wall-clock and depends on what else the machine ran",
+        "",
+        *table(main_rows),
+        "",
+    ]
+    if ablation:
+        lines += ["## Ablation: each force on and off", "", *table(ablation), ""]
+    st = seed_table(results)
+    if len(st) > 2:
+        lines += ["## Per seed", "", *st, ""]
+    lines += [*[f"![{f}]({f})" for f in files], ""]
+    keep = ""  # a hand-written "## Analysis" section survives re-runs
+    if out_md.exists() and "\n## Analysis" in out_md.read_text():
+        keep = out_md.read_text()[out_md.read_text().index("\n## Analysis"):]
+    out_md.write_text("\n".join(lines) + keep)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small budget: < 10 min on 2 CPU cores")
+    ap.add_argument("--quick", action="store_true", help="tiny budget, 1 seed, main rows only (a few minutes)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbc128"))
     ap.add_argument("--work", default=str(REPO / "runs" / "quality"))
-    ap.add_argument("--out", default=None, help="markdown report (default docs/results.md; quick: runs/quality/results.md)")
+    ap.add_argument("--out", default=None, help="markdown report (default docs/results.md; quick: WORK/results.md)")
+    ap.add_argument("--store", default=None, help="JSON of finished rows (default: the report's name with .json)")
     ap.add_argument("--recipe", default="blood_smear")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--n-views", type=int, default=2)
-    ap.add_argument("--views-budget", type=int, default=None, help="image-views per method (default: full 8 epochs)")
-    ap.add_argument("--minutes", type=float, default=None, help="wall-clock cap per pretraining run")
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=400, help="pretraining steps per run (the equal budget)")
+    ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--episodes", type=int, default=600)
-    ap.add_argument("--methods", default=None, help="comma-separated row names to run (default all)")
-    ap.add_argument("--no-ablation", action="store_true")
-    ap.add_argument("--no-reference", action="store_true", help="skip the raw-pixel and random-init rows")
+    ap.add_argument("--probe-max", type=int, default=None, help="at most this many probe images per class")
+    ap.add_argument("--rows", default=None, help="comma-separated row names or method names (default all)")
+    ap.add_argument("--grid", default=None, help="YAML list of rows to run instead of the built-in ones")
     ap.add_argument("--eval-on", choices=["test", "val"], default="test", help="val for tuning")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every method")
+    ap.add_argument("--set", action="append", default=[], help="extra recipe override for every row")
     args = ap.parse_args()
     data = Path(args.data)
     if not data.is_dir():
         sys.exit(f"error: no PBC data at {data}; pass --data (a folder with one sub-folder per class)")
     if args.quick:
-        args.views_budget = args.views_budget or 24_000
-        args.minutes = args.minutes or 0.9
-        args.episodes = min(args.episodes, 200)
-        args.no_ablation = True
-        probe_max = 150
-    else:
-        args.views_budget = args.views_budget or 8 * 9_570 * 2
-        args.minutes = args.minutes or 12.0
-        probe_max = None
+        args.steps, args.seeds, args.episodes, args.probe_max = min(args.steps, 20), 1, 200, args.probe_max or 150
     out_md = Path(args.out) if args.out else (Path(args.work) / "results.md" if args.quick else REPO / "docs" / "results.md")
     out_md.parent.mkdir(parents=True, exist_ok=True)
+    args.store = args.store or str(out_md.with_suffix(".json"))
+    store_path = Path(args.store)
+    store = json.loads(store_path.read_text()) if store_path.exists() else {}
+    rows = load_grid(args.grid) if args.grid else dict(ROWS)
+    todo = dict(rows)
+    if args.quick:
+        todo = {k: v for k, v in todo.items() if not k.startswith("ablation:")}
+    if args.rows:
+        keep = {m.strip() for m in args.rows.split(",")}
+        todo = {k: v for k, v in todo.items() if k in keep or v.get("method") in keep}
     parts = make_split(data, Path(args.work) / "split")
-    rows_all: dict[str, dict] = {}
-    runs: dict[str, Path] = {}
     t_start = time.monotonic()
-
-    def record(name: str, rows: list[dict]) -> None:
-        rows_all[name] = summarise(rows)
-        print("\n".join(table({name: rows_all[name]})[2:]), flush=True)
-
-    # Reference rows: same evaluation code, no training.
     print(f"split: {', '.join(f'{k}={sum(1 for _ in v.rglob(chr(42) + chr(46) + chr(42)))}' for k, v in parts.items())}")
-    print("\n".join(table({})[:2]))
-    from cellssl.eval.features import subsample_per_class
-    if not args.no_reference:
-        tr_px = raw_pixel_features(parts["pretrain"])
-        te_px = raw_pixel_features(parts[args.eval_on])
-        if probe_max:
-            tr_px = tr_px.subset(subsample_per_class(tr_px.labels, probe_max))
-        record("raw pixels (16×16×3)", [evaluate(tr_px, te_px, args)])
-        tr, te = features_for(f"random:{args.backbone}", parts, args, probe_max)
-        record(f"random-init {args.backbone}", [evaluate(tr, te, args)])
-
-    todo = dict(METHODS)
-    if not args.no_ablation:
-        todo.update({f"ablation: {k}": v for k, v in ABLATION.items()})
-    if args.methods:
-        keep = {m.strip() for m in args.methods.split(",")}
-        todo = {k: v for k, v in todo.items() if k in keep or v[0] in keep}
-    for name, (method, overlay, extra) in todo.items():
-        rows = []
-        for seed in range(args.seeds):
-            ckpt = pretrain(name, method, overlay, extra, seed, parts, args)
-            done = json.loads((ckpt.parent.parent / "done.json").read_text())
-            tr, te = features_for(str(ckpt), parts, args, probe_max)
-            row = evaluate(tr, te, args)
-            row.update(minutes=done["minutes"], steps=done["steps"])
-            rows.append(row)
-            if seed == 0:
-                runs[name] = ckpt.parent.parent
-        record(name, rows)
+    print("\n".join(table({})[:2]), flush=True)
+    for name, spec in todo.items():
+        key = row_key(name, spec, args)
+        entry = store.get(name)
+        if not entry or entry.get("key") != key:
+            entry = store[name] = {"key": key, "spec": spec, "seeds": {}}
+        n_seeds = 1 if "kind" in spec else args.seeds
+        for seed in range(n_seeds):
+            if str(seed) in entry["seeds"]:
+                continue
+            entry["seeds"][str(seed)] = run_seed(name, spec, seed, parts, args, key)
+            store_path.write_text(json.dumps(store, indent=1))  # after every run: resumable
+        seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
+        print("\n".join(table({name: summarise(seeds)})[2:]), flush=True)
     total_min = (time.monotonic() - t_start) / 60
-    files = plots(rows_all, runs, out_md.parent, out_md.stem)
-    cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    import torch
-
-    lines = [
-        f"# Quality benchmark{' (quick)' if args.quick else ''}: PBC blood cells",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, device {args.device}; total {total_min:.0f} min",
-        f"- data: PBC (Acevedo et al., Data in Brief 30, 2020, CC BY 4.0), 128 px crops in `{args.data}`; "
-        f"split by file-name hash: pretrain 70 % (no labels in pretraining), val 10 %, test 20 %; "
-        f"evaluated on **{args.eval_on}**",
-        f"- pretraining: {args.recipe} recipe, {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
-        f"{args.n_views} views, budget {args.views_budget:,} image-views or {args.minutes} min per method "
-        f"(whichever comes first), {args.seeds} seed(s); overrides: {args.set or 'none'}",
-        f"- evaluation: 8-way 1/5/10-shot SimpleShot episodes on {args.eval_on} (15 queries, {args.episodes} "
-        f"episodes); linear probe (logistic regression on L2-normalised, standardised features, C by "
-        f"validation) and kNN (k=20, T=0.07) trained on the pretrain part"
-        + (f" ({probe_max} per class)" if probe_max else "") + f", tested on {args.eval_on}",
-        "- ± is a 95 % interval: over seeds when there are several, else over few-shot episodes",
-        "",
-        *table(rows_all),
-        "",
-        *[f"![{f}]({f})" for f in files],
-        "",
-    ]
-    keep = ""  # a hand-written "## Analysis" section survives re-runs
-    if out_md.exists() and "\n## Analysis" in out_md.read_text():
-        keep = out_md.read_text()[out_md.read_text().index("\n## Analysis"):]
-    out_md.write_text("\n".join(lines) + keep)
-    (out_md.with_suffix(".json")).write_text(json.dumps(rows_all, indent=2))
-    print(f"\nwrote {out_md} ({total_min:.1f} min)")
+    write_report(store, rows, args, out_md, total_min)
+    print(f"\nwrote {out_md} and {store_path} ({total_min:.1f} min)")
 
 
 if __name__ == "__main__":
