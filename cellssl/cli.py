@@ -34,7 +34,8 @@ def _eval_options(f):
     f = click.option("--adapt-bn", type=click.Path(), default=None,
                      help="Re-estimate BatchNorm statistics on this folder first (AdaBN).")(f)
     f = click.option("--checkpoint", required=True,
-                     help="A checkpoint from `cellssl pretrain` or random:<timm name> for a random-init baseline.")(f)
+                     help="A checkpoint from `cellssl pretrain`, random:<timm name> for a random-init baseline, or "
+                          "pretrained:<timm tag | exported folder | NAME=FILE> for published starting weights.")(f)
     return f
 
 
@@ -193,7 +194,8 @@ def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--checkpoint", required=True, help="A pretrain checkpoint or random:<timm name>.")
+@click.option("--checkpoint", required=True,
+              help="A pretrain checkpoint, random:<timm name> or pretrained:<timm tag | exported folder | NAME=FILE>.")
 @click.option("--data", required=True, type=click.Path(), help="The lab's labelled folder.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (best.pt, report.json, report.md).")
 @click.option("--test", "test_dir", default=None, type=click.Path())
@@ -307,7 +309,8 @@ def views(recipe, overlays, overrides, data, out, n, seed):
 
 # ---- domain adaptation -------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
-@click.option("--checkpoint", required=True, type=click.Path(), help="Source-lab checkpoint.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Source-lab checkpoint, or pretrained:<timm tag | exported folder> starting weights.")
 @click.option("--data", required=True, type=click.Path(), help="Target lab's unlabelled images.")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None)
