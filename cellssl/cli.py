@@ -219,6 +219,32 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
     _print_summary(report)
 
 
+# ---- using a trained model ---------------------------------------------------------------
+@cli.command(context_settings=CONTEXT)
+@click.option("--model", "model", required=True, type=click.Path(),
+              help="finetune's RUN/best.pt, or the classifier.pt that `cellssl linear` writes beside its report.")
+@click.option("--data", required=True, type=click.Path(), help="Folder of images to classify (searched recursively).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for predictions.csv, report.md, least_certain.png.")
+@click.option("--target-error", type=float, default=None,
+              help="Error allowed among confident cells, on the validation cells (default: the model's, 0.05).")
+@click.option("--ood-quantile", type=float, default=None,
+              help="Flag cells farther from every class than this quantile of validation cells (default 0.99).")
+@click.option("--sheet", type=int, default=48, show_default=True, help="Least certain cells in the contact sheet.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device):
+    """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
+    from cellssl.eval.predict import format_predict_summary, predict as run
+
+    if target_error is not None and not 0 < target_error < 1:
+        raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")
+    if ood_quantile is not None and not 0 < ood_quantile <= 1:
+        raise CellSSLError(f"--ood-quantile must be in (0, 1] (e.g. 0.99), got {ood_quantile}")
+    report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
+                 batch_size=batch_size, device=device)
+    click.echo(format_predict_summary(report))
+
+
 # ---- data --------------------------------------------------------------------------------
 @cli.group(context_settings=CONTEXT)
 def datasets():
