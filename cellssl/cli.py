@@ -70,6 +70,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
       cellssl demo                                  # synthetic smears: pretrain + few-shot report
       cellssl pretrain --recipe blood_smear --data DIR
       cellssl fewshot --checkpoint RUN/checkpoints/last.pt --data LABELLED_DIR --out report.json
+      cellssl linear --checkpoint RUN/checkpoints/last.pt --train LABELLED_DIR --split 0.2 --out eval/
+      cellssl predict --model eval/classifier.pt --data NEW_CELLS --out predictions/
+      cellssl export --checkpoint RUN/checkpoints/last.pt --out model/
     """
     ctx.obj = {"debug": debug}
 
@@ -243,6 +246,26 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
     report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
                  batch_size=batch_size, device=device)
     click.echo(format_predict_summary(report))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="RUN/checkpoints/last.pt (backbone), finetune's best.pt or linear's classifier.pt (with the head).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the export.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "both"]), default="safetensors",
+              show_default=True, help="model.safetensors for timm, model.onnx (dynamic batch), or both.")
+@click.option("--report", "reports", multiple=True, type=click.Path(),
+              help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint are found).")
+def export(checkpoint, out, fmt, reports):
+    """Hand a model on: safetensors loadable by timm, ONNX, config.json with the preprocessing, a model card."""
+    from cellssl.eval.export import export as run
+
+    config = run(checkpoint, out, fmt=fmt, reports=list(reports))
+    onnx = config["cellssl"]["onnx"]
+    diff = f"; ONNX vs torch max abs difference {onnx['max_abs_diff_vs_torch']:.2e}" if onnx and \
+        onnx.get("max_abs_diff_vs_torch") is not None else ""
+    click.echo(f"exported {config['architecture']} ({', '.join(config['cellssl']['files'])}) to {out}{diff}")
+    click.echo(f"model card: {Path(out) / 'README.md'}")
 
 
 # ---- data --------------------------------------------------------------------------------

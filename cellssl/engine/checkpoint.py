@@ -204,7 +204,8 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
     Args:
         spec: a checkpoint path; ``"random:<timm name>"`` for a randomly initialised backbone
             built the same way (same stem choice) as a pretrained one; or ``"pretrained:..."`` /
-            ``"imagenet:..."`` for published or exported starting weights (:func:`pretrained_recipe`).
+            ``"imagenet:..."`` for published or exported starting weights (:func:`pretrained_recipe`);
+            an exported model folder (``cellssl export``) is read as ``pretrained:<folder>``.
         in_chans, image_size: needed for ``random:`` specs (defaults 3 and 64); checked against
             the checkpoint otherwise.
 
@@ -216,6 +217,8 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
     from cellssl.models import build_backbone
 
     spec = str(spec)
+    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():  # an exported model folder
+        spec = f"pretrained:{spec}"
     if spec.startswith("random:"):
         from cellssl.config import Recipe
 
