@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from cellssl.engine.checkpoint import FORMAT, load_backbone
 from cellssl.eval.export import export
 from cellssl.eval.linear import linear
 from cellssl.eval.predict import load_predictor
-from conftest import REPO, make_image_folder
+from conftest import make_image_folder
 
 
 def make_ckpt(path, in_chans=3, image_size=32, stem="default", step=7):
@@ -127,15 +124,15 @@ def test_onnx_matches_torch(tmp_path):
     assert "max abs difference to torch" in (out / "README.md").read_text()
 
 
-def test_cli_export_onnx_backbone(tmp_path):
+def test_cli_export_onnx_backbone(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
+    from cellssl.cli import main
+
     ck = make_ckpt(tmp_path / "last.pt", image_size=16)
-    res = subprocess.run([sys.executable, "-m", "cellssl", "export", "--checkpoint", str(ck), "--out",
-                          str(tmp_path / "m"), "--format", "onnx"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "ONNX vs torch max abs difference" in res.stdout and (tmp_path / "m" / "model.onnx").is_file()
+    main(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "m"), "--format", "onnx"])
+    assert "ONNX vs torch max abs difference" in capsys.readouterr().out and (tmp_path / "m" / "model.onnx").is_file()
     assert not (tmp_path / "m" / "model.safetensors").exists()
-    res = subprocess.run([sys.executable, "-m", "cellssl", "export", "--checkpoint", str(tmp_path / "nope.pt"),
-                          "--out", str(tmp_path / "m2")], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and res.stderr.strip().startswith("error:") and "does not exist" in res.stderr
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "m2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "does not exist" in err[0]

@@ -247,7 +247,7 @@ def predict(
 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(ds.root)
-    rel = [_relative(p, root) for p, _ in ds.samples]
+    rel = [p.name if root.is_file() else _relative(p, root) for p, _ in ds.samples]
     predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
     _write_csv(out / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
     report = _summary(pred, data, predicted, conf, used, unsure, flags, truth, th)
@@ -323,7 +323,7 @@ def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.
         "classes": pred.classes,
         "n_images": int(len(predicted)),
         "n_classified": n_used,
-        "n_unsure": int(unsure.sum()),
+        "n_unsure": int((unsure & used).sum()),
         "unsure_fraction": float(unsure[used].mean()) if n_used else None,
         "unsure_reasons": kinds,
         "differential": differential,
@@ -390,7 +390,8 @@ def _write_report(report: dict, out: Path) -> None:
              ""]
     lines += ["## Differential count", "",
               "Number and share of each cell type among all classified cells, and among the confident ones "
-              "(not flagged unsure).", ""]
+              "(not flagged unsure). The confident cells over-represent the types the model finds easy: count "
+              "all cells, and review the unsure ones (`least_certain.png`, the `unsure` column).", ""]
     rows = [[d["class"], d["cells"], f"{d['percent']:.1f}", d["confident_cells"], f"{d['confident_percent']:.1f}"]
             for d in report["differential"]]
     n_conf = sum(d["confident_cells"] for d in report["differential"])
