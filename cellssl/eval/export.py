@@ -56,7 +56,7 @@ def find_reports(checkpoint: Path, extra: list[str | Path] = ()) -> list[dict]:
     """Evaluation reports (cellssl ``report.json``-style files) given, or found beside the checkpoint
     and in its run folder (the folder above ``checkpoints/``)."""
     paths: list[Path] = [Path(p) for p in extra]
-    for d in {checkpoint.parent, checkpoint.parent.parent}:
+    for d in sorted({checkpoint.parent, checkpoint.parent.parent}):
         paths += sorted(d.glob("*.json"))
     out, seen = [], set()
     for p in paths:
@@ -288,7 +288,8 @@ def _card(config: dict, ck: dict, out: Path) -> str:
     lines += ["With cellssl (the folder is a starting point for every command):", "", "```bash",
               f"cellssl linear   --checkpoint pretrained:{out.name} --train labelled/ --split 0.3 --out eval/",
               f"cellssl finetune --checkpoint pretrained:{out.name} --data labelled/ --out runs/ft",
-              f"cellssl pretrain --recipe blood_smear --data cells/ --set model.pretrained={out.name}", "```", ""]
+              f"cellssl pretrain --recipe blood_smear --data cells/ --backbone {name} --set model.pretrained={out.name}"
+              + (f" --set model.stem={c['stem']}" if c["stem"] != "default" else ""), "```", ""]
     lines += ["## Evaluation", ""]
     if c["evaluation"]:
         lines += [f"- {e['kind']}: {e['summary']} (`{e['file']}`)" for e in c["evaluation"]]

@@ -250,11 +250,9 @@ def linear(
     (``classifier.pt``, or ``<stem>_classifier.pt`` for ``out=<stem>.json``) for ``cellssl predict``.
     Returns the report.
     """
-    from cellssl.eval.knn import train_test_features
-    from cellssl.eval.report import write_report
-
     from cellssl.eval.features import FeatureExtractor
-    from cellssl.eval.report import report_paths
+    from cellssl.eval.knn import train_test_features
+    from cellssl.eval.report import report_paths, write_report
 
     ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
                           adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
