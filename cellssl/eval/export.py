@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellssl.errors import CellSSLError, CheckpointError
+from cellssl.errors import CellSSLError
 
 __all__ = ["export", "FORMATS", "find_reports"]
 
