@@ -345,7 +345,8 @@ def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.
 
 def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarray, conf: np.ndarray,
                    unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int, cols: int = 8) -> Path | None:
-    """PNG grid of the ``n`` least certain classified cells: flagged ones first, then by confidence."""
+    """PNG grid of the ``n`` least certain classified cells: those unlike the training cells first,
+    then the other flagged ones, then the rest, each group by confidence."""
     import cv2
 
     from cellssl.augment.grid import to_display
@@ -354,7 +355,8 @@ def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarra
     idx = np.flatnonzero(used)
     if n <= 0 or len(idx) == 0:
         return None
-    order = idx[np.lexsort((conf[idx], ~unsure[idx]))][:n]
+    far = np.array([any(f.startswith("unlike") for f in fl) for fl in flags])
+    order = idx[np.lexsort((conf[idx], ~unsure[idx], ~far[idx]))][:n]
     rows = int(math.ceil(len(order) / cols))
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.85 * rows), squeeze=False)
@@ -365,8 +367,7 @@ def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarra
         tile = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (96, 96), interpolation=cv2.INTER_AREA)
         tile = tile[:, :, None] if tile.ndim == 2 else tile
         ax.imshow(to_display(tile), cmap="gray" if tile.shape[2] == 1 else None, vmin=0, vmax=1)
-        far = any(f.startswith("unlike") for f in flags[i])
-        ax.set_title(f"{classes[predicted[i]][:12]} {conf[i]:.2f}{' far' if far else ''}", fontsize=7,
+        ax.set_title(f"{classes[predicted[i]][:12]} {conf[i]:.2f}{' far' if far[i] else ''}", fontsize=7,
                      color="crimson" if unsure[i] else "black")
     fig.suptitle("least certain cells (red: flagged unsure; 'far': unlike the training cells)", fontsize=9)
     fig.tight_layout()
