@@ -34,7 +34,8 @@ def _eval_options(f):
     f = click.option("--adapt-bn", type=click.Path(), default=None,
                      help="Re-estimate BatchNorm statistics on this folder first (AdaBN).")(f)
     f = click.option("--checkpoint", required=True,
-                     help="A checkpoint from `cellssl pretrain` or random:<timm name> for a random-init baseline.")(f)
+                     help="A checkpoint from `cellssl pretrain`, random:<timm name> for a random-init baseline, or "
+                          "pretrained:<timm tag | exported folder | NAME=FILE> for published starting weights.")(f)
     return f
 
 
@@ -69,6 +70,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
       cellssl demo                                  # synthetic smears: pretrain + few-shot report
       cellssl pretrain --recipe blood_smear --data DIR
       cellssl fewshot --checkpoint RUN/checkpoints/last.pt --data LABELLED_DIR --out report.json
+      cellssl linear --checkpoint RUN/checkpoints/last.pt --train LABELLED_DIR --split 0.2 --out eval/
+      cellssl predict --model eval/classifier.pt --data NEW_CELLS --out predictions/
+      cellssl export --checkpoint RUN/checkpoints/last.pt --out model/
     """
     ctx.obj = {"debug": debug}
 
@@ -195,7 +199,8 @@ def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--checkpoint", required=True, help="A pretrain checkpoint or random:<timm name>.")
+@click.option("--checkpoint", required=True,
+              help="A pretrain checkpoint, random:<timm name> or pretrained:<timm tag | exported folder | NAME=FILE>.")
 @click.option("--data", required=True, type=click.Path(), help="The lab's labelled folder.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (best.pt, report.json, report.md).")
 @click.option("--test", "test_dir", default=None, type=click.Path())
@@ -217,6 +222,52 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
                  labels_per_class=labels_per_class, freeze_backbone=freeze_backbone, lr=lr, batch_size=batch_size,
                  device=device, seed=seed, image_size=image_size)
     _print_summary(report)
+
+
+# ---- using a trained model ---------------------------------------------------------------
+@cli.command(context_settings=CONTEXT)
+@click.option("--model", "model", required=True, type=click.Path(),
+              help="finetune's RUN/best.pt, or the classifier.pt that `cellssl linear` writes beside its report.")
+@click.option("--data", required=True, type=click.Path(), help="Folder of images to classify (searched recursively).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for predictions.csv, report.md, least_certain.png.")
+@click.option("--target-error", type=float, default=None,
+              help="Error allowed among confident cells, on the validation cells (default: the model's, 0.05).")
+@click.option("--ood-quantile", type=float, default=None,
+              help="Flag cells farther from every class than this quantile of validation cells (default 0.99).")
+@click.option("--sheet", type=int, default=48, show_default=True, help="Least certain cells in the contact sheet.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device):
+    """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
+    from cellssl.eval.predict import format_predict_summary, predict as run
+
+    if target_error is not None and not 0 < target_error < 1:
+        raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")
+    if ood_quantile is not None and not 0 < ood_quantile <= 1:
+        raise CellSSLError(f"--ood-quantile must be in (0, 1] (e.g. 0.99), got {ood_quantile}")
+    report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
+                 batch_size=batch_size, device=device)
+    click.echo(format_predict_summary(report))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="RUN/checkpoints/last.pt (backbone), finetune's best.pt or linear's classifier.pt (with the head).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the export.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "both"]), default="safetensors",
+              show_default=True, help="model.safetensors for timm, model.onnx (dynamic batch), or both.")
+@click.option("--report", "reports", multiple=True, type=click.Path(),
+              help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint are found).")
+def export(checkpoint, out, fmt, reports):
+    """Hand a model on: safetensors loadable by timm, ONNX, config.json with the preprocessing, a model card."""
+    from cellssl.eval.export import export as run
+
+    config = run(checkpoint, out, fmt=fmt, reports=list(reports))
+    onnx = config["cellssl"]["onnx"]
+    diff = f"; ONNX vs torch max abs difference {onnx['max_abs_diff_vs_torch']:.2e}" if onnx and \
+        onnx.get("max_abs_diff_vs_torch") is not None else ""
+    click.echo(f"exported {config['architecture']} ({', '.join(config['cellssl']['files'])}) to {out}{diff}")
+    click.echo(f"model card: {Path(out) / 'README.md'}")
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -309,7 +360,8 @@ def views(recipe, overlays, overrides, data, out, n, seed):
 
 # ---- domain adaptation -------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
-@click.option("--checkpoint", required=True, type=click.Path(), help="Source-lab checkpoint.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Source-lab checkpoint, or pretrained:<timm tag | exported folder> starting weights.")
 @click.option("--data", required=True, type=click.Path(), help="Target lab's unlabelled images.")
 @click.option("--out", required=True, type=click.Path())
 @click.option("--max-steps", type=int, default=None)

@@ -24,7 +24,30 @@ import yaml
 
 from cellssl.errors import ConfigError, did_you_mean
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+def recipes_dir() -> Path:
+    """The folder of shipped recipes.
+
+    A source checkout (``pyproject.toml`` beside the package) uses its top-level ``recipes/``:
+    the one copy in git, which the build maps to the package ``cellssl.recipes``. An installed
+    package (wheel, ``pip install .``) finds that package's data with :mod:`importlib.resources`.
+    """
+    import importlib.resources
+
+    top = Path(__file__).resolve().parent.parent
+    if (top / "pyproject.toml").is_file() and (top / "recipes").is_dir():
+        return top / "recipes"
+    try:
+        root = importlib.resources.files("cellssl.recipes")
+    except ModuleNotFoundError:
+        return top / "recipes"
+    # recipes/ has no __init__.py, so this is a namespace package (a MultiplexedPath): its files
+    # are plain paths on disk, and their parent is the folder.
+    for child in root.iterdir():
+        return Path(str(child)).parent
+    return top / "recipes"
+
+
+RECIPES_DIR = recipes_dir()
 
 
 @dataclass
@@ -90,6 +113,7 @@ class ModelConfig:
     sync_bn: bool = False
     channels_last: bool = True
     drop_path: float = 0.0
+    pretrained: Optional[str] = None  # starting weights: a timm tag (resnet50.a1_in1k) or a .safetensors/.pth file; None = random
 
 
 @dataclass
@@ -362,15 +386,20 @@ def available_recipes() -> list[str]:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
-    """A recipe name (``blood_smear``) or a path to a YAML file -> the file's path."""
+    """A recipe name (``blood_smear``, ``ablation/centroid``) or a path to a YAML file -> the file's path.
+
+    A path ``recipes/...`` that does not exist from the working directory is looked up among the
+    shipped recipes, so ``--overlay recipes/ablation/centroid.yaml`` works from any folder.
+    """
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"recipe file {p} does not exist")
+    if p.exists() and p.is_file():
         return p
-    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
+    rel = Path(*p.parts[1:]) if p.parts[:1] == ("recipes",) else p
+    shipped = RECIPES_DIR / (rel if rel.suffix in (".yaml", ".yml") else rel.with_name(rel.name + ".yaml"))
+    if not p.is_absolute() and shipped.is_file():
+        return shipped
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        raise ConfigError(f"recipe file {p} does not exist")
     names = available_recipes()
     raise ConfigError(
         f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "

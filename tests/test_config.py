@@ -57,3 +57,18 @@ def test_default_loss_forms_are_the_non_trivial_ones():
 def test_halves_needs_an_even_number_of_views():
     with pytest.raises(ConfigError, match="n_views must be even"):
         load_recipe("blood_smear", ["method.centroid_variant=halves", "views.n_views=3"])
+
+
+def test_overlays_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # recipes/ is not below the working directory
+    a = load_recipe("blood_smear", overlays=["ablation/centroid"])
+    b = load_recipe("blood_smear", overlays=["recipes/ablation/centroid.yaml"])
+    assert a == b and a.method.sv_weight == 0.0
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe("blood_smear", overlays=["recipes/ablation/nope.yaml"])
+
+
+def test_model_pretrained_field():
+    assert load_recipe("blood_smear").model.pretrained is None
+    r = load_recipe("blood_smear", ["model.pretrained=resnet18.a1_in1k"])
+    assert r.model.pretrained == "resnet18.a1_in1k"

@@ -218,7 +218,8 @@ def adapt(
     """Adapt the model in ``checkpoint`` to the unlabelled images in ``data``; returns the new checkpoint.
 
     Args:
-        checkpoint: the source-lab checkpoint (``cellssl pretrain``).
+        checkpoint: the source-lab checkpoint (``cellssl pretrain``), or starting weights
+            ``pretrained:<timm tag | exported folder | file>`` (continued SSL from, e.g., ImageNet weights).
         data: the target lab's images (any layout; labels are ignored).
         out: run folder; the checkpoint is ``out/checkpoints/last.pt``.
         max_steps / max_minutes: length of the continued run (default ``adapt.max_steps``).
@@ -233,7 +234,7 @@ def adapt(
         device: auto | cpu | cuda | cuda:N (default: the recipe's).
         overrides: ``section.key=value`` recipe overrides (e.g. ``train.batch_size=64``).
     """
-    from cellssl.engine.checkpoint import load_checkpoint
+    from cellssl.engine.checkpoint import is_pretrained_spec, load_checkpoint, pretrained_recipe
     from cellssl.engine.fit import fit
 
     out = Path(out)
@@ -241,6 +242,9 @@ def adapt(
     if bn_only:
         if resume:
             raise ConfigError("--bn-only takes seconds and has nothing to resume; drop --resume")
+        if is_pretrained_spec(checkpoint):
+            raise ConfigError(f"--bn-only re-estimates a cellssl checkpoint's BatchNorm statistics; for {checkpoint} "
+                              "use the evaluation commands' --adapt-bn DIR instead")
         return _adabn(checkpoint, data, out, device, overrides)
 
     last = out / "checkpoints" / "last.pt"
@@ -261,8 +265,13 @@ def adapt(
         recipe.train.out = str(out)
         source_checkpoint = prev.get("source_checkpoint", str(checkpoint))
     else:
-        src = load_checkpoint(checkpoint)
-        recipe = adapted_recipe(src["config"], data, out, max_steps=max_steps, max_minutes=max_minutes,
+        if is_pretrained_spec(checkpoint):  # published/exported starting weights: fit loads model.pretrained
+            from cellssl.config import recipe_to_dict
+
+            source_config, init_from = recipe_to_dict(pretrained_recipe(checkpoint)), None
+        else:
+            source_config, init_from = load_checkpoint(checkpoint)["config"], checkpoint
+        recipe = adapted_recipe(source_config, data, out, max_steps=max_steps, max_minutes=max_minutes,
                                 method=method, device=device, overrides=overrides)
         source_checkpoint = str(checkpoint)
         if last.exists():
@@ -279,7 +288,7 @@ def adapt(
         dataset = build_mixed_dataset(recipe.data, data, source, fraction, seed=recipe.train.seed)
     recipe.adapt.source_fraction = float(fraction) if source is not None else 0.0
 
-    result = fit(recipe, resume=resume, init_from=None if resume else checkpoint, dataset=dataset,
+    result = fit(recipe, resume=resume, init_from=None if resume else init_from, dataset=dataset,
                  log_prefix="adapt")
     extra = {"source_fraction": float(fraction) if dataset is not None else 0.0}
     _tag_checkpoint(result.checkpoint, "continued", source_checkpoint, **extra)

@@ -115,6 +115,16 @@ class ImageDataset(Dataset):
                 f"run 'cellssl datasets check {self.root}' to list them"
             )
 
+    def read(self, i: int, convert: bool = True) -> np.ndarray:
+        """Sample ``i`` as float32 (H, W, C) without ``transform``; unlike :meth:`load`, an
+        unreadable file raises :class:`ImageReadError` instead of being replaced (for a row that
+        must stay that file's, e.g. a prediction). ``convert=False`` keeps the file's own channel
+        count (no 1 <-> 3 conversion); ``pre_transform`` runs only on ``channels``-channel images."""
+        img = self._read(i, self.channels if convert else None)
+        if self.pre_transform is not None and img.shape[2] == self.channels:
+            img = self.pre_transform(img)
+        return img
+
     def load(self, i: int) -> tuple[np.ndarray, int]:
         """Sample ``i`` as (float32 (H, W, C), label) without ``transform``; an unreadable file is
         replaced by the next readable index (deterministic)."""
@@ -124,12 +134,10 @@ class ImageDataset(Dataset):
             if self.samples[j][0] in self.bad_files:
                 continue
             try:
-                img = self._read(j, self.channels)
+                img = self.read(j)
             except ImageReadError as exc:
                 self._mark_bad(j, exc)
                 continue
-            if self.pre_transform is not None:
-                img = self.pre_transform(img)
             return img, self.samples[j][1]
         raise DataError(f"no readable image left in {self.root}")
 

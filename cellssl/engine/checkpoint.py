@@ -116,13 +116,96 @@ def describe(ckpt: dict) -> str:
     )
 
 
+PRETRAINED_PREFIXES = ("pretrained:", "imagenet:")
+
+
+def is_pretrained_spec(spec: str | Path) -> bool:
+    """True for ``pretrained:...`` / ``imagenet:...`` backbone specs (see :func:`pretrained_recipe`)."""
+    return str(spec).startswith(PRETRAINED_PREFIXES)
+
+
+def _exported_config(path: Path) -> dict | None:
+    """The ``config.json`` of an exported model folder (or beside a weights file), if any."""
+    import json
+
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {cfg}: {exc}") from None
+
+
+def pretrained_recipe(spec: str | Path, image_size: int | None = None, in_chans: int | None = None):
+    """The recipe of a backbone that starts from published or exported weights, without training.
+
+    ``spec`` is ``pretrained:<timm name>[.<tag>]`` (timm downloads the weights; ``imagenet:`` is a
+    synonym: the ``random:`` baseline's counterpart), ``pretrained:<folder or file>`` with a
+    ``config.json`` beside it (``cellssl export`` output, or a timm / Hugging Face model folder), or
+    ``pretrained:<timm name>=<file>``. Inputs are normalised as the weights expect: an export's own
+    recipe, else the weights' RGB mean/std when the data has 3 channels (``in_chans``, default 3).
+    Returns a :class:`~cellssl.config.Recipe` with ``model.pretrained`` set.
+    """
+    from cellssl.config import Recipe, recipe_from_dict
+
+    body = str(spec).split(":", 1)[1].strip()
+    if not body:
+        raise CheckpointError(f"{spec}: name the weights, e.g. pretrained:resnet50.a1_in1k or pretrained:model/")
+    recipe = Recipe()
+    arch, weights = None, body
+    if "=" in body:
+        arch, weights = (x.strip() for x in body.split("=", 1))
+    path = Path(weights).expanduser()
+    exported = _exported_config(path) if (path.exists() and arch is None) else None
+    own_export = exported is not None and isinstance(exported.get("cellssl", {}).get("recipe"), dict)
+    if own_export:
+        recipe = recipe_from_dict(exported["cellssl"]["recipe"])  # our own export: the full recipe
+        recipe.model.pretrained = str(path)
+    elif exported is not None:
+        recipe.model.backbone = str(exported.get("architecture") or "")
+        recipe.model.pretrained = str(path)
+        pcfg = exported.get("pretrained_cfg") or {}
+        recipe.data.mean, recipe.data.std = pcfg.get("mean"), pcfg.get("std")
+    elif arch is not None or path.exists() or "/" in weights:
+        if arch is None:
+            raise CheckpointError(f"{spec}: no config.json beside {path} says which architecture the weights are for; "
+                                  f"name it: pretrained:resnet18={weights}")
+        if not path.exists():
+            raise CheckpointError(f"{spec}: weights {path} do not exist")
+        recipe.model.backbone, recipe.model.pretrained = arch, str(path)
+    else:
+        from timm.models import get_pretrained_cfg, split_model_name_tag
+
+        recipe.model.backbone, recipe.model.pretrained = split_model_name_tag(weights)[0], weights
+        try:
+            pcfg = get_pretrained_cfg(weights)
+        except Exception:  # an unknown tag: build_backbone names the available ones
+            pcfg = None
+        if pcfg is not None:
+            recipe.data.mean, recipe.data.std = list(pcfg.mean), list(pcfg.std)
+    if not recipe.model.backbone:
+        raise CheckpointError(f"{spec}: the config.json beside the weights names no architecture")
+    if image_size:
+        recipe.data.image_size = int(image_size)
+    if not own_export:  # the weights' RGB statistics: for 3-channel data only
+        for key in ("mean", "std"):
+            v = getattr(recipe.data, key)
+            ok = v is not None and len(v) == 3 and (in_chans or 3) == 3
+            setattr(recipe.data, key, [float(x) for x in v] if ok else None)
+        recipe.name = f"pretrained-{recipe.model.backbone}"
+    return recipe
+
+
 def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int | None = None,
                   map_location: str = "cpu") -> tuple[nn.Module, dict]:
     """A frozen-feature backbone from a checkpoint, or a random-init one for baselines.
 
     Args:
-        spec: a checkpoint path, or ``"random:<timm name>"`` for a randomly initialised backbone
-            built the same way (same stem choice) as a pretrained one.
+        spec: a checkpoint path; ``"random:<timm name>"`` for a randomly initialised backbone
+            built the same way (same stem choice) as a pretrained one; or ``"pretrained:..."`` /
+            ``"imagenet:..."`` for published or exported starting weights (:func:`pretrained_recipe`);
+            an exported model folder (``cellssl export``) is read as ``pretrained:<folder>``.
         in_chans, image_size: needed for ``random:`` specs (defaults 3 and 64); checked against
             the checkpoint otherwise.
 
@@ -134,6 +217,8 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
     from cellssl.models import build_backbone
 
     spec = str(spec)
+    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():  # an exported model folder
+        spec = f"pretrained:{spec}"
     if spec.startswith("random:"):
         from cellssl.config import Recipe
 
@@ -145,6 +230,14 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
         backbone = build_backbone(recipe.model, chans, recipe.data.image_size)
         info = {"config": recipe_to_dict(recipe), "in_chans": chans, "image_size": recipe.data.image_size,
                 "method": "random", "step": 0}
+        return backbone.eval(), info
+    if is_pretrained_spec(spec):
+        recipe = pretrained_recipe(spec, image_size, in_chans)
+        chans = in_chans or 3
+        torch.manual_seed(0)
+        backbone = build_backbone(recipe.model, chans, recipe.data.image_size, load_pretrained=True)
+        info = {"config": recipe_to_dict(recipe), "in_chans": chans, "image_size": recipe.data.image_size,
+                "method": "pretrained", "step": 0}
         return backbone.eval(), info
     ckpt = load_checkpoint(spec, map_location)
     recipe = recipe_from_dict(ckpt["config"])

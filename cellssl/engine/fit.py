@@ -195,7 +195,9 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
 
     # ---- model ------------------------------------------------------------------------
     in_chans = base.channels
-    backbone = build_backbone(recipe.model, in_chans, recipe.data.image_size)
+    # model.pretrained: starting weights, unless a checkpoint's weights replace them right after
+    backbone = build_backbone(recipe.model, in_chans, recipe.data.image_size,
+                              load_pretrained=not resume and init_from is None)
     method = build_method(recipe.method, recipe.model, backbone)
     if recipe.views.local_views and not method.supports_local_views:
         raise ConfigError(

@@ -267,6 +267,9 @@ class FeatureExtractor:
             # Same code path for checkpoints: load_backbone raises a one-line CheckpointError.
             self.backbone, self.info = load_backbone(self.spec, in_chans=channels, image_size=self.image_size,
                                                      map_location="cpu")
+            # pretrained: specs normalise by channel count (the weights' RGB mean/std fit 3 channels only)
+            data = self.info["config"].get("data", {})
+            self.data_cfg.mean, self.data_cfg.std = data.get("mean"), data.get("std")
         self.backbone = self.backbone.to(self.device).eval()
         if self.adapt_bn:
             from cellssl.adapt.bn import adapt_batchnorm_folder

@@ -28,20 +28,57 @@ from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, TransformedDataset
 from cellssl.eval.metrics import classification_metrics
 
-__all__ = ["finetune", "Classifier", "select_low_label"]
+__all__ = ["finetune", "Classifier", "select_low_label", "logits_and_features", "softmax"]
 
 
 class Classifier(nn.Module):
-    """``backbone`` (B, C, S, S) -> (B, F) followed by ``head`` = Linear(F, K) -> logits (B, K)."""
+    """``backbone`` (B, C, S, S) -> (B, F) followed by ``head`` = Linear(F, K) -> logits (B, K).
 
-    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int):
+    ``normalize=True`` L2-normalises the features before the head (a linear probe's folded form,
+    :meth:`cellssl.eval.linear.ProbeFit.folded`).
+    """
+
+    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, normalize: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(n_features, n_classes)
+        self.normalize = bool(normalize)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, F)."""
+        f = self.backbone(x)
+        return f.flatten(1) if f.ndim != 2 else f
+
+    def classify(self, f: torch.Tensor) -> torch.Tensor:
+        """Features (B, F) -> logits (B, K)."""
+        return self.head(nn.functional.normalize(f, dim=1) if self.normalize else f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.backbone(x)
-        return self.head(f.flatten(1) if f.ndim != 2 else f)
+        return self.classify(self.features(x))
+
+
+@torch.no_grad()
+def logits_and_features(model: Classifier, ds: Dataset, device: torch.device, batch_size: int = 128,
+                        num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass of ``model`` over ``ds`` (items ``(tensor, label)``): logits (N, K), features (N, F)
+    and labels (N,), in order, in eval mode."""
+    model.eval()
+    logits, feats, ys = [], [], []
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        f = model.features(x.to(device).float())
+        logits.append(model.classify(f).float().cpu().numpy())
+        feats.append(f.float().cpu().numpy())
+        ys.append(np.asarray(y))
+    if not ys:
+        return np.zeros((0, model.head.out_features)), np.zeros((0, model.head.in_features)), np.zeros(0, np.int64)
+    return np.concatenate(logits), np.concatenate(feats), np.concatenate(ys).astype(np.int64)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise ``exp(l - max) / sum exp(l - max)``: (N, K) -> (N, K)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 class _FirstView:
@@ -89,16 +126,10 @@ def select_low_label(labels: np.ndarray, k: int, val_fraction: float, seed: int 
     return np.sort(np.concatenate(train)).astype(np.int64), val_idx.astype(np.int64)
 
 
-@torch.no_grad()
 def _predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    ys, ps = [], []
-    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        ps.append(model(x.to(device).float()).argmax(1).cpu().numpy())
-        ys.append(np.asarray(y))
-    if not ys:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(ys).astype(np.int64), np.concatenate(ps).astype(np.int64)
+    """(true labels (N,), predicted labels (N,)) of ``ds``."""
+    logits, _, ys = logits_and_features(model, ds, device, batch_size, num_workers)
+    return ys, logits.argmax(axis=1).astype(np.int64)
 
 
 def _class_names(ds: Any, names: list[str], where: str) -> np.ndarray:
@@ -309,6 +340,21 @@ def finetune(
         bar.close()
 
     model.load_state_dict(best_state)
+    # unsure thresholds for `cellssl predict`, on the validation cells (the training cells without a split)
+    from cellssl.eval.unsure import calibrate, native_size
+
+    ev_bs = max(batch_size, 128)
+    l_tr, f_tr, y_tr = logits_and_features(model, TransformedDataset(base, eval_t, train_idx), dev, ev_bs,
+                                           num_workers)
+    if val_ds is not None:
+        l_va, f_va, y_va = logits_and_features(model, val_ds, dev, ev_bs, num_workers)
+    else:
+        l_va, f_va, y_va = np.zeros((0, len(classes))), np.zeros((0, f_tr.shape[1])), np.zeros(0, np.int64)
+    best_ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
+    best_ckpt["unsure"] = calibrate(softmax(l_va) if len(l_va) else l_va, y_va, f_tr, y_tr, f_va,
+                                    train_proba=softmax(l_tr))
+    best_ckpt["native_size"] = native_size(base)
+    save_atomic(best_ckpt, best_path)
     report: dict = {"kind": "finetune", "classes": classes, "history": history, "best_epoch": best_epoch,
                     "best_val_accuracy": best_acc if val_ds is not None else None,
                     "best_checkpoint": str(best_path), "stopped_early": len(history) < epochs}

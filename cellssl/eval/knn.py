@@ -123,15 +123,17 @@ def train_test_features(
     adapt_bn: str | Path | None,
     max_per_class: int | None = None,
     num_workers: int = 0,
+    extractor: FeatureExtractor | None = None,
 ) -> tuple[FeatureSet, FeatureSet, dict]:
     """Features of a train and a test folder with one backbone (or a stratified ``split`` of train).
 
+    ``extractor``: use this (already built) :class:`FeatureExtractor`, e.g. to keep its backbone.
     Returns ``(train_features, test_features, extractor description)``.
     """
     if test is None and split is None:
         raise DataError("give a test folder (--test) or a fraction of the training folder to hold out (--split 0.3)")
-    ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
-                          adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
+    ex = extractor or FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
+                                       adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
     tr = ex.features(train, labelled=True, max_per_class=max_per_class)
     if test is not None:
         te = ex.features(test, labelled=True, max_per_class=max_per_class)

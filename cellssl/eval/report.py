@@ -1,8 +1,9 @@
 """Evaluation reports: ``report.json`` (machine-readable), ``report.md`` (human-readable), plots.
 
 File names derive from the json path: ``dir/report.json`` -> ``dir/report.md``,
-``dir/confusion.png``, ``dir/shots.png``, ``dir/embedding.png``; any other stem is used as a
-prefix: ``dir/fewshot.json`` -> ``dir/fewshot.md``, ``dir/fewshot_shots.png``, ...
+``dir/confusion.png``, ``dir/shots.png``, ``dir/embedding.png`` (and ``dir/classifier.pt``, the
+saved linear probe); any other stem is used as a prefix: ``dir/fewshot.json`` -> ``dir/fewshot.md``,
+``dir/fewshot_shots.png``, ...
 A path without ``.json`` suffix is a folder: ``out/report.json``.
 """
 
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding"]
+__all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
+           "markdown_table", "pct", "jsonable", "pyplot"]
 
 _TITLES = {
     "fewshot": "Few-shot evaluation",
@@ -40,17 +42,18 @@ def report_paths(out: str | Path) -> dict[str, Path]:
         "confusion": d / f"{prefix}confusion.png",
         "shots": d / f"{prefix}shots.png",
         "embedding": d / f"{prefix}embedding.png",
+        "classifier": d / f"{prefix}classifier.pt",
     }
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """numpy / Path / tuple -> plain JSON types; NaN/inf -> None."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
@@ -63,12 +66,14 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _pct(x: Any) -> str:
+def pct(x: Any) -> str:
+    """A fraction as a percentage with one decimal (``0.4567`` -> ``"45.7"``); None / NaN -> ``"–"``."""
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * float(x):.1f}"
 
 
 # --- plots -------------------------------------------------------------------------------------
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (plots are files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -82,7 +87,7 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: s
     cm_a = np.asarray(cm, dtype=np.float64)
     if cm_a.size == 0 or cm_a.sum() == 0:
         return None
-    plt = _plt()
+    plt = pyplot()
     k = len(classes)
     rows = cm_a.sum(axis=1, keepdims=True)
     norm = np.divide(cm_a, rows, out=np.zeros_like(cm_a), where=rows > 0)
@@ -110,7 +115,7 @@ def plot_shots(results: dict, path: Path, title: str = "") -> Path | None:
     """Mean few-shot accuracy vs. K with 95 % CI error bars."""
     if not results:
         return None
-    plt = _plt()
+    plt = pyplot()
     ks = sorted(int(k) for k in results)
     means = [100 * results[str(k)]["mean"] for k in ks]
     cis = [100 * (results[str(k)]["ci95"] or 0.0) for k in ks]
@@ -174,7 +179,7 @@ def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int 
     except Exception as exc:  # a plot must never fail an evaluation
         warnings.warn(f"skipping the embedding plot: {exc}", UserWarning, stacklevel=2)
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     yk = y[keep]
@@ -196,7 +201,8 @@ def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int 
 
 
 # --- markdown ----------------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Lines of a GitHub-markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return lines
@@ -226,31 +232,31 @@ def _settings_lines(report: dict) -> list[str]:
     st = report.get("settings") or {}
     if not st:
         return []
-    rows = [[k, json.dumps(_jsonable(v)) if isinstance(v, (list, dict)) else v] for k, v in st.items()]
-    return ["## Settings", "", *_table(["setting", "value"], rows), ""]
+    rows = [[k, json.dumps(jsonable(v)) if isinstance(v, (list, dict)) else v] for k, v in st.items()]
+    return ["## Settings", "", *markdown_table(["setting", "value"], rows), ""]
 
 
 def _metrics_lines(m: dict, heading: str) -> list[str]:
     if not m or "accuracy" not in m:
         return []
     lines = [f"## {heading}", ""]
-    lines += _table(["metric", "value (%)"], [
-        ["accuracy", _pct(m.get("accuracy"))],
-        ["balanced accuracy", _pct(m.get("balanced_accuracy"))],
-        ["macro-F1", _pct(m.get("macro_f1"))],
+    lines += markdown_table(["metric", "value (%)"], [
+        ["accuracy", pct(m.get("accuracy"))],
+        ["balanced accuracy", pct(m.get("balanced_accuracy"))],
+        ["macro-F1", pct(m.get("macro_f1"))],
     ])
     lines.append("")
     pc = m.get("per_class_accuracy") or {}
     sup = m.get("support") or {}
     if pc:
         lines += ["### Per-class accuracy", ""]
-        lines += _table(["class", "accuracy (%)", "images"], [[c, _pct(a), sup.get(c, "")] for c, a in pc.items()])
+        lines += markdown_table(["class", "accuracy (%)", "images"], [[c, pct(a), sup.get(c, "")] for c, a in pc.items()])
         lines.append("")
     cm = m.get("confusion_matrix")
     classes = m.get("classes") or list(pc)
     if cm and classes and len(classes) <= 20:
         lines += ["### Confusion matrix (rows = true, columns = predicted)", ""]
-        lines += _table(["true \\ pred", *classes], [[c, *row] for c, row in zip(classes, cm)])
+        lines += markdown_table(["true \\ pred", *classes], [[c, *row] for c, row in zip(classes, cm)])
         lines.append("")
     return lines
 
@@ -263,12 +269,12 @@ def _fewshot_lines(report: dict) -> list[str]:
     ks = sorted(res, key=int)
     lines = ["## Results", "", f"Accuracy over {st.get('episodes', '?')} episodes, {st.get('queries', '?')} queries per class, "
              f"classifier `{st.get('classifier', '?')}`; mean ± 95 % confidence interval.", ""]
-    lines += _table(["ways", "shots (K)", "accuracy (%)", "std (%)"],
-                    [[res[k]["ways"], k, f"{_pct(res[k]['mean'])} ± {_pct(res[k]['ci95'])}", _pct(res[k].get("std"))] for k in ks])
+    lines += markdown_table(["ways", "shots (K)", "accuracy (%)", "std (%)"],
+                    [[res[k]["ways"], k, f"{pct(res[k]['mean'])} ± {pct(res[k]['ci95'])}", pct(res[k].get("std"))] for k in ks])
     lines += ["", "### Per-class accuracy (%)", ""]
     classes = report.get("classes") or []
-    lines += _table(["class", *[f"{k}-shot" for k in ks]],
-                    [[c, *[_pct(res[k]["per_class_accuracy"].get(c)) for k in ks]] for c in classes])
+    lines += markdown_table(["class", *[f"{k}-shot" for k in ks]],
+                    [[c, *[pct(res[k]["per_class_accuracy"].get(c)) for k in ks]] for c in classes])
     return lines + [""]
 
 
@@ -277,9 +283,9 @@ def _finetune_lines(report: dict) -> list[str]:
     hist = report.get("history") or []
     if hist:
         lines += ["## Training", "", f"Best epoch {report.get('best_epoch')} (validation accuracy "
-                  f"{_pct(report.get('best_val_accuracy'))} %); weights: `{report.get('best_checkpoint', '')}`", ""]
-        lines += _table(["epoch", "train loss", "train acc (%)", "val acc (%)"],
-                        [[h["epoch"], f"{h['train_loss']:.4f}", _pct(h.get("train_accuracy")), _pct(h.get("val_accuracy"))]
+                  f"{pct(report.get('best_val_accuracy'))} %); weights: `{report.get('best_checkpoint', '')}`", ""]
+        lines += markdown_table(["epoch", "train loss", "train acc (%)", "val acc (%)"],
+                        [[h["epoch"], f"{h['train_loss']:.4f}", pct(h.get("train_accuracy")), pct(h.get("val_accuracy"))]
                          for h in hist])
         lines.append("")
     if report.get("test"):
@@ -336,7 +342,7 @@ def write_report(report: dict, out: str | Path, kind: str, *, features: Any = No
         for name, p in made.items():
             lines += [f"![{name}]({p.name})", ""]
     paths["markdown"].write_text("\n".join(lines).rstrip() + "\n")
-    paths["json"].write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    paths["json"].write_text(json.dumps(jsonable(report), indent=2) + "\n")
     return paths["json"]
 
 
@@ -349,17 +355,17 @@ def format_summary(report: dict) -> str:
         lines.append(f"{_TITLES.get(kind, kind)} of {ck.get('spec', '?')} ({ck.get('description', '')})")
     if kind == "fewshot":
         for k, r in sorted((report.get("results") or {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"  {r['ways']}-way {k}-shot: {_pct(r['mean'])} ± {_pct(r['ci95'])} %")
+            lines.append(f"  {r['ways']}-way {k}-shot: {pct(r['mean'])} ± {pct(r['ci95'])} %")
     else:
         m = (report.get("test") or report.get("validation")) if kind == "finetune" else report
         if kind == "finetune" and report.get("best_epoch") is not None:
-            lines.append(f"  best epoch {report['best_epoch']}, validation accuracy {_pct(report.get('best_val_accuracy'))} %")
+            lines.append(f"  best epoch {report['best_epoch']}, validation accuracy {pct(report.get('best_val_accuracy'))} %")
         if m:
             where = "test" if kind == "finetune" and report.get("test") else ("validation" if kind == "finetune" else "test")
             extra = f", C={report['C']:g}" if kind == "linear" else ""
             lines.append(
-                f"  {where} accuracy {_pct(m.get('accuracy'))} %, balanced {_pct(m.get('balanced_accuracy'))} %, "
-                f"macro-F1 {_pct(m.get('macro_f1'))} %{extra}"
+                f"  {where} accuracy {pct(m.get('accuracy'))} %, balanced {pct(m.get('balanced_accuracy'))} %, "
+                f"macro-F1 {pct(m.get('macro_f1'))} %{extra}"
             )
     files = report.get("files") or {}
     if files.get("markdown"):

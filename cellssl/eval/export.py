@@ -1,0 +1,299 @@
+"""Hand a trained model on: ``model.safetensors`` for timm, ``config.json``, a model card, ONNX.
+
+``export(checkpoint, out)`` accepts any cellssl checkpoint: a pretraining or adaptation run's
+``last.pt`` (the backbone), finetune's ``best.pt`` or linear's ``classifier.pt`` (the backbone,
+plus the classification head in ``head.safetensors``). It writes
+
+- ``model.safetensors``: the backbone's state dict in timm's own names, so that
+  ``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"))``
+  loads it (3-channel inputs, ``model.stem: default``). The file also holds a zero classifier
+  (``fc.*`` for ResNets, the size of timm's default head) only so that this default 1000-class
+  call loads strictly; the backbone has no classifier: pass ``num_classes=0`` for features.
+- ``head.safetensors`` (classifiers): ``weight`` (K, F), ``bias`` (K,); the class names and
+  whether features are L2-normalised first are in ``config.json``.
+- ``model.onnx`` (``fmt="onnx"``/``"both"``): the backbone, or the whole classifier, with a dynamic
+  batch axis; checked against torch with onnxruntime (max abs difference recorded).
+- ``config.json``: timm's fields (``architecture``, ``pretrained_cfg`` with input size, mean,
+  std) plus ``preprocessing`` (how to turn a file into the input tensor) and ``cellssl`` (the
+  full recipe, provenance, classes); ``cellssl`` commands accept the folder as ``pretrained:DIR``.
+- ``README.md``: the model card (recipe, data, steps, how to load, evaluation numbers found
+  beside the checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellssl.errors import CellSSLError
+
+__all__ = ["export", "FORMATS", "find_reports"]
+
+FORMATS = ("safetensors", "onnx", "both")
+REPORT_KINDS = ("fewshot", "linear", "knn", "finetune")
+
+
+def _placeholder_head(name: str, in_chans: int, backbone_state: dict) -> dict[str, torch.Tensor]:
+    """Zero tensors for the keys timm's default model of ``name`` has beyond the headless backbone."""
+    import timm
+
+    try:
+        full = timm.create_model(name, pretrained=False, in_chans=in_chans).state_dict()
+    except Exception:  # an architecture timm cannot build with defaults: no placeholder
+        return {}
+    return {k: torch.zeros_like(v) for k, v in full.items() if k not in backbone_state}
+
+
+def find_reports(checkpoint: Path, extra: list[str | Path] = ()) -> list[dict]:
+    """Evaluation reports (cellssl ``report.json``-style files) given, or found beside the checkpoint
+    and in its run folder (the folder above ``checkpoints/``)."""
+    paths: list[Path] = [Path(p) for p in extra]
+    for d in sorted({checkpoint.parent, checkpoint.parent.parent}):
+        paths += sorted(d.glob("*.json"))
+    out, seen = [], set()
+    for p in paths:
+        if p.resolve() in seen or not p.is_file():
+            continue
+        seen.add(p.resolve())
+        try:
+            rep = json.loads(p.read_text())
+        except (OSError, ValueError):
+            if p in [Path(x) for x in extra]:
+                raise CellSSLError(f"--report {p} is not a readable json report") from None
+            continue
+        if isinstance(rep, dict) and rep.get("kind") in REPORT_KINDS:
+            rep["_file"] = str(p)
+            out.append(rep)
+    return out
+
+
+def _onnx(model: nn.Module, path: Path, in_chans: int, size: int, output: str, opset: int) -> dict:
+    """torch -> ONNX with a dynamic batch axis; max |onnxruntime - torch| on a batch of 3."""
+    try:
+        import onnx  # noqa: F401  (the exporter writes through it)
+    except ImportError:
+        raise CellSSLError("--format onnx needs the onnx package: pip install 'cellssl[onnx]' (onnx, onnxruntime)") from None
+    model = model.eval().cpu()
+    dummy = torch.randn(2, in_chans, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, dummy, str(path), input_names=["images"], output_names=[output],
+                          dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    info: dict[str, Any] = {"file": path.name, "input": "images", "output": output, "opset": opset,
+                            "input_shape": ["batch", in_chans, size, size]}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        info["check"] = "onnxruntime not installed: not compared with torch"
+        return info
+    x = torch.randn(3, in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"images": x.numpy()})[0]
+    info["max_abs_diff_vs_torch"] = float(np.abs(got - ref).max())
+    info["check"] = f"onnxruntime {ort.__version__} vs torch {torch.__version__} on a batch of 3"
+    return info
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "safetensors",
+    reports: list[str | Path] = (),
+    opset: int = 17,
+) -> dict:
+    """Export ``checkpoint`` to the folder ``out`` (see the module docstring); returns config.json's dict."""
+    from safetensors.torch import save_file
+
+    from cellssl import __version__
+    from cellssl.config import recipe_from_dict
+    from cellssl.engine.checkpoint import load_backbone, load_checkpoint
+
+    if fmt not in FORMATS:
+        raise CellSSLError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    checkpoint = Path(checkpoint)
+    ck = load_checkpoint(checkpoint)
+    recipe = recipe_from_dict(ck["config"])
+    in_chans, size = int(ck["in_chans"]), int(recipe.data.image_size)
+    is_classifier = bool(ck.get("classes")) and "head.weight" in (ck.get("model") or {})
+    if is_classifier:
+        from cellssl.eval.predict import load_predictor
+
+        pred = load_predictor(checkpoint, device="cpu")
+        classifier, backbone = pred.model, pred.model.backbone
+    else:
+        backbone, _ = load_backbone(checkpoint)
+        classifier = None
+    backbone.eval()
+    name = recipe.model.backbone
+    out = Path(out)
+    if out.suffix:
+        raise CellSSLError(f"--out {out} must be a folder (model.safetensors, config.json and README.md go in it)")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    placeholder = _placeholder_head(name, in_chans, state) if recipe.model.stem == "default" else {}
+    with torch.no_grad():
+        n_features = int(backbone(torch.zeros(1, in_chans, size, size)).shape[1])
+
+    files = []
+    if fmt in ("safetensors", "both"):
+        meta = {"format": "pt", "producer": f"cellssl {__version__}", "architecture": name,
+                "placeholder_keys": ",".join(sorted(placeholder))}
+        save_file({**state, **placeholder}, str(out / "model.safetensors"), metadata=meta)
+        files.append("model.safetensors")
+    head = None
+    if classifier is not None:
+        head = {"classes": list(pred.classes), "normalize": bool(classifier.normalize), "file": "head.safetensors",
+                "math": "logits = weight @ (f / ||f||_2 if normalize else f) + bias; probabilities = softmax(logits)"}
+        save_file({"weight": classifier.head.weight.detach().contiguous(), "bias": classifier.head.bias.detach().contiguous()},
+                  str(out / "head.safetensors"), metadata={"classes": json.dumps(list(pred.classes))})
+        files.append("head.safetensors")
+    onnx_info = None
+    if fmt in ("onnx", "both"):
+        target = classifier if classifier is not None else backbone
+        onnx_info = _onnx(target, out / "model.onnx", in_chans, size, "logits" if classifier is not None else "features",
+                          opset)
+        onnx_info["model"] = "classifier (backbone + head)" if classifier is not None else "backbone"
+        files.append("model.onnx")
+
+    from cellssl.augment.views import channel_stats
+
+    mean, std = channel_stats(recipe.data, in_chans)
+    data = dataclasses.asdict(recipe.data)
+    timm_cfg = {
+        "tag": "cellssl", "input_size": [in_chans, size, size], "fixed_input_size": False,
+        "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "num_classes": int(next((v.shape[0] for k, v in placeholder.items() if k.endswith("weight")), 0)),
+    }
+    pc = getattr(backbone, "pretrained_cfg", None) or {}
+    for key in ("first_conv", "classifier"):
+        if pc.get(key):
+            timm_cfg[key] = pc[key]
+    found = find_reports(checkpoint, list(reports))
+    config = {
+        "architecture": name,
+        "num_classes": timm_cfg["num_classes"],
+        "num_features": n_features,
+        "pretrained_cfg": timm_cfg,
+        "model_args": {"in_chans": in_chans},
+        "preprocessing": {
+            "channels": in_chans,
+            "image_size": size,
+            "resize": f"the whole image to {size}x{size} px (cv2 INTER_AREA when shrinking, bilinear when enlarging)",
+            "values": "pixels scaled to [0, 1] first: "
+                      + ("8-bit / 255, other types by percentiles" if data["intensity"] == "auto" else data["intensity"]),
+            "normalise": "(x - mean) / std per channel",
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "modality": data["modality"], "intensity": data["intensity"], "percentiles": data["percentiles"],
+            "percentile_scope": data["percentile_scope"], "stain_normalize": data["stain_normalize"],
+        },
+        "cellssl": {
+            "version": __version__,
+            "exported": datetime.datetime.now().isoformat(timespec="seconds"),
+            "source_checkpoint": str(checkpoint.resolve()),
+            "kind": ck.get("kind", "pretrain"),
+            "method": ck.get("method"),
+            "step": ck.get("step"),
+            "stem": recipe.model.stem,
+            "timm_loadable": recipe.model.stem == "default",
+            "placeholder_classifier_keys": sorted(placeholder),
+            "recipe": ck["config"],
+            "head": head,
+            "onnx": onnx_info,
+            "evaluation": [_report_line(r) for r in found],
+            "files": files,
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "README.md").write_text(_card(config, ck, out))
+    return config
+
+
+def _report_line(report: dict) -> dict:
+    from cellssl.eval.report import format_summary
+
+    lines = [x for x in format_summary(report).splitlines() if not x.startswith("report:")]
+    return {"kind": report.get("kind"), "file": report.get("_file"), "summary": " ".join(x.strip() for x in lines)}
+
+
+def _card(config: dict, ck: dict, out: Path) -> str:
+    """The model card (README.md) of an export."""
+    c = config["cellssl"]
+    r = c["recipe"]
+    p = config["preprocessing"]
+    name, chans, size = config["architecture"], p["channels"], p["image_size"]
+    kind = {"finetune": "fine-tuned classifier", "linear": "frozen backbone + linear probe"}.get(c["kind"], "backbone")
+    train = r.get("train", {})
+    lines = [f"# {name} ({kind}) — cellssl {c['version']}", "",
+             f"A {name} backbone for {chans}-channel {p['modality']} cell images at {size} px, exported from "
+             f"`{c['source_checkpoint']}` on {c['exported'][:10]}.", "",
+             "## How it was trained", "",
+             f"- method: {c['method']}, step {c['step']}" + (f" (of {train.get('max_steps')})" if train.get("max_steps") else ""),
+             f"- recipe: {r.get('name', '?')} — {r.get('description', '') or 'no description'}",
+             f"- data: `{r.get('data', {}).get('path') or 'built-in synthetic smears'}`",
+             f"- starting weights: {r.get('model', {}).get('pretrained') or 'random initialisation'}",
+             f"- batch size {train.get('batch_size', '?')}, views {r.get('views', {}).get('n_views', '?')}, "
+             f"optimiser {r.get('optim', {}).get('name', '?')} (lr {r.get('optim', {}).get('lr', '?')}), "
+             f"stem `{c['stem']}`"]
+    if ck.get("source"):
+        lines.append(f"- backbone of this classifier: `{ck['source']}`")
+    if c["head"]:
+        lines.append(f"- classes ({len(c['head']['classes'])}): {', '.join(c['head']['classes'])}")
+    lines += ["", "## Preprocessing", "",
+              f"1. read the image; {p['values']}", f"2. resize {p['resize']}",
+              f"3. normalise `(x - mean) / std` with mean {p['mean']} and std {p['std']}",
+              f"4. tensor `(batch, {chans}, {size}, {size})`, float32", ""]
+    lines += ["## Use it", ""]
+    if c["timm_loadable"]:
+        extra = "" if chans == 3 else f", in_chans={chans}"
+        overlay = "" if chans == 3 else f", input_size=({chans}, {size}, {size})"
+        lines += ["With timm (features, `(batch, {})`):".format(config["num_features"]), "", "```python", "import timm",
+                  f"model = timm.create_model(\"{name}\", pretrained=True, num_classes=0{extra},",
+                  f"                          pretrained_cfg_overlay=dict(file=\"{out.name}/model.safetensors\"{overlay}))",
+                  "features = model(images)  # images preprocessed as above", "```", ""]
+        if config["cellssl"]["placeholder_classifier_keys"]:
+            lines += [f"Without `num_classes=0` timm builds its default {config['num_classes']}-class model; the file "
+                      f"holds zeros for that classifier ({', '.join(c['placeholder_classifier_keys'])}) so the default call "
+                      "loads too: then use `model.forward_head(model.forward_features(x), pre_logits=True)`.", ""]
+    else:
+        lines += [f"`model.stem: {c['stem']}` replaces timm's ResNet stem, so a plain `timm.create_model` cannot hold "
+                  "these weights; load them with cellssl (below).", ""]
+    if c["head"]:
+        norm = "f = f / f.norm(dim=1, keepdim=True)\n" if c["head"]["normalize"] else ""
+        lines += ["The classifier head (`head.safetensors`):", "", "```python", "from safetensors.torch import load_file",
+                  "head = load_file(\"head.safetensors\")",
+                  f"f = model(images)\n{norm}probabilities = (f @ head[\"weight\"].T + head[\"bias\"]).softmax(1)",
+                  f"classes = {c['head']['classes']}", "```", ""]
+    if c["onnx"]:
+        o = c["onnx"]
+        diff = o.get("max_abs_diff_vs_torch")
+        lines += [f"ONNX (`model.onnx`, {o['model']}, input `images` `{o['input_shape']}`, output `{o['output']}`, "
+                  f"opset {o['opset']}, dynamic batch)" + (f"; max abs difference to torch {diff:.2e} ({o['check']})"
+                                                           if diff is not None else f"; {o['check']}") + ":", "",
+                  "```python", "import onnxruntime as ort",
+                  "session = ort.InferenceSession(\"model.onnx\")",
+                  f"{o['output']} = session.run(None, {{\"images\": images.numpy()}})[0]", "```", ""]
+    lines += ["With cellssl (the folder is a starting point for every command):", "", "```bash",
+              f"cellssl linear   --checkpoint pretrained:{out.name} --train labelled/ --split 0.3 --out eval/",
+              f"cellssl finetune --checkpoint pretrained:{out.name} --data labelled/ --out runs/ft",
+              f"cellssl pretrain --recipe blood_smear --data cells/ --backbone {name} --set model.pretrained={out.name}"
+              + (f" --set model.stem={c['stem']}" if c["stem"] != "default" else ""), "```", ""]
+    lines += ["## Evaluation", ""]
+    if c["evaluation"]:
+        lines += [f"- {e['kind']}: {e['summary']} (`{e['file']}`)" for e in c["evaluation"]]
+    else:
+        lines.append("No evaluation report was found beside the checkpoint (pass `--report FILE`).")
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in c["files"] + ["config.json", "README.md"]]
+    return "\n".join(lines) + "\n"

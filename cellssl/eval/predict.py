@@ -1,0 +1,458 @@
+"""Classify new cells with a trained model: ``predictions.csv``, a differential count, the cells to check.
+
+A *predictor* is a weights-only checkpoint holding a backbone, a linear head and the classes:
+``finetune``'s ``best.pt``, or the ``classifier.pt`` that ``linear`` writes beside its report
+(the frozen backbone plus the probe, folded onto L2-normalised features). Both carry the
+``unsure`` calibration (:mod:`cellssl.eval.unsure`) and the preprocessing of the recipe they were
+trained with.
+
+Every image of a folder (recursively; any format the data layer reads) is read with that
+preprocessing and resized exactly as in training (the whole image to the model's input side).
+Images that cannot be used are never silently replaced: a folder whose images have another
+channel count than the model is a one-line error; a single unreadable file or an odd channel
+count in a mixed folder gets a row without a prediction and a reason; images whose size differs
+from the training images' by more than 2x (another magnification) are predicted but flagged.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cellssl.errors import CheckpointError, DataError
+from cellssl.eval.finetune import Classifier, softmax
+
+__all__ = ["Predictor", "load_predictor", "resolve_model_path", "predict", "format_predict_summary", "SIZE_TOLERANCE"]
+
+SIZE_TOLERANCE = 2.0  # flag images whose height or width differs from the training median by more than this factor
+CSV_NAME, SHEET_NAME = "predictions.csv", "least_certain.png"
+
+
+@dataclass
+class Predictor:
+    """A classifier ready to run: ``model`` (backbone + head, eval mode, on ``device``), ``classes``
+    (K names), ``data_cfg`` (preprocessing), ``in_chans``, ``unsure`` (calibration or None),
+    ``native_size`` ((H, W) median of the training images, or (0, 0) unknown), ``info``."""
+
+    model: Classifier
+    classes: list[str]
+    data_cfg: Any
+    in_chans: int
+    unsure: dict | None
+    native_size: list[int]
+    device: torch.device
+    info: dict = field(default_factory=dict)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A predictor file, or a folder holding one (``best.pt`` of finetune, ``classifier.pt`` /
+    ``*_classifier.pt`` of linear)."""
+    p = Path(model)
+    if p.is_dir():
+        for name in ("best.pt", "classifier.pt"):
+            if (p / name).is_file():
+                return p / name
+        found = sorted(p.glob("*_classifier.pt"))
+        if len(found) == 1:
+            return found[0]
+        raise CheckpointError(
+            f"{p} holds no model to predict with: pass finetune's RUN/best.pt or the classifier.pt that "
+            "`cellssl linear` writes beside its report" + (f" (found {len(found)} *_classifier.pt: name one)" if found else "")
+        )
+    if not p.is_file():
+        raise CheckpointError(f"model {p} does not exist")
+    return p
+
+
+def load_predictor(model: str | Path, device: str | torch.device = "auto") -> Predictor:
+    """Load a predictor (see the module docstring) with ``weights_only=True``; a pretraining
+    checkpoint (no classifier) is a one-line error that says how to make one."""
+    from cellssl.config import recipe_from_dict
+    from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
+    from cellssl.eval.features import resolve_device
+    from cellssl.models import build_backbone
+
+    path = resolve_model_path(model)
+    ck = load_checkpoint(path)
+    state = ck.get("model") or {}
+    if not ck.get("classes") or "head.weight" not in state:
+        raise CheckpointError(
+            f"{path} has no classifier (a pretraining checkpoint?): fit one on labelled cells with "
+            f"`cellssl linear --checkpoint {path} --train LABELLED --split 0.2 --out eval/` (writes eval/classifier.pt) "
+            "or `cellssl finetune` (writes RUN/best.pt), then predict with that"
+        )
+    recipe = recipe_from_dict(ck["config"])
+    in_chans = int(ck["in_chans"])
+    backbone = build_backbone(recipe.model, in_chans, recipe.data.image_size)
+    k, f = state["head.weight"].shape
+    net = Classifier(backbone, int(f), int(k), normalize=bool(ck.get("head_normalize", False)))
+    load_state_checked(net, {n: v for n, v in state.items() if n.startswith(("backbone.", "head."))},
+                       f"classifier ({recipe.model.backbone})", path)
+    dev = resolve_device(device)
+    data_cfg = copy.deepcopy(recipe.data)
+    data_cfg.path = None
+    info = {"path": str(path), "kind": ck.get("kind", "finetune"), "description": describe(ck),
+            "source": ck.get("source"), "source_description": ck.get("source_description"),
+            "backbone": recipe.model.backbone, "image_size": int(data_cfg.image_size), "in_chans": in_chans,
+            "val_accuracy": ck.get("val_accuracy")}
+    return Predictor(net.to(dev).eval(), list(ck["classes"]), data_cfg, in_chans, ck.get("unsure"),
+                     list(ck.get("native_size") or [0, 0]), dev, info)
+
+
+class _Items(Dataset):
+    """Item i: ``(tensor (C, S, S), i, reason, height, width)``; ``reason`` is "" for a usable image,
+    else why it has no prediction (the tensor is then zeros)."""
+
+    def __init__(self, ds: Any, transform: Any, in_chans: int, size: int, convert: bool):
+        self.ds, self.transform, self.in_chans, self.convert = ds, transform, in_chans, convert
+        self.blank = torch.zeros(in_chans, size, size)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        from cellssl.data.io import ImageReadError
+
+        try:
+            img = self.ds.read(i, convert=self.convert)
+        except ImageReadError as exc:
+            return self.blank, i, f"unreadable: {exc.reason}", 0, 0
+        h, w = img.shape[:2]
+        if img.shape[2] != self.in_chans:
+            return self.blank, i, f"has {img.shape[2]} channel(s); the model takes {self.in_chans}", h, w
+        return self.transform(img), i, "", h, w
+
+
+def _size_reason(h: int, w: int, native: list[int]) -> str:
+    nh, nw = native
+    if not (nh and nw and h and w):
+        return ""
+    ratio = max(h / nh, nh / h, w / nw, nw / w)
+    return f"size {h}x{w} px vs {nh}x{nw} px in training" if ratio > SIZE_TOLERANCE else ""
+
+
+def predict(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    target_error: float | None = None,
+    ood_quantile: float | None = None,
+    batch_size: int = 128,
+    device: str = "auto",
+    num_workers: int = 0,
+    sheet: int = 48,
+    progress: bool = True,
+) -> dict:
+    """Classify every image below ``data`` with the predictor ``model``; write ``out``.
+
+    Writes ``out/predictions.csv`` (one row per image: path, predicted class, its probability,
+    the top-3, ``unsure`` and why, the distance to the nearest training class, and the true class
+    when ``data`` has class sub-folders named like the model's classes), ``out/report.md`` +
+    ``report.json`` (the differential count: number and % per class, of all cells and of the
+    confident ones; the unsure rule; accuracy when labels are known) and ``out/least_certain.png``
+    (the ``sheet`` least certain cells). ``target_error`` / ``ood_quantile`` re-choose the
+    ``unsure`` thresholds from the saved validation scores (default: the ones chosen at fit time).
+    Returns the report dict.
+    """
+    from cellssl.augment.views import build_eval_transform
+    from cellssl.data.datasets import build_dataset
+    from cellssl.eval.unsure import OODModel, thresholds
+
+    t0 = time.monotonic()
+    pred = load_predictor(model, device)
+    out = Path(out)
+    if out.suffix:
+        raise DataError(f"--out {out} must be a folder (predictions.csv, report.md and {SHEET_NAME} go in it)")
+    convert = pred.data_cfg.channels is not None  # the recipe asked for a fixed channel count: convert as in training
+    ds = build_dataset(pred.data_cfg, data, labelled=None)
+    if not convert and ds.channels != pred.in_chans:
+        first = next((p for p, _ in ds.samples if p not in ds.bad_files), ds.root)
+        raise DataError(
+            f"images in {data} have {ds.channels} channel(s) (e.g. {first}) but the model was trained on "
+            f"{pred.in_chans}-channel images: predict with a model trained on images like these"
+        )
+    transform = build_eval_transform(pred.data_cfg, pred.in_chans)
+    items = _Items(ds, transform, pred.in_chans, int(pred.data_cfg.image_size), convert)
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    n = len(ds)
+    k = len(pred.classes)
+    proba = np.full((n, k), np.nan)
+    feats: np.ndarray | None = None
+    reasons = [""] * n
+    sizes = np.zeros((n, 2), dtype=np.int64)
+    iterator: Any = loader
+    if progress and len(loader) > 2:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(loader, desc="predict", unit="batch", leave=False)
+    with torch.no_grad():
+        for x, idx, why, h, w in iterator:
+            idx = idx.numpy()
+            sizes[idx, 0], sizes[idx, 1] = h.numpy(), w.numpy()
+            ok = np.array([r == "" for r in why])
+            for i, r in zip(idx, why):
+                reasons[i] = r
+            if not ok.any():
+                continue
+            f = pred.model.features(x[torch.as_tensor(ok)].to(pred.device).float())
+            logits = pred.model.classify(f).float().cpu().numpy()
+            if feats is None:
+                feats = np.full((n, f.shape[1]), np.nan, dtype=np.float32)
+            proba[idx[ok]] = softmax(logits)
+            feats[idx[ok]] = f.float().cpu().numpy()
+    used = np.array([r == "" for r in reasons])
+    if not used.any():
+        raise DataError(f"no image in {data} could be classified (e.g. {ds.samples[0][0]}: {reasons[0]})")
+
+    # --- unsure ---------------------------------------------------------------------------
+    conf = np.where(used, np.nan_to_num(proba, nan=0.0).max(axis=1), np.nan)
+    top = np.argsort(-np.nan_to_num(proba, nan=-1.0), axis=1)[:, :3]
+    dist = np.full(n, np.nan)
+    th = None
+    flags: list[list[str]] = [[] for _ in range(n)]
+    if pred.unsure:
+        th = thresholds(pred.unsure, target_error, ood_quantile)
+        ood = OODModel(pred.unsure["ood_means"].double().numpy(), pred.unsure["ood_precision"].double().numpy())
+        dist[used] = ood.distances(feats[used])
+        for i in np.flatnonzero(used):
+            if conf[i] < th["confidence_threshold"]:
+                flags[i].append(f"low confidence {conf[i]:.2f} < {th['confidence_threshold']:.2f}"
+                                if math.isfinite(th["confidence_threshold"]) else "no confidence threshold meets the target")
+            if dist[i] > th["distance_threshold"]:
+                flags[i].append(f"unlike the training cells (distance {dist[i]:.1f} > {th['distance_threshold']:.1f})")
+    for i in np.flatnonzero(used):
+        s = _size_reason(int(sizes[i, 0]), int(sizes[i, 1]), pred.native_size)
+        if s:
+            flags[i].append(s)
+    for i in np.flatnonzero(~used):
+        flags[i].append(reasons[i])
+    unsure = np.array([bool(f) for f in flags])
+
+    # --- truth, when the folder has class sub-folders named like the model's classes ----------
+    truth = np.full(n, -1, dtype=np.int64)
+    if ds.labelled:
+        lut = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in ds.classes], dtype=np.int64)
+        truth = np.where(ds.labels >= 0, lut[np.maximum(ds.labels, 0)], -1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(ds.root)
+    rel = [p.name if root.is_file() else _relative(p, root) for p, _ in ds.samples]
+    predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
+    _write_csv(out / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
+    report = _summary(pred, data, predicted, conf, used, unsure, flags, truth, th)
+    report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"), "json": str(out / "report.json")}
+    sheet_path = _contact_sheet(ds, out / SHEET_NAME, pred.classes, predicted, conf, unsure, flags, used, sheet)
+    if sheet_path:
+        report["files"]["contact_sheet"] = str(sheet_path)
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    _write_report(report, out)
+    return report
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.ndarray, conf: np.ndarray,
+               proba: np.ndarray, top: np.ndarray, unsure: np.ndarray, flags: list[list[str]], dist: np.ndarray,
+               truth: np.ndarray) -> None:
+    header = ["path", "predicted", "probability", "top3", "unsure", "reason", "distance"]
+    has_truth = bool((truth >= 0).any())
+    if has_truth:
+        header.append("true_class")
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i in range(len(rel)):
+            ok = predicted[i] >= 0
+            row = [
+                rel[i],
+                classes[predicted[i]] if ok else "",
+                f"{conf[i]:.4f}" if ok else "",
+                "; ".join(f"{classes[c]} {proba[i, c]:.3f}" for c in top[i]) if ok else "",
+                "yes" if unsure[i] else "no",
+                "; ".join(flags[i]),
+                f"{dist[i]:.2f}" if np.isfinite(dist[i]) else "",
+            ]
+            if has_truth:
+                row.append(classes[truth[i]] if truth[i] >= 0 else "")
+            w.writerow(row)
+    tmp.replace(path)
+
+
+def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.ndarray, used: np.ndarray,
+             unsure: np.ndarray, flags: list[list[str]], truth: np.ndarray, th: dict | None) -> dict:
+    from cellssl.eval.metrics import classification_metrics
+
+    k = len(pred.classes)
+    n_used = int(used.sum())
+    confident = used & ~unsure
+    n_conf = int(confident.sum())
+    all_counts = np.bincount(predicted[used], minlength=k)
+    conf_counts = np.bincount(predicted[confident], minlength=k)
+    differential = [
+        {"class": c, "cells": int(all_counts[j]), "percent": 100.0 * all_counts[j] / max(1, n_used),
+         "confident_cells": int(conf_counts[j]), "confident_percent": 100.0 * conf_counts[j] / max(1, n_conf)}
+        for j, c in enumerate(pred.classes)
+    ]
+    kinds = {"low confidence": 0, "unlike the training cells": 0, "size": 0, "no prediction": 0}
+    for i, fl in enumerate(flags):
+        for r in fl:
+            key = ("no prediction" if not used[i] else "low confidence" if r.startswith(("low confidence", "no confidence"))
+                   else "unlike the training cells" if r.startswith("unlike") else "size")
+            kinds[key] += 1
+    report: dict = {
+        "kind": "predict",
+        "model": pred.info,
+        "data": str(data),
+        "classes": pred.classes,
+        "n_images": int(len(predicted)),
+        "n_classified": n_used,
+        "n_unsure": int((unsure & used).sum()),
+        "unsure_fraction": float(unsure[used].mean()) if n_used else None,
+        "unsure_reasons": kinds,
+        "differential": differential,
+        "unsure_rule": th,
+    }
+    known = used & (truth >= 0)
+    if known.any():
+        hit = predicted == truth
+        report["evaluation"] = {
+            "n_labelled": int(known.sum()),
+            "accuracy": float(hit[known].mean()),
+            "confident_accuracy": float(hit[known & ~unsure].mean()) if (known & ~unsure).any() else None,
+            "unsure_accuracy": float(hit[known & unsure].mean()) if (known & unsure).any() else None,
+            "flagged_fraction": float(unsure[known].mean()),
+            "metrics": classification_metrics(truth[known], predicted[known], pred.classes),
+        }
+    return report
+
+
+def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarray, conf: np.ndarray,
+                   unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int, cols: int = 8) -> Path | None:
+    """PNG grid of the ``n`` least certain classified cells: those unlike the training cells first,
+    then the other flagged ones, then the rest, each group by confidence."""
+    import cv2
+
+    from cellssl.augment.grid import to_display
+    from cellssl.eval.report import pyplot
+
+    idx = np.flatnonzero(used)
+    if n <= 0 or len(idx) == 0:
+        return None
+    far = np.array([any(f.startswith("unlike") for f in fl) for fl in flags])
+    order = idx[np.lexsort((conf[idx], ~unsure[idx], ~far[idx]))][:n]
+    rows = int(math.ceil(len(order) / cols))
+    plt = pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.85 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), order):
+        img = ds.read(int(i))
+        tile = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (96, 96), interpolation=cv2.INTER_AREA)
+        tile = tile[:, :, None] if tile.ndim == 2 else tile
+        ax.imshow(to_display(tile), cmap="gray" if tile.shape[2] == 1 else None, vmin=0, vmax=1)
+        ax.set_title(f"{classes[predicted[i]][:12]} {conf[i]:.2f}{' far' if far[i] else ''}", fontsize=7,
+                     color="crimson" if unsure[i] else "black")
+    fig.suptitle("least certain cells (red: flagged unsure; 'far': unlike the training cells)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_report(report: dict, out: Path) -> None:
+    from cellssl.eval.report import jsonable, markdown_table, pct
+    from cellssl.eval.unsure import MIN_CALIBRATION_CELLS
+
+    m = report["model"]
+    lines = ["# Predictions", "",
+             f"- model: `{m['path']}` ({m['kind']}; {m['description']})",
+             f"- input: {m['in_chans']} channel(s), whole image resized to {m['image_size']} px as in training",
+             f"- data: `{report['data']}`: {report['n_images']} images, {report['n_classified']} classified"
+             + (f", {report['n_images'] - report['n_classified']} without a prediction (see the csv)"
+                if report["n_images"] > report["n_classified"] else ""),
+             f"- flagged unsure: {report['n_unsure']} ({pct(report['unsure_fraction'])} % of the classified cells)",
+             ""]
+    lines += ["## Differential count", "",
+              "Number and share of each cell type among all classified cells, and among the confident ones "
+              "(not flagged unsure). The confident cells over-represent the types the model finds easy: count "
+              "all cells, and review the unsure ones (`least_certain.png`, the `unsure` column).", ""]
+    rows = [[d["class"], d["cells"], f"{d['percent']:.1f}", d["confident_cells"], f"{d['confident_percent']:.1f}"]
+            for d in report["differential"]]
+    n_conf = sum(d["confident_cells"] for d in report["differential"])
+    rows.append(["**total**", report["n_classified"], "100.0", n_conf, "100.0" if n_conf else "–"])
+    lines += markdown_table(["class", "cells", "%", "confident cells", "% of confident"], rows) + [""]
+    th = report.get("unsure_rule")
+    lines += ["## Unsure cells", ""]
+    if th:
+        ct = th["confidence_threshold"]
+        lines.append(
+            f"- low confidence: max softmax probability below **{ct:.3f}**, the smallest threshold at which the "
+            f"{th['n_val']} {th['reference']} cells it accepts ({pct(th['val_accepted'])} % of them) have an error "
+            f"of at most {pct(th['target_error'])} % (measured: {pct(th['val_error'])} %)"
+            if math.isfinite(ct) else
+            f"- low confidence: no threshold keeps the {th['n_val']} {th['reference']} cells' error at "
+            f"{pct(th['target_error'])} %, so every cell is flagged; raise --target-error or improve the model")
+        lines.append(
+            f"- unlike the training cells: Mahalanobis distance to the nearest class mean above "
+            f"**{th['distance_threshold']:.2f}**, the {100 * th['ood_quantile']:g}th percentile of the "
+            f"{th['reference']} cells' distances")
+        if th["n_val"] < MIN_CALIBRATION_CELLS:
+            lines.append(f"- only {th['n_val']} {th['reference']} cells chose these thresholds: treat them as rough")
+    else:
+        lines.append("- this model carries no unsure calibration (made by an older cellssl): only unusable images "
+                     "and size mismatches are flagged; re-run `linear` or `finetune` to calibrate")
+    lines.append(f"- image size more than {SIZE_TOLERANCE:g}x off the training images' (another magnification?)")
+    lines.append("")
+    lines += markdown_table(["reason", "cells"], [[k, v] for k, v in report["unsure_reasons"].items()]) + [""]
+    ev = report.get("evaluation")
+    if ev:
+        lines += ["## Against the folder's labels", "",
+                  f"{ev['n_labelled']} cells are in class folders named like the model's classes.", ""]
+        lines += markdown_table(["", "value (%)"], [
+            ["accuracy, all cells", pct(ev["accuracy"])],
+            ["accuracy, confident cells", pct(ev["confident_accuracy"])],
+            ["accuracy, unsure cells", pct(ev["unsure_accuracy"])],
+            ["share flagged unsure", pct(ev["flagged_fraction"])],
+            ["balanced accuracy, all cells", pct(ev["metrics"]["balanced_accuracy"])],
+        ]) + [""]
+    files = report["files"]
+    lines += ["## Files", "", f"- `{Path(files['csv']).name}`: one row per image (path, predicted, probability, "
+              "top3, unsure, reason, distance)"]
+    if files.get("contact_sheet"):
+        lines += [f"- `{Path(files['contact_sheet']).name}`: the least certain cells", "",
+                  f"![least certain cells]({Path(files['contact_sheet']).name})"]
+    (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
+    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
+
+
+def format_predict_summary(report: dict) -> str:
+    """A few lines for the terminal."""
+    from cellssl.eval.report import pct
+
+    top = sorted(report["differential"], key=lambda d: -d["cells"])[:4]
+    lines = [f"classified {report['n_classified']}/{report['n_images']} images in {report['seconds']} s; "
+             f"unsure: {report['n_unsure']} ({pct(report['unsure_fraction'])} %)",
+             "  " + ", ".join(f"{d['class']} {d['percent']:.1f} %" for d in top)]
+    ev = report.get("evaluation")
+    if ev:
+        lines.append(f"  accuracy {pct(ev['accuracy'])} % (confident cells: {pct(ev['confident_accuracy'])} %, "
+                     f"{pct(ev['flagged_fraction'])} % flagged)")
+    lines.append(f"report: {report['files']['markdown']}")
+    return "\n".join(lines)
