@@ -34,8 +34,9 @@ def _eval_options(f):
     f = click.option("--adapt-bn", type=click.Path(), default=None,
                      help="Re-estimate BatchNorm statistics on this folder first (AdaBN).")(f)
     f = click.option("--checkpoint", required=True,
-                     help="A checkpoint from `cellssl pretrain`, random:<timm name> for a random-init baseline, or "
-                          "pretrained:<timm tag | exported folder | NAME=FILE> for published starting weights.")(f)
+                     help="A checkpoint from `cellssl pretrain`; baselines: random:<timm name> (random init), "
+                          "pixels:<side> (raw pixels, e.g. pixels:16), or pretrained:<timm tag | exported folder | "
+                          "NAME=FILE> for published starting weights.")(f)
     return f
 
 

@@ -15,7 +15,7 @@ from cellssl.config import Recipe
 
 
 def run_demo(recipe: Recipe, out: Path) -> Path:
-    """Pretrain ``recipe`` into ``out/pretrain``, evaluate against a random-init baseline.
+    """Pretrain ``recipe`` into ``out/pretrain``, evaluate against random-init and raw-pixel baselines.
 
     Returns the path of ``out/report.md``.
     """
@@ -50,9 +50,12 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     ev = recipe.eval
     shots = tuple(ev.shots)
     rows = {}
-    for name, ckpt in (("cellssl MSBReg" if recipe.method.name == "msbreg" else recipe.method.name, str(result.checkpoint)),
-                       (f"random-init {recipe.model.backbone}", f"random:{recipe.model.backbone}")):
-        tag = "pretrained" if ckpt.endswith(".pt") else "random"
+    baselines = (
+        ("cellssl MSBReg" if recipe.method.name == "msbreg" else recipe.method.name, str(result.checkpoint), "pretrained"),
+        (f"random-init {recipe.model.backbone}", f"random:{recipe.model.backbone}", "random"),
+        ("raw pixels (16×16)", "pixels:16", "pixels"),  # colour alone is informative for blood cells
+    )
+    for name, ckpt, tag in baselines:
         kw = dict(image_size=size, device=recipe.train.device)
         fs = fewshot(ckpt, str(eval_dir), str(out / tag / "fewshot.json"), ways=ev.ways, shots=shots,
                      queries=ev.queries, episodes=ev.episodes, **kw)
@@ -80,7 +83,7 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
         "",
         f"Few-shot: {fs['settings']['ways']}-way episodes, {ev.queries} queries, {ev.episodes} episodes, "
         "SimpleShot (centred, L2-normalised nearest centroid).",
-        "Details and plots: `pretrained/fewshot.md`, `pretrained/linear.md`, `random/…`; "
+        "Details and plots: `pretrained/fewshot.md`, `pretrained/linear.md`, `random/…`, `pixels/…`; "
         "training curves: `pretrain/metrics.jsonl` (TensorBoard: `pretrain/tensorboard`).",
     ]
     report = out / "report.md"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cellssl.config import Recipe, recipe_to_dict
 from cellssl.engine.checkpoint import FORMAT, load_backbone
-from cellssl.errors import CheckpointError, DataError
+from cellssl.errors import CellSSLError, CheckpointError, DataError
 from cellssl.eval.features import embed, load_features
 from cellssl.eval.fewshot import fewshot
 from cellssl.eval.finetune import finetune
@@ -171,3 +171,29 @@ def test_load_features_with_adabn(folder, ckpt, tmp_path):
     adapted = load_features(ckpt, folder, device="cpu", progress=False, max_per_class=3, adapt_bn=target)
     assert adapted.features.shape == plain.features.shape and not np.allclose(adapted.features, plain.features)
     assert adapted.info["adapt_bn"] == str(target)
+
+
+def test_raw_pixel_baseline_spec(tmp_path):
+    """``pixels:<side>`` goes through the same evaluation path: features are the area-averaged
+    image (C·side·side values) and separate colour-coded classes."""
+    folder = make_folder(tmp_path / "cells", n_per=10)
+    fs = load_features("pixels:4", folder, image_size=16, device="cpu", progress=False)
+    assert fs.features.shape == (30, 3 * 4 * 4) and fs.info["method"] == "raw pixels"
+    r = linear("pixels:4", folder, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=16, device="cpu")
+    assert r["accuracy"] > 0.6
+    assert "raw pixels" in (tmp_path / "lin" / "linear.md").read_text()
+    with pytest.raises(CellSSLError, match="pixels:16"):
+        load_features("pixels:abc", folder, image_size=16, device="cpu", progress=False)
+
+
+def test_demo_report_compares_with_random_init_and_raw_pixels(tmp_path):
+    from cellssl.config import load_recipe
+    from cellssl.demo import run_demo
+
+    recipe = load_recipe("cpu_demo", ["train.max_steps=3", "data.synth_n=96", "data.image_size=16",
+                                      "train.batch_size=16", "data.num_workers=0", "train.progress=false",
+                                      "eval.episodes=20", "eval.shots=[1]", "model.proj_hidden=32",
+                                      "model.pred_hidden=32", "model.proj_dim=16"])
+    report = run_demo(recipe, tmp_path / "demo").read_text()
+    assert "cellssl MSBReg" in report and "random-init resnet18" in report and "raw pixels" in report
+    assert (tmp_path / "demo" / "pixels" / "linear.md").is_file()

@@ -202,7 +202,8 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
     """A frozen-feature backbone from a checkpoint, or a random-init one for baselines.
 
     Args:
-        spec: a checkpoint path; ``"random:<timm name>"`` for a randomly initialised backbone
+        spec: a checkpoint path; ``"pixels:<side>"`` for the raw-pixel baseline (images area-averaged
+            to side×side and flattened); ``"random:<timm name>"`` for a randomly initialised backbone
             built the same way (same stem choice) as a pretrained one; or ``"pretrained:..."`` /
             ``"imagenet:..."`` for published or exported starting weights (:func:`pretrained_recipe`);
             an exported model folder (``cellssl export``) is read as ``pretrained:<folder>``.
@@ -219,6 +220,20 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
     spec = str(spec)
     if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():  # an exported model folder
         spec = f"pretrained:{spec}"
+    if spec.startswith("pixels:"):
+        from cellssl.config import Recipe
+        from cellssl.models.backbone import PixelFeatures
+
+        side = spec.split(":", 1)[1].strip() or "16"
+        if not side.isdigit():
+            raise CheckpointError(f"{spec}: give the side in pixels, e.g. pixels:16")
+        recipe = Recipe()
+        recipe.model.backbone = spec
+        recipe.data.image_size = image_size or recipe.data.image_size
+        chans = in_chans or 3
+        info = {"config": recipe_to_dict(recipe), "in_chans": chans, "image_size": recipe.data.image_size,
+                "method": "raw pixels", "step": 0}
+        return PixelFeatures(chans, int(side)).eval(), info
     if spec.startswith("random:"):
         from cellssl.config import Recipe
 

@@ -225,6 +225,8 @@ def _checkpoint_lines(report: dict) -> list[str]:
         lines.append(f"- BatchNorm statistics re-estimated (AdaBN) on `{ck['adapt_bn']}`")
     if str(ck.get("spec", "")).startswith("random:"):
         lines.append("- *random initialisation: a baseline, not a trained model*")
+    if str(ck.get("spec", "")).startswith("pixels:"):
+        lines.append("- *raw pixels (area-averaged, flattened): a baseline, not a trained model*")
     return lines + [""]
 
 

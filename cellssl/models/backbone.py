@@ -255,3 +255,19 @@ def check_input_size(model: nn.Module, name: str, in_chans: int, image_size: int
 def list_backbones(pattern: str = "*") -> list[str]:
     """timm model names matching ``pattern`` (for ``cellssl list backbones``)."""
     return timm.list_models(pattern)
+
+
+class PixelFeatures(nn.Module):
+    """The raw-pixel baseline as a "backbone": each image area-averaged to ``side``×``side`` and
+    flattened, ``(B, C, H, W) -> (B, C·side·side)``. No parameters; the ``pixels:<side>`` spec of
+    every evaluation command (e.g. ``--checkpoint pixels:16``), the counterpart of ``random:``."""
+
+    def __init__(self, in_chans: int, side: int = 16) -> None:
+        super().__init__()
+        if side < 1:
+            raise ConfigError(f"pixels:{side}: the side must be a positive number of pixels, e.g. pixels:16")
+        self.side = int(side)
+        self.num_features = int(in_chans) * self.side * self.side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool2d(x, self.side).flatten(1)
