@@ -135,9 +135,11 @@ def typicality(z: np.ndarray, clusters: np.ndarray, k: int = TYPICALITY_K, eps: 
     return out
 
 
-def _distance_chunks(z: np.ndarray, chunk: int = 2048):
+def _distance_chunks(z: np.ndarray, chunk: int | None = None):
     """Yield ``(start, D)`` with D (c, N) float32 Euclidean distances of rows start..start+c to all
-    rows of the L2-normalised ``z``: ``||a - b|| = sqrt(2 - 2 a·b)``. Memory O(chunk · N)."""
+    rows of the L2-normalised ``z``: ``||a - b|| = sqrt(2 - 2 a·b)``. Memory O(chunk · N); the
+    default chunk keeps each (c, N) block near 8 M values (32 MB)."""
+    chunk = chunk or int(np.clip(2**23 // max(len(z), 1), 64, 4096))
     for s in range(0, len(z), chunk):
         g = z[s:s + chunk] @ z.T
         yield s, np.sqrt(np.maximum(2.0 - 2.0 * g, 0.0, dtype=np.float32))
@@ -199,7 +201,7 @@ def random_selection(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int
 
 
 def probcover_delta(z: np.ndarray, n_classes: int, alpha: float = PROBCOVER_ALPHA, seed: int = 0,
-                    chunk: int = 2048) -> tuple[float, float]:
+                    chunk: int | None = None) -> tuple[float, float]:
     """ProbCover's ball radius: the largest δ at which ≥ ``alpha`` of the δ-balls are pure.
 
     Cells are k-means clustered into ``n_classes`` groups; the ball of x is pure when no cell of
@@ -222,7 +224,7 @@ def probcover_delta(z: np.ndarray, n_classes: int, alpha: float = PROBCOVER_ALPH
     return delta, float(np.mean(r > delta))
 
 
-def ball_graph(z: np.ndarray, delta: float, chunk: int = 2048):
+def ball_graph(z: np.ndarray, delta: float, chunk: int | None = None):
     """Sparse (N, N) CSR adjacency of the δ-ball graph: ``A[i, j] = 1`` iff ``||z_i − z_j|| <= δ``
     (self loops included). Built chunk by chunk: memory O(edges + chunk · N), not O(N²)."""
     from scipy import sparse
@@ -249,10 +251,11 @@ def probcover(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, n
     rest of the budget is drawn at random (as in the paper).
 
     Written here rather than taken from scikit-activeml, whose ``ProbCover`` picks the same way
-    but holds the dense N×N distance matrix and edge matrix (and copies the latter at every
-    pick): 19 s and 1.6 GB for 80 picks from 10,000 cells, ~10 GB for 50,000. This version keeps
-    a sparse graph and updates degrees incrementally (see benchmarks/selection.py for timings);
-    tests check its degrees equal scikit-activeml's.
+    but holds the dense N×N distance and edge matrices and copies the edge matrix at every pick:
+    about 20 s and 0.7 GB of arrays for 80 picks from 10,000 cells, growing as N² (~18 GB at
+    50,000). This version builds a sparse graph chunk by chunk and updates the degrees
+    incrementally (about 3 s and 0.15 GB at 10,000; benchmarks/selection.py prints both), and
+    chooses δ exactly instead of on a grid; tests check its degrees equal scikit-activeml's.
     """
     n = len(z)
     info: dict[str, Any] = {"alpha": alpha, "n_classes": int(n_classes)}
@@ -553,8 +556,12 @@ def _place_images(ds: Any, rows: np.ndarray, numbers: list[int], img_dir: Path, 
 
 
 def _rel(path: Path, start: Path) -> str:
-    """``path`` relative to ``start`` (with ``..``), posix separators."""
-    return Path(os.path.relpath(Path(path).absolute(), Path(start).absolute())).as_posix()
+    """``path`` relative to ``start`` (with ``..``; posix separators) when they share a folder
+    below the file-system root, else absolute (a relative path through ``/`` helps nobody)."""
+    p, s = Path(path).absolute(), Path(start).absolute()
+    if os.path.commonpath([p, s]) == p.anchor:
+        return p.as_posix()
+    return Path(os.path.relpath(p, s)).as_posix()
 
 
 def _fmt_report(rep: dict, table: list[dict]) -> str:
@@ -596,7 +603,9 @@ def _fmt_report(rep: dict, table: list[dict]) -> str:
         f"cellssl finetune --checkpoint {ck.get('spec', 'CKPT')} --data {rep['files']['csv']} --out runs/finetuned",
         "```",
         "",
-        "3. **Next round**: choose more cells, away from those already labelled:",
+        "3. **Classify the whole pool** with the trained model: "
+        f"`cellssl predict --model runs/finetuned/best.pt --data {rep['data']} --out predictions/`.",
+        "4. **Next round**: choose more cells, away from those already labelled:",
         "",
         "```bash",
         f"cellssl select --checkpoint {ck.get('spec', 'CKPT')} --data {rep['data']} --budget {rep['budget']} "
