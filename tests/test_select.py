@@ -290,6 +290,12 @@ def test_select_errors_are_one_line(pool: Path, tmp_path: Path, capsys) -> None:
                             capsys)
     assert code == 2 and "does not exist" in err
 
+    wrong = tmp_path / "other.npz"
+    np.savez(wrong, features=np.zeros((2, 4), np.float32), paths=np.asarray(["a.png", "b.png"]))
+    code, _, err = run_main([*base, "--data", str(pool), "--budget", "2", "--features", str(wrong)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--features {wrong} has no features for 48 of the 48 images" in err and "embed this folder again" in err
+
     code, _, err = run_main([*base, "--data", str(pool), "--budget", "0"], capsys)
     assert code == 2 and "--budget" in err
 
