@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from cellssl.cli import main
+from cellssl.data.datasets import DataWarning
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.select import (
     ball_graph,
@@ -328,6 +329,7 @@ def cellssl(args: list[str], cwd: Path, capsys) -> str:
     return out
 
 
+@pytest.mark.filterwarnings("ignore:manifest .* rows have no label:UserWarning")
 def test_select_label_train_predict_loop(tmp_path: Path, capsys) -> None:
     """README's loop on a small folder: select 9 cells (as a real `python -m cellssl` process), the
     'expert' (this test) fills in the label column, and the filled CSV is the training set of
@@ -353,8 +355,9 @@ def test_select_label_train_predict_loop(tmp_path: Path, capsys) -> None:
     labels = [r["label"] for r in rows[:-1]]
     assert sorted(set(labels)) == ["blue", "green", "red"] and min(labels.count(c) for c in set(labels)) >= 2
 
-    cellssl(["linear", *ck, "--train", "to_label/to_label.csv", "--test", "test", "--out", "eval/linear"],
-            tmp_path, capsys)
+    with pytest.warns(DataWarning, match="1 of 9 rows have no label and are left out"):
+        cellssl(["linear", *ck, "--train", "to_label/to_label.csv", "--test", "test", "--out", "eval/linear"],
+                tmp_path, capsys)
     lin = json.loads((tmp_path / "eval" / "linear" / "report.json").read_text())
     assert lin["settings"]["n_train"] == 8 and lin["accuracy"] >= 0.8  # 3 colour classes, chance 1/3
     cellssl(["knn", *ck, "--train", "to_label/to_label.csv", "--test", "test", "--k", "3", "--out", "eval/knn"],

@@ -157,7 +157,9 @@ def typiclust(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, k
         """KMeans that keeps the labels TypiClust fits (to report each cell's cluster)."""
 
         def fit_predict(self, X, y=None, sample_weight=None):
-            fitted["labels"] = super().fit_predict(X, y, sample_weight=sample_weight)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # duplicates -> "fewer distinct clusters"; handled below
+                fitted["labels"] = super().fit_predict(X, y, sample_weight=sample_weight)
             return fitted["labels"]
 
     qs = TypiClust(random_state=seed, cluster_algo=_RecordingKMeans, cluster_algo_dict={"n_init": "auto"}, k=k)
