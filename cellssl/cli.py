@@ -271,6 +271,43 @@ def export(checkpoint, out, fmt, reports):
     click.echo(f"model card: {Path(out) / 'README.md'}")
 
 
+# ---- which cells to label ----------------------------------------------------------------
+@cli.command("select", context_settings=CONTEXT)
+@_eval_options
+@click.option("--data", required=True, type=click.Path(), help="The unlabelled pool (folder or CSV manifest).")
+@click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True, help="Cells to select.")
+@click.option("--strategy", type=click.Choice(["typiclust", "probcover", "coreset", "random"]), default="typiclust",
+              show_default=True, help="typiclust: typical cells of every region (best at small budgets).")
+@click.option("--labelled", multiple=True, type=click.Path(),
+              help="CSV (e.g. a filled-in to_label.csv) or folder of cells already labelled: the new cells "
+                   "avoid what they cover (repeatable).")
+@click.option("--features", type=click.Path(), default=None,
+              help="Reuse the pool's embeddings.npz (from a previous select or `cellssl embed`).")
+@click.option("--n-classes", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Expected number of cell types (sets probcover's ball radius).")
+@click.option("--link", is_flag=True, help="Symlink the selected images into OUT/images instead of copying them.")
+@click.option("--no-map", is_flag=True, help="Skip the 2-D map of the pool in report.md (t-SNE: ~10-20 s).")
+@click.option("--seed", type=int, default=0)
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for to_label.csv, contact_sheet.png, images/, map.png, report.md.")
+def select(checkpoint, data, budget, strategy, labelled, features, n_classes, link, no_map, seed, out, image_size,
+           batch_size, device, adapt_bn):
+    """Which cells should the expert label first? Embed the pool and choose --budget cells.
+
+    \b
+    Loop: select -> label (fill in the 'label' column of OUT/to_label.csv, using the numbered
+    OUT/contact_sheet.png) -> linear / knn / fewshot / finetune with the CSV as labelled data
+    -> next round with --labelled OUT/to_label.csv.
+    """
+    from cellssl.eval.select import format_selection
+    from cellssl.eval.select import select as run
+
+    report = run(checkpoint, data, out, budget=budget, strategy=strategy, labelled=labelled, features=features,
+                 seed=seed, n_classes=n_classes, link=link, image_size=image_size, batch_size=batch_size,
+                 device=device, adapt_bn=adapt_bn, map_points=0 if no_map else 2000)
+    click.echo(format_selection(report))
+
+
 # ---- data --------------------------------------------------------------------------------
 @cli.group(context_settings=CONTEXT)
 def datasets():

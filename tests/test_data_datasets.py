@@ -139,6 +139,25 @@ def test_csv_manifest(tmp_path: Path) -> None:
     assert not ds2.labelled and len(ds2) == 2
 
 
+def test_csv_manifest_blank_labels(tmp_path: Path) -> None:
+    """A partly filled manifest (e.g. select's to_label.csv): labelled use keeps the labelled rows
+    with a warning; auto mode keeps every row (blank = -1); an unfilled one is unlabelled."""
+    for i, v in enumerate((1, 2, 3)):
+        _png(tmp_path / "imgs" / f"{i}.png", v)
+    part = tmp_path / "part.csv"
+    part.write_text("path,label,row\nimgs/0.png,b,1\nimgs/1.png,,2\nimgs/2.png,a,3\n")
+    with pytest.warns(DataWarning, match="1 of 3 rows have no label"):
+        ds = build_dataset(DataConfig(), part, labelled=True)
+    assert ds.classes == ["a", "b"] and list(ds.labels) == [1, 0] and ds.paths[1].name == "2.png"
+    auto = build_dataset(DataConfig(), part)
+    assert list(auto.labels) == [1, -1, 0]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,label\nimgs/0.png,\nimgs/1.png,\n")
+    assert not build_dataset(DataConfig(), empty).labelled
+    with pytest.raises(DataError, match="no labels yet: fill in its label column"):
+        build_dataset(DataConfig(), empty, labelled=True)
+
+
 def test_npz_layout(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     f = tmp_path / "bloodmnist.npz"

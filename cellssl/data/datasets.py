@@ -262,11 +262,21 @@ def _csv_samples(path: Path, labelled: bool | None) -> tuple[list[tuple[Path, in
     if l_col is None or labelled is False:
         return [(p, -1) for p in files], []
     names = [r[l_col].strip() if len(r) > l_col else "" for r in rows]
-    if any(n == "" for n in names):
-        raise DataError(f"manifest {path} has rows without a label: fill the label column or pass labelled=False")
-    uniq = sorted(set(names), key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+    blank = sum(n == "" for n in names)
+    if blank == len(names):
+        if labelled:
+            raise DataError(f"manifest {path} has no labels yet: fill in its label column "
+                            "(e.g. the to_label.csv written by 'cellssl select')")
+        return [(p, -1) for p in files], []
+    if blank and labelled:
+        # A partly filled manifest (an expert skipped unsure cells): train on the labelled rows.
+        warnings.warn(f"manifest {path}: {blank} of {len(names)} rows have no label and are left out "
+                      "(fill in their label column to use them)", DataWarning, stacklevel=3)
+        files, names = [f for f, n in zip(files, names) if n], [n for n in names if n]
+    uniq = sorted({n for n in names if n}, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
     index = {n: k for k, n in enumerate(uniq)}
-    return [(p, index[n]) for p, n in zip(files, names)], uniq
+    # labelled=None keeps unlabelled rows as -1 (e.g. embedding a partly labelled manifest)
+    return [(p, index[n] if n else -1) for p, n in zip(files, names)], uniq
 
 
 def _npz_dataset(spec: str, cfg: DataConfig, labelled: bool | None, transform: Any) -> ArrayImageDataset:

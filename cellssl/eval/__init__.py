@@ -2,6 +2,7 @@
 
 - :mod:`cellssl.eval.features` — features of a folder, computed once (``load_features``, ``embed``)
 - :mod:`cellssl.eval.fewshot` — N-way K-shot episodes, SimpleShot (CL2N nearest centroid) / logreg
+- :mod:`cellssl.eval.select` — which cells to label first (TypiClust, ProbCover, CoreSet, random)
 - :mod:`cellssl.eval.linear` — logistic-regression linear probe
 - :mod:`cellssl.eval.knn` — weighted kNN (and the online kNN monitor used during pretraining)
 - :mod:`cellssl.eval.finetune` — supervised fine-tuning with early stopping
