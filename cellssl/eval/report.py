@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding"]
+__all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
+           "jsonable", "tsne_2d"]
 
 _TITLES = {
     "fewshot": "Few-shot evaluation",
@@ -43,14 +44,14 @@ def report_paths(out: str | Path) -> dict[str, Path]:
     }
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """numpy / Path / tuple -> plain JSON types; NaN/inf -> None."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
@@ -138,20 +139,26 @@ def embedding_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
     except Exception:
         pass
+    return tsne_2d(x, seed), "t-SNE"
+
+
+def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """PCA(50) (when wider than 50) + t-SNE of (N, F) features -> (N, 2), perplexity
+    ``min(30, max(2, (N - 1) / 3))``, run with ONE OpenMP thread: sklearn's and torch's libgomp
+    copies otherwise busy-wait against each other (t-SNE of 36 points took 15 s after a torch
+    forward pass; 0.1 s limited). Every t-SNE of cellssl goes through here."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
-
     from threadpoolctl import threadpool_limits
 
+    x = np.asarray(x, dtype=np.float32)
     n = len(x)
-    # One OpenMP thread: sklearn's and torch's libgomp copies otherwise busy-wait against each
-    # other (t-SNE of 36 points took 15 s after a torch forward pass; 0.1 s limited).
     with threadpool_limits(1, user_api="openmp"):
         if x.shape[1] > 50 and n > 50:
             x = PCA(n_components=50, random_state=seed).fit_transform(x)
         perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
         tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-        return tsne.fit_transform(x), "t-SNE"
+        return tsne.fit_transform(x)
 
 
 def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int = 0, title: str = "") -> Path | None:
@@ -226,7 +233,7 @@ def _settings_lines(report: dict) -> list[str]:
     st = report.get("settings") or {}
     if not st:
         return []
-    rows = [[k, json.dumps(_jsonable(v)) if isinstance(v, (list, dict)) else v] for k, v in st.items()]
+    rows = [[k, json.dumps(jsonable(v)) if isinstance(v, (list, dict)) else v] for k, v in st.items()]
     return ["## Settings", "", *_table(["setting", "value"], rows), ""]
 
 
@@ -336,7 +343,7 @@ def write_report(report: dict, out: str | Path, kind: str, *, features: Any = No
         for name, p in made.items():
             lines += [f"![{name}]({p.name})", ""]
     paths["markdown"].write_text("\n".join(lines).rstrip() + "\n")
-    paths["json"].write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    paths["json"].write_text(json.dumps(jsonable(report), indent=2) + "\n")
     return paths["json"]
 
 
