@@ -54,7 +54,7 @@ def test_nan_loss_step_is_skipped_and_run_continues(tmp_path, tiny_folder, monke
                     [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}"])
     with pytest.warns(UserWarning, match="non-finite loss"):
         res = fit(r)
-    assert res.step == 5
+    assert res.step == 5 and res.skipped_steps == 1
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(all(v == v for v in row.values() if isinstance(v, float)) for row in rows)  # no NaN logged
     for v in load_checkpoint(res.checkpoint)["model"].values():
