@@ -11,9 +11,39 @@ from pathlib import Path
 
 import click
 
-from cellssl.errors import CellSSLError
+from cellssl.config import OPTIONS, parse_value, value_range, value_type
+from cellssl.errors import CellSSLError, ConfigError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class RecipeValue(click.ParamType):
+    """An option checked exactly like the recipe value ``key`` (``train.max_steps``) or the
+    ``cellssl.config.OPTIONS`` entry ``key``: same type, finite, in the same range. A bad value is
+    a one-line ``error:`` (exit 2) naming the option, the recipe key and the allowed range.
+    ``allow``: words that mean "not set" (``all`` for ``--ways``), converted to None."""
+
+    def __init__(self, key: str, allow: tuple[str, ...] = ()):
+        self.key, self.allow = key, allow
+        self.name = "float" if value_type(key, element=True) is float else "integer"
+
+    def get_metavar(self, param, ctx=None) -> str:  # shown in --help: the type and the allowed range
+        rng = value_range(self.key)
+        return " | ".join([f"{self.name.upper()}{f' ({rng.describe()})' if rng else ''}", *self.allow])
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() in self.allow:
+            return None
+        opt = param.opts[0] if param is not None else self.key
+        label = opt if self.key in OPTIONS else f"{opt} ({self.key})"
+        try:
+            return parse_value(self.key, value, label)
+        except ConfigError:
+            if not self.allow:
+                raise
+            words = " or ".join(repr(a) for a in self.allow)
+            raise ConfigError(f"{label} must be {words} or a whole number {value_range(self.key).describe()}, "
+                              f"got {value!r}") from None
 
 
 # ---- shared options ----------------------------------------------------------------------
@@ -29,8 +59,10 @@ def _recipe_options(f):
 
 def _eval_options(f):
     f = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")(f)
-    f = click.option("--batch-size", type=int, default=256, show_default=True, help="Feature extraction batch.")(f)
-    f = click.option("--image-size", type=int, default=None, help="Input size (default: the checkpoint's).")(f)
+    f = click.option("--batch-size", type=RecipeValue("eval.batch_size"), default=256, show_default=True,
+                     help="Feature extraction batch.")(f)
+    f = click.option("--image-size", type=RecipeValue("data.image_size"), default=None,
+                     help="Input size (default: the checkpoint's).")(f)
     f = click.option("--adapt-bn", type=click.Path(), default=None,
                      help="Re-estimate BatchNorm statistics on this folder first (AdaBN).")(f)
     f = click.option("--checkpoint", required=True,
@@ -83,20 +115,21 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--data", type=click.Path(), default=None, help="Image folder (default: the recipe's, else synthetic).")
 @click.option("--out", type=click.Path(), default=None, help="Run folder (default: runs/<recipe>-<time>).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
-@click.option("--max-steps", type=int, default=None)
-@click.option("--epochs", type=int, default=None)
-@click.option("--max-minutes", type=float, default=None,
+@click.option("--max-steps", type=RecipeValue("train.max_steps"), default=None)
+@click.option("--epochs", type=RecipeValue("train.epochs"), default=None)
+@click.option("--max-minutes", type=RecipeValue("train.max_minutes"), default=None,
               help="Wall-clock budget: the first steps are timed, then the whole schedule (warm-up, cosine LR, "
                    "EMA) is sized to the steps that fit, so the run anneals and ends on time; --resume keeps it.")
-@click.option("--batch-size", type=int, default=None, help="Per-process batch size.")
-@click.option("--image-size", type=int, default=None)
+@click.option("--batch-size", type=RecipeValue("train.batch_size"), default=None, help="Per-process batch size.")
+@click.option("--image-size", type=RecipeValue("data.image_size"), default=None)
 @click.option("--backbone", default=None, help="Any timm model name.")
 @click.option("--method", default=None, help="msbreg | byol | simclr | vicreg | barlow")
-@click.option("--seed", type=int, default=None)
-@click.option("--workers", type=int, default=None, help="Data-loader worker processes.")
-@click.option("--checkpoint-every", type=int, default=None)
+@click.option("--seed", type=RecipeValue("train.seed"), default=None)
+@click.option("--workers", type=RecipeValue("data.num_workers"), default=None, help="Data-loader worker processes.")
+@click.option("--checkpoint-every", type=RecipeValue("train.checkpoint_every"), default=None)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
-def pretrain(recipe, overlays, overrides, resume, **flags):
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise).")
+def pretrain(recipe, overlays, overrides, resume, overwrite, **flags):
     """Self-supervised pretraining (MSBReg by default). Multi-GPU: torchrun --nproc_per_node N -m cellssl.cli pretrain ..."""
     from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
@@ -104,8 +137,12 @@ def pretrain(recipe, overlays, overrides, resume, **flags):
     r = load_recipe(recipe, list(overrides) + _flag_overrides(**flags), list(overlays))
     if resume and not r.train.out:
         raise CellSSLError("--resume needs --out (the run folder to continue)")
-    result = fit(r, resume=resume)
+    if resume and overwrite:
+        raise CellSSLError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    result = fit(r, resume=resume, overwrite=overwrite)
     note = f" (stopped early: {result.stopped_early})" if result.stopped_early else ""
+    if result.skipped_steps:
+        note += f" ({result.skipped_steps} step(s) skipped: non-finite loss)"
     click.echo(f"pretrained {result.step}/{result.total_steps} steps{note}; checkpoint: {result.checkpoint}")
 
 
@@ -113,7 +150,7 @@ def pretrain(recipe, overlays, overrides, resume, **flags):
 @_recipe_options
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
 @click.option("--data", type=click.Path(), default=None, help="Labelled folder (default: built-in synthetic smears).")
-@click.option("--max-steps", type=int, default=None)
+@click.option("--max-steps", type=RecipeValue("train.max_steps"), default=None)
 @click.option("--device", default=None)
 def demo(recipe, overlays, overrides, out, data, max_steps, device):
     """The main job end to end: pretrain MSBReg, then few-shot + linear evaluation with a report.
@@ -146,20 +183,21 @@ def embed(checkpoint, data, out, image_size, batch_size, device, adapt_bn):
 @cli.command(context_settings=CONTEXT)
 @_eval_options
 @click.option("--data", required=True, type=click.Path(), help="Labelled folder (one sub-folder per class).")
-@click.option("--ways", default="all", show_default=True, help="N classes per episode, or 'all'.")
-@click.option("--shots", type=int, multiple=True, default=(1, 5, 10), show_default=True, help="K (repeatable).")
-@click.option("--queries", type=int, default=15, show_default=True)
-@click.option("--episodes", type=int, default=600, show_default=True)
+@click.option("--ways", type=RecipeValue("eval.ways", allow=("all",)), default="all", show_default=True,
+              help="N classes per episode, or 'all'.")
+@click.option("--shots", type=RecipeValue("eval.shots"), multiple=True, default=(1, 5, 10), show_default=True,
+              help="K (repeatable).")
+@click.option("--queries", type=RecipeValue("eval.queries"), default=15, show_default=True)
+@click.option("--episodes", type=RecipeValue("eval.episodes"), default=600, show_default=True)
 @click.option("--classifier", type=click.Choice(["prototype", "logreg"]), default="prototype", show_default=True)
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path(), help="report.json (report.md and plots go next to it)")
 def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, out, image_size, batch_size, device,
             adapt_bn):
     """N-way K-shot episodes (SimpleShot or logistic regression): mean accuracy with 95% CI."""
     from cellssl.eval.fewshot import fewshot as run
 
-    n_ways = None if str(ways).lower() == "all" else int(ways)
-    report = run(checkpoint, data, out, ways=n_ways, shots=tuple(shots), queries=queries, episodes=episodes,
+    report = run(checkpoint, data, out, ways=ways, shots=tuple(shots), queries=queries, episodes=episodes,
                  classifier=classifier, seed=seed, image_size=image_size, batch_size=batch_size, device=device,
                  adapt_bn=adapt_bn)
     _print_summary(report)
@@ -169,8 +207,8 @@ def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, 
 @_eval_options
 @click.option("--train", "train_dir", required=True, type=click.Path())
 @click.option("--test", "test_dir", default=None, type=click.Path(), help="Labelled test folder.")
-@click.option("--split", type=float, default=None, help="No --test: hold out this fraction of --train.")
-@click.option("--seed", type=int, default=0)
+@click.option("--split", type=RecipeValue("--split"), default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path())
 def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_size, device, adapt_bn):
     """Linear probe (logistic regression, C chosen on a validation split) on frozen features."""
@@ -185,10 +223,10 @@ def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_
 @_eval_options
 @click.option("--train", "train_dir", required=True, type=click.Path())
 @click.option("--test", "test_dir", default=None, type=click.Path())
-@click.option("--split", type=float, default=None, help="No --test: hold out this fraction of --train.")
-@click.option("--k", type=int, default=20, show_default=True)
-@click.option("--temperature", type=float, default=0.07, show_default=True)
-@click.option("--seed", type=int, default=0)
+@click.option("--split", type=RecipeValue("--split"), default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--k", type=RecipeValue("eval.knn_k"), default=20, show_default=True)
+@click.option("--temperature", type=RecipeValue("eval.knn_temperature"), default=0.07, show_default=True)
+@click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path())
 def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image_size, batch_size, device, adapt_bn):
     """Weighted kNN classifier on frozen, L2-normalised features."""
@@ -205,15 +243,16 @@ def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image
 @click.option("--data", required=True, type=click.Path(), help="The lab's labelled folder.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (best.pt, report.json, report.md).")
 @click.option("--test", "test_dir", default=None, type=click.Path())
-@click.option("--val-fraction", type=float, default=0.2, show_default=True)
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--labels-per-class", type=int, default=None, help="Keep only K labelled images per class.")
+@click.option("--val-fraction", type=RecipeValue("finetune --val-fraction"), default=0.2, show_default=True)
+@click.option("--epochs", type=RecipeValue("train.epochs"), default=20, show_default=True)
+@click.option("--labels-per-class", type=RecipeValue("finetune --labels-per-class"), default=None,
+              help="Keep only K labelled images per class.")
 @click.option("--freeze-backbone", is_flag=True)
-@click.option("--lr", type=float, default=None)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--image-size", type=int, default=None)
+@click.option("--lr", type=RecipeValue("optim.lr"), default=None)
+@click.option("--batch-size", type=RecipeValue("train.batch_size"), default=64, show_default=True)
+@click.option("--image-size", type=RecipeValue("data.image_size"), default=None)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=RecipeValue("train.seed"), default=0)
 def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_class, freeze_backbone, lr,
              batch_size, image_size, device, seed):
     """Fine-tune on a lab's labelled folder (class-balanced, early stopping, best model saved)."""
@@ -328,9 +367,9 @@ def datasets_check(folder):
 
 @datasets.command("synth", context_settings=CONTEXT)
 @click.option("--out", required=True, type=click.Path())
-@click.option("--n", type=int, default=800, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--image-size", type=int, default=64, show_default=True)
+@click.option("--n", type=RecipeValue("data.synth_n"), default=800, show_default=True)
+@click.option("--seed", type=RecipeValue("data.synth_seed"), default=0, show_default=True)
+@click.option("--image-size", type=RecipeValue("data.image_size"), default=64, show_default=True)
 def datasets_synth(out, n, seed, image_size):
     """Write the procedural (synthetic) blood-smear set: one folder per cell class."""
     from cellssl.data.synth import generate_dataset
@@ -343,7 +382,7 @@ def datasets_synth(out, n, seed, image_size):
 @click.argument("image", type=click.Path())
 @click.option("--mask", type=click.Path(), default=None, help="Instance mask: one crop centred on each object.")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--size", type=int, default=64, show_default=True)
+@click.option("--size", type=RecipeValue("datasets tile --size"), default=64, show_default=True)
 def datasets_tile(image, mask, out, size):
     """Cut a large (e.g. 16-bit fluorescence) image into cell-centred or grid crops (TIFF)."""
     from cellssl.data.tiles import tile_image_to_folder
@@ -367,7 +406,7 @@ def datasets_download(name, root):
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--preset", default="scanner_b", show_default=True)
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=RecipeValue("train.seed"), default=0)
 def datasets_shift(src, out, preset, seed):
     """Make a domain-shifted copy of a folder (stain, blur, resolution, JPEG, illumination)."""
     from cellssl.adapt.shift import shift_folder
@@ -379,21 +418,23 @@ def datasets_shift(src, out, preset, seed):
 @cli.command(context_settings=CONTEXT)
 @_recipe_options
 @click.option("--data", type=click.Path(), default=None)
-@click.option("--out", type=click.Path(), default="views.png", show_default=True)
-@click.option("--n", type=int, default=8, show_default=True, help="Images (rows).")
-@click.option("--seed", type=int, default=0)
+@click.option("--out", type=click.Path(), default="views.png", show_default=True,
+              help="Image file (.png, .jpg, .pdf, .svg, ...; no suffix: .png is added).")
+@click.option("--n", type=RecipeValue("views --n"), default=8, show_default=True, help="Images (rows).")
+@click.option("--seed", type=RecipeValue("train.seed"), default=0)
 def views(recipe, overlays, overrides, data, out, n, seed):
     """Save a grid of images and their M augmented views: see what the network sees."""
-    from cellssl.augment.grid import save_view_grid
+    from cellssl.augment.grid import grid_path, save_view_grid
     from cellssl.augment.views import build_view_transform
     from cellssl.config import load_recipe
     from cellssl.data.datasets import build_dataset
 
+    out = grid_path(out)
     r = load_recipe(recipe, list(overrides) + _flag_overrides(data=data), list(overlays))
     ds = build_dataset(r.data, labelled=False)
     transform = build_view_transform(r.views, r.data, ds.channels)
-    save_view_grid(ds, transform, r.data, out, n=n, seed=seed)
-    click.echo(f"views written to {out}")
+    path = save_view_grid(ds, transform, r.data, out, n=n, seed=seed)
+    click.echo(f"views written to {path}")
 
 
 # ---- domain adaptation -------------------------------------------------------------------
@@ -402,23 +443,26 @@ def views(recipe, overlays, overrides, data, out, n, seed):
               help="Source-lab checkpoint, or pretrained:<timm tag | exported folder> starting weights.")
 @click.option("--data", required=True, type=click.Path(), help="Target lab's unlabelled images.")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--max-steps", type=int, default=None)
-@click.option("--max-minutes", type=float, default=None)
+@click.option("--max-steps", type=RecipeValue("train.max_steps"), default=None)
+@click.option("--max-minutes", type=RecipeValue("train.max_minutes"), default=None)
 @click.option("--method", default=None, help="Method for continued training (default: the checkpoint's).")
 @click.option("--source", type=click.Path(), default=None, help="Mix in source images from this folder.")
-@click.option("--source-fraction", type=float, default=None)
+@click.option("--source-fraction", type=RecipeValue("adapt.source_fraction"), default=None)
 @click.option("--bn-only", is_flag=True, help="Only re-estimate BatchNorm statistics (AdaBN), seconds.")
 @click.option("--resume", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise).")
 @click.option("--device", default=None)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def adapt(checkpoint, data, out, max_steps, max_minutes, method, source, source_fraction, bn_only, resume, device,
-          overrides):
+def adapt(checkpoint, data, out, max_steps, max_minutes, method, source, source_fraction, bn_only, resume, overwrite,
+          device, overrides):
     """Carry a model to a new lab: continued SSL on its unlabelled images, or AdaBN (--bn-only)."""
     from cellssl.adapt.continued import adapt as run
 
+    if resume and overwrite:
+        raise CellSSLError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     path = run(checkpoint, data, out, max_steps=max_steps, max_minutes=max_minutes, method=method, source=source,
                source_fraction=source_fraction, bn_only=bn_only, resume=resume, device=device,
-               overrides=list(overrides))
+               overrides=list(overrides), overwrite=overwrite)
     click.echo(f"adapted checkpoint: {path}")
 
 
@@ -441,13 +485,16 @@ def stain_normalize(src, out, reference, method):
 @click.option("--source", required=True, type=click.Path(), help="Labelled source-lab folder.")
 @click.option("--target", required=True, type=click.Path(), help="Labelled target-lab folder.")
 @click.option("--out", required=True, type=click.Path())
-@click.option("--episodes", type=int, default=300, show_default=True)
+@click.option("--episodes", type=RecipeValue("eval.episodes"), default=300, show_default=True)
+@click.option("--stain-method", type=click.Choice(["macenko", "reinhard"]), default="macenko", show_default=True,
+              help="Stain normalisation of the '+ stain normalisation' row.")
 @click.option("--device", default="auto", show_default=True)
-def transfer_report(checkpoint, adapted, source, target, out, episodes, device):
+def transfer_report(checkpoint, adapted, source, target, out, episodes, stain_method, device):
     """What each adaptation step buys on the target lab: few-shot and linear accuracy with CIs."""
     from cellssl.adapt.report import transfer_report as run
 
-    path = run(checkpoint, source, target, out, adapted=adapted, episodes=episodes, device=device)
+    path = run(checkpoint, source, target, out, adapted=adapted, episodes=episodes, device=device,
+               stain_method=stain_method)
     click.echo(f"transfer report: {path}")
 
 

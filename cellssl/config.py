@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -252,6 +253,119 @@ _CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``lo`` / ``hi`` bounds (None = unbounded), each closed or open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
+
+    def describe(self) -> str:
+        """``"at least 1"``, ``"> 0"``, ``"in [0, 1)"``, ..."""
+        lo, hi = (None if b is None else str(int(b)) if float(b).is_integer() else f"{b:g}" for b in (self.lo, self.hi))
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if lo is not None:
+            return f"> {lo}" if self.lo_open else f"at least {lo}"
+        return f"< {hi}" if self.hi_open else f"at most {hi}"
+
+
+_POS = Range(0, lo_open=True)  # > 0
+_NONNEG = Range(0)  # >= 0
+_PROB = Range(0, 1)  # [0, 1]
+_FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+_SEED = Range(0, 2**32 - 1)  # what NumPy accepts
+
+# Allowed ranges of the numeric recipe values (each element of a list value), checked by
+# ``validate`` on every recipe; the CLI options that set a recipe value read the same entry
+# (cellssl.cli.RecipeValue). Every float must also be finite.
+_RANGES: dict[str, Range] = {
+    "data.channels": Range(1), "data.image_size": Range(8), "data.percentiles": Range(0, 100),
+    "data.std": _POS, "data.num_workers": _NONNEG, "data.max_bad_fraction": _PROB, "data.synth_n": Range(1),
+    "data.synth_seed": _SEED,
+    "views.n_views": Range(2), "views.crop_scale": Range(0, 1, lo_open=True), "views.crop_ratio": _POS,
+    "views.hed_jitter": _NONNEG, "views.brightness": _NONNEG, "views.contrast": _NONNEG,
+    "views.saturation": _NONNEG, "views.hue": Range(0, 0.5), "views.color_jitter_prob": _PROB,
+    "views.channel_intensity": _NONNEG, "views.gamma": _POS, "views.blur_prob": _PROB, "views.blur_sigma": _NONNEG,
+    "views.noise_prob": _PROB, "views.noise_std": _NONNEG, "views.poisson_prob": _PROB, "views.elastic_prob": _PROB,
+    "views.local_views": _NONNEG, "views.local_size": Range(8), "views.local_scale": Range(0, 1, lo_open=True),
+    "model.proj_hidden": Range(1), "model.proj_dim": Range(1), "model.pred_hidden": Range(1),
+    "model.drop_path": _FRACTION,
+    "method.momentum_base": _PROB, "method.momentum_end": _PROB, "method.centroid_weight": _NONNEG,
+    "method.sv_weight": _NONNEG, "method.brownian_weight": _NONNEG, "method.sv_eps": _POS,
+    "method.temperature": _POS, "method.vicreg_sim": _NONNEG, "method.vicreg_var": _NONNEG,
+    "method.vicreg_cov": _NONNEG, "method.barlow_lambda": _NONNEG,
+    "optim.lr": _POS, "optim.weight_decay": _NONNEG, "optim.momentum": _FRACTION, "optim.warmup_fraction": _FRACTION,
+    "optim.warmup_steps": _NONNEG, "optim.min_lr_ratio": _PROB, "optim.grad_clip": _NONNEG,
+    "optim.predictor_lr_scale": _POS, "optim.lars_eta": _POS,
+    "train.batch_size": Range(2), "train.epochs": Range(1), "train.max_steps": Range(1), "train.max_minutes": _POS,
+    "train.budget_probe_steps": Range(1), "train.seed": _SEED, "train.threads": Range(1),
+    "train.checkpoint_every": Range(1), "train.log_every": Range(1), "train.monitor_every": Range(1),
+    "train.collapse_rank_fraction": _NONNEG, "train.collapse_std_fraction": _NONNEG, "train.max_nonfinite": Range(1),
+    "eval.knn_every": _NONNEG, "eval.knn_k": Range(1), "eval.knn_temperature": _POS, "eval.ways": Range(2),
+    "eval.shots": Range(1), "eval.queries": Range(1), "eval.episodes": Range(1), "eval.batch_size": Range(1),
+    "adapt.lr_scale": _POS, "adapt.momentum_base": _PROB, "adapt.max_steps": Range(1), "adapt.source_fraction": _FRACTION,
+}
+
+# Command-line options that are not recipe values, checked the same way: key -> (type, range).
+OPTIONS: dict[str, tuple[type, Range]] = {
+    "views --n": (int, Range(1)),
+    "finetune --labels-per-class": (int, Range(1)),
+    "finetune --val-fraction": (float, _FRACTION),
+    "--split": (float, Range(0, 1, lo_open=True, hi_open=True)),
+    "datasets tile --size": (int, Range(8)),
+}
+
+
+def check_value(key: str, value: Any, label: str | None = None) -> None:
+    """Raise ConfigError when ``value`` (or an element of a list value) of ``key`` is a
+    non-finite float or outside ``key``'s range; ``label`` names it in the message (default ``key``)."""
+    rng = value_range(key)
+    for x in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ConfigError(f"{label or key} must be a finite number, got {x}")
+        if rng is not None and x not in rng:
+            raise ConfigError(f"{label or key} must be {rng.describe()}, got {x!r}")
+
+
+def value_range(key: str) -> Range | None:
+    """The allowed range of recipe value (or :data:`OPTIONS` entry) ``key``, or None."""
+    return _RANGES.get(key) or (OPTIONS[key][1] if key in OPTIONS else None)
+
+
+def value_type(key: str, element: bool = False) -> Any:
+    """The annotated type of recipe value ``key`` (``"train.max_steps"``) or of an :data:`OPTIONS`
+    key; ``element=True``: without ``Optional`` and, for a list value, of one element."""
+    if key in OPTIONS:
+        return OPTIONS[key][0]
+    section, _, name = key.partition(".")
+    cls = typing.get_type_hints(Recipe).get(section)
+    hints = typing.get_type_hints(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
+    if name not in hints:
+        raise KeyError(key)
+    tp = hints[name]
+    while element and typing.get_origin(tp) in (Union, types.UnionType, list):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return tp
+
+
+def parse_value(key: str, value: Any, label: str | None = None) -> Any:
+    """Convert and check one value of ``key`` (one element, for a list value) exactly as in a
+    recipe: type, finiteness, range; ConfigError naming ``label`` (default ``key``) otherwise."""
+    out = _coerce(value, value_type(key, element=True), label or key)
+    check_value(key, out, label)
+    return out
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one YAML value to the annotated type ``tp``; raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -276,20 +390,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
         try:
             f = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return f
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -344,6 +463,16 @@ def migrate_legacy(values: dict[str, Any]) -> dict[str, Any]:
     return {**values, "method": method}
 
 
+def migrate_checkpoint_config(values: dict[str, Any]) -> dict[str, Any]:
+    """The recipe stored in an older checkpoint, made valid today (a copy): ``train.max_steps: 0``
+    and ``train.threads: 0`` were once accepted and read as "not set"; they are null now."""
+    train = values.get("train") if isinstance(values, dict) else None
+    if not isinstance(train, dict):
+        return values
+    zero = [k for k in ("max_steps", "threads") if train.get(k) == 0 and not isinstance(train.get(k), bool)]
+    return {**values, "train": {**train, **{k: None for k in zero}}} if zero else values
+
+
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     """Build a validated :class:`Recipe` from a nested mapping (unknown keys raise; older key
     names are migrated first, see :func:`migrate_legacy`)."""
@@ -358,26 +487,24 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def validate(recipe: Recipe) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if recipe.views.n_views < 2:
-        raise ConfigError(f"views.n_views must be at least 2, got {recipe.views.n_views}")
-    if recipe.data.image_size < 8:
-        raise ConfigError(f"data.image_size must be at least 8 pixels, got {recipe.data.image_size}")
-    if recipe.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size must be at least 2, got {recipe.train.batch_size}")
-    if len(recipe.views.crop_scale) != 2 or not 0 < recipe.views.crop_scale[0] <= recipe.views.crop_scale[1] <= 1:
-        raise ConfigError(f"views.crop_scale must be [low, high] with 0 < low <= high <= 1, got {recipe.views.crop_scale}")
-    if not 0 <= recipe.method.momentum_base <= 1:
-        raise ConfigError(f"method.momentum_base must be in [0, 1], got {recipe.method.momentum_base}")
+    """Every numeric value finite and in its range (:data:`_RANGES`), then cross-field checks
+    that types alone cannot express."""
+    for section in dataclasses.fields(recipe):
+        part = getattr(recipe, section.name)
+        if dataclasses.is_dataclass(part):
+            for f in dataclasses.fields(part):
+                check_value(f"{section.name}.{f.name}", getattr(part, f.name))
+    for key in ("views.crop_scale", "views.crop_ratio", "views.gamma", "views.blur_sigma", "views.local_scale",
+                "data.percentiles"):
+        section, name = key.split(".")
+        pair = getattr(getattr(recipe, section), name)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"{key} must be [low, high] with low <= high, got {pair}")
     if recipe.method.centroid_variant == "halves" and recipe.views.n_views % 2:
         raise ConfigError(
             f"method.centroid_variant=halves splits the views into two equal halves: views.n_views must be even, "
             f"got {recipe.views.n_views}"
         )
-    if recipe.optim.predictor_lr_scale <= 0:
-        raise ConfigError(f"optim.predictor_lr_scale must be > 0, got {recipe.optim.predictor_lr_scale}")
-    if recipe.train.budget_probe_steps < 1:
-        raise ConfigError(f"train.budget_probe_steps must be at least 1, got {recipe.train.budget_probe_steps}")
 
 
 def available_recipes() -> list[str]:
@@ -392,6 +519,8 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     shipped recipes, so ``--overlay recipes/ablation/centroid.yaml`` works from any folder.
     """
     p = Path(name_or_path)
+    if p.is_dir():
+        raise ConfigError(f"recipe {p} is a folder: pass a recipe name or a .yaml file")
     if p.exists() and p.is_file():
         return p
     rel = Path(*p.parts[1:]) if p.parts[:1] == ("recipes",) else p

@@ -191,3 +191,42 @@ def test_cli_adapt_bn_only(lab, tmp_path):
                                  "--out", str(tmp_path / "cli"), "--bn-only", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "adapted checkpoint" in r.output and (tmp_path / "cli" / "checkpoints" / "last.pt").exists()
+
+
+def test_transfer_report_json_is_valid_with_undefined_metrics_and_names_the_stain_method(lab, tmp_path):
+    """One image per class: the domain classifier is undefined (NaN) -> null, never a bare NaN;
+    the stain row names the method used (Reinhard here)."""
+    from cellssl.adapt.report import transfer_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = transfer_report("random:resnet18", lab["source"], lab["target"], tmp_path / "rep", episodes=5,
+                             device="cpu", shots=(1,), max_per_class=1, stain_method="reinhard")
+    text = (tmp_path / "rep" / "transfer.json").read_text()
+    rep = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in transfer.json"))
+    assert rep["domain_gap"]["source"]["domain_classifier_acc"] is None
+    stain = next(r for r in rep["rows"] if r["key"] == "stain")
+    assert stain["label"] == "+ stain normalisation (Reinhard)"
+    assert "(Reinhard)" in md.read_text() and "Macenko" not in md.read_text()
+
+
+def test_transfer_report_tsne_runs_with_one_openmp_thread(monkeypatch):
+    """The transfer report's t-SNE uses the same thread limit as the evaluation report's (100x
+    faster after a torch forward pass): OpenMP is limited to one thread while it runs."""
+    import sklearn.manifold
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from cellssl.adapt.report import _tsne
+
+    seen = []
+    fit_transform = sklearn.manifold.TSNE.fit_transform
+
+    def spy(self, x, *a, **k):
+        seen.append([p["num_threads"] for p in threadpool_info() if p["user_api"] == "openmp"])
+        return fit_transform(self, x, *a, **k)
+
+    monkeypatch.setattr(sklearn.manifold.TSNE, "fit_transform", spy)
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    with threadpool_limits(2, user_api="openmp"):  # what an unlimited process would have on 2 cores
+        assert _tsne(x, 0).shape == (40, 2)
+    assert seen and seen[0] and all(n == 1 for n in seen[0])

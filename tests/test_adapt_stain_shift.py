@@ -148,3 +148,41 @@ def test_cli_shift_and_stain_normalize(tmp_path):
         r = CliRunner().invoke(cli, ["stain-normalize", str(tmp_path / "sh"), str(tmp_path / "nm"),
                                      "--reference", str(src), "--method", "reinhard"])
     assert r.exit_code == 0 and "wrote 4 normalised images" in r.output, r.output
+
+
+def test_grey_file_is_skipped_by_name_and_output_appears_only_when_complete(tmp_path, monkeypatch, capsys):
+    """A grey JPEG among RGB images: skipped with a warning naming it, the rest written; the output
+    folder appears only when complete (an interrupted run leaves nothing); an existing one is kept."""
+    import cellssl.adapt.stain as stain_mod
+    from cellssl.cli import main
+
+    src = smear_folder(tmp_path / "src", n=3, suffix=".jpg")
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(src / "a" / "grey.jpg")
+    out = tmp_path / "out"
+    with pytest.warns(StainWarning) as record:
+        main(["stain-normalize", str(src), str(out), "--reference", str(src / "b"), "--method", "reinhard"])
+    assert "wrote 6 normalised images" in capsys.readouterr().out
+    text = " ".join(str(w.message) for w in record)
+    assert "grey.jpg" in text and "1 channel" in text
+    assert "data.stain_normalize" not in text  # no recipe key of another command
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == \
+        sorted(p.relative_to(src).as_posix() for p in src.rglob("*.jpg") if p.name != "grey.jpg")
+
+    calls = {"n": 0}
+    save_like = stain_mod._save_like
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        save_like(*args)
+
+    monkeypatch.setattr(stain_mod, "_save_like", interrupted)
+    with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt):
+        warnings.simplefilter("ignore")
+        normalize_folder(src, tmp_path / "cut", src / "b", method="reinhard")
+    assert calls["n"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no half-written folder, no temp left
+
+    with pytest.raises(ConfigError, match="already exists"):
+        normalize_folder(src, out, src / "b", method="reinhard")

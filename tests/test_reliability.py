@@ -54,7 +54,7 @@ def test_nan_loss_step_is_skipped_and_run_continues(tmp_path, tiny_folder, monke
                     [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}"])
     with pytest.warns(UserWarning, match="non-finite loss"):
         res = fit(r)
-    assert res.step == 5
+    assert res.step == 5 and res.skipped_steps == 1
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(all(v == v for v in row.values() if isinstance(v, float)) for row in rows)  # no NaN logged
     for v in load_checkpoint(res.checkpoint)["model"].values():
@@ -217,3 +217,230 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disk is full" in err[0] and "last.pt" in err[0]
+
+
+# ---- round two (issue 14): work is never lost ----------------------------------------------
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; (exit code, stdout, stderr)."""
+    from cellssl.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line(code: int, err: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and len(err.strip().splitlines()) == 1, err
+    return lines[0]
+
+
+def test_rerun_into_a_run_folder_is_refused_resume_and_overwrite_still_work(tmp_path, tiny_folder, capsys):
+    recipe = str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=4, checkpoint_every=2))
+    run = tmp_path / "run"
+    args = ["pretrain", "--recipe", recipe, "--data", str(tiny_folder), "--out", str(run)]
+    assert _main(capsys, *args)[0] == 0
+    last, metrics = run / "checkpoints" / "last.pt", run / "metrics.jsonl"
+    before = (last.read_bytes(), metrics.read_text())
+    msg = _one_line(*_main(capsys, *args)[::2])
+    assert "already holds a run" in msg and "step 4" in msg and "--resume" in msg and "--overwrite" in msg
+    assert (last.read_bytes(), metrics.read_text()) == before  # nothing touched
+    code, out, _ = _main(capsys, *args, "--resume")
+    assert code == 0 and "4/4 steps" in out
+    code, out, _ = _main(capsys, *args, "--overwrite", "--max-steps", "3")
+    assert code == 0 and "3/3 steps" in out
+    assert load_checkpoint(last)["step"] == 3 and len(metrics.read_text().splitlines()) == 3
+
+
+# ---- nothing non-finite is saved or trusted ------------------------------------------------
+def test_non_finite_recipe_numbers_are_rejected_up_front():
+    from cellssl.errors import ConfigError
+
+    for value in ("inf", "-inf", "nan", ".nan", "1e400"):
+        for key in ("optim.lr", "method.sv_weight"):
+            with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+                load_recipe("cpu_demo", [f"{key}={value}"])
+    msg = one_line_error(cli("pretrain", "--recipe", "cpu_demo", "--set", "optim.lr=inf"))
+    assert msg == "error: optim.lr must be a finite number, got 'inf'"
+
+
+@pytest.mark.parametrize("broken_at,fragment", [
+    (6, "step 6: 1 weight tensor(s) of the model are non-finite (e.g. backbone.conv1.weight), so no checkpoint is "
+        "written"),  # caught when saving
+    (5, "stopped at step 6: the model weights became non-finite in the update of step 5"),  # caught in the forward
+])
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, tiny_folder, monkeypatch, broken_at,
+                                                                fragment):
+    """Weights that go non-finite in an update (a far too high lr) stop the run, at the next
+    checkpoint or forward pass: nothing non-finite is written, the last good checkpoint (step 4) is kept."""
+    original = MSBReg.after_step
+
+    def poison(self, step, total):
+        original(self, step, total)
+        if step == broken_at:
+            with torch.no_grad():
+                next(self.backbone.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(MSBReg, "after_step", poison)
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=10, checkpoint_every=2)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}"])
+    with pytest.raises(TrainingError) as exc:
+        fit(r)
+    msg = str(exc.value)
+    assert fragment in msg
+    assert "last good checkpoint" in msg and "(step 4)" in msg and "likely cause: optim.lr=0.001 too high" in msg
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_command(tmp_path, tiny_folder, capsys):
+    from cellssl.engine.checkpoint import save_atomic
+    from cellssl.errors import CheckpointError
+
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=1)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}"])
+    ckpt = load_checkpoint(fit(r).checkpoint)
+    key = "backbone.conv1.weight"
+    ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan"))
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)  # as an older cellssl or another tool could have written it
+    with pytest.raises(CheckpointError, match=f"non-finite weights .*{key}"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="refusing to write"):
+        save_atomic(ckpt, tmp_path / "again.pt")
+    assert not (tmp_path / "again.pt").exists()
+    for args in (["fewshot", "--checkpoint", str(bad), "--data", str(tiny_folder), "--out", str(tmp_path / "f.json")],
+                 ["embed", "--checkpoint", str(bad), "--data", str(tiny_folder), "--out", str(tmp_path / "e.npz")],
+                 ["adapt", "--checkpoint", str(bad), "--data", str(tiny_folder), "--out", str(tmp_path / "a")]):
+        msg = _one_line(*_main(capsys, *args)[::2])
+        assert str(bad) in msg and "non-finite weights" in msg
+
+
+def test_all_steps_non_finite_is_not_a_success_and_says_there_is_no_checkpoint(tmp_path, tiny_folder, monkeypatch,
+                                                                               capsys):
+    _nan_after(monkeypatch, set(range(1, 100)))
+    recipe = str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2))
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        code, _, err = _main(capsys, "pretrain", "--recipe", recipe, "--data", str(tiny_folder), "--out",
+                             str(tmp_path / "run"))
+    msg = _one_line(code, err)
+    assert "no update was made" in msg and "all 2 steps" in msg and "no checkpoint was written" in msg
+    assert "loss_sv" in msg and "method.sv_weight=0.1" in msg and "method.sv_eps=" in msg
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_non_finite_streak_names_the_real_state_and_the_cause(tmp_path, tiny_folder, monkeypatch):
+    _nan_after(monkeypatch, set(range(1, 100)))
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=8, checkpoint_every=100)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}"])
+    with pytest.warns(UserWarning), pytest.raises(TrainingError) as exc:
+        fit(r)
+    msg = str(exc.value)
+    assert msg.startswith("stopped at step 5: 5 non-finite losses in a row in loss_sv")
+    assert "no checkpoint was written" in msg and "last good checkpoint" not in msg
+    assert "likely cause: method.sv_weight=0.1, method.sv_eps=0.0001" in msg
+    assert "optim.lr" not in msg  # the weights are finite and one term is at fault: not the learning rate
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+# ---- every value checked ---------------------------------------------------------------------
+@pytest.mark.parametrize("args,fragment", [
+    (["pretrain", "--max-steps", "0"], "--max-steps (train.max_steps) must be at least 1, got 0"),
+    (["pretrain", "--checkpoint-every", "0"], "--checkpoint-every (train.checkpoint_every) must be at least 1, got 0"),
+    (["pretrain", "--set", "optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
+    (["pretrain", "--seed", "-5"], "--seed (train.seed) must be in [0, 4294967295], got -5"),
+    (["pretrain", "--workers", "-1"], "--workers (data.num_workers) must be at least 0, got -1"),
+    (["pretrain", "--max-steps", "abc"], "--max-steps (train.max_steps): expected an integer, got 'abc'"),
+    (["embed", "--batch-size", "0"], "--batch-size (eval.batch_size) must be at least 1, got 0"),
+    (["fewshot", "--ways", "abc"], "--ways (eval.ways) must be 'all' or a whole number at least 2, got 'abc'"),
+    (["fewshot", "--shots", "0"], "--shots (eval.shots) must be at least 1, got 0"),
+    (["views", "--n", "0"], "--n must be at least 1, got 0"),
+    (["views", "--out", "v.txt"], "--out v.txt: the view grid is an image"),
+    (["datasets", "tile", "x.tif", "--size", "0"], "--size must be at least 8, got 0"),
+    (["datasets", "tile", "x.tif", "--size", "-5"], "--size must be at least 8, got -5"),
+    (["knn", "--temperature", "0"], "--temperature (eval.knn_temperature) must be > 0, got 0.0"),
+    (["knn", "--k", "0"], "--k (eval.knn_k) must be at least 1, got 0"),
+    (["finetune", "--labels-per-class", "0"], "--labels-per-class must be at least 1, got 0"),
+    (["linear", "--split", "1"], "--split must be in (0, 1), got 1.0"),
+])
+def test_every_bad_value_is_one_line_naming_value_and_range(args, fragment, capsys):
+    msg = _one_line(*_main(capsys, *args)[::2])
+    assert fragment in msg, msg
+
+
+def test_every_checked_option_rejects_a_value_outside_its_range(capsys):
+    """Each CLI option typed with a recipe range refuses a value just outside it (exit 2, one line)."""
+    import click
+
+    from cellssl.cli import RecipeValue, cli as group
+    from cellssl.config import value_range
+
+    def commands(grp, prefix=()):
+        for name, cmd in grp.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, prefix + (name,))
+            else:
+                yield prefix + (name,), cmd
+
+    checked = 0
+    for path, cmd in commands(group):
+        for p in cmd.params:
+            if not isinstance(p.type, RecipeValue):
+                continue
+            rng = value_range(p.type.key)
+            bad = (rng.lo if rng.lo_open else rng.lo - 1) if rng.lo is not None else rng.hi + 1
+            msg = _one_line(*_main(capsys, *path, p.opts[0], str(bad))[::2])
+            assert p.opts[0] in msg and rng.describe() in msg, (path, msg)
+            checked += 1
+    assert checked >= 30
+
+
+def test_subprocess_bad_value_is_one_line_without_traceback():
+    msg = one_line_error(cli("knn", "--k", "0"))
+    assert msg == "error: --k (eval.knn_k) must be at least 1, got 0"
+
+
+# ---- messages that said the wrong thing -----------------------------------------------------
+def test_datasets_check_empty_folder_views_suffix_and_folders_given_as_files(tmp_path, tiny_folder, capsys):
+    (tmp_path / "empty").mkdir()
+    msg = _one_line(*_main(capsys, "datasets", "check", str(tmp_path / "empty"))[::2])
+    assert "no images found in" in msg
+
+    recipe = str(tiny_recipe_yaml(tmp_path / "r.yaml"))
+    code, out, _ = _main(capsys, "views", "--recipe", recipe, "--data", str(tiny_folder), "--n", "2",
+                         "--out", str(tmp_path / "o" / "v"))
+    assert code == 0 and out.strip() == f"views written to {tmp_path / 'o' / 'v.png'}"
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["v.png"]
+
+    msg = _one_line(*_main(capsys, "pretrain", "--recipe", str(tiny_folder))[::2])
+    assert "is a folder" in msg and "does not exist" not in msg
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({}, run / "checkpoints" / "last.pt")
+    msg = _one_line(*_main(capsys, "embed", "--checkpoint", str(run), "--data", str(tiny_folder),
+                           "--out", str(tmp_path / "e.npz"))[::2])
+    assert "is a folder" in msg and str(run / "checkpoints" / "last.pt") in msg
+
+
+def test_datasets_check_lists_images_as_training_does(tmp_path, capsys):
+    """macOS copies leave ._x.png files (AppleDouble metadata, not images) and __MACOSX folders:
+    training skips them, and so does `datasets check` (exit 0, same image count)."""
+    from cellssl.config import DataConfig
+    from cellssl.data.datasets import build_dataset
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "cells", n_per_class=4, size=16)
+    (folder / "red" / "._red_000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / "__MACOSX" / "red").mkdir(parents=True)
+    (folder / "__MACOSX" / "red" / "._red_001.png").write_bytes(b"\x00\x05\x16\x07")
+    (folder / ".thumbs").mkdir()
+    (folder / ".thumbs" / "t.png").write_bytes(b"")
+    code, out, _ = _main(capsys, "datasets", "check", str(folder))
+    assert code == 0, out
+    assert "12 image files, 12 readable" in out and "unreadable: 0" in out
+    assert len(build_dataset(DataConfig(), folder)) == 12

@@ -214,6 +214,7 @@ def adapt(
     resume: bool = False,
     device: str | None = None,
     overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Adapt the model in ``checkpoint`` to the unlabelled images in ``data``; returns the new checkpoint.
 
@@ -233,8 +234,9 @@ def adapt(
             ``out/checkpoints/last.pt``; explicit max_steps/max_minutes/device/overrides still apply).
         device: auto | cpu | cuda | cuda:N (default: the recipe's).
         overrides: ``section.key=value`` recipe overrides (e.g. ``train.batch_size=64``).
+        overwrite: replace a run already in ``out`` (otherwise refused, unless ``resume``).
     """
-    from cellssl.engine.checkpoint import is_pretrained_spec, load_checkpoint, pretrained_recipe
+    from cellssl.engine.checkpoint import check_new_run, is_pretrained_spec, load_checkpoint, pretrained_recipe
     from cellssl.engine.fit import fit
 
     out = Path(out)
@@ -245,6 +247,7 @@ def adapt(
         if is_pretrained_spec(checkpoint):
             raise ConfigError(f"--bn-only re-estimates a cellssl checkpoint's BatchNorm statistics; for {checkpoint} "
                               "use the evaluation commands' --adapt-bn DIR instead")
+        check_new_run(out, what="an adaptation run", overwrite=overwrite)
         return _adabn(checkpoint, data, out, device, overrides)
 
     last = out / "checkpoints" / "last.pt"
@@ -274,9 +277,7 @@ def adapt(
         recipe = adapted_recipe(source_config, data, out, max_steps=max_steps, max_minutes=max_minutes,
                                 method=method, device=device, overrides=overrides)
         source_checkpoint = str(checkpoint)
-        if last.exists():
-            raise ConfigError(f"{out} already holds an adaptation run ({last}): use --resume to continue it "
-                              "or choose another --out")
+        check_new_run(out, what="an adaptation run", overwrite=overwrite)
 
     fraction = source_fraction if source_fraction is not None else recipe.adapt.source_fraction
     if source is not None and source_fraction is None and not fraction:
@@ -289,7 +290,7 @@ def adapt(
     recipe.adapt.source_fraction = float(fraction) if source is not None else 0.0
 
     result = fit(recipe, resume=resume, init_from=None if resume else init_from, dataset=dataset,
-                 log_prefix="adapt")
+                 log_prefix="adapt", overwrite=overwrite)
     extra = {"source_fraction": float(fraction) if dataset is not None else 0.0}
     _tag_checkpoint(result.checkpoint, "continued", source_checkpoint, **extra)
     return result.checkpoint

@@ -6,7 +6,8 @@ Rows (all on the labelled *target* folder unless said otherwise):
   model does at home);
 * ``source`` — the source model as is on the target;
 * ``adabn`` — + AdaBN: BatchNorm statistics re-estimated on the target images;
-* ``stain`` — + stain normalisation: target images Macenko-normalised to the source folder's stain;
+* ``stain`` — + stain normalisation: target images normalised to the source folder's stain
+  (``stain_method``: Macenko by default, or Reinhard; the row label names the one used);
 * ``continued`` — + continued SSL: the ``adapted`` checkpoint from ``cellssl adapt`` (when given).
 
 For each: few-shot accuracy (all-way SimpleShot, K in ``shots``, ``episodes`` episodes, mean ±
@@ -40,7 +41,7 @@ ROW_LABELS = {
     "source_domain": "source model on the source lab (reference)",
     "source": "source model",
     "adabn": "+ AdaBN",
-    "stain": "+ stain normalisation (Macenko)",
+    "stain": "+ stain normalisation ({method})",  # the method actually used, e.g. Macenko / Reinhard
     "continued": "+ continued SSL",
 }
 
@@ -177,16 +178,12 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
 
 
 def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
+    """t-SNE of L2-normalised features (the shared, thread-limited :func:`cellssl.eval.report.tsne_2d`)."""
+    from cellssl.eval.report import tsne_2d
 
-    x = _l2(x).astype(np.float32)
-    if x.shape[1] > 50 and len(x) > 50:
-        x = PCA(n_components=50, random_state=seed).fit_transform(x)
-    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3.0)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        return tsne_2d(_l2(x), seed)
 
 
 def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, max_points: int) -> Path | None:
@@ -304,6 +301,7 @@ def transfer_report(
     """
     from cellssl.adapt.stain import normalize_folder
     from cellssl.eval.features import FeatureExtractor
+    from cellssl.eval.report import jsonable
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +340,8 @@ def transfer_report(
     for key, (fs, ft) in features.items():
         res = evaluate_features(ft, shots, episodes, queries, seed)
         gap = domain_gap(fs.features, ft.features, seed)
-        rows.append({"key": key, "label": ROW_LABELS[key], "data": "target", **res, "domain_gap": gap})
+        label = ROW_LABELS[key].format(method=stain_method.capitalize())
+        rows.append({"key": key, "label": label, "data": "target", **res, "domain_gap": gap})
 
     report: dict[str, Any] = {
         "kind": "transfer",
@@ -376,7 +375,9 @@ def transfer_report(
     except Exception as exc:  # a plot must never fail the report
         warnings.warn(f"transfer plots skipped: {type(exc).__name__}: {exc}", UserWarning, stacklevel=2)
     report["files"] = files
-    (out / "transfer.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    # NaN/inf (e.g. a domain metric undefined on a tiny folder) become null: the file stays valid JSON.
+    (out / "transfer.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False, default=_json_default)
+                                       + "\n")
     md = out / "transfer.md"
     md.write_text(_markdown(report))
     return md

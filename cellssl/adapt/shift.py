@@ -148,32 +148,33 @@ def shift_folder(src: str | Path, out: str | Path, preset: str = "scanner_b", se
 
     Bright-field 8-bit images (RGB or grey); other dtypes (16-bit TIFF) are refused.
     """
-    from cellssl.data.io import ImageReadError, folder_to_folder_images, read_raw_image
+    from cellssl.data.io import ImageReadError, folder_to_folder_images, output_folder, read_raw_image
 
     p = _preset(preset)
     src, out, files = folder_to_folder_images(src, out)
     n = 0
-    for f in files:
-        rel = f.relative_to(src)
-        try:
-            raw = read_raw_image(f)
-        except ImageReadError as exc:
-            warnings.warn(f"skipping unreadable image {f}: {exc.reason}", UserWarning, stacklevel=2)
-            continue
-        if raw.dtype != np.uint8 or raw.shape[2] not in (1, 3):
-            raise DataError(f"{f}: shift presets are for 8-bit bright-field images (got {raw.dtype}, "
-                            f"{raw.shape[2]} channel(s))")
-        img = raw[:, :, 0] if raw.shape[2] == 1 else raw
-        is_jpeg = f.suffix.lower() in (".jpg", ".jpeg")
-        res = apply_shift(img, p, np.random.default_rng(_image_seed(seed, rel.as_posix())), jpeg=not is_jpeg)
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        im = Image.fromarray(res)
-        if is_jpeg:
-            im.save(dst, quality=int(p.jpeg_quality or 95))
-        elif f.suffix.lower() in (".gif",):
-            im.save(dst.with_suffix(".png"))
-        else:
-            im.save(dst)
-        n += 1
+    with output_folder(out) as tmp:  # renamed to ``out`` only when complete
+        for f in files:
+            rel = f.relative_to(src)
+            try:
+                raw = read_raw_image(f)
+            except ImageReadError as exc:
+                warnings.warn(f"skipping unreadable image {f}: {exc.reason}", UserWarning, stacklevel=2)
+                continue
+            if raw.dtype != np.uint8 or raw.shape[2] not in (1, 3):
+                raise DataError(f"{f}: shift presets are for 8-bit bright-field images (got {raw.dtype}, "
+                                f"{raw.shape[2]} channel(s))")
+            img = raw[:, :, 0] if raw.shape[2] == 1 else raw
+            is_jpeg = f.suffix.lower() in (".jpg", ".jpeg")
+            res = apply_shift(img, p, np.random.default_rng(_image_seed(seed, rel.as_posix())), jpeg=not is_jpeg)
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            im = Image.fromarray(res)
+            if is_jpeg:
+                im.save(dst, quality=int(p.jpeg_quality or 95))
+            elif f.suffix.lower() in (".gif",):
+                im.save(dst.with_suffix(".png"))
+            else:
+                im.save(dst)
+            n += 1
     return n

@@ -65,22 +65,29 @@ def _rgb(img: np.ndarray, what: str) -> np.ndarray:
 
 
 def _read_rgb_uint8(path: Path) -> np.ndarray:
-    from cellssl.data.io import read_image
+    """uint8 (H, W, 3) of an RGB file; ImageReadError (naming the file) for any other channel count."""
+    from cellssl.data.io import ImageReadError, read_image
 
-    return _to_uint8(_rgb(read_image(path, modality="brightfield"), str(path)))
+    img = read_image(path, modality="brightfield")
+    if img.shape[2] != 3:
+        raise ImageReadError(path, f"has {img.shape[2]} channel(s) ({'grey-scale' if img.shape[2] == 1 else 'not RGB'}); "
+                                   "stain normalisation needs RGB bright-field images")
+    return _to_uint8(img)
 
 
 def _reference_images(reference: str | Path) -> list[np.ndarray]:
     """The reference as uint8 RGB arrays: one image, or up to 64 evenly spaced images of a folder."""
-    from cellssl.data.io import ImageReadError, is_image_file
+    from cellssl.data.io import ImageReadError, list_images
 
     ref = Path(reference).expanduser()
     if not ref.exists():
         raise ConfigError(f"stain reference {ref} does not exist: give a reference image or a folder of source images")
     if ref.is_file():
-        return [_read_rgb_uint8(ref)]
-    files = sorted(p for p in ref.rglob("*") if p.is_file() and is_image_file(p)
-                   and not any(part.startswith(".") for part in p.relative_to(ref).parts))
+        try:
+            return [_read_rgb_uint8(ref)]
+        except ImageReadError as exc:
+            raise DataError(f"stain reference {ref}: {exc.reason}") from None
+    files = list_images(ref)
     if not files:
         raise DataError(f"stain reference folder {ref} holds no images")
     pick = np.unique(np.linspace(0, len(files) - 1, min(_MAX_REF_IMAGES, len(files))).astype(int))
@@ -293,20 +300,28 @@ def normalize_folder(src: str | Path, out: str | Path, reference: str | Path, me
     same format: PNG stays PNG, JPEG stays JPEG at quality 95). Returns the number of images written.
 
     ``reference``: an image or a folder (e.g. the source lab's images). Images with too little
-    stain are copied unchanged (warning); unreadable files are skipped with a warning.
+    stain are copied unchanged (warning); unreadable and non-RGB (e.g. grey-scale) files are
+    skipped with a warning naming each. ``out`` must not hold files yet; it is written as a
+    hidden temporary folder renamed to ``out`` only when every image is done, so an interrupted
+    run leaves no ``out`` at all.
     """
-    from cellssl.data.io import ImageReadError, folder_to_folder_images
+    from cellssl.data.io import ImageReadError, folder_to_folder_images, output_folder
 
     src, out, files = folder_to_folder_images(src, out)
     norm = StainNormalizer(method, reference)
-    n = 0
-    for p in files:
-        try:
-            img = _read_rgb_uint8(p)
-        except ImageReadError as exc:
-            warnings.warn(f"skipping unreadable image {p}: {exc.reason}", StainWarning, stacklevel=2)
-            continue
-        res = norm.normalize_uint8(img)
-        _save_like(img if res is None else res, p, out / p.relative_to(src))
-        n += 1
+    n, skipped = 0, 0
+    with output_folder(out) as tmp:
+        for p in files:
+            try:
+                img = _read_rgb_uint8(p)
+            except ImageReadError as exc:
+                warnings.warn(f"skipping {p}: {exc.reason}", StainWarning, stacklevel=2)
+                skipped += 1
+                continue
+            res = norm.normalize_uint8(img)
+            _save_like(img if res is None else res, p, tmp / p.relative_to(src))
+            n += 1
+    if skipped:
+        warnings.warn(f"{skipped} of {len(files)} images skipped (named above); {n} written to {out}", StainWarning,
+                      stacklevel=2)
     return n

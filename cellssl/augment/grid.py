@@ -8,6 +8,9 @@ import numpy as np
 
 from cellssl.augment.views import MultiViewTransform, denormalize
 from cellssl.config import DataConfig
+from cellssl.errors import ConfigError
+
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
 
 # colours for a per-channel composite when there are 2 channels (green, magenta)
 _TWO_CHANNEL = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=np.float32)
@@ -22,6 +25,19 @@ def to_display(img: np.ndarray) -> np.ndarray:
     if c == 2:
         return np.clip(img @ _TWO_CHANNEL, 0, 1)
     return np.clip(img[:, :, :3], 0, 1)
+
+
+def grid_path(out_path: str | Path) -> Path:
+    """The file a view grid is written to: ``out_path`` with an image suffix (one of
+    :data:`GRID_SUFFIXES`), ``.png`` added when it has none; ConfigError for another suffix or a folder."""
+    out = Path(out_path)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give an image file name, e.g. {out / 'views.png'}")
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    if out.suffix.lower() not in GRID_SUFFIXES:
+        raise ConfigError(f"--out {out}: the view grid is an image; use one of {', '.join(GRID_SUFFIXES)}")
+    return out
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -39,13 +55,17 @@ def save_view_grid(
     n: int = 8,
     seed: int = 0,
 ) -> Path:
-    """Write a PNG with ``n`` rows: each row an image of ``dataset`` (an ImageDataset; its raw
-    (H, W, C) arrays, not its own transform) followed by its M augmented views. Returns the path."""
+    """Write an image (PNG unless ``out_path`` says otherwise, see :func:`grid_path`) with ``n``
+    rows: each row an image of ``dataset`` (an ImageDataset; its raw (H, W, C) arrays, not its own
+    transform) followed by its M augmented views. Returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = grid_path(out_path)
+    if n < 1:
+        raise ConfigError(f"the view grid needs at least 1 image (row), got n={n}")
     rng = np.random.default_rng(seed)
     n = min(n, len(dataset))
     idx = rng.choice(len(dataset), size=n, replace=False)
@@ -66,7 +86,6 @@ def save_view_grid(
             if row == 0:
                 ax.set_title("original" if col == 0 else f"view {col}", fontsize=8)
     fig.tight_layout(pad=0.2)
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

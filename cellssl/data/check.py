@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from cellssl.data.io import IMAGE_SUFFIXES, ImageReadError, read_raw_image
+from cellssl.data.io import ImageReadError, list_images, read_raw_image
 from cellssl.errors import DataError
 
 
@@ -26,7 +26,9 @@ def _class_of(root: Path, path: Path) -> str:
 
 
 def check_dataset(path: str | Path) -> dict[str, Any]:
-    """Read every image below ``path`` and summarise it.
+    """Read every image below ``path`` (listed as training lists them: :func:`~cellssl.data.io.list_images`,
+    hidden files such as macOS ``._x.png`` copies skipped) and summarise it. A folder without
+    images raises DataError.
 
     Returns a dict: ``root``, ``n_files``, ``n_readable``, ``classes`` {name: count} (first-level
     sub-folder, "(unlabelled)" for top-level files), ``min_size``/``max_size`` as (H, W),
@@ -36,7 +38,10 @@ def check_dataset(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass the folder that holds the images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(root)
+    if not files:
+        raise DataError(f"no images found in {root}: expected image files (.png .jpg .tif ...) or one sub-folder "
+                        "per class")
     classes: Counter[str] = Counter()
     channels: Counter[int] = Counter()
     dtypes: Counter[str] = Counter()

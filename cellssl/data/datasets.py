@@ -26,6 +26,8 @@ from cellssl.data.io import (
     array_to_float,
     channel_range,
     convert_channels,
+    is_hidden_name,
+    list_images,
     read_image,
     read_raw_image,
 )
@@ -206,19 +208,13 @@ class MultiViewDataset(Dataset):
 
 # --- layouts -------------------------------------------------------------------------------
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    """Image files in ``folder`` (sorted; hidden files/folders skipped)."""
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    files = [
-        p for p in it
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
-    return sorted(files)
+    """Image files in ``folder`` (sorted; hidden files/folders skipped): :func:`~cellssl.data.io.list_images`."""
+    return list_images(folder, recursive)
 
 
 def _class_folders(root: Path) -> list[Path]:
     """Immediate sub-folders of ``root`` that contain images (directly or below)."""
-    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
     return [p for p in subs if _image_files(p, recursive=True)]
 
 

@@ -8,9 +8,13 @@ with tifffile. Every reader failure becomes :class:`ImageReadError`, a one-line
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +45,26 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def is_hidden_name(part: str) -> bool:
+    """Hidden files/folders (``.x``, macOS ``._x`` copies) and macOS zip debris (``__MACOSX``)."""
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """The image files of ``folder`` (sorted), as every command sees them: files with an image
+    suffix, skipping hidden files and folders (``.x``, macOS ``._x`` copies, ``__MACOSX``)."""
+    folder = Path(folder)
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if is_image_file(p) and p.is_file()
+                  and not any(is_hidden_name(part) for part in p.relative_to(folder).parts))
+
+
 def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Path, list[Path]]:
     """Image files below ``src`` for a command that writes a transformed copy into ``out``.
 
-    Skips hidden files/folders and anything already inside ``out``; one-line errors for a
-    missing ``src``, ``out == src`` or no images. Returns ``(src, out, sorted files)``.
+    Lists images as :func:`list_images` (hidden files skipped), without anything already inside
+    ``out``; one-line errors for a missing ``src``, ``out == src``, an ``out`` that already holds
+    files, or no images. Returns ``(src, out, sorted files)``.
     """
     from cellssl.errors import ConfigError
 
@@ -54,12 +73,31 @@ def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Pat
         raise DataError(f"{src} is not a folder of images")
     if out.resolve() == src.resolve():
         raise ConfigError("the output folder must differ from the input folder")
-    files = sorted(q for q in src.rglob("*") if q.is_file() and is_image_file(q)
-                   and not any(part.startswith(".") for part in q.relative_to(src).parts)
-                   and out.resolve() not in q.resolve().parents)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists{'' if out.is_dir() else ' (a file)'}: nothing is overwritten; "
+                          "choose another output folder or delete it")
+    files = [q for q in list_images(src) if out.resolve() not in q.resolve().parents]
     if not files:
         raise DataError(f"no images found in {src}")
     return src, out, files
+
+
+@contextlib.contextmanager
+def output_folder(out: str | Path) -> Iterator[Path]:
+    """Write a folder atomically: yields a hidden temporary sibling ``.<name>.partial-*`` that is
+    renamed to ``out`` only when the block completes; on any error (or Ctrl-C) it is removed, so
+    an interrupted command never leaves a half-written ``out`` that looks finished."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an empty folder made beforehand (nothing is lost)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _read_pil(path: Path) -> np.ndarray:

@@ -20,17 +20,45 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellssl.errors import CheckpointError
+from cellssl.errors import CheckpointError, ConfigError
 
 FORMAT = "cellssl-1"
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_new_run(out: str | Path, *, what: str = "a run", overwrite: bool = False) -> None:
+    """Refuse to start a fresh run in ``out`` when it already holds ``checkpoints/last.pt``
+    (nothing is overwritten silently); ``overwrite=True`` allows it."""
+    last = Path(out) / "checkpoints" / "last.pt"
+    if overwrite or not last.exists():
+        return
+    try:
+        step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:
+        step = None
+    at = f" at step {step}" if isinstance(step, int) else ""
+    raise ConfigError(f"{out} already holds {what} (checkpoints/last.pt{at}): continue it with --resume, "
+                      "replace it with --overwrite, or choose another --out")
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a partial file.
+    A crash at any point leaves either the old file or the new one, never a partial file. A
+    checkpoint whose ``model`` weights are not all finite is refused (CheckpointError): the
+    file already at ``path`` is kept.
     """
     path = Path(path)
+    model = obj.get("model") if isinstance(obj, dict) else None
+    bad = nonfinite_tensors(model) if isinstance(model, dict) else []
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} weight tensor(s) are non-finite "
+                              f"(e.g. {bad[0]}); the previous file is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -73,6 +101,10 @@ def set_rng_state(state: dict) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a cellssl checkpoint with ``weights_only=True``; clear errors for bad files."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.pt"
+        hint = f" (e.g. {inside})" if inside.is_file() else ""
+        raise CheckpointError(f"checkpoint {path} is a folder: pass the checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -85,6 +117,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cellssl checkpoint (no '{FORMAT}' format tag)")
+    bad = nonfinite_tensors(ckpt.get("model") or {})
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} has non-finite weights ({len(bad)} of {len(ckpt['model'])} tensors, e.g. {bad[0]}): "
+            "it cannot be used; take an earlier checkpoint or retrain (e.g. with a lower optim.lr)"
+        )
+    if isinstance(ckpt.get("config"), dict):
+        from cellssl.config import migrate_checkpoint_config
+
+        ckpt["config"] = migrate_checkpoint_config(ckpt["config"])
     return ckpt
 
 

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellssl.config import Recipe, recipe_to_dict, save_recipe
+from cellssl.config import Recipe, recipe_to_dict, save_recipe, validate
 from cellssl.engine.checkpoint import (
     FORMAT,
+    check_new_run,
     load_checkpoint,
     load_state_checked,
+    nonfinite_tensors,
     rng_state,
     save_atomic,
     set_rng_state,
@@ -49,6 +51,7 @@ class FitResult:
     stopped_early: str | None = None  # "max_minutes", "interrupted", "collapse" or None
     last_metrics: dict = field(default_factory=dict)
     method: nn.Module | None = None  # the trained (unwrapped) method, for programmatic use
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss)
 
 
 class EpochSeededViews(torch.utils.data.Dataset):
@@ -143,13 +146,43 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output folder {out} is not writable ({exc.strerror}); choose another with --out") from None
 
 
+def _recipe_values(recipe: Recipe, fields: list[str]) -> str:
+    """``"method.sv_weight=0.1, method.sv_eps=0.0001"`` for ``fields`` of ``recipe.method``."""
+    return ", ".join(f"method.{f}={getattr(recipe.method, f)}" for f in dict.fromkeys(fields))
+
+
+def nonfinite_cause(outputs: dict, method: nn.Module, recipe: Recipe) -> tuple[str, str]:
+    """(which loss terms are non-finite, the likely cause with the recipe values behind them).
+
+    A method's ``loss_terms`` maps each logged term (``loss_sv``) to the ``method.*`` recipe
+    values that scale or shape it; with every term non-finite (or none, only the weighted total)
+    the learning rate is named as well.
+    """
+    terms_cfg: dict = getattr(method, "loss_terms", {}) or {}
+    logged = [k for k in outputs if k.startswith("loss_")]
+    bad = [k for k in logged if not torch.isfinite(outputs[k]).all()]
+    lr = f"optim.lr={recipe.optim.lr:g}"
+    if bad and len(bad) < len(logged):
+        values = _recipe_values(recipe, [f for t in bad for f in terms_cfg.get(t, ())])
+        return ", ".join(bad), f"likely cause: {values or 'the ' + bad[0] + ' term'} or the data"
+    values = _recipe_values(recipe, [f for fs in terms_cfg.values() for f in fs])
+    what = ", ".join(bad) if bad else "the weighted total (every term is finite)"
+    return what, f"likely cause: {values + ' or ' if values else ''}{lr} too high, or the data"
+
+
 def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = None, dataset=None,
-        log_prefix: str = "pretrain") -> FitResult:
+        log_prefix: str = "pretrain", overwrite: bool = False) -> FitResult:
     """Pretrain ``recipe.method`` on ``recipe.data``; returns where the run and checkpoint are.
+
+    A fresh run (no ``resume``) refuses a ``train.out`` that already holds a checkpoint unless
+    ``overwrite``. A checkpoint is never written with non-finite weights; a run whose losses stay
+    non-finite (``train.max_nonfinite`` in a row, or every step) stops with a TrainingError that
+    names the non-finite term, the recipe values behind it and the last good checkpoint.
 
     Args:
         recipe: the resolved recipe (``train.out`` is the run folder).
         resume: continue from ``OUT/checkpoints/last.pt`` with the same step, data order, RNG.
+        overwrite: start a fresh run even where ``OUT/checkpoints/last.pt`` exists (it is replaced).
         init_from: start the model (online and target) from another checkpoint's weights
             (domain adaptation); the optimiser and schedule start fresh.
         dataset: use this image dataset instead of building one from ``recipe.data``.
@@ -157,6 +190,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
     from cellssl.methods import build_method
     from cellssl.models import build_backbone
 
+    validate(recipe)
     tc = recipe.train
     dist_info: DistInfo = init_distributed(tc.device)
     device = dist_info.device
@@ -164,6 +198,8 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
         torch.set_num_threads(tc.threads)
     out = Path(tc.out) if tc.out else default_out_dir(recipe)
     tc.out = str(out)
+    if not resume:
+        check_new_run(out, overwrite=overwrite)
     if dist_info.is_main:
         _check_writable(out)
     ckpt_path = out / "checkpoints" / "last.pt"
@@ -268,9 +304,33 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
 
     if dist_info.is_main:
         save_recipe(recipe, out / "config.yaml")
+        if overwrite and not resume:
+            ckpt_path.unlink(missing_ok=True)  # the replaced run's checkpoint must not be resumed
     logger = MetricsLogger(out, enabled=dist_info.is_main, resume_step=start_step if resume else None)
+    saved_step: int | None = start_step if resume else None  # the last good checkpoint
+
+    def checkpoint_state() -> str:
+        if saved_step is None:
+            return f"no checkpoint was written (train.checkpoint_every={tc.checkpoint_every})"
+        return f"last good checkpoint: {ckpt_path} (step {saved_step}), kept"
+
+    def broken_weights(step: int, bad: list[str]) -> TrainingError:
+        return TrainingError(
+            f"stopped at step {step + 1}: the model weights became non-finite in the update of step {step} "
+            f"(e.g. {bad[0]}); {checkpoint_state()}; likely cause: optim.lr={recipe.optim.lr:g} too high "
+            "(lower it or set optim.grad_clip)"
+        )
 
     def save(step: int) -> None:
+        nonlocal saved_step
+        bad = nonfinite_tensors(method.state_dict())
+        if bad:
+            raise TrainingError(
+                f"step {step}: {len(bad)} weight tensor(s) of the model are non-finite (e.g. {bad[0]}), so no "
+                f"checkpoint is written; {checkpoint_state()}; likely cause: optim.lr={recipe.optim.lr:g} too high "
+                "(lower it or set optim.grad_clip)"
+            )
+        saved_step = step
         if not dist_info.is_main:
             return
         save_atomic(
@@ -306,6 +366,9 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
     step = start_step
     stopped: str | None = None
     nonfinite = 0
+    skipped = 0
+    updates = 0
+    last_bad: tuple[str, str] = ("", "")
     last: dict = {}
     collapse_warned = False
     t_probe, probe_from = None, start_step
@@ -327,20 +390,29 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
             data_time = t_step - t_data
             lr = set_lr(optimizer, step, total_steps, recipe.optim)
 
-            with autocast:
-                outputs = model(views) if local is None else model(views, local)
+            try:
+                with autocast:
+                    outputs = model(views) if local is None else model(views, local)
+            except RuntimeError:  # e.g. a linear-algebra op that fails on non-finite embeddings
+                bad = nonfinite_tensors(method.state_dict())
+                if bad:
+                    raise broken_weights(step, bad) from None
+                raise
             loss = outputs["loss"]
             if not torch.isfinite(loss):
                 # The update is not applied; the step still counts so data order stays tied to steps.
                 nonfinite += 1
+                skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                bad_terms = [k for k, v in outputs.items() if k.startswith("loss_") and not torch.isfinite(v).all()]
-                terms = ", ".join(bad_terms) or "total"
+                terms, cause = last_bad = nonfinite_cause(outputs, method, recipe)
                 warnings.warn(f"step {step + 1}: non-finite loss (terms: {terms}); update skipped", stacklevel=1)
+                bad_weights = nonfinite_tensors(method.state_dict()) if nonfinite == 1 else []
+                if bad_weights:  # skipping cannot help: the last update broke the model
+                    raise broken_weights(step, bad_weights)
                 if nonfinite >= tc.max_nonfinite:
                     raise TrainingError(
-                        f"stopped at step {step + 1}: {nonfinite} non-finite losses in a row (terms: {terms}); "
-                        f"last good checkpoint: {ckpt_path}. Lower optim.lr or check the data"
+                        f"stopped at step {step + 1}: {nonfinite} non-finite losses in a row in {terms} (the model "
+                        f"weights are still finite); {checkpoint_state()}; {cause}"
                     )
                 step += 1
                 if progress is not None:
@@ -348,6 +420,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
                 t_data = time.perf_counter()
                 continue
             nonfinite = 0
+            updates += 1
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if recipe.optim.grad_clip:
@@ -432,13 +505,24 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
         raise
     if dist_info.distributed:
         broadcast_buffers(method)
-    save(step)
-    if progress is not None:
-        progress.close()
-    logger.close()
+    if step > start_step and updates == 0:
+        if progress is not None:
+            progress.close()
+        logger.close()
+        terms, cause = last_bad
+        raise TrainingError(
+            f"no update was made: all {step - start_step} steps had a non-finite loss in {terms}; "
+            f"{checkpoint_state()}; {cause}"
+        )
+    try:
+        save(step)
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
     if dist_info.distributed:
         cleanup_distributed()
-    return FitResult(out, ckpt_path, step, total_steps, stopped, last, method)
+    return FitResult(out, ckpt_path, step, total_steps, stopped, last, method, skipped)
 
 
 def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds_left: float,

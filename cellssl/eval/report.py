@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
-           "markdown_table", "pct", "jsonable", "pyplot"]
+           "markdown_table", "pct", "jsonable", "pyplot", "tsne_2d"]
 
 _TITLES = {
     "fewshot": "Few-shot evaluation",
@@ -143,20 +143,26 @@ def embedding_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
     except Exception:
         pass
+    return tsne_2d(x, seed), "t-SNE"
+
+
+def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """PCA(50) (when wider than 50) + t-SNE of (N, F) features -> (N, 2), perplexity
+    ``min(30, max(2, (N - 1) / 3))``, run with ONE OpenMP thread: sklearn's and torch's libgomp
+    copies otherwise busy-wait against each other (t-SNE of 36 points took 15 s after a torch
+    forward pass; 0.1 s limited). Every t-SNE of cellssl goes through here."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
-
     from threadpoolctl import threadpool_limits
 
+    x = np.asarray(x, dtype=np.float32)
     n = len(x)
-    # One OpenMP thread: sklearn's and torch's libgomp copies otherwise busy-wait against each
-    # other (t-SNE of 36 points took 15 s after a torch forward pass; 0.1 s limited).
     with threadpool_limits(1, user_api="openmp"):
         if x.shape[1] > 50 and n > 50:
             x = PCA(n_components=50, random_state=seed).fit_transform(x)
         perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
         tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-        return tsne.fit_transform(x), "t-SNE"
+        return tsne.fit_transform(x)
 
 
 def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int = 0, title: str = "") -> Path | None:

@@ -84,6 +84,7 @@ class BarlowTwins(SSLMethod):
     uses_target = False
     uses_predictor = False
     last_bn = False
+    loss_terms = {"loss_on_diag": (), "loss_off_diag": ("barlow_lambda",)}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2, averaged over the pairs of views.

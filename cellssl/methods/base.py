@@ -87,6 +87,8 @@ class SSLMethod(nn.Module):
     uses_predictor = False
     supports_local_views = False  # multi-crop: small local crops through the online branch
     last_bn = False
+    # Each logged loss term -> the MethodConfig fields that weight or shape it (named when it goes non-finite).
+    loss_terms: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, backbone: nn.Module, model_cfg: ModelConfig, cfg: MethodConfig) -> None:
         super().__init__()

@@ -227,6 +227,8 @@ class MSBReg(SSLMethod):
     uses_target = True
     uses_predictor = True
     supports_local_views = True
+    loss_terms = {"loss_centroid": ("centroid_weight",), "loss_sv": ("sv_weight", "sv_eps", "sv_variant"),
+                  "loss_brownian": ("brownian_weight",)}
 
     def __init__(self, backbone, model_cfg, cfg) -> None:
         super().__init__(backbone, model_cfg, cfg)

@@ -109,6 +109,8 @@ class VICReg(SSLMethod):
     uses_target = False
     uses_predictor = False
     last_bn = False
+    loss_terms = {"loss_invariance": ("vicreg_sim",), "loss_variance": ("vicreg_var",),
+                  "loss_covariance": ("vicreg_cov",)}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2, averaged over the pairs of views.
