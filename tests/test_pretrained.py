@@ -88,14 +88,14 @@ def test_pretrain_starts_from_the_file(weights, tmp_path):
     data = make_image_folder(tmp_path / "cells", n_per_class=4, size=20)
     r = load_recipe(str(REPO / "recipes" / "cpu_demo.yaml"), [
         f"data.path={data}", f"train.out={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=4",
-        "data.image_size=16", "data.num_workers=0", "train.progress=false", "optim.lr=0", "model.stem=default",
+        "data.image_size=16", "data.num_workers=0", "train.progress=false", "optim.lr=1e-12", "model.stem=default",
         f"model.pretrained={d / 'r18.safetensors'}", "model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16"])
     res = fit(r)
     ck = load_checkpoint(res.checkpoint)
     assert ck["config"]["model"]["pretrained"] == str(d / "r18.safetensors")
-    for k in ("conv1.weight", "layer3.0.conv1.weight"):  # lr 0: the weights are the file's
-        assert torch.equal(ck["model"][f"backbone.{k}"], state[k])
-        assert torch.equal(ck["model"][f"target_backbone.{k}"], state[k])
+    for k in ("conv1.weight", "layer3.0.conv1.weight"):  # lr 1e-12: the weights are still the file's
+        assert torch.allclose(ck["model"][f"backbone.{k}"], state[k], rtol=0, atol=1e-9)
+        assert torch.allclose(ck["model"][f"target_backbone.{k}"], state[k], rtol=0, atol=1e-9)
 
 
 def test_evaluation_and_adapt_specs(weights, tmp_path):
@@ -114,10 +114,10 @@ def test_evaluation_and_adapt_specs(weights, tmp_path):
         load_backbone(f"pretrained:{d / 'r18.safetensors'}")
     ckpt = adapt(spec, data, tmp_path / "adapted", max_steps=1,
                  overrides=["train.batch_size=4", "data.image_size=16", "data.num_workers=0", "train.progress=false",
-                            "optim.lr=0", "model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16"])
+                            "optim.lr=1e-12", "model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16"])
     ck = load_checkpoint(ckpt)
-    assert ck["source_checkpoint"] == spec and torch.equal(ck["model"]["backbone.layer2.0.conv1.weight"],
-                                                           state["layer2.0.conv1.weight"])
+    assert ck["source_checkpoint"] == spec and torch.allclose(ck["model"]["backbone.layer2.0.conv1.weight"],
+                                                              state["layer2.0.conv1.weight"], rtol=0, atol=1e-9)
 
 
 def test_download_impossible_is_one_line(tmp_path):
