@@ -1,8 +1,7 @@
 """Domain adaptation: carry a model to a new lab.
 
-* :mod:`cellssl.adapt.bn` — AdaBN (BatchNorm statistics re-estimated on target images);
 * :mod:`cellssl.adapt.continued` — ``adapt``: continued SSL on the target lab's unlabelled images
-  (or AdaBN only), writing a normal checkpoint;
+  (or AdaBN only: :mod:`cellssl.models.bn`), writing a normal checkpoint;
 * :mod:`cellssl.adapt.stain` — Macenko / Reinhard stain normalisation (torchstain, numpy backend);
 * :mod:`cellssl.adapt.shift` — a simulated scanner/lab shift of a folder (for benchmarks and tests);
 * :mod:`cellssl.adapt.report` — ``transfer_report``: accuracy and domain gap of each step.
@@ -11,4 +10,4 @@ Submodules are imported lazily (``from cellssl.adapt.stain import build_stain_no
 importing the package costs nothing.
 """
 
-__all__ = ["bn", "continued", "report", "shift", "stain"]
+__all__ = ["continued", "report", "shift", "stain"]

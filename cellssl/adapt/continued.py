@@ -156,14 +156,15 @@ def _adabn(checkpoint: str | Path, data: str | Path, out: Path, device: str | No
     """AdaBN: BN statistics of backbone (+ projector, predictor, EMA target) re-estimated on ``data``."""
     from torch import nn
 
-    from cellssl.adapt.bn import adapt_batchnorm
     from cellssl.augment.views import build_eval_transform
     from cellssl.config import apply_overrides, recipe_from_dict
     from cellssl.data.datasets import build_dataset
     from cellssl.engine.checkpoint import load_checkpoint, load_state_checked, save_atomic
-    from cellssl.eval.features import TransformedDataset, resolve_device
+    from cellssl.data.datasets import TransformedDataset
+    from cellssl.eval.features import resolve_device
     from cellssl.methods import build_method
     from cellssl.models import build_backbone
+    from cellssl.models.bn import adapt_batchnorm
 
     ckpt = load_checkpoint(checkpoint)
     values = apply_overrides(copy.deepcopy(ckpt["config"]), list(overrides))

@@ -206,6 +206,40 @@ class MultiViewDataset(Dataset):
         return item
 
 
+class TransformedDataset(Dataset):
+    """``(transform(image), label)`` for the rows ``indices`` of an ImageDataset read without transform.
+
+    ``base`` must offer ``load(i) -> (float32 (H, W, C), label)`` (``ImageDataset``) or
+    ``__getitem__`` returning ``(array, label)``.
+    """
+
+    def __init__(self, base: Any, transform: Callable[[np.ndarray], torch.Tensor], indices: Sequence[int] | None = None):
+        self.base = base
+        self.transform = transform
+        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        img, label = self.base.load(j) if hasattr(self.base, "load") else self.base[j]
+        return self.transform(img), int(label)
+
+
+def batch_images(batch: Any) -> torch.Tensor:
+    """The image tensor of a DataLoader batch of these datasets: ``(x, y)`` (:class:`TransformedDataset`),
+    ``{"views": x}`` (:class:`MultiViewDataset`, first view), ``{"image": x}``, or ``x`` itself."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "views"):
+            if key in batch:
+                x = batch[key]
+                return x[:, 0] if key == "views" and x.ndim == 5 else x
+    return batch
+
+
 # --- layouts -------------------------------------------------------------------------------
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
     """Image files in ``folder`` (sorted; hidden files/folders skipped): :func:`~cellssl.data.io.list_images`."""

@@ -21,11 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cellssl.augment.views import build_eval_transform
+from cellssl.data.datasets import TransformedDataset, batch_images, build_dataset
 from cellssl.errors import DataError
+from cellssl.models.bn import adapt_batchnorm
 
 __all__ = [
     "FeatureSet",
-    "TransformedDataset",
+    "adapt_batchnorm_folder",
     "extract_features",
     "load_features",
     "embed",
@@ -78,27 +81,6 @@ class FeatureSet:
         )
 
 
-class TransformedDataset(Dataset):
-    """``(transform(image), label)`` for the rows ``indices`` of an ImageDataset read without transform.
-
-    ``base`` must offer ``load(i) -> (float32 (H, W, C), label)`` (``ImageDataset``) or
-    ``__getitem__`` returning ``(array, label)``.
-    """
-
-    def __init__(self, base: Any, transform: Callable[[np.ndarray], torch.Tensor], indices: Sequence[int] | None = None):
-        self.base = base
-        self.transform = transform
-        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = int(self.indices[i])
-        img, label = self.base.load(j) if hasattr(self.base, "load") else self.base[j]
-        return self.transform(img), int(label)
-
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
     if isinstance(device, torch.device):
@@ -106,18 +88,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     from cellssl.engine.distributed import resolve_device as _resolve
 
     return _resolve(str(device))
-
-
-def _batch_images(batch: Any) -> torch.Tensor:
-    """The image tensor of a DataLoader batch: ``(x, y)``, ``{"views"/"image": x}`` or ``x``."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("image", "images", "views"):
-            if key in batch:
-                x = batch[key]
-                return x[:, 0] if key == "views" and x.ndim == 5 else x
-    return batch
 
 
 @torch.no_grad()
@@ -159,7 +129,7 @@ def extract_features(
         iterator = tqdm(loader, desc="features", unit="batch", leave=False)
     try:
         for batch in iterator:
-            x = _batch_images(batch).to(device, non_blocking=True).float()
+            x = batch_images(batch).to(device, non_blocking=True).float()
             f = backbone(x)
             if f.ndim != 2:
                 f = f.flatten(1)
@@ -169,6 +139,33 @@ def extract_features(
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def adapt_batchnorm_folder(
+    backbone: nn.Module,
+    folder: str | Path,
+    data_cfg: Any,
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    max_images: int = 2000,
+    seed: int = 0,
+    in_chans: int | None = None,
+    num_workers: int = 0,
+) -> nn.Module:
+    """AdaBN (:func:`cellssl.models.bn.adapt_batchnorm`) on the images of ``folder`` (any layout
+    :func:`~cellssl.data.datasets.build_dataset` reads; labels are ignored), read and normalised with
+    ``data_cfg`` (the checkpoint recipe's :class:`~cellssl.config.DataConfig`) through the evaluation
+    transform. ``in_chans`` (the backbone's input channels) is checked against the folder's images.
+    Returns the backbone (eval)."""
+    ds = build_dataset(data_cfg, folder, labelled=False)
+    if in_chans is not None and ds.channels != in_chans:
+        raise DataError(
+            f"AdaBN folder {folder} has {ds.channels}-channel images but the backbone takes {in_chans}; "
+            "use target images with the same channels"
+        )
+    transform = build_eval_transform(data_cfg, ds.channels)
+    return adapt_batchnorm(backbone, TransformedDataset(ds, transform), device, batch_size=batch_size,
+                           max_images=max_images, seed=seed, num_workers=num_workers)
 
 
 def subsample_per_class(labels: np.ndarray, max_per_class: int | None, seed: int = 0) -> np.ndarray:
@@ -272,8 +269,6 @@ class FeatureExtractor:
             self.data_cfg.mean, self.data_cfg.std = data.get("mean"), data.get("std")
         self.backbone = self.backbone.to(self.device).eval()
         if self.adapt_bn:
-            from cellssl.adapt.bn import adapt_batchnorm_folder
-
             self.backbone = adapt_batchnorm_folder(
                 self.backbone, self.adapt_bn, self.data_cfg, self.device, batch_size=min(self.batch_size, 128),
                 seed=self.seed, in_chans=int(self.info["in_chans"]),
@@ -282,8 +277,6 @@ class FeatureExtractor:
 
     def build(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> tuple[Any, np.ndarray]:
         """The ImageDataset of ``data`` (no transform) and the row indices kept (``max_per_class``)."""
-        from cellssl.data.datasets import build_dataset
-
         ds = build_dataset(self.data_cfg, data, labelled=labelled)
         if labelled and not ds.classes:
             raise DataError(f"{data} has no class sub-folders: labelled evaluation needs one folder per class")
@@ -292,8 +285,6 @@ class FeatureExtractor:
 
     def features(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> FeatureSet:
         """Features of the folder (or csv / npz) ``data`` as a :class:`FeatureSet`."""
-        from cellssl.augment.views import build_eval_transform
-
         ds, keep = self.build(data, labelled, max_per_class)
         self._prepare(ds.channels)
         transform = build_eval_transform(self.data_cfg, ds.channels)

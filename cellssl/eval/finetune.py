@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from cellssl.data.datasets import TransformedDataset
 from cellssl.errors import DataError
-from cellssl.eval.features import FeatureExtractor, TransformedDataset
+from cellssl.eval.features import FeatureExtractor
 from cellssl.eval.metrics import classification_metrics
 
 __all__ = ["finetune", "Classifier", "select_low_label", "logits_and_features", "softmax"]

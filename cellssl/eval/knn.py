@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellssl.data.datasets import TransformedDataset
 from cellssl.errors import DataError
 from cellssl.eval.features import (
     FeatureExtractor,
     FeatureSet,
-    TransformedDataset,
     align_labels,
     check_min_images,
     extract_features,
