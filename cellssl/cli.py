@@ -473,7 +473,7 @@ def adapt(checkpoint, data, out, max_steps, max_minutes, method, source, source_
 @click.option("--method", type=click.Choice(["macenko", "reinhard"]), default="macenko", show_default=True)
 def stain_normalize(src, out, reference, method):
     """Stain-normalise a folder of bright-field images to a reference (Macenko or Reinhard)."""
-    from cellssl.adapt.stain import normalize_folder
+    from cellssl.data.stain import normalize_folder
 
     n = normalize_folder(src, out, reference, method=method)
     click.echo(f"wrote {n} normalised images to {out}")

@@ -299,7 +299,7 @@ def transfer_report(
     ``source`` and ``target`` are labelled folders (one sub-folder per class, same class names);
     ``max_per_class`` caps the images per class read from each (quick runs).
     """
-    from cellssl.adapt.stain import normalize_folder
+    from cellssl.data.stain import normalize_folder
     from cellssl.eval.features import FeatureExtractor
     from cellssl.eval.report import jsonable
 

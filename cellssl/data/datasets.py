@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cellssl.config import DataConfig
+from cellssl.data import stain
 from cellssl.data.io import (
     IMAGE_SUFFIXES,
     ImageReadError,
@@ -345,17 +346,10 @@ def default_synthetic_path(cfg: DataConfig) -> Path:
 
 
 def _stain_normalizer(cfg: DataConfig) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The stain normaliser of ``cfg`` (lazy import of :mod:`cellssl.adapt.stain`), or None."""
+    """The stain normaliser of ``cfg`` (:func:`cellssl.data.stain.build_stain_normalizer`), or None."""
     if cfg.stain_normalize in (None, "none"):
         return None
-    try:
-        from cellssl.adapt.stain import build_stain_normalizer
-    except ImportError as exc:
-        raise DataError(
-            f"data.stain_normalize={cfg.stain_normalize} needs cellssl.adapt.stain, which cannot be imported ({exc}); "
-            "set data.stain_normalize=none"
-        ) from None
-    return build_stain_normalizer(cfg.stain_normalize, cfg.stain_reference)
+    return stain.build_stain_normalizer(cfg.stain_normalize, cfg.stain_reference)
 
 
 def _dataset_range(ds: ImageDataset, cfg: DataConfig, n: int = 64) -> tuple[np.ndarray, np.ndarray]:

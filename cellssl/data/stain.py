@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cellssl.data.io import ImageReadError, folder_to_folder_images, list_images, output_folder, read_image
 from cellssl.errors import ConfigError, DataError
 
 __all__ = ["StainNormalizer", "build_stain_normalizer", "normalize_folder", "stain_statistics", "METHODS"]
@@ -66,8 +67,6 @@ def _rgb(img: np.ndarray, what: str) -> np.ndarray:
 
 def _read_rgb_uint8(path: Path) -> np.ndarray:
     """uint8 (H, W, 3) of an RGB file; ImageReadError (naming the file) for any other channel count."""
-    from cellssl.data.io import ImageReadError, read_image
-
     img = read_image(path, modality="brightfield")
     if img.shape[2] != 3:
         raise ImageReadError(path, f"has {img.shape[2]} channel(s) ({'grey-scale' if img.shape[2] == 1 else 'not RGB'}); "
@@ -77,8 +76,6 @@ def _read_rgb_uint8(path: Path) -> np.ndarray:
 
 def _reference_images(reference: str | Path) -> list[np.ndarray]:
     """The reference as uint8 RGB arrays: one image, or up to 64 evenly spaced images of a folder."""
-    from cellssl.data.io import ImageReadError, list_images
-
     ref = Path(reference).expanduser()
     if not ref.exists():
         raise ConfigError(f"stain reference {ref} does not exist: give a reference image or a folder of source images")
@@ -305,8 +302,6 @@ def normalize_folder(src: str | Path, out: str | Path, reference: str | Path, me
     hidden temporary folder renamed to ``out`` only when every image is done, so an interrupted
     run leaves no ``out`` at all.
     """
-    from cellssl.data.io import ImageReadError, folder_to_folder_images, output_folder
-
     src, out, files = folder_to_folder_images(src, out)
     norm = StainNormalizer(method, reference)
     n, skipped = 0, 0
