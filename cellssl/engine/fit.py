@@ -38,6 +38,7 @@ from cellssl.engine.distributed import (
 )
 from cellssl.engine.logger import MetricsLogger
 from cellssl.errors import CellSSLError, ConfigError, DataError, TrainingError
+from cellssl.methods.base import effective_rank
 
 
 @dataclass
@@ -126,8 +127,6 @@ def autocast_for(device: torch.device, precision: str):
 
 def collapse_stats(z: torch.Tensor) -> dict[str, float]:
     """Effective rank and mean per-dimension std of L2-normalised embeddings ``(B, D)``."""
-    from cellssl.methods.msbreg import effective_rank
-
     zn = torch.nn.functional.normalize(z.float(), dim=-1)
     return {"eff_rank": float(effective_rank(zn)), "emb_std": float(zn.std(dim=0).mean())}
 

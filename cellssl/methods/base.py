@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cellssl.config import MethodConfig, ModelConfig
@@ -70,6 +71,35 @@ def check_shape(name: str, x: Tensor, ndim: int | None = None, like: Tensor | No
         raise ValueError(f"{name} must have shape {_SHAPE_NAMES.get(ndim, f'{ndim}-D')}, got {tuple(x.shape)}")
     if like is not None and x.shape != like.shape:
         raise ValueError(f"{name} must have the same shape as the first input {tuple(like.shape)}, got {tuple(x.shape)}")
+
+
+# ----- the batch spectrum: the SV loss and the collapse monitor ------------------------------
+def normalised_centred(z: Tensor) -> Tensor:
+    """Rows L2-normalised then centred over the batch: (B, D) -> (B, D) in float32/64."""
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    zh = F.normalize(z, dim=-1)
+    return zh - zh.mean(dim=0, keepdim=True)
+
+
+def covariance_spectrum(z: Tensor) -> Tensor:
+    """Eigenvalues λ_k = s_k² / B of C = ẐᵀẐ / B via singular values (reference path).
+
+    Args:
+        z: embeddings ``(B, D)``; rows are normalised and centred first.
+    Returns:
+        ``(min(B, D),)`` eigenvalues, descending.
+    """
+    zc = normalised_centred(z)
+    return torch.linalg.svdvals(zc) ** 2 / zc.shape[0]
+
+
+def effective_rank(z: Tensor) -> Tensor:
+    """exp(H(λ/Σλ)) of the normalised, centred batch ``(B, D)``: 1 when collapsed, D when flat."""
+    with torch.no_grad():
+        lam = covariance_spectrum(z.detach().float())
+        p = lam / lam.sum().clamp_min(1e-12)
+        h = -(p * torch.log(p.clamp_min(1e-12))).sum()
+        return torch.exp(h)
 
 
 class SSLMethod(nn.Module):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, register_method
+from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, normalised_centred, register_method
 
 
 def _cos_dist(a_hat: Tensor, b: Tensor) -> Tensor:
@@ -90,25 +90,6 @@ def centroid_loss(p: Tensor, z_target: Tensor, variant: str = "per_view", p_loca
     return (m * loss + n_local * local) / (m + n_local)
 
 
-def _normalised_centred(z: Tensor) -> Tensor:
-    """Rows L2-normalised then centred over the batch: (B, D) -> (B, D) in float32/64."""
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    zh = F.normalize(z, dim=-1)
-    return zh - zh.mean(dim=0, keepdim=True)
-
-
-def covariance_spectrum(z: Tensor) -> Tensor:
-    """Eigenvalues λ_k = s_k² / B of C = ẐᵀẐ / B via singular values (reference path).
-
-    Args:
-        z: embeddings ``(B, D)``; rows are normalised and centred first.
-    Returns:
-        ``(min(B, D),)`` eigenvalues, descending.
-    """
-    zc = _normalised_centred(z)
-    return torch.linalg.svdvals(zc) ** 2 / zc.shape[0]
-
-
 def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", method: str = "cholesky") -> Tensor:
     """Singular-value loss (global dispersion), msbreg.md eq. (2).
 
@@ -131,7 +112,7 @@ def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", m
     """
     check_shape("z", z, ndim=2)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        zc = _normalised_centred(z)
+        zc = normalised_centred(z)
         b, d = zc.shape
         if variant == "flat":
             lam = torch.linalg.svdvals(zc) ** 2 / b
@@ -181,15 +162,6 @@ def brownian_loss(z: Tensor, r: Tensor) -> Tensor:
         raise ValueError(f"r must have shape (N, D) = {(z.shape[0], z.shape[2])}, got {tuple(r.shape)}")
     zh = F.normalize(z.float(), dim=-1)
     return (zh * r.detach().float().unsqueeze(1)).sum(dim=-1).mean()
-
-
-def effective_rank(z: Tensor) -> Tensor:
-    """exp(H(λ/Σλ)) of the normalised, centred batch ``(B, D)``: 1 when collapsed, D when flat."""
-    with torch.no_grad():
-        lam = covariance_spectrum(z.detach().float())
-        p = lam / lam.sum().clamp_min(1e-12)
-        h = -(p * torch.log(p.clamp_min(1e-12))).sum()
-        return torch.exp(h)
 
 
 def sv_inputs(z: Tensor, mode: str = "per_view") -> list[Tensor]:
