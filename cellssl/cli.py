@@ -133,13 +133,14 @@ def pretrain(recipe, overlays, overrides, resume, overwrite, **flags):
     """Self-supervised pretraining (MSBReg by default). Multi-GPU: torchrun --nproc_per_node N -m cellssl.cli pretrain ..."""
     from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
+    from cellssl.eval.knn import knn_monitor
 
     r = load_recipe(recipe, list(overrides) + _flag_overrides(**flags), list(overlays))
     if resume and not r.train.out:
         raise CellSSLError("--resume needs --out (the run folder to continue)")
     if resume and overwrite:
         raise CellSSLError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-    result = fit(r, resume=resume, overwrite=overwrite)
+    result = fit(r, resume=resume, overwrite=overwrite, knn_monitor=knn_monitor(r))
     note = f" (stopped early: {result.stopped_early})" if result.stopped_early else ""
     if result.skipped_steps:
         note += f" ({result.skipped_steps} step(s) skipped: non-finite loss)"

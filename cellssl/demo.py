@@ -22,6 +22,7 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     from cellssl.data.synth import generate_dataset
     from cellssl.engine.fit import fit
     from cellssl.eval.fewshot import fewshot
+    from cellssl.eval.knn import knn_monitor
     from cellssl.eval.linear import linear
 
     out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     recipe.train.out = str(out / "pretrain")
     resume = (out / "pretrain" / "checkpoints" / "last.pt").exists()
     t0 = time.monotonic()
-    result = fit(recipe, resume=resume)
+    result = fit(recipe, resume=resume, knn_monitor=knn_monitor(recipe))
     pretrain_min = (time.monotonic() - t0) / 60
     ev = recipe.eval
     shots = tuple(ev.shots)

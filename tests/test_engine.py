@@ -229,3 +229,19 @@ def test_local_views_train_msbreg_and_are_refused_elsewhere(tmp_path, tiny_folde
     assert res.step == 4 and torch.isfinite(torch.tensor(res.last_metrics["loss_centroid"]))
     with pytest.raises(ConfigError, match="local_views=2: method 'simclr' does not train on local crops"):
         fit(load_recipe(str(tmp_path / "r.yaml"), base + [f"train.out={tmp_path / 's'}", "method.name=simclr"]))
+
+
+def test_knn_monitor_is_passed_in_logged_and_required(tmp_path, tiny_folder):
+    """The online kNN monitor comes from the caller (eval builds it, the engine runs it)."""
+    from cellssl.errors import ConfigError
+    from cellssl.eval.knn import knn_monitor
+
+    recipe = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=4)),
+                         [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}", "eval.knn_every=2",
+                          f"eval.knn_data={tiny_folder}"])
+    with pytest.raises(ConfigError, match="knn_monitor"):
+        fit(recipe)
+    fit(recipe, knn_monitor=knn_monitor(recipe))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    accs = {r["step"]: r["knn_acc"] for r in rows if "knn_acc" in r}
+    assert set(accs) == {2, 4} and min(accs.values()) > 0.5  # three colour classes: chance is 1/3

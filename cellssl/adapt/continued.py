@@ -239,6 +239,7 @@ def adapt(
     """
     from cellssl.engine.checkpoint import check_new_run, is_pretrained_spec, load_checkpoint, pretrained_recipe
     from cellssl.engine.fit import fit
+    from cellssl.eval.knn import knn_monitor
 
     out = Path(out)
     overrides = list(overrides or ())
@@ -291,7 +292,7 @@ def adapt(
     recipe.adapt.source_fraction = float(fraction) if source is not None else 0.0
 
     result = fit(recipe, resume=resume, init_from=None if resume else init_from, dataset=dataset,
-                 log_prefix="adapt", overwrite=overwrite)
+                 log_prefix="adapt", overwrite=overwrite, knn_monitor=knn_monitor(recipe))
     extra = {"source_fraction": float(fraction) if dataset is not None else 0.0}
     _tag_checkpoint(result.checkpoint, "continued", source_checkpoint, **extra)
     return result.checkpoint

@@ -10,6 +10,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def nonfinite_cause(outputs: dict, method: nn.Module, recipe: Recipe) -> tuple[s
 
 
 def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = None, dataset=None,
-        log_prefix: str = "pretrain", overwrite: bool = False) -> FitResult:
+        log_prefix: str = "pretrain", overwrite: bool = False,
+        knn_monitor: Callable[[nn.Module], float] | None = None) -> FitResult:
     """Pretrain ``recipe.method`` on ``recipe.data``; returns where the run and checkpoint are.
 
     A fresh run (no ``resume``) refuses a ``train.out`` that already holds a checkpoint unless
@@ -185,12 +187,18 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
         init_from: start the model (online and target) from another checkpoint's weights
             (domain adaptation); the optimiser and schedule start fresh.
         dataset: use this image dataset instead of building one from ``recipe.data``.
+        knn_monitor: backbone -> kNN accuracy, logged as ``knn_acc`` every ``eval.knn_every`` steps
+            (:func:`cellssl.eval.knn.knn_monitor` builds it from the recipe); required when
+            ``eval.knn_every`` is set.
     """
     from cellssl.methods import build_method
     from cellssl.models import build_backbone
 
     validate(recipe)
     tc = recipe.train
+    if recipe.eval.knn_every and knn_monitor is None:
+        raise ConfigError(f"eval.knn_every={recipe.eval.knn_every}: pass the monitor to fit "
+                          "(knn_monitor=cellssl.eval.knn.knn_monitor(recipe), as the CLI does) or set eval.knn_every=0")
     dist_info: DistInfo = init_distributed(tc.device)
     device = dist_info.device
     if tc.threads:
@@ -358,7 +366,7 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
         from tqdm.auto import tqdm
 
         progress = tqdm(total=total_steps, initial=start_step, desc=log_prefix, unit="step", dynamic_ncols=True)
-    knn_eval = _make_knn_monitor(recipe, device) if recipe.eval.knn_every and dist_info.is_main else None
+    knn_eval = knn_monitor if recipe.eval.knn_every and dist_info.is_main else None
 
     method.train()
     start_time = time.monotonic()
@@ -531,21 +539,3 @@ def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds
     (the recipe's epochs or max_steps) and at least ``step + 1``."""
     fits = int(max(0.0, seconds_left) * margin / max(seconds_per_step, 1e-9))
     return max(step + 1, min(planned, step + fits))
-
-
-def _make_knn_monitor(recipe: Recipe, device: torch.device):
-    """A callable backbone -> kNN accuracy on ``eval.knn_data`` (the online monitor)."""
-    if not recipe.eval.knn_data:
-        raise ConfigError("eval.knn_every is set but eval.knn_data (a labelled folder) is not")
-    from cellssl.augment.views import build_eval_transform
-    from cellssl.data.datasets import build_dataset
-    from cellssl.eval.knn import online_knn_accuracy
-
-    ds = build_dataset(recipe.data, recipe.eval.knn_data, labelled=True)
-    transform = build_eval_transform(recipe.data, ds.channels)
-
-    def run(backbone: nn.Module) -> float:
-        return online_knn_accuracy(backbone, ds, transform, device, k=recipe.eval.knn_k,
-                                   temperature=recipe.eval.knn_temperature)
-
-    return run

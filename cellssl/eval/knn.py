@@ -8,6 +8,7 @@ a quick, honest read-out of how well a representation clusters classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellssl.data.datasets import TransformedDataset
-from cellssl.errors import DataError
+from cellssl.augment.views import build_eval_transform
+from cellssl.data.datasets import TransformedDataset, build_dataset, split_indices
+from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import (
     FeatureExtractor,
     FeatureSet,
@@ -27,7 +29,7 @@ from cellssl.eval.features import (
 )
 from cellssl.eval.metrics import classification_metrics
 
-__all__ = ["knn_classify", "knn_eval", "knn", "online_knn_accuracy", "split_featureset"]
+__all__ = ["knn_classify", "knn_eval", "knn", "knn_monitor", "online_knn_accuracy", "split_featureset"]
 
 
 def knn_classify(
@@ -99,8 +101,6 @@ def knn_eval(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: floa
 
 def split_featureset(fs: FeatureSet, fraction: float, seed: int = 0) -> tuple[FeatureSet, FeatureSet]:
     """Stratified random split: ``(rest, held_out)`` with ``fraction`` of each class held out."""
-    from cellssl.data.datasets import split_indices
-
     if not 0 < fraction < 1:
         raise DataError(f"--split must be a fraction between 0 and 1 (e.g. 0.3), got {fraction}")
     check_min_images(fs, "data", 4)
@@ -210,8 +210,6 @@ def online_knn_accuracy(
     Returns:
         accuracy in [0, 1] (float).
     """
-    from cellssl.data.datasets import split_indices
-
     labels = np.asarray(dataset.labels)
     n_cls = max(1, len(np.unique(labels)))
     keep = subsample_per_class(labels, max(1, int(np.ceil(max_images / n_cls))), seed)
@@ -225,3 +223,22 @@ def online_knn_accuracy(
         raise DataError(f"the kNN monitor needs more labelled images than {len(keep)}")
     pred = knn_classify(feats[tr], y[tr], feats[va], k=k, temperature=temperature, n_classes=int(labels.max()) + 1)
     return float(np.mean(pred == y[va]))
+
+
+def knn_monitor(recipe: Any) -> Callable[[nn.Module], float] | None:
+    """The online kNN monitor of ``recipe.eval`` for :func:`cellssl.engine.fit.fit`: a callable
+    backbone -> :func:`online_knn_accuracy` on the labelled folder ``eval.knn_data`` (read with the
+    recipe's data settings, run on the backbone's device). None when ``eval.knn_every`` is 0."""
+    ev = recipe.eval
+    if not ev.knn_every:
+        return None
+    if not ev.knn_data:
+        raise ConfigError("eval.knn_every is set but eval.knn_data (a labelled folder) is not")
+    ds = build_dataset(recipe.data, ev.knn_data, labelled=True)
+    transform = build_eval_transform(recipe.data, ds.channels)
+
+    def run(backbone: nn.Module) -> float:
+        device = next(backbone.parameters()).device
+        return online_knn_accuracy(backbone, ds, transform, device, k=ev.knn_k, temperature=ev.knn_temperature)
+
+    return run
