@@ -1,6 +1,8 @@
 """The ``cellssl`` command line: parse, load a recipe, call one function.
 
 Every user-caused error is one line on stderr and exit code 2; ``--debug`` shows the traceback.
+Each command imports its module inside the command (start-up time: ``cellssl --help`` and a bad
+option answer without loading torch).
 """
 
 from __future__ import annotations
@@ -280,7 +282,8 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
-    from cellssl.eval.predict import format_predict_summary, predict as run
+    from cellssl.eval.predict import format_predict_summary
+    from cellssl.eval.predict import predict as run
 
     if target_error is not None and not 0 < target_error < 1:
         raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")

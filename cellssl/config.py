@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import types
 import typing
@@ -25,6 +26,7 @@ import yaml
 
 from cellssl.errors import ConfigError, did_you_mean
 
+
 def recipes_dir() -> Path:
     """The folder of shipped recipes.
 
@@ -32,8 +34,6 @@ def recipes_dir() -> Path:
     the one copy in git, which the build maps to the package ``cellssl.recipes``. An installed
     package (wheel, ``pip install .``) finds that package's data with :mod:`importlib.resources`.
     """
-    import importlib.resources
-
     top = Path(__file__).resolve().parent.parent
     if (top / "pyproject.toml").is_file() and (top / "recipes").is_dir():
         return top / "recipes"

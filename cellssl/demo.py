@@ -12,6 +12,11 @@ import time
 from pathlib import Path
 
 from cellssl.config import Recipe
+from cellssl.data.synth import generate_dataset
+from cellssl.engine.fit import fit
+from cellssl.eval.fewshot import fewshot
+from cellssl.eval.knn import knn_monitor
+from cellssl.eval.linear import linear
 
 
 def run_demo(recipe: Recipe, out: Path) -> Path:
@@ -19,12 +24,6 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
 
     Returns the path of ``out/report.md``.
     """
-    from cellssl.data.synth import generate_dataset
-    from cellssl.engine.fit import fit
-    from cellssl.eval.fewshot import fewshot
-    from cellssl.eval.knn import knn_monitor
-    from cellssl.eval.linear import linear
-
     out.mkdir(parents=True, exist_ok=True)
     size = recipe.data.image_size
     if recipe.data.path is None:

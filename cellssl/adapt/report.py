@@ -33,7 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from cellssl.data.datasets import split_indices
+from cellssl.data.stain import normalize_folder
 from cellssl.errors import DataError
+from cellssl.eval.features import FeatureExtractor, subsample_per_class
+from cellssl.eval.fewshot import run_fewshot
+from cellssl.eval.linear import linear_probe
+from cellssl.eval.report import jsonable, tsne_2d
 
 __all__ = ["transfer_report", "domain_gap", "domain_classifier_accuracy", "mmd2_rbf", "ROW_LABELS"]
 
@@ -63,7 +69,7 @@ def domain_classifier_accuracy(xs: np.ndarray, xt: np.ndarray, seed: int = 0, fo
     """Cross-validated accuracy of logistic regression telling source (``xs``) from target
     (``xt``) features: equal numbers of each (so chance = 0.5), L2-normalised and standardised,
     ``folds``-fold stratified CV. 1.0 = the domains are linearly separable."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # sklearn: heavy, imported when used
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -119,10 +125,6 @@ def _plan_fewshot(labels: np.ndarray, shots: Sequence[int], queries: int) -> tup
 
 def evaluate_features(fs: Any, shots: Sequence[int], episodes: int, queries: int, seed: int) -> dict:
     """Few-shot (SimpleShot, all ways) and linear-probe accuracy of a labelled FeatureSet."""
-    from cellssl.data.datasets import split_indices
-    from cellssl.eval.fewshot import run_fewshot
-    from cellssl.eval.linear import linear_probe
-
     out: dict[str, Any] = {"n_images": len(fs), "fewshot": {}, "linear": None}
     ok, q = _plan_fewshot(fs.labels, shots, queries)
     if len(np.unique(fs.labels)) < 2:
@@ -179,8 +181,6 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
 
 def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
     """t-SNE of L2-normalised features (the shared, thread-limited :func:`cellssl.eval.report.tsne_2d`)."""
-    from cellssl.eval.report import tsne_2d
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tsne_2d(_l2(x), seed)
@@ -188,8 +188,6 @@ def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
 
 def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, max_points: int) -> Path | None:
     """One row per (title, source FeatureSet, target FeatureSet): t-SNE coloured by domain | by class."""
-    from cellssl.eval.features import subsample_per_class
-
     plt = _plt()
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.8 * len(panels)), squeeze=False)
     for row, (title, s, t) in enumerate(panels):
@@ -299,10 +297,6 @@ def transfer_report(
     ``source`` and ``target`` are labelled folders (one sub-folder per class, same class names);
     ``max_per_class`` caps the images per class read from each (quick runs).
     """
-    from cellssl.data.stain import normalize_folder
-    from cellssl.eval.features import FeatureExtractor
-    from cellssl.eval.report import jsonable
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shots = [int(k) for k in shots]

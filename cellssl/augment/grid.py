@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from cellssl.augment.views import MultiViewTransform, denormalize
@@ -41,7 +42,6 @@ def grid_path(out_path: str | Path) -> Path:
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    import cv2
 
     out = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (size, size), interpolation=cv2.INTER_AREA)
     return out[:, :, None] if out.ndim == 2 else out

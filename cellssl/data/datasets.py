@@ -339,7 +339,7 @@ def _npz_dataset(spec: str, cfg: DataConfig, labelled: bool | None, transform: A
 
 def default_synthetic_path(cfg: DataConfig) -> Path:
     """Make sure the built-in synthetic set for ``cfg`` exists; return its folder."""
-    from cellssl.data.synth import default_synth_dir, ensure_synthetic
+    from cellssl.data.synth import default_synth_dir, ensure_synthetic  # start-up time: scipy, only without data
 
     size = max(64, cfg.image_size)
     return ensure_synthetic(default_synth_dir(cfg.synth_n, cfg.synth_seed, size), n=cfg.synth_n, seed=cfg.synth_seed, image_size=size)

@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from cellssl.errors import DataError
+from cellssl.errors import ConfigError, DataError
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -66,8 +66,6 @@ def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Pat
     ``out``; one-line errors for a missing ``src``, ``out == src``, an ``out`` that already holds
     files, or no images. Returns ``(src, out, sorted files)``.
     """
-    from cellssl.errors import ConfigError
-
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
         raise DataError(f"{src} is not a folder of images")

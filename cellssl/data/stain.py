@@ -131,7 +131,7 @@ class StainNormalizer:
     # ---- fitting ------------------------------------------------------------------------
     def _fit(self, refs: list[np.ndarray]):
         if self.method == "macenko":
-            from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+            from torchstain.numpy.normalizers import NumpyMacenkoNormalizer  # torchstain: imported when used
 
             # Pool the stained pixels of all reference images (torchstain reshapes to (-1, 3)).
             pix = np.concatenate([r.reshape(-1, 3) for r in refs])
@@ -155,7 +155,7 @@ class StainNormalizer:
                 raise DataError(f"the stain reference {self.reference} shows only one stain colour (Macenko needs two); "
                                 "use a folder of source images as the reference, or method reinhard")
             return norm
-        from torchstain.numpy.normalizers import NumpyReinhardNormalizer
+        from torchstain.numpy.normalizers import NumpyReinhardNormalizer  # torchstain: imported when used
 
         norm = NumpyReinhardNormalizer()
         stats = np.array([_lab_stats(r) for r in refs])  # (n, 2, 3): mean, std per L, a, b
@@ -209,7 +209,7 @@ class StainNormalizer:
         ``OD = HE·C``; each stain is scaled so its 99th percentile matches the reference;
         ``I = Io·exp(-HE_ref·C')``, as torchstain.
         """
-        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer  # torchstain: imported when used
 
         est = NumpyMacenkoNormalizer()
         est.fit(img_u8, Io=_IO, beta=_BETA)
@@ -250,7 +250,7 @@ class StainNormalizer:
 
 def _lab_stats(img_u8: np.ndarray) -> np.ndarray:
     """(2, 3): mean and std of L, a, b (torchstain's conventions) of a uint8 RGB image."""
-    from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab
+    from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab  # torchstain: imported when used
 
     lab = rgb2lab(img_u8.astype(np.float32) / 255.0)
     st = np.array([get_mean_std(x) for x in lab_split(lab)], dtype=np.float64)  # (3, 2)

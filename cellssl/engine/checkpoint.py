@@ -10,6 +10,7 @@ A training checkpoint is a dict of tensors and plain Python values (loadable wit
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -18,9 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
+from cellssl.config import ModelConfig, Recipe, migrate_checkpoint_config, recipe_from_dict, recipe_to_dict
 from cellssl.errors import CheckpointError, ConfigError
+from cellssl.models import build_backbone
+from cellssl.models.backbone import PixelFeatures
 
 FORMAT = "cellssl-1"
 
@@ -124,8 +129,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "it cannot be used; take an earlier checkpoint or retrain (e.g. with a lower optim.lr)"
         )
     if isinstance(ckpt.get("config"), dict):
-        from cellssl.config import migrate_checkpoint_config
-
         ckpt["config"] = migrate_checkpoint_config(ckpt["config"])
     return ckpt
 
@@ -168,8 +171,6 @@ def is_pretrained_spec(spec: str | Path) -> bool:
 
 def _exported_config(path: Path) -> dict | None:
     """The ``config.json`` of an exported model folder (or beside a weights file), if any."""
-    import json
-
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     if not cfg.is_file():
         return None
@@ -189,8 +190,6 @@ def pretrained_recipe(spec: str | Path, image_size: int | None = None, in_chans:
     recipe, else the weights' RGB mean/std when the data has 3 channels (``in_chans``, default 3).
     Returns a :class:`~cellssl.config.Recipe` with ``model.pretrained`` set.
     """
-    from cellssl.config import Recipe, recipe_from_dict
-
     body = str(spec).split(":", 1)[1].strip()
     if not body:
         raise CheckpointError(f"{spec}: name the weights, e.g. pretrained:resnet50.a1_in1k or pretrained:model/")
@@ -217,7 +216,6 @@ def pretrained_recipe(spec: str | Path, image_size: int | None = None, in_chans:
             raise CheckpointError(f"{spec}: weights {path} do not exist")
         recipe.model.backbone, recipe.model.pretrained = arch, str(path)
     else:
-        from timm.models import get_pretrained_cfg, split_model_name_tag
 
         recipe.model.backbone, recipe.model.pretrained = split_model_name_tag(weights)[0], weights
         try:
@@ -256,16 +254,10 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
         ``(backbone, info)``; ``backbone`` maps (B, C, H, W) -> (B, F) and is in eval mode;
         ``info`` has ``config`` (recipe dict), ``in_chans``, ``image_size``, ``method``, ``step``.
     """
-    from cellssl.config import ModelConfig, recipe_from_dict, recipe_to_dict
-    from cellssl.models import build_backbone
-
     spec = str(spec)
     if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():  # an exported model folder
         spec = f"pretrained:{spec}"
     if spec.startswith("pixels:"):
-        from cellssl.config import Recipe
-        from cellssl.models.backbone import PixelFeatures
-
         side = spec.split(":", 1)[1].strip() or "16"
         if not side.isdigit():
             raise CheckpointError(f"{spec}: give the side in pixels, e.g. pixels:16")
@@ -277,8 +269,6 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
                 "method": "raw pixels", "step": 0}
         return PixelFeatures(chans, int(side)).eval(), info
     if spec.startswith("random:"):
-        from cellssl.config import Recipe
-
         recipe = Recipe()
         recipe.model.backbone = spec.split(":", 1)[1]
         recipe.data.image_size = image_size or recipe.data.image_size

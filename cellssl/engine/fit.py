@@ -14,11 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from cellssl.augment.views import build_view_transform
 from cellssl.config import Recipe, recipe_to_dict, save_recipe, validate
+from cellssl.data.datasets import MultiViewDataset, build_dataset
 from cellssl.engine.checkpoint import (
     FORMAT,
     check_new_run,
@@ -38,8 +42,11 @@ from cellssl.engine.distributed import (
     init_distributed,
 )
 from cellssl.engine.logger import MetricsLogger
+from cellssl.engine.optim import build_optimizer, set_lr
 from cellssl.errors import CellSSLError, ConfigError, DataError, TrainingError
+from cellssl.methods import build_method
 from cellssl.methods.base import effective_rank
+from cellssl.models import build_backbone, ema_update
 
 
 @dataclass
@@ -63,7 +70,6 @@ class EpochSeededViews(torch.utils.data.Dataset):
     and albumentations generators are seeded from (seed, epoch, i). Data order *and* views are then
     identical in a resumed run and in worker processes, whatever the worker count.
     """
-
     def __init__(self, views_dataset: torch.utils.data.Dataset, n: int, seed: int) -> None:
         self.ds, self.n, self.seed = views_dataset, n, seed
 
@@ -98,19 +104,11 @@ def reseed_transforms(obj, seed: int, _depth: int = 0) -> None:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except Exception:
-        pass
+    cv2.setNumThreads(1)
 
 
 def build_training_data(recipe: Recipe, dataset=None):
     """(image dataset, multi-view dataset) for the recipe's data and views sections."""
-    from cellssl.augment.views import build_view_transform
-    from cellssl.data.datasets import MultiViewDataset, build_dataset
-
     base = dataset if dataset is not None else build_dataset(recipe.data, labelled=False)
     transform = build_view_transform(recipe.views, recipe.data, base.channels)
     return base, MultiViewDataset(base, transform)
@@ -191,9 +189,6 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
             (:func:`cellssl.eval.knn.knn_monitor` builds it from the recipe); required when
             ``eval.knn_every`` is set.
     """
-    from cellssl.methods import build_method
-    from cellssl.models import build_backbone
-
     validate(recipe)
     tc = recipe.train
     if recipe.eval.knn_every and knn_monitor is None:
@@ -261,7 +256,6 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
             raise ConfigError(f"checkpoint {init_from} has no backbone matching {recipe.model.backbone}")
         method.load_state_dict(usable, strict=False)
         if method.uses_target:  # target starts at the loaded online weights
-            from cellssl.models import ema_update
 
             ema_update(method.target_backbone, method.backbone, 0.0)
             ema_update(method.target_projector, method.projector, 0.0)
@@ -278,8 +272,6 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
         )
     if tc.compile:
         model = torch.compile(model)
-
-    from cellssl.engine.optim import build_optimizer, set_lr
 
     optimizer = build_optimizer(method, recipe.optim, tc.batch_size * dist_info.world_size)
     autocast, precision = autocast_for(device, tc.precision)
@@ -363,7 +355,6 @@ def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = 
     # ---- loop -------------------------------------------------------------------------
     progress = None
     if dist_info.is_main and tc.progress:
-        from tqdm.auto import tqdm
 
         progress = tqdm(total=total_steps, initial=start_step, desc=log_prefix, unit="step", dynamic_ncols=True)
     knn_eval = knn_monitor if recipe.eval.knn_every and dist_info.is_main else None

@@ -34,7 +34,7 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional and slow to import
 
             self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
         except Exception:  # tensorboard missing or broken: jsonl is the record

@@ -30,10 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from cellssl import __version__
+from cellssl.augment.views import channel_stats
+from cellssl.config import recipe_from_dict
+from cellssl.engine.checkpoint import load_backbone, load_checkpoint
 from cellssl.errors import CellSSLError
+from cellssl.eval.predict import load_predictor
+from cellssl.eval.report import format_summary
 
 __all__ = ["export", "FORMATS", "find_reports"]
 
@@ -43,8 +51,6 @@ REPORT_KINDS = ("fewshot", "linear", "knn", "finetune")
 
 def _placeholder_head(name: str, in_chans: int, backbone_state: dict) -> dict[str, torch.Tensor]:
     """Zero tensors for the keys timm's default model of ``name`` has beyond the headless backbone."""
-    import timm
-
     try:
         full = timm.create_model(name, pretrained=False, in_chans=in_chans).state_dict()
     except Exception:  # an architecture timm cannot build with defaults: no placeholder
@@ -91,7 +97,7 @@ def _onnx(model: nn.Module, path: Path, in_chans: int, size: int, output: str, o
     info: dict[str, Any] = {"file": path.name, "input": "images", "output": output, "opset": opset,
                             "input_shape": ["batch", in_chans, size, size]}
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional extra [onnx]
     except ImportError:
         info["check"] = "onnxruntime not installed: not compared with torch"
         return info
@@ -114,12 +120,6 @@ def export(
     opset: int = 17,
 ) -> dict:
     """Export ``checkpoint`` to the folder ``out`` (see the module docstring); returns config.json's dict."""
-    from safetensors.torch import save_file
-
-    from cellssl import __version__
-    from cellssl.config import recipe_from_dict
-    from cellssl.engine.checkpoint import load_backbone, load_checkpoint
-
     if fmt not in FORMATS:
         raise CellSSLError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     checkpoint = Path(checkpoint)
@@ -128,8 +128,6 @@ def export(
     in_chans, size = int(ck["in_chans"]), int(recipe.data.image_size)
     is_classifier = bool(ck.get("classes")) and "head.weight" in (ck.get("model") or {})
     if is_classifier:
-        from cellssl.eval.predict import load_predictor
-
         pred = load_predictor(checkpoint, device="cpu")
         classifier, backbone = pred.model, pred.model.backbone
     else:
@@ -166,8 +164,6 @@ def export(
                           opset)
         onnx_info["model"] = "classifier (backbone + head)" if classifier is not None else "backbone"
         files.append("model.onnx")
-
-    from cellssl.augment.views import channel_stats
 
     mean, std = channel_stats(recipe.data, in_chans)
     data = dataclasses.asdict(recipe.data)
@@ -222,8 +218,6 @@ def export(
 
 
 def _report_line(report: dict) -> dict:
-    from cellssl.eval.report import format_summary
-
     lines = [x for x in format_summary(report).splitlines() if not x.startswith("report:")]
     return {"kind": report.get("kind"), "file": report.get("_file"), "summary": " ".join(x.strip() for x in lines)}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from cellssl.augment.views import build_eval_transform
+from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import TransformedDataset, batch_images, build_dataset
+from cellssl.engine.checkpoint import load_backbone
+from cellssl.engine.distributed import resolve_device as _resolve
 from cellssl.errors import DataError
 from cellssl.models.bn import adapt_batchnorm
 
@@ -85,7 +89,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
     if isinstance(device, torch.device):
         return device
-    from cellssl.engine.distributed import resolve_device as _resolve
 
     return _resolve(str(device))
 
@@ -124,7 +127,6 @@ def extract_features(
     out: list[np.ndarray] = []
     iterator: Any = loader
     if progress and len(loader) > 4:
-        from tqdm.auto import tqdm
 
         iterator = tqdm(loader, desc="features", unit="batch", leave=False)
     try:
@@ -225,9 +227,6 @@ class FeatureExtractor:
         progress: bool = True,
         seed: int = 0,
     ):
-        from cellssl.config import recipe_from_dict
-        from cellssl.engine.checkpoint import load_backbone
-
         self.spec = str(checkpoint)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -251,8 +250,6 @@ class FeatureExtractor:
 
     def _prepare(self, channels: int) -> None:
         """Rebuild for ``channels`` if needed (random specs), move to device, AdaBN once."""
-        from cellssl.engine.checkpoint import load_backbone
-
         if self._ready:
             if channels != self.info["in_chans"]:
                 raise DataError(

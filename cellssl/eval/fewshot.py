@@ -19,7 +19,9 @@ import numpy as np
 
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import FeatureSet, load_features
+from cellssl.eval.linear import fit_logreg
 from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.report import write_report
 
 __all__ = [
     "Episode",
@@ -43,7 +45,6 @@ class Episode:
     ``support_idx`` / ``support_y``: (ways * shots,), ``query_idx`` / ``query_y``: (ways * queries,),
     grouped by class in the order of ``classes`` (ways,).
     """
-
     support_idx: np.ndarray
     support_y: np.ndarray
     query_idx: np.ndarray
@@ -153,8 +154,6 @@ def logreg_classify(support: np.ndarray, support_y: np.ndarray, query: np.ndarra
 
     Returns predicted labels (Q,) in ``support_y``'s label space.
     """
-    from cellssl.eval.linear import fit_logreg
-
     zs, zq = cl2n(support, query)
     clf = fit_logreg(zs, support_y, C, seed, max_iter=1000)
     return clf.predict(zq).astype(np.int64)
@@ -268,8 +267,6 @@ def fewshot(
     """Few-shot evaluation of a checkpoint on a labelled folder: features computed once
     (:func:`load_features`), :func:`run_fewshot` for every K, report written to ``out``
     (json + md + accuracy-vs-shots and embedding plots). Returns the report."""
-    from cellssl.eval.report import write_report
-
     if classifier not in CLASSIFIERS:
         raise ConfigError(f"unknown few-shot classifier '{classifier}': use one of {', '.join(CLASSIFIERS)}")
     fs = load_features(checkpoint, data, image_size=image_size, batch_size=batch_size, device=device,

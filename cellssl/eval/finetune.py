@@ -23,11 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from tqdm.auto import tqdm
 
-from cellssl.data.datasets import TransformedDataset
+from cellssl.augment.views import build_eval_transform, build_view_transform
+from cellssl.data.datasets import TransformedDataset, split_indices
+from cellssl.engine.checkpoint import FORMAT, save_atomic
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor
 from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.report import write_report
+from cellssl.eval.unsure import calibrate, native_size
 
 __all__ = ["finetune", "Classifier", "select_low_label", "logits_and_features", "softmax"]
 
@@ -38,7 +43,6 @@ class Classifier(nn.Module):
     ``normalize=True`` L2-normalises the features before the head (a linear probe's folded form,
     :meth:`cellssl.eval.linear.ProbeFit.folded`).
     """
-
     def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, normalize: bool = False):
         super().__init__()
         self.backbone = backbone
@@ -190,11 +194,6 @@ def finetune(
     ``best_val_accuracy``, ``validation`` and ``test`` metrics (accuracy, balanced_accuracy,
     macro_f1, confusion_matrix, per_class_accuracy), ``classes``, ``settings``, ``checkpoint``.
     """
-    from cellssl.augment.views import build_eval_transform, build_view_transform
-    from cellssl.data.datasets import split_indices
-    from cellssl.engine.checkpoint import FORMAT, save_atomic
-    from cellssl.eval.report import write_report
-
     out_dir = Path(out_dir)
     if out_dir.suffix == ".json":
         out_dir = out_dir.parent
@@ -284,7 +283,6 @@ def finetune(
     t0 = time.monotonic()
     bar: Any = range(1, epochs + 1)
     if progress:
-        from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc="finetune", unit="epoch")
     for epoch in bar:
@@ -342,7 +340,6 @@ def finetune(
 
     model.load_state_dict(best_state)
     # unsure thresholds for `cellssl predict`, on the validation cells (the training cells without a split)
-    from cellssl.eval.unsure import calibrate, native_size
 
     ev_bs = max(batch_size, 128)
     l_tr, f_tr, y_tr = logits_and_features(model, TransformedDataset(base, eval_t, train_idx), dev, ev_bs,

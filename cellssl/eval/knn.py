@@ -28,6 +28,7 @@ from cellssl.eval.features import (
     subsample_per_class,
 )
 from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.report import write_report
 
 __all__ = ["knn_classify", "knn_eval", "knn", "knn_monitor", "online_knn_accuracy", "split_featureset"]
 
@@ -166,8 +167,6 @@ def knn(
     """kNN evaluation of a checkpoint: features of ``train`` and ``test`` (or a stratified
     ``split`` fraction of ``train`` held out), :func:`knn_eval`, report written to ``out``
     (``report.json`` + ``.md`` + confusion-matrix and embedding plots). Returns the report."""
-    from cellssl.eval.report import write_report
-
     tr, te, desc = train_test_features(checkpoint, train, test, split=split, seed=seed, image_size=image_size,
                                        batch_size=batch_size, device=device, adapt_bn=adapt_bn,
                                        max_per_class=max_per_class, num_workers=num_workers)

@@ -25,12 +25,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from cellssl.augment.grid import to_display
+from cellssl.augment.views import build_eval_transform
+from cellssl.config import recipe_from_dict
+from cellssl.data.datasets import build_dataset
+from cellssl.data.io import ImageReadError
+from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
 from cellssl.errors import CheckpointError, DataError
+from cellssl.eval.features import resolve_device
 from cellssl.eval.finetune import Classifier, softmax
+from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.report import jsonable, markdown_table, pct, pyplot
+from cellssl.eval.unsure import MIN_CALIBRATION_CELLS, OODModel, thresholds
+from cellssl.models import build_backbone
 
 __all__ = ["Predictor", "load_predictor", "resolve_model_path", "predict", "format_predict_summary", "SIZE_TOLERANCE"]
 
@@ -77,11 +90,6 @@ def resolve_model_path(model: str | Path) -> Path:
 def load_predictor(model: str | Path, device: str | torch.device = "auto") -> Predictor:
     """Load a predictor (see the module docstring) with ``weights_only=True``; a pretraining
     checkpoint (no classifier) is a one-line error that says how to make one."""
-    from cellssl.config import recipe_from_dict
-    from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
-    from cellssl.eval.features import resolve_device
-    from cellssl.models import build_backbone
-
     path = resolve_model_path(model)
     ck = load_checkpoint(path)
     state = ck.get("model") or {}
@@ -121,8 +129,6 @@ class _Items(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        from cellssl.data.io import ImageReadError
-
         try:
             img = self.ds.read(i, convert=self.convert)
         except ImageReadError as exc:
@@ -165,10 +171,6 @@ def predict(
     ``unsure`` thresholds from the saved validation scores (default: the ones chosen at fit time).
     Returns the report dict.
     """
-    from cellssl.augment.views import build_eval_transform
-    from cellssl.data.datasets import build_dataset
-    from cellssl.eval.unsure import OODModel, thresholds
-
     t0 = time.monotonic()
     pred = load_predictor(model, device)
     out = Path(out)
@@ -193,7 +195,6 @@ def predict(
     sizes = np.zeros((n, 2), dtype=np.int64)
     iterator: Any = loader
     if progress and len(loader) > 2:
-        from tqdm.auto import tqdm
 
         iterator = tqdm(loader, desc="predict", unit="batch", leave=False)
     with torch.no_grad():
@@ -297,8 +298,6 @@ def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.nda
 
 def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.ndarray, used: np.ndarray,
              unsure: np.ndarray, flags: list[list[str]], truth: np.ndarray, th: dict | None) -> dict:
-    from cellssl.eval.metrics import classification_metrics
-
     k = len(pred.classes)
     n_used = int(used.sum())
     confident = used & ~unsure
@@ -347,11 +346,6 @@ def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarra
                    unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int, cols: int = 8) -> Path | None:
     """PNG grid of the ``n`` least certain classified cells: those unlike the training cells first,
     then the other flagged ones, then the rest, each group by confidence."""
-    import cv2
-
-    from cellssl.augment.grid import to_display
-    from cellssl.eval.report import pyplot
-
     idx = np.flatnonzero(used)
     if n <= 0 or len(idx) == 0:
         return None
@@ -377,9 +371,6 @@ def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarra
 
 
 def _write_report(report: dict, out: Path) -> None:
-    from cellssl.eval.report import jsonable, markdown_table, pct
-    from cellssl.eval.unsure import MIN_CALIBRATION_CELLS
-
     m = report["model"]
     lines = ["# Predictions", "",
              f"- model: `{m['path']}` ({m['kind']}; {m['description']})",
@@ -444,8 +435,6 @@ def _write_report(report: dict, out: Path) -> None:
 
 def format_predict_summary(report: dict) -> str:
     """A few lines for the terminal."""
-    from cellssl.eval.report import pct
-
     top = sorted(report["differential"], key=lambda d: -d["cells"])[:4]
     lines = [f"classified {report['n_classified']}/{report['n_images']} images in {report['seconds']} s; "
              f"unsure: {report['n_unsure']} ({pct(report['unsure_fraction'])} %)",

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+from cellssl.eval.features import subsample_per_class
 
 __all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
            "markdown_table", "pct", "jsonable", "pyplot", "tsne_2d"]
@@ -138,7 +141,7 @@ def embedding_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     x = np.asarray(features, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     try:
-        import umap  # type: ignore
+        import umap  # type: ignore  # optional (umap-learn)
 
         return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
     except Exception:
@@ -151,9 +154,8 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     ``min(30, max(2, (N - 1) / 3))``, run with ONE OpenMP thread: sklearn's and torch's libgomp
     copies otherwise busy-wait against each other (t-SNE of 36 points took 15 s after a torch
     forward pass; 0.1 s limited). Every t-SNE of cellssl goes through here."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # sklearn: heavy, imported when used
     from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
 
     x = np.asarray(x, dtype=np.float32)
     n = len(x)
@@ -168,8 +170,6 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
 def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int = 0, title: str = "") -> Path | None:
     """Scatter of a 2-D embedding of a FeatureSet (at most ``max_points``, class-balanced),
     coloured by class; None when there are fewer than 10 points."""
-    from cellssl.eval.features import subsample_per_class
-
     x, y = np.asarray(features.features), np.asarray(features.labels)
     if len(x) < MIN_EMBED_POINTS or x.ndim != 2:
         return None

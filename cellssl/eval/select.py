@@ -41,9 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from cellssl.augment.grid import to_display
+from cellssl.config import DataConfig
+from cellssl.data.datasets import build_dataset
 from cellssl.errors import ConfigError, DataError, did_you_mean
+from cellssl.eval.features import FeatureExtractor, FeatureSet
 from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.report import MIN_EMBED_POINTS, embedding_2d
 
 __all__ = [
     "STRATEGIES",
@@ -81,7 +87,6 @@ class Selection:
         info: strategy details (ProbCover: ``delta``, ``coverage``, ``gains``; TypiClust: ``n_clusters``).
         clusters: (N,) cluster of every pool row when the strategy clustered (TypiClust), else None.
     """
-
     indices: np.ndarray
     strategy: str
     seconds: float = 0.0
@@ -99,14 +104,12 @@ def _missing_y(n: int, labelled: np.ndarray) -> np.ndarray:
 
 def _threads():
     """One BLAS/OpenMP thread: with torch loaded, competing pools made sklearn ~30x slower."""
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(1)
 
 
 def kmeans_labels(z: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
     """k-means (scikit-learn, k-means++) cluster of each row of ``z`` (N, F) -> (N,) int64."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # sklearn: heavy, imported when used
 
     n_clusters = int(max(1, min(n_clusters, len(z))))
     with _threads(), warnings.catch_warnings():
@@ -121,7 +124,7 @@ def typicality(z: np.ndarray, clusters: np.ndarray, k: int = TYPICALITY_K, eps: 
     cluster (k capped at cluster size − 1; a singleton cluster gets 1) — the formula of
     scikit-activeml's ``TypiClust``, computed here for every strategy's report.
     """
-    from sklearn.neighbors import NearestNeighbors
+    from sklearn.neighbors import NearestNeighbors  # sklearn: heavy, imported when used
 
     out = np.ones(len(z), dtype=np.float64)
     with _threads():
@@ -148,8 +151,8 @@ def _distance_chunks(z: np.ndarray, chunk: int | None = None):
 # --- strategies --------------------------------------------------------------------------------
 def typiclust(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, k: int = TYPICALITY_K) -> Selection:
     """TypiClust via scikit-activeml (see the module docstring); records the k-means clusters."""
-    from sklearn.cluster import KMeans
-    from skactiveml.pool import TypiClust
+    from skactiveml.pool import TypiClust  # skactiveml, sklearn: heavy, imported when used
+    from sklearn.cluster import KMeans  # sklearn: heavy, imported when used
 
     fitted: dict[str, np.ndarray] = {}
 
@@ -188,7 +191,7 @@ def _unique_topped_up(idx: np.ndarray, budget: int, labelled: np.ndarray, z: np.
 def coreset(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> Selection:
     """Greedy k-center (farthest-first) via scikit-activeml's ``CoreSet``; without labelled cells
     the first centre is random."""
-    from skactiveml.pool import CoreSet
+    from skactiveml.pool import CoreSet  # skactiveml: heavy, imported when used
 
     idx = CoreSet(random_state=seed).query(z, _missing_y(len(z), labelled), batch_size=budget)
     return Selection(np.asarray(idx, dtype=np.int64), "coreset")
@@ -196,7 +199,7 @@ def coreset(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> 
 
 def random_selection(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> Selection:
     """Uniform sample of the unlabelled rows (scikit-activeml's ``RandomSampling``)."""
-    from skactiveml.pool import RandomSampling
+    from skactiveml.pool import RandomSampling  # skactiveml: heavy, imported when used
 
     idx = RandomSampling(random_state=seed).query(z, _missing_y(len(z), labelled), batch_size=budget)
     return Selection(np.asarray(idx, dtype=np.int64), "random")
@@ -229,7 +232,7 @@ def probcover_delta(z: np.ndarray, n_classes: int, alpha: float = PROBCOVER_ALPH
 def ball_graph(z: np.ndarray, delta: float, chunk: int | None = None):
     """Sparse (N, N) CSR adjacency of the δ-ball graph: ``A[i, j] = 1`` iff ``||z_i − z_j|| <= δ``
     (self loops included). Built chunk by chunk: memory O(edges + chunk · N), not O(N²)."""
-    from scipy import sparse
+    from scipy import sparse  # scipy: imported when used
 
     rows, cols = [], []
     with _threads():
@@ -361,9 +364,6 @@ def read_labelled_paths(spec: str | Path, data_cfg: Any = None) -> list[Path]:
     """Resolved image files of a labelled set: a CSV manifest (``path[,label,...]``, or a previous
     ``to_label.csv``), a folder, or anything :func:`~cellssl.data.datasets.build_dataset` reads.
     Every listed image counts, labelled or not (it has been shown to the expert)."""
-    from cellssl.config import DataConfig
-    from cellssl.data.datasets import build_dataset
-
     p = Path(spec).expanduser()
     if not p.exists():
         raise DataError(f"--labelled {spec} does not exist: pass the CSV of cells already labelled "
@@ -397,8 +397,6 @@ def _labelled_rows(specs: Sequence[str | Path], pool_files: Sequence[Path], data
 def _pool_features(ex: Any, ds: Any, data: Any, features: str | Path | None, out: Path) -> tuple[Any, bool]:
     """The pool's FeatureSet: from ``features`` (an ``embed``/``select`` .npz of the same folder,
     re-ordered to the pool) or computed now and cached as ``out/embeddings.npz``."""
-    from cellssl.eval.features import FeatureSet
-
     root = Path(ds.root)
     rel = []
     for p, _ in ds.samples:
@@ -445,8 +443,6 @@ def save_contact_sheet(ds: Any, rows: Sequence[int], numbers: Sequence[int], pat
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from cellssl.augment.grid import to_display
-
     n = len(rows)
     cols = int(min(10, max(4, math.ceil(math.sqrt(n)))))
     nrows = int(math.ceil(n / cols))
@@ -473,8 +469,6 @@ def plot_selection_map(features: Any, selected: np.ndarray, labelled: np.ndarray
     labelled ones), coloured by class when the pool has class folders, grey otherwise; selected
     cells are black rings numbered as in to_label.csv, labelled ones grey squares. None when the
     pool is too small to map."""
-    from cellssl.eval.report import MIN_EMBED_POINTS, embedding_2d
-
     n = len(features)
     if n < MIN_EMBED_POINTS:
         return None
@@ -654,9 +648,6 @@ def select(
     labelled. ``map_points=0`` skips the map (its t-SNE is the slowest part after embedding).
     Refuses to overwrite a ``to_label.csv`` that already has labels. Returns the report.
     """
-    from cellssl.data.datasets import build_dataset
-    from cellssl.eval.features import FeatureExtractor
-
     out = Path(out)
     csv_path = out / "to_label.csv"
     if csv_path.exists() and _filled_labels(csv_path):

@@ -49,7 +49,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed.nn.functional import all_gather  # only under DDP
 
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
