@@ -93,10 +93,9 @@ def _print_summary(report: dict) -> None:
 
 # ---- the group ---------------------------------------------------------------------------
 @click.group(context_settings=CONTEXT)
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors (read by main).")
 @click.version_option(package_name="cellssl")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(debug: bool) -> None:
     """cellssl: self-supervised representation learning for cell images (MSBReg), few-shot
     evaluation, and adaptation to a new lab.
 
@@ -109,7 +108,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
       cellssl predict --model eval/classifier.pt --data NEW_CELLS --out predictions/
       cellssl export --checkpoint RUN/checkpoints/last.pt --out model/
     """
-    ctx.obj = {"debug": debug}
 
 
 @cli.command(context_settings=CONTEXT)

@@ -31,9 +31,9 @@ from cellssl.engine.checkpoint import (
     pretrained_recipe,
     save_atomic,
 )
+from cellssl.engine.distributed import resolve_device
 from cellssl.engine.fit import fit
 from cellssl.errors import ConfigError, DataError
-from cellssl.eval.features import resolve_device
 from cellssl.eval.knn import knn_monitor
 from cellssl.methods import build_method
 from cellssl.models import build_backbone

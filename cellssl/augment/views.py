@@ -26,34 +26,11 @@ import torch
 from cellssl.config import DataConfig, ViewsConfig
 from cellssl.errors import DataError
 
-# --- HED colour deconvolution (same matrices and log scaling as skimage.color) ---------------
+# --- HED colour deconvolution (the matrices of skimage.color) --------------------------------
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-_LOG_ADJUST = -np.log(1e-6)  # skimage divides optical density by this constant
 _HED_F32 = HED_FROM_RGB.astype(np.float32)
 _RGB_F32 = RGB_FROM_HED.astype(np.float32)
-
-
-def rgb_to_od_stains(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB in [0, 1] -> (H, W, 3) H, E, D stain optical densities (unclipped, natural log)."""
-    od = -np.log(np.maximum(rgb, 1e-6, dtype=np.float32))
-    return od @ _HED_F32
-
-
-def od_stains_to_rgb(stains: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb_to_od_stains`: (H, W, 3) stain ODs -> RGB (H, W, 3) clipped to [0, 1]."""
-    rgb = np.exp(-(stains @ _RGB_F32))
-    return np.clip(rgb, 0.0, 1.0, out=rgb)
-
-
-def rgb2hed(rgb: np.ndarray) -> np.ndarray:
-    """Vectorised float32 equivalent of ``skimage.color.rgb2hed`` on (H, W, 3) in [0, 1]."""
-    return np.maximum(rgb_to_od_stains(rgb) / np.float32(_LOG_ADJUST), 0.0)
-
-
-def hed2rgb(hed: np.ndarray) -> np.ndarray:
-    """Vectorised float32 equivalent of ``skimage.color.hed2rgb`` on (H, W, 3)."""
-    return od_stains_to_rgb(hed.astype(np.float32) * np.float32(_LOG_ADJUST))
 
 
 class HEDJitter(A.ImageOnlyTransform):
@@ -142,25 +119,6 @@ class AdditiveGaussianNoise(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("std",)
-
-
-class RandomRotation(A.ImageOnlyTransform):
-    """Rotation by a uniform angle in [-180, 180) degrees about the centre, reflected borders
-    (cv2.warpAffine, bilinear). Works for any channel count. Input/output (H, W, C)."""
-
-    def __init__(self, p: float = 1.0):
-        super().__init__(p=p)
-
-    def get_params(self) -> dict[str, Any]:
-        return {"angle": float(self.random_generator.uniform(-180.0, 180.0))}
-
-    def apply(self, img: np.ndarray, angle: float, **_: Any) -> np.ndarray:
-        h, w = img.shape[:2]
-        mat = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
-        return _warp(img, mat, (w, h), cv2.INTER_LINEAR)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ()
 
 
 def _warp(img: np.ndarray, mat: np.ndarray, size: tuple[int, int], flags: int) -> np.ndarray:

@@ -152,13 +152,12 @@ def load_state_checked(module: nn.Module, state: dict, what: str, path: str | Pa
     module.load_state_dict(state)
 
 
-def describe(ckpt: dict) -> str:
-    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` for messages."""
-    cfg = ckpt.get("config", {})
-    return (
-        f"{ckpt.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
-        f"({ckpt.get('in_chans', '?')} ch, {cfg.get('data', {}).get('image_size', '?')} px), step {ckpt.get('step', '?')}"
-    )
+def describe(info: dict) -> str:
+    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` of a checkpoint or of :func:`load_backbone`'s info."""
+    cfg = info.get("config") or {}
+    size = info.get("image_size") or cfg.get("data", {}).get("image_size", "?")
+    return (f"{info.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
+            f"({info.get('in_chans', '?')} ch, {size} px), step {info.get('step', '?')}")
 
 
 PRETRAINED_PREFIXES = ("pretrained:", "imagenet:")

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import TransformedDataset, batch_images, build_dataset
-from cellssl.engine.checkpoint import load_backbone
-from cellssl.engine.distributed import resolve_device as _resolve
+from cellssl.engine.checkpoint import describe, load_backbone
+from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
 from cellssl.models.bn import adapt_batchnorm
 
@@ -36,7 +36,6 @@ __all__ = [
     "extract_features",
     "load_features",
     "embed",
-    "resolve_device",
     "subsample_per_class",
     "align_labels",
 ]
@@ -83,14 +82,6 @@ class FeatureSet:
             info=dict(self.info),
             root=self.root,
         )
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
-    if isinstance(device, torch.device):
-        return device
-
-    return _resolve(str(device))
 
 
 @torch.no_grad()
@@ -195,15 +186,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _describe(info: dict) -> str:
-    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` (as engine.checkpoint.describe)."""
-    cfg = info.get("config") or {}
-    return (
-        f"{info.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
-        f"({info.get('in_chans', '?')} ch, {info.get('image_size', '?')} px), step {info.get('step', '?')}"
-    )
-
-
 class FeatureExtractor:
     """Loads a backbone once (lazily, when the first folder tells the channel count) and extracts
     features of any number of folders with it.
@@ -244,11 +226,7 @@ class FeatureExtractor:
         self.data_cfg.path = None
         self._ready = False
 
-    @property
-    def is_random(self) -> bool:
-        return self.spec.startswith("random:")
-
-    def _prepare(self, channels: int) -> None:
+    def prepare(self, channels: int) -> None:
         """Rebuild for ``channels`` if needed (random specs), move to device, AdaBN once."""
         if self._ready:
             if channels != self.info["in_chans"]:
@@ -283,7 +261,7 @@ class FeatureExtractor:
     def features(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> FeatureSet:
         """Features of the folder (or csv / npz) ``data`` as a :class:`FeatureSet`."""
         ds, keep = self.build(data, labelled, max_per_class)
-        self._prepare(ds.channels)
+        self.prepare(ds.channels)
         transform = build_eval_transform(self.data_cfg, ds.channels)
         feats = extract_features(self.backbone, TransformedDataset(ds, transform, keep), self.device,
                                  self.batch_size, self.num_workers, self.progress)
@@ -302,7 +280,7 @@ class FeatureExtractor:
         cfg = self.info.get("config") or {}
         return {
             "spec": self.spec,
-            "description": _describe(self.info),
+            "description": describe(self.info),
             "method": self.info.get("method"),
             "step": self.info.get("step"),
             "backbone": cfg.get("model", {}).get("backbone"),
@@ -411,8 +389,3 @@ def check_min_images(fs: FeatureSet, what: str, minimum: int = 2) -> None:
     present = np.unique(fs.labels[fs.labels >= 0])
     if len(present) < 2:
         raise DataError(f"{what} {fs.root} has {len(present)} class(es); classification needs at least 2")
-
-
-def warn_once(message: str) -> None:
-    """A UserWarning (the CLI shows warnings as one line)."""
-    warnings.warn(message, UserWarning, stacklevel=3)

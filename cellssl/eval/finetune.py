@@ -204,7 +204,7 @@ def finetune(
                           num_workers=num_workers, progress=progress)
     dev = ex.device
     base, _ = ex.build(data, labelled=True)
-    ex._prepare(base.channels)  # loads the backbone for these channels (one code path for random: and checkpoints)
+    ex.prepare(base.channels)  # loads the backbone for these channels (one code path for random: and checkpoints)
     backbone = ex.backbone
     classes = list(base.classes)
     labels = base.labels

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from cellssl.augment.views import build_eval_transform
 from cellssl.data.datasets import TransformedDataset, build_dataset, split_indices
@@ -177,17 +178,6 @@ def knn(
     return report
 
 
-class _Subset(torch.utils.data.Dataset):
-    def __init__(self, base: Any, indices: np.ndarray):
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.base[int(self.indices[i])]
-
-
 def online_knn_accuracy(
     backbone: nn.Module,
     dataset: Any,
@@ -214,7 +204,7 @@ def online_knn_accuracy(
     keep = subsample_per_class(labels, max(1, int(np.ceil(max_images / n_cls))), seed)
     if len(keep) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_images, replace=False))
-    ds = TransformedDataset(dataset, transform, keep) if transform is not None else _Subset(dataset, keep)
+    ds = TransformedDataset(dataset, transform, keep) if transform is not None else Subset(dataset, keep)
     feats = extract_features(backbone, ds, device, batch_size=256, num_workers=0, progress=False)
     y = labels[keep]
     tr, va = split_indices(y, (1 - val_fraction, val_fraction), seed=seed, stratified=True)

@@ -36,9 +36,9 @@ from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import build_dataset
 from cellssl.data.io import ImageReadError
+from cellssl.engine.distributed import resolve_device
 from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
 from cellssl.errors import CheckpointError, DataError
-from cellssl.eval.features import resolve_device
 from cellssl.eval.finetune import Classifier, softmax
 from cellssl.eval.metrics import classification_metrics
 from cellssl.eval.report import jsonable, markdown_table, pct, pyplot
@@ -251,7 +251,7 @@ def predict(
     rel = [p.name if root.is_file() else _relative(p, root) for p, _ in ds.samples]
     predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
     _write_csv(out / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
-    report = _summary(pred, data, predicted, conf, used, unsure, flags, truth, th)
+    report = _summary(pred, data, predicted, used, unsure, flags, truth, th)
     report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"), "json": str(out / "report.json")}
     sheet_path = _contact_sheet(ds, out / SHEET_NAME, pred.classes, predicted, conf, unsure, flags, used, sheet)
     if sheet_path:
@@ -296,7 +296,7 @@ def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.nda
     tmp.replace(path)
 
 
-def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.ndarray, used: np.ndarray,
+def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, used: np.ndarray,
              unsure: np.ndarray, flags: list[list[str]], truth: np.ndarray, th: dict | None) -> dict:
     k = len(pred.classes)
     n_used = int(used.sum())

@@ -76,14 +76,13 @@ def barlow_loss(z_a: Tensor, z_b: Tensor, lambd: float = 0.0051) -> Tensor:
 class BarlowTwins(SSLMethod):
     """Barlow Twins (arXiv:2103.03230): backbone + projector, no predictor, no target.
 
-    Recipe settings (``method.*``): ``barlow_lambda`` λ. The projector ends in a plain Linear
-    (``last_bn = False``): the paper's affine-free BN before C is the standardisation inside
-    the loss, so the returned ``z`` keeps its real scale for the collapse monitor.
+    Recipe settings (``method.*``): ``barlow_lambda`` λ. The projector ends in a plain Linear:
+    the paper's affine-free BN before C is the standardisation inside the loss, so the returned
+    ``z`` keeps its real scale for the collapse monitor.
     """
 
     uses_target = False
     uses_predictor = False
-    last_bn = False
     loss_terms = {"loss_on_diag": (), "loss_off_diag": ("barlow_lambda",)}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:

@@ -116,7 +116,6 @@ class SSLMethod(nn.Module):
     uses_target = False
     uses_predictor = False
     supports_local_views = False  # multi-crop: small local crops through the online branch
-    last_bn = False
     # Each logged loss term -> the MethodConfig fields that weight or shape it (named when it goes non-finite).
     loss_terms: dict[str, tuple[str, ...]] = {}
 
@@ -125,7 +124,7 @@ class SSLMethod(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         feat = backbone.num_features
-        self.projector = mlp(feat, model_cfg.proj_hidden, model_cfg.proj_dim, last_bn=self.last_bn)
+        self.projector = mlp(feat, model_cfg.proj_hidden, model_cfg.proj_dim)
         self.predictor = (
             mlp(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim) if self.uses_predictor else None
         )

@@ -76,7 +76,6 @@ class BYOL(SSLMethod):
 
     uses_target = True
     uses_predictor = True
-    last_bn = False
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2.

@@ -88,7 +88,6 @@ class SimCLR(SSLMethod):
 
     uses_target = False
     uses_predictor = False
-    last_bn = False
     loss_terms = {"loss_nt_xent": ("temperature",)}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:

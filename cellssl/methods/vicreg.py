@@ -108,7 +108,6 @@ class VICReg(SSLMethod):
 
     uses_target = False
     uses_predictor = False
-    last_bn = False
     loss_terms = {"loss_invariance": ("vicreg_sim",), "loss_variance": ("vicreg_var",),
                   "loss_covariance": ("vicreg_cov",)}
 
