@@ -7,7 +7,7 @@ others are logged), then ``method.after_step(step, total_steps)`` (the EMA updat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,17 @@ def check_shape(name: str, x: Tensor, ndim: int | None = None, like: Tensor | No
         raise ValueError(f"{name} must have the same shape as the first input {tuple(like.shape)}, got {tuple(x.shape)}")
 
 
+def stack_views(x: Tensor | Sequence[Tensor], name: str, min_views: int = 2) -> Tensor:
+    """Per-view embeddings as one ``(N, M, D)`` tensor: a list of M tensors ``(N, D)`` is stacked on
+    dim 1; checked with :func:`check_shape` and for at least ``min_views`` views (ValueError)."""
+    if isinstance(x, (list, tuple)):
+        x = torch.stack(list(x), dim=1)
+    check_shape(name, x, ndim=3)
+    if x.shape[1] < min_views:
+        raise ValueError(f"{name} needs at least {min_views} views, got M = {x.shape[1]}")
+    return x
+
+
 # ----- the batch spectrum: the SV loss and the collapse monitor ------------------------------
 def normalised_centred(z: Tensor) -> Tensor:
     """Rows L2-normalised then centred over the batch: (B, D) -> (B, D) in float32/64."""
@@ -134,10 +145,12 @@ class SSLMethod(nn.Module):
 
     # ----- pieces the methods combine -------------------------------------------------
     @staticmethod
-    def flatten_views(views: Tensor) -> tuple[Tensor, int, int]:
-        """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m)."""
+    def flatten_views(views: Tensor, min_views: int = 1) -> tuple[Tensor, int, int]:
+        """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m); M ≥ ``min_views``."""
         check_shape("views", views, ndim=5)
         b, m = views.shape[:2]
+        if m < min_views:
+            raise ValueError(f"views needs at least {min_views} views, got M = {m}")
         return views.transpose(0, 1).reshape(m * b, *views.shape[2:]), b, m
 
     @staticmethod
