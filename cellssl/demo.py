@@ -7,16 +7,16 @@ labelled evaluation set, so the evaluation never sees pretraining images.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from cellssl.config import Recipe
-from cellssl.data.synth import generate_dataset
+from cellssl.data.synth import ensure_synthetic
 from cellssl.engine.fit import fit
 from cellssl.eval.fewshot import fewshot
 from cellssl.eval.knn import knn_monitor
 from cellssl.eval.linear import linear
+from cellssl.eval.report import write_json
 
 
 def run_demo(recipe: Recipe, out: Path) -> Path:
@@ -27,15 +27,10 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     size = recipe.data.image_size
     if recipe.data.path is None:
-        pre = out / "data" / "pretrain"
-        evald = out / "data" / "eval"
-        if not (pre / ".complete").exists():
-            generate_dataset(pre, n=recipe.data.synth_n, seed=recipe.data.synth_seed, image_size=size)
-            (pre / ".complete").write_text("ok")
-        if not (evald / ".complete").exists():
-            generate_dataset(evald, n=max(400, recipe.data.synth_n // 2), seed=recipe.data.synth_seed + 1,
-                             image_size=size)
-            (evald / ".complete").write_text("ok")
+        pre = ensure_synthetic(out / "data" / "pretrain", n=recipe.data.synth_n, seed=recipe.data.synth_seed,
+                               image_size=size)
+        evald = ensure_synthetic(out / "data" / "eval", n=max(400, recipe.data.synth_n // 2),
+                                 seed=recipe.data.synth_seed + 1, image_size=size)
         recipe.data.path = str(pre)
         eval_dir = evald
         data_note = "built-in synthetic blood smears (procedurally generated; not real cells)"
@@ -88,8 +83,7 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     ]
     report = out / "report.md"
     report.write_text("\n".join(line for line in lines if line is not None) + "\n")
-    (out / "report.json").write_text(json.dumps(
-        {name: {"fewshot": fs["results"], "linear_accuracy": lin["accuracy"]} for name, (fs, lin, _) in rows.items()},
-        indent=2, default=str))
+    write_json({name: {"fewshot": fs["results"], "linear_accuracy": lin["accuracy"]}
+                for name, (fs, lin, _) in rows.items()}, out / "report.json")
     print(report.read_text())
     return report

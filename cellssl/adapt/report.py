@@ -23,7 +23,6 @@ source+target features, coloured by domain and by class).
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import warnings
@@ -39,7 +38,9 @@ from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, subsample_per_class
 from cellssl.eval.fewshot import run_fewshot
 from cellssl.eval.linear import linear_probe
-from cellssl.eval.report import jsonable, tsne_2d
+from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.report import tsne_2d, write_json
+from cellssl.plots import pyplot
 
 __all__ = ["transfer_report", "domain_gap", "domain_classifier_accuracy", "mmd2_rbf", "ROW_LABELS"]
 
@@ -53,11 +54,6 @@ ROW_LABELS = {
 
 
 # ---- domain gap -------------------------------------------------------------------------------
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _balanced(xs: np.ndarray, xt: np.ndarray, max_per_domain: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     n = min(len(xs), len(xt), max_per_domain)
@@ -74,7 +70,7 @@ def domain_classifier_accuracy(xs: np.ndarray, xt: np.ndarray, seed: int = 0, fo
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    a, b = _balanced(_l2(xs), _l2(xt), max_per_domain, seed)
+    a, b = _balanced(l2_normalize(xs, dtype=np.float64), l2_normalize(xt, dtype=np.float64), max_per_domain, seed)
     if len(a) < 4:
         return float("nan")
     x = np.concatenate([a, b])
@@ -90,7 +86,7 @@ def domain_classifier_accuracy(xs: np.ndarray, xt: np.ndarray, seed: int = 0, fo
 def mmd2_rbf(xs: np.ndarray, xt: np.ndarray, seed: int = 0, max_per_domain: int = 500) -> tuple[float, float]:
     """Unbiased MMD² between L2-normalised ``xs`` and ``xt`` with ``k(x, y) = exp(-||x-y||² / (2σ²))``,
     σ = median pairwise distance of the pooled sample (median heuristic). Returns ``(mmd2, sigma)``."""
-    a, b = _balanced(_l2(xs), _l2(xt), max_per_domain, seed)
+    a, b = _balanced(l2_normalize(xs, dtype=np.float64), l2_normalize(xt, dtype=np.float64), max_per_domain, seed)
     m = len(a)
     if m < 2:
         return float("nan"), float("nan")
@@ -144,21 +140,12 @@ def evaluate_features(fs: Any, shots: Sequence[int], episodes: int, queries: int
 
 
 # ---- plots ------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     metrics = [(f"{k}-shot", lambda r, k=k: (r["fewshot"].get(str(k)) or {})) for k in shots]
     metrics.append(("linear", lambda r: r["linear"] or {}))
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) * len(rows) / 2.5), 4.2))
     width = 0.8 / len(rows)
     cmap = plt.get_cmap("tab10")
@@ -179,16 +166,9 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     return path
 
 
-def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
-    """t-SNE of L2-normalised features (the shared, thread-limited :func:`cellssl.eval.report.tsne_2d`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tsne_2d(_l2(x), seed)
-
-
 def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, max_points: int) -> Path | None:
     """One row per (title, source FeatureSet, target FeatureSet): t-SNE coloured by domain | by class."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.8 * len(panels)), squeeze=False)
     for row, (title, s, t) in enumerate(panels):
         names = sorted(set(s.classes) | set(t.classes))
@@ -200,7 +180,9 @@ def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, m
             return None
         dom = np.r_[np.zeros(len(ks)), np.ones(len(kt))]
         cls = np.array([names.index(s.classes[c]) for c in s.labels[ks]] + [names.index(t.classes[c]) for c in t.labels[kt]])
-        xy = _tsne(x, seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xy = tsne_2d(l2_normalize(x, dtype=np.float64), seed)
         a, b = axes[row]
         for d, (lab, col) in enumerate([("source lab", "tab:blue"), ("target lab", "tab:orange")]):
             m = dom == d
@@ -369,19 +351,7 @@ def transfer_report(
     except Exception as exc:  # a plot must never fail the report
         warnings.warn(f"transfer plots skipped: {type(exc).__name__}: {exc}", UserWarning, stacklevel=2)
     report["files"] = files
-    # NaN/inf (e.g. a domain metric undefined on a tiny folder) become null: the file stays valid JSON.
-    (out / "transfer.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False, default=_json_default)
-                                       + "\n")
+    write_json(report, out / "transfer.json")  # NaN (a metric undefined on a tiny folder) -> null: valid JSON
     md = out / "transfer.md"
     md.write_text(_markdown(report))
     return md
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)

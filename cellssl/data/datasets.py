@@ -242,15 +242,10 @@ def batch_images(batch: Any) -> torch.Tensor:
 
 
 # --- layouts -------------------------------------------------------------------------------
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    """Image files in ``folder`` (sorted; hidden files/folders skipped): :func:`~cellssl.data.io.list_images`."""
-    return list_images(folder, recursive)
-
-
 def _class_folders(root: Path) -> list[Path]:
     """Immediate sub-folders of ``root`` that contain images (directly or below)."""
     subs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
-    return [p for p in subs if _image_files(p, recursive=True)]
+    return [p for p in subs if list_images(p, recursive=True)]
 
 
 def _no_images(root: Path) -> DataError:
@@ -262,15 +257,15 @@ def _no_images(root: Path) -> DataError:
 def _folder_samples(root: Path, labelled: bool | None) -> tuple[list[tuple[Path, int]], list[str]]:
     """Samples of a folder: one sub-folder per class -> labelled, otherwise images anywhere below."""
     classes = _class_folders(root) if labelled is not False else []
-    top_level = _image_files(root, recursive=False)
+    top_level = list_images(root, recursive=False)
     if labelled is None:
         labelled = bool(classes) and not top_level
     if labelled:
         if not classes:
             raise DataError(f"{root} has no class sub-folders with images: put each class in its own sub-folder, or use unlabelled data")
-        samples = [(p, k) for k, d in enumerate(classes) for p in _image_files(d, recursive=True)]
+        samples = [(p, k) for k, d in enumerate(classes) for p in list_images(d, recursive=True)]
         return samples, [d.name for d in classes]
-    samples = [(p, -1) for p in _image_files(root, recursive=True)]
+    samples = [(p, -1) for p in list_images(root, recursive=True)]
     if not samples:
         raise _no_images(root)
     return samples, []

@@ -59,6 +59,14 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
                   and not any(is_hidden_name(part) for part in p.relative_to(folder).parts))
 
 
+def relative_path(path: str | Path, root: str | Path) -> str:
+    """``path`` relative to ``root`` as a string, or ``path`` itself when it is not below ``root``."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Path, list[Path]]:
     """Image files below ``src`` for a command that writes a transformed copy into ``out``.
 

@@ -29,7 +29,7 @@ from cellssl.augment.views import build_eval_transform, build_view_transform
 from cellssl.data.datasets import TransformedDataset, split_indices
 from cellssl.engine.checkpoint import FORMAT, save_atomic
 from cellssl.errors import DataError
-from cellssl.eval.features import FeatureExtractor
+from cellssl.eval.features import FeatureExtractor, class_lut
 from cellssl.eval.metrics import classification_metrics
 from cellssl.eval.report import write_report
 from cellssl.eval.unsure import calibrate, native_size
@@ -137,16 +137,6 @@ def _predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: in
     return ys, logits.argmax(axis=1).astype(np.int64)
 
 
-def _class_names(ds: Any, names: list[str], where: str) -> np.ndarray:
-    """Look-up table mapping ``ds``'s class indices onto ``names`` (test folders may differ in order)."""
-    missing = [c for c in ds.classes if c not in names]
-    used = set(np.unique(ds.labels).tolist())
-    missing = [c for c in missing if ds.classes.index(c) in used]
-    if missing:
-        raise DataError(f"{where} classes {missing} are not among the training classes {names}: use the same class folder names")
-    return np.array([names.index(c) if c in names else -1 for c in ds.classes], dtype=np.int64)
-
-
 class _Relabel(Dataset):
     def __init__(self, base: Dataset, lut: np.ndarray):
         self.base, self.lut = base, lut
@@ -219,7 +209,7 @@ def finetune(
         tbase, _ = ex.build(test, labelled=True)
         if tbase.channels != channels:
             raise DataError(f"test folder {test} has {tbase.channels}-channel images but {data} has {channels}")
-        test_ds = _Relabel(TransformedDataset(tbase, eval_t), _class_names(tbase, classes, f"test folder {test}"))
+        test_ds = _Relabel(TransformedDataset(tbase, eval_t), class_lut(tbase.classes, tbase.labels, classes, f"the test folder {test}"))
     elif split is not None:
         if not 0 < split < 1:
             raise DataError(f"--split must be a fraction between 0 and 1 (e.g. 0.3), got {split}")

@@ -22,6 +22,7 @@ from cellssl.data.datasets import TransformedDataset, build_dataset, split_indic
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import (
     FeatureExtractor,
+    FeatureOptions,
     FeatureSet,
     align_labels,
     check_min_images,
@@ -112,33 +113,17 @@ def split_featureset(fs: FeatureSet, fraction: float, seed: int = 0) -> tuple[Fe
     return fs.subset(train_idx), fs.subset(test_idx)
 
 
-def train_test_features(
-    checkpoint: str | Path,
-    train: str | Path,
-    test: str | Path | None,
-    *,
-    split: float | None,
-    seed: int,
-    image_size: int | None,
-    batch_size: int,
-    device: str,
-    adapt_bn: str | Path | None,
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-    extractor: FeatureExtractor | None = None,
-) -> tuple[FeatureSet, FeatureSet, dict]:
-    """Features of a train and a test folder with one backbone (or a stratified ``split`` of train).
-
-    ``extractor``: use this (already built) :class:`FeatureExtractor`, e.g. to keep its backbone.
-    Returns ``(train_features, test_features, extractor description)``.
-    """
+def train_test_features(ex: FeatureExtractor, train: str | Path, test: str | Path | None,
+                        split: float | None) -> tuple[FeatureSet, FeatureSet, dict]:
+    """Features of a train and a test folder with the one backbone of ``ex`` (or, without ``test``,
+    a stratified ``split`` fraction of train held out, drawn with the options' ``seed``).
+    Returns ``(train_features, test_features, extractor description)``."""
     if test is None and split is None:
         raise DataError("give a test folder (--test) or a fraction of the training folder to hold out (--split 0.3)")
-    ex = extractor or FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
-                                       adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
-    tr = ex.features(train, labelled=True, max_per_class=max_per_class)
+    seed = ex.options.seed
+    tr = ex.features(train, labelled=True)
     if test is not None:
-        te = ex.features(test, labelled=True, max_per_class=max_per_class)
+        te = ex.features(test, labelled=True)
     else:
         tr, te = split_featureset(tr, float(split), seed)
     check_min_images(tr, "training data", 2)
@@ -147,33 +132,18 @@ def train_test_features(
     return tr, te, desc
 
 
-def knn(
-    checkpoint: str | Path,
-    train: str | Path,
-    test: str | Path | None,
-    out: str | Path,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    split: float | None = None,
-    seed: int = 0,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    adapt_bn: str | Path | None = None,
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-    plots: bool = True,
-) -> dict:
+def knn(checkpoint: str | Path, train: str | Path, test: str | Path | None, out: str | Path, *, k: int = 20,
+        temperature: float = 0.07, split: float | None = None, plots: bool = True,
+        options: FeatureOptions | None = None, **fields: Any) -> dict:
     """kNN evaluation of a checkpoint: features of ``train`` and ``test`` (or a stratified
-    ``split`` fraction of ``train`` held out), :func:`knn_eval`, report written to ``out``
-    (``report.json`` + ``.md`` + confusion-matrix and embedding plots). Returns the report."""
-    tr, te, desc = train_test_features(checkpoint, train, test, split=split, seed=seed, image_size=image_size,
-                                       batch_size=batch_size, device=device, adapt_bn=adapt_bn,
-                                       max_per_class=max_per_class, num_workers=num_workers)
+    ``split`` fraction of ``train`` held out; settings :class:`FeatureOptions`), :func:`knn_eval`,
+    report written to ``out`` (``report.json`` + ``.md`` + confusion-matrix and embedding plots).
+    Returns the report."""
+    ex = FeatureExtractor(checkpoint, options, **fields)
+    tr, te, desc = train_test_features(ex, train, test, split)
     report = knn_eval(tr, te, k=k, temperature=temperature)
     report["checkpoint"] = desc
-    report["settings"].update({"seed": seed, "split": split, "max_per_class": max_per_class})
+    report["settings"].update({"seed": ex.options.seed, "split": split, "max_per_class": ex.options.max_per_class})
     write_report(report, out, "knn", features=tr if plots else None, plots=plots)
     return report
 

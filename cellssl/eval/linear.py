@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from cellssl.config import recipe_to_dict
 from cellssl.data.datasets import split_indices
 from cellssl.engine.checkpoint import FORMAT, save_atomic
-from cellssl.eval.features import FeatureExtractor, FeatureSet, align_labels, check_min_images
+from cellssl.eval.features import FeatureExtractor, FeatureOptions, FeatureSet, align_labels, check_min_images
 from cellssl.eval.knn import train_test_features
 from cellssl.eval.metrics import classification_metrics, l2_normalize
 from cellssl.eval.report import report_paths, write_report
@@ -220,41 +220,25 @@ def save_classifier(fit: ProbeFit, train: FeatureSet, extractor: Any, path: str 
     }, path)
 
 
-def linear(
-    checkpoint: str | Path,
-    train: str | Path,
-    test: str | Path | None,
-    out: str | Path,
-    *,
-    split: float | None = None,
-    seed: int = 0,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    adapt_bn: str | Path | None = None,
-    Cs: Sequence[float] = (0.01, 0.1, 1, 10, 100),
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-    plots: bool = True,
-    classifier: bool = True,
-) -> dict:
-    """Linear-probe evaluation of a checkpoint on labelled folders ``train`` / ``test``.
+def linear(checkpoint: str | Path, train: str | Path, test: str | Path | None, out: str | Path, *,
+           split: float | None = None, Cs: Sequence[float] = (0.01, 0.1, 1, 10, 100), plots: bool = True,
+           classifier: bool = True, options: FeatureOptions | None = None, **fields: Any) -> dict:
+    """Linear-probe evaluation of a checkpoint on labelled folders ``train`` / ``test`` (feature
+    settings :class:`~cellssl.eval.features.FeatureOptions`).
 
-    With ``test=None`` a stratified ``split`` fraction of ``train`` (``seed``) is held out as the
-    test set; neither raises DataError. Writes ``out`` (report.json + .md + plots) and, with
+    With ``test=None`` a stratified ``split`` fraction of ``train`` (the options' ``seed``) is held out
+    as the test set; neither raises DataError. Writes ``out`` (report.json + .md + plots) and, with
     ``classifier``, the probe with its backbone and ``unsure`` calibration beside it
     (``classifier.pt``, or ``<stem>_classifier.pt`` for ``out=<stem>.json``) for ``cellssl predict``.
     Returns the report.
     """
-    ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
-                          adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
-    tr, te, desc = train_test_features(checkpoint, train, test, split=split, seed=seed, image_size=image_size,
-                                       batch_size=batch_size, device=device, adapt_bn=adapt_bn,
-                                       max_per_class=max_per_class, num_workers=num_workers, extractor=ex)
+    ex = FeatureExtractor(checkpoint, options, **fields)
+    seed = ex.options.seed
+    tr, te, desc = train_test_features(ex, train, test, split)
     fit = fit_probe(tr, seed=seed, Cs=Cs)
     report = linear_probe(tr, te, seed=seed, Cs=Cs, fit=fit)
     report["checkpoint"] = desc
-    report["settings"].update({"split": split, "max_per_class": max_per_class})
+    report["settings"].update({"split": split, "max_per_class": ex.options.max_per_class})
     if classifier:
         path = save_classifier(fit, tr, ex, report_paths(out)["classifier"])
         report["classifier"] = str(path)

@@ -8,9 +8,9 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm: ``x / max(||x||_2, eps)``; (N, F) -> (N, F) float32."""
-    x = np.asarray(x, dtype=np.float32)
+def l2_normalize(x: np.ndarray, eps: float = 1e-12, dtype: type = np.float32) -> np.ndarray:
+    """Rows scaled to unit Euclidean norm: ``x / max(||x||_2, eps)``; (N, F) -> (N, F) in ``dtype``."""
+    x = np.asarray(x, dtype=dtype)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 

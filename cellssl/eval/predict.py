@@ -18,32 +18,30 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cellssl.augment.grid import to_display
 from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import build_dataset
-from cellssl.data.io import ImageReadError
-from cellssl.engine.distributed import resolve_device
+from cellssl.data.io import ImageReadError, relative_path
 from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
+from cellssl.engine.distributed import resolve_device
 from cellssl.errors import CheckpointError, DataError
 from cellssl.eval.finetune import Classifier, softmax
 from cellssl.eval.metrics import classification_metrics
-from cellssl.eval.report import jsonable, markdown_table, pct, pyplot
+from cellssl.eval.report import markdown_table, pct, write_json
 from cellssl.eval.unsure import MIN_CALIBRATION_CELLS, OODModel, thresholds
 from cellssl.models import build_backbone
+from cellssl.plots import image_sheet, tile
 
 __all__ = ["Predictor", "load_predictor", "resolve_model_path", "predict", "format_predict_summary", "SIZE_TOLERANCE"]
 
@@ -147,19 +145,9 @@ def _size_reason(h: int, w: int, native: list[int]) -> str:
     return f"size {h}x{w} px vs {nh}x{nw} px in training" if ratio > SIZE_TOLERANCE else ""
 
 
-def predict(
-    model: str | Path,
-    data: str | Path,
-    out: str | Path,
-    *,
-    target_error: float | None = None,
-    ood_quantile: float | None = None,
-    batch_size: int = 128,
-    device: str = "auto",
-    num_workers: int = 0,
-    sheet: int = 48,
-    progress: bool = True,
-) -> dict:
+def predict(model: str | Path, data: str | Path, out: str | Path, *, target_error: float | None = None,
+            ood_quantile: float | None = None, batch_size: int = 128, device: str = "auto", num_workers: int = 0,
+            sheet: int = 48, progress: bool = True) -> dict:
     """Classify every image below ``data`` with the predictor ``model``; write ``out``.
 
     Writes ``out/predictions.csv`` (one row per image: path, predicted class, its probability,
@@ -248,7 +236,7 @@ def predict(
 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(ds.root)
-    rel = [p.name if root.is_file() else _relative(p, root) for p, _ in ds.samples]
+    rel = [p.name if root.is_file() else relative_path(p, root) for p, _ in ds.samples]
     predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
     _write_csv(out / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
     report = _summary(pred, data, predicted, used, unsure, flags, truth, th)
@@ -259,13 +247,6 @@ def predict(
     report["seconds"] = round(time.monotonic() - t0, 1)
     _write_report(report, out)
     return report
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.ndarray, conf: np.ndarray,
@@ -343,7 +324,7 @@ def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, used: np.
 
 
 def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarray, conf: np.ndarray,
-                   unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int, cols: int = 8) -> Path | None:
+                   unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int) -> Path | None:
     """PNG grid of the ``n`` least certain classified cells: those unlike the training cells first,
     then the other flagged ones, then the rest, each group by confidence."""
     idx = np.flatnonzero(used)
@@ -351,23 +332,10 @@ def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarra
         return None
     far = np.array([any(f.startswith("unlike") for f in fl) for fl in flags])
     order = idx[np.lexsort((conf[idx], ~unsure[idx], ~far[idx]))][:n]
-    rows = int(math.ceil(len(order) / cols))
-    plt = pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.85 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), order):
-        img = ds.read(int(i))
-        tile = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (96, 96), interpolation=cv2.INTER_AREA)
-        tile = tile[:, :, None] if tile.ndim == 2 else tile
-        ax.imshow(to_display(tile), cmap="gray" if tile.shape[2] == 1 else None, vmin=0, vmax=1)
-        ax.set_title(f"{classes[predicted[i]][:12]} {conf[i]:.2f}{' far' if far[i] else ''}", fontsize=7,
-                     color="crimson" if unsure[i] else "black")
-    fig.suptitle("least certain cells (red: flagged unsure; 'far': unlike the training cells)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    titles = [f"{classes[predicted[i]][:12]} {conf[i]:.2f}{' far' if far[i] else ''}" for i in order]
+    return image_sheet([tile(ds.read(int(i)), 96) for i in order], titles, path, cols=8,
+                       colors=["crimson" if unsure[i] else "black" for i in order],
+                       title="least certain cells (red: flagged unsure; 'far': unlike the training cells)")
 
 
 def _write_report(report: dict, out: Path) -> None:
@@ -430,7 +398,7 @@ def _write_report(report: dict, out: Path) -> None:
         lines += [f"- `{Path(files['contact_sheet']).name}`: the least certain cells", "",
                   f"![least certain cells]({Path(files['contact_sheet']).name})"]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
-    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    write_json(report, out / "report.json")
 
 
 def format_predict_summary(report: dict) -> str:

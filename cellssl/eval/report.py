@@ -19,9 +19,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cellssl.eval.features import subsample_per_class
+from cellssl.eval.metrics import l2_normalize
+from cellssl.plots import pyplot
 
 __all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
-           "markdown_table", "pct", "jsonable", "pyplot", "tsne_2d"]
+           "markdown_table", "pct", "jsonable", "write_json", "tsne_2d"]
 
 _TITLES = {
     "fewshot": "Few-shot evaluation",
@@ -50,7 +52,7 @@ def report_paths(out: str | Path) -> dict[str, Path]:
 
 
 def jsonable(obj: Any) -> Any:
-    """numpy / Path / tuple -> plain JSON types; NaN/inf -> None."""
+    """numpy / Path / tuple -> plain JSON types; NaN/inf -> None; any other object -> its ``str``."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -64,9 +66,16 @@ def jsonable(obj: Any) -> Any:
         return f if math.isfinite(f) else None
     if isinstance(obj, (np.bool_,)):
         return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    return str(obj)  # Path, device, dtype, ...
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """``obj`` as indented, valid JSON (:func:`jsonable`: no NaN, numpy as plain numbers) at ``path``."""
+    path = Path(path)
+    path.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def pct(x: Any) -> str:
@@ -75,16 +84,6 @@ def pct(x: Any) -> str:
 
 
 # --- plots -------------------------------------------------------------------------------------
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (plots are files, never windows)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str = "") -> Path | None:
     """Row-normalised confusion matrix heat map (rows = true class), counts in each cell."""
     cm_a = np.asarray(cm, dtype=np.float64)
@@ -138,8 +137,7 @@ def plot_shots(results: dict, path: Path, title: str = "") -> Path | None:
 
 def embedding_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """2-D map of (N, F) features: UMAP when installed, else PCA(50) + t-SNE. Returns (N, 2), method."""
-    x = np.asarray(features, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalize(features)
     try:
         import umap  # type: ignore  # optional (umap-learn)
 
@@ -350,7 +348,7 @@ def write_report(report: dict, out: str | Path, kind: str, *, features: Any = No
         for name, p in made.items():
             lines += [f"![{name}]({p.name})", ""]
     paths["markdown"].write_text("\n".join(lines).rstrip() + "\n")
-    paths["json"].write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    write_json(report, paths["json"])
     return paths["json"]
 
 

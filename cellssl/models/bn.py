@@ -32,15 +32,8 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 @torch.no_grad()
-def adapt_batchnorm(
-    backbone: nn.Module,
-    dataset: Dataset,
-    device: str | torch.device = "cpu",
-    batch_size: int = 128,
-    max_images: int = 2000,
-    seed: int = 0,
-    num_workers: int = 0,
-) -> nn.Module:
+def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 128,
+                    max_images: int = 2000, seed: int = 0, num_workers: int = 0) -> nn.Module:
     """Replace every BatchNorm layer's running statistics by those of ``dataset`` (AdaBN).
 
     Args:
