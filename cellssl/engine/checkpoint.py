@@ -23,8 +23,8 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
 from cellssl.config import ModelConfig, Recipe, migrate_checkpoint_config, recipe_from_dict, recipe_to_dict
-from cellssl.errors import CheckpointError, ConfigError
-from cellssl.models import build_backbone
+from cellssl.errors import CheckpointError, ConfigError, DataError
+from cellssl.models import build_backbone, ema_update
 from cellssl.models.backbone import PixelFeatures
 
 FORMAT = "cellssl-1"
@@ -150,6 +150,66 @@ def load_state_checked(module: nn.Module, state: dict, what: str, path: str | Pa
             detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise CheckpointError(f"checkpoint {path} does not match this {what}: {'; '.join(detail)}")
     module.load_state_dict(state)
+
+
+def init_weights_from(method: nn.Module, path: str | Path, in_chans: int, backbone: str) -> None:
+    """Start ``method`` from another checkpoint's weights (``fit(init_from=...)``, continued training
+    on a new lab): the backbone, and every head tensor whose shape matches (all of them when the
+    method is the same); the EMA target starts at the loaded online weights. DataError for another
+    channel count, ConfigError when no backbone tensor matches ``backbone``."""
+    src = load_checkpoint(path)
+    if int(src.get("in_chans", in_chans)) != in_chans:
+        raise DataError(f"checkpoint {path} expects {src['in_chans']}-channel images, the data has {in_chans}")
+    own = method.state_dict()
+    usable = {k: v for k, v in src["model"].items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("backbone.") for k in usable):
+        raise ConfigError(f"checkpoint {path} has no backbone matching {backbone}")
+    method.load_state_dict(usable, strict=False)
+    if method.uses_target:
+        ema_update(method.target_backbone, method.backbone, 0.0)
+        ema_update(method.target_projector, method.projector, 0.0)
+
+
+def training_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, *, step: int,
+                        steps_per_epoch: int, total_steps: int, schedule_fixed: bool, in_chans: int) -> dict:
+    """The checkpoint of a training run at ``step`` (module docstring): weights, optimiser, scaler,
+    method state, RNG states, the resolved recipe and the schedule (``total_steps``, whether a
+    time budget has fixed it), so that ``--resume`` continues exactly."""
+    return {
+        "format": FORMAT,
+        "step": step,
+        "epoch": step // max(1, steps_per_epoch),
+        "total_steps": total_steps,
+        "schedule_fixed": schedule_fixed,
+        "method": recipe.method.name,
+        "in_chans": in_chans,
+        "config": recipe_to_dict(recipe),
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "extra": method.extra_state(),
+        "momentum": float(method.momentum),
+        "rng": rng_state(),
+    }
+
+
+def restore_training(path: Path, recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict:
+    """Load a :func:`training_checkpoint` into ``method``, ``optimizer``, ``scaler`` and the RNGs
+    (``--resume``); returns it. ConfigError when there is none or it was trained with another method."""
+    if not path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("method") != recipe.method.name:
+        raise ConfigError(f"--resume: {path} was trained with method '{ckpt.get('method')}', the recipe says "
+                          f"'{recipe.method.name}'")
+    load_state_checked(method, ckpt["model"], f"{recipe.method.name} model", path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    method.load_extra_state(ckpt.get("extra", {}))
+    set_rng_state(ckpt.get("rng", {}))
+    method.momentum = ckpt.get("momentum", method.momentum)
+    return ckpt
 
 
 def describe(info: dict) -> str:
