@@ -48,6 +48,8 @@ from cellssl.methods import build_method
 from cellssl.methods.base import effective_rank
 from cellssl.models import build_backbone
 
+DEVICE_CHECKED = ("cuda",)  # device types whose non-finite check stays on the device (engine.guard)
+
 
 @dataclass
 class FitResult:
@@ -126,7 +128,8 @@ class Training:
         self._build_model(load_pretrained=not resume and init_from is None, init_from=init_from)
         self.autocast, precision = autocast_for(self.device, tc.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.optimizer = build_optimizer(self.method, recipe.optim, self.global_batch)
+        on_device = self.device.type in DEVICE_CHECKED and not self.scaler.is_enabled()
+        self.optimizer = build_optimizer(self.method, recipe.optim, self.global_batch, fused=on_device)
         self.step = self.start_step = 0
         self.schedule_fixed = not tc.max_minutes  # a wall-clock budget sizes the schedule after a few steps
         if resume:
@@ -137,7 +140,7 @@ class Training:
                 self.ckpt_path.unlink(missing_ok=True)  # the replaced run's checkpoint must not be resumed
         self.logger = MetricsLogger(self.out, enabled=self.dist.is_main, resume_step=self.start_step if resume else None)
         self.saved_step: int | None = self.start_step if resume else None  # the last good checkpoint
-        self.guard = NonFiniteGuard(self.method, recipe, self.checkpoint_state)
+        self.guard = NonFiniteGuard(self.method, recipe, self.checkpoint_state, on_device)
         self.progress = (tqdm(total=self.total_steps, initial=self.start_step, desc=log_prefix, unit="step",
                               dynamic_ncols=True) if self.dist.is_main and tc.progress else None)
         self.knn = knn_monitor if recipe.eval.knn_every and self.dist.is_main else None
@@ -157,15 +160,16 @@ class Training:
                 t_step = time.perf_counter()
                 lr = set_lr(self.optimizer, self.step, self.total_steps, self.recipe.optim)
                 outputs = self.forward(views, local)
-                if self.guard.skip(self.step, outputs):  # a non-finite loss is never applied (engine.guard)
+                skip = self.guard.skip(self.step, outputs)  # a non-finite loss is never applied (engine.guard)
+                if skip is True:
                     self.next_step()
                     continue
-                self.update(outputs["loss"])
+                self.update(outputs["loss"], found_inf=skip if isinstance(skip, Tensor) else None)
                 self.next_step()
                 if self.step % tc.log_every == 0 or self.step == self.total_steps or self.step == self.start_step + 1:
                     self.log(outputs, lr, t_step)
                 self.fit_schedule_to_budget()
-                if self.step % tc.checkpoint_every == 0 and self.step < self.total_steps:
+                if self.step % tc.checkpoint_every == 0 and self.step < self.total_steps and self.applied():
                     self.save()
                 if self.out_of_time():
                     return "max_minutes"
@@ -183,31 +187,34 @@ class Training:
             self.epoch, batch = next(stream)
             views = batch["views"].to(self.device, non_blocking=True)
             local = batch["local"].to(self.device, non_blocking=True) if "local" in batch else None
-            if self.recipe.model.channels_last and self.device.type == "cuda":
-                views = views.contiguous()
             self.data_time = time.perf_counter() - t_data
             yield views, local
 
     def forward(self, views: Tensor, local: Tensor | None) -> dict[str, Tensor]:
-        """The method's losses under autocast."""
+        """The method's losses under autocast. With ``train.compile`` the step's random inputs (MSBReg's
+        Brownian directions) are drawn outside the compiled graph and passed in."""
         args = (views,) if local is None else (views, local)
+        extra = self.method.step_inputs(views.shape[0], self.device) if self.tc.compile else {}
         try:
             with self.autocast:
-                return self.model(*args)
+                return self.model(*args, **extra)
         except RuntimeError:  # e.g. a linear-algebra op that fails on non-finite embeddings
             bad = nonfinite_tensors(self.method.state_dict())
             if bad:
                 raise self.guard.broken_weights(self.step, bad) from None
             raise
 
-    def update(self, loss: Tensor) -> None:
-        """Backward, gradient clipping, optimiser step, EMA update of the target."""
+    def update(self, loss: Tensor, found_inf: Tensor | None = None) -> None:
+        """Backward, gradient clipping, optimiser step (skipped on the device where ``found_inf`` is
+        1), EMA update of the target."""
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.recipe.optim.grad_clip:
             self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.recipe.optim.grad_clip)
+        if found_inf is not None:
+            opt.found_inf = found_inf
         self.scaler.step(opt)
         self.scaler.update()
         self.method.after_step(self.step + 1, self.total_steps)
@@ -217,6 +224,11 @@ class Training:
         if self.progress is not None:
             self.progress.update(1)
 
+    def applied(self) -> bool:
+        """Whether the last step's update was applied (reads the device's non-finite flags)."""
+        self.guard.flush()
+        return self.guard.streak == 0
+
     def log(self, outputs: dict[str, Tensor], lr: float, t_step: float) -> None:
         """One row of ``metrics.jsonl``: losses, lr, timing, and at monitor steps the collapse and kNN
         monitors; the progress bar's figures."""
@@ -224,6 +236,8 @@ class Training:
         if self.device.type == "cuda" and self.step % tc.log_every == 0:
             torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - t_step
+        if not self.applied():
+            return  # a skipped step (device check): nothing to log
         row = {"step": self.step, "epoch": self.epoch, "lr": lr, "momentum": float(self.method.momentum),
                "step_time_s": step_time, "data_time_s": self.data_time,
                "img_per_s": self.global_batch / max(step_time + self.data_time, 1e-9)}
@@ -298,7 +312,11 @@ class Training:
         return f"last good checkpoint: {self.ckpt_path} (step {self.saved_step}), kept"
 
     def save(self) -> None:
-        """Write the checkpoint of the current step (rank 0); refused (TrainingError) for non-finite weights."""
+        """Write the checkpoint of the current step (rank 0). Under DDP every rank first takes rank 0's
+        BatchNorm statistics (``broadcast_buffers=False`` lets them drift between ranks): the saved
+        model is rank 0's and all ranks hold the same one. Refused (TrainingError) for non-finite weights."""
+        if self.dist.distributed:
+            broadcast_buffers(self.method)
         bad = nonfinite_tensors(self.method.state_dict())
         if bad:
             raise TrainingError(
@@ -315,8 +333,7 @@ class Training:
 
     def finish(self) -> None:
         """The final checkpoint; a run in which no step was applied is a TrainingError, not a success."""
-        if self.dist.distributed:
-            broadcast_buffers(self.method)
+        self.guard.flush()
         if self.step > self.start_step and self.guard.updates == 0:
             raise self.guard.no_update_error(self.step - self.start_step)
         self.save()
@@ -360,7 +377,7 @@ class Training:
             init_weights_from(method, init_from, self.in_chans, recipe.model.backbone)
         method.to(device)
         if recipe.model.channels_last and device.type == "cuda":
-            method.to(memory_format=torch.channels_last)
+            method.use_channels_last()
         model: nn.Module = method
         if self.dist.distributed:
             if recipe.model.sync_bn:

@@ -5,6 +5,17 @@ stays tied to the step). Every such step warns once; ``train.max_nonfinite`` of 
 stop the run with a :class:`~cellssl.errors.TrainingError` that names the non-finite loss term,
 the recipe values behind it and the last good checkpoint; weights that are already non-finite
 stop it at once (skipping cannot help).
+
+Where the check runs:
+
+- *on the host* (CPU, and fp16 runs whose GradScaler reads its flag anyway): the loss is read
+  every step and a bad step never reaches backward or the optimiser;
+- *on the device* (CUDA with bf16/fp32): reading the loss would stall the GPU every step. The
+  flag stays on the device and is handed to the optimiser as ``found_inf`` (the fused AdamW/SGD
+  kernels and :class:`~cellssl.engine.optim.LARS` then leave weights and optimiser state untouched);
+  the flags of all steps since the last read are read in one transfer at log and checkpoint steps
+  (:meth:`NonFiniteGuard.flush`), which warns and stops exactly as the host check does. The only
+  difference: the EMA target still takes its step towards the (unchanged) online network.
 """
 
 from __future__ import annotations
@@ -45,14 +56,17 @@ def nonfinite_cause(bad: list[str], logged: list[str], method: nn.Module, recipe
 class NonFiniteGuard:
     """Watches the loss of every step (see the module docstring).
 
-    ``checkpoint_state()`` describes the last good checkpoint for the messages. Counters:
-    ``skipped`` (all bad steps), ``updates`` (applied steps), ``streak`` (bad steps in a row).
+    ``checkpoint_state()`` describes the last good checkpoint for the messages; ``on_device``
+    keeps the check on the device (read by :meth:`flush`). Counters: ``skipped`` (all bad steps),
+    ``updates`` (applied steps), ``streak`` (bad steps in a row).
     """
 
-    def __init__(self, method: nn.Module, recipe: Recipe, checkpoint_state: Callable[[], str]):
+    def __init__(self, method: nn.Module, recipe: Recipe, checkpoint_state: Callable[[], str], on_device: bool):
         self.method, self.recipe, self.checkpoint_state = method, recipe, checkpoint_state
+        self.on_device = on_device
         self.skipped = self.updates = self.streak = 0
         self.last_bad: tuple[str, str] = ("", "")
+        self._pending: list[tuple[int, Tensor, list[str]]] = []
 
     def broken_weights(self, step: int, bad: list[str]) -> TrainingError:
         """The error for weights that went non-finite in the update of (0-based) ``step``."""
@@ -62,14 +76,30 @@ class NonFiniteGuard:
             "(lower it or set optim.grad_clip)"
         )
 
-    def skip(self, step: int, outputs: dict[str, Tensor]) -> bool:
-        """True when the (0-based) ``step`` must not be applied (warned, counted, stopped here)."""
+    def skip(self, step: int, outputs: dict[str, Tensor]) -> bool | Tensor:
+        """On the host: True when the (0-based) ``step`` must not be applied (handled here). On the
+        device: a 0-dim float tensor, 1.0 for a bad step, to give the optimiser as ``found_inf``."""
         logged = [k for k in outputs if k.startswith("loss_")]
+        if self.on_device:
+            finite = torch.stack([torch.isfinite(outputs[k]).all() for k in ["loss", *logged]])
+            self._pending.append((step, finite, logged))
+            return (~finite[0]).float()
         if torch.isfinite(outputs["loss"]):
             self._record(step, True, [], logged)
             return False
         self._record(step, False, [k for k in logged if not torch.isfinite(outputs[k]).all()], logged)
         return True
+
+    def flush(self) -> bool:
+        """Read the device flags of the steps since the last flush (one transfer) and handle them in
+        order; True when the last of them was skipped. A no-op on the host path."""
+        if not self._pending:
+            return False
+        flags = torch.stack([f for _, f, _ in self._pending]).cpu()
+        pending, self._pending = self._pending, []
+        for (step, _, logged), finite in zip(pending, flags.tolist()):
+            self._record(step, bool(finite[0]), [k for k, ok in zip(logged, finite[1:]) if not ok], logged)
+        return not bool(flags[-1, 0])
 
     def _record(self, step: int, ok: bool, bad: list[str], logged: list[str]) -> None:
         if ok:

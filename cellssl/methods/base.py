@@ -127,6 +127,7 @@ class SSLMethod(nn.Module):
     uses_target = False
     uses_predictor = False
     supports_local_views = False  # multi-crop: small local crops through the online branch
+    channels_last = False  # the backbone sees channels-last batches (use_channels_last)
     # Each logged loss term -> the MethodConfig fields that weight or shape it (named when it goes non-finite).
     loss_terms: dict[str, tuple[str, ...]] = {}
 
@@ -142,16 +143,20 @@ class SSLMethod(nn.Module):
         self.target_backbone = make_target(backbone) if self.uses_target else None
         self.target_projector = make_target(self.projector) if self.uses_target else None
         self.momentum = cfg.momentum_base
+        self.proj_dim = model_cfg.proj_dim
 
     # ----- pieces the methods combine -------------------------------------------------
-    @staticmethod
-    def flatten_views(views: Tensor, min_views: int = 1) -> tuple[Tensor, int, int]:
-        """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m); M ≥ ``min_views``."""
+    def flatten_views(self, views: Tensor, min_views: int = 1) -> tuple[Tensor, int, int]:
+        """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m); M ≥ ``min_views``.
+        The 4-D batch is what the backbone sees: channels-last after :meth:`use_channels_last`."""
         check_shape("views", views, ndim=5)
         b, m = views.shape[:2]
         if m < min_views:
             raise ValueError(f"views needs at least {min_views} views, got M = {m}")
-        return views.transpose(0, 1).reshape(m * b, *views.shape[2:]), b, m
+        x = views.transpose(0, 1).reshape(m * b, *views.shape[2:])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, b, m
 
     @staticmethod
     def unflatten(x: Tensor, b: int, m: int) -> Tensor:
@@ -174,6 +179,18 @@ class SSLMethod(nn.Module):
         self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
         ema_update(self.target_backbone, self.backbone, self.momentum)
         ema_update(self.target_projector, self.projector, self.momentum)
+
+    def use_channels_last(self) -> SSLMethod:
+        """Weights and every batch the backbone sees in channels-last memory format (faster
+        convolutions on GPUs; ``model.channels_last`` on CUDA). Returns ``self``."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
+
+    def step_inputs(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+        """Random inputs of the next step's forward, drawn here, outside a compiled graph, and
+        passed to ``forward`` as keywords (``train.compile``); none for most methods."""
+        return {}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

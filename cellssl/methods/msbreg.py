@@ -108,7 +108,13 @@ def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", m
             (``torch.linalg.svdvals``, the reference).
 
     Returns:
-        Scalar loss; for logdet, ≥ −log(1/D + ε) with equality for a perfectly flat spectrum.
+        Scalar float32 loss; for logdet, ≥ −log(1/D + ε) with equality for a perfectly flat spectrum.
+
+    The Cholesky path never reads a value back to the host (no GPU sync, no graph break under
+    ``torch.compile``): C + εI is factorised in float64, where it is positive definite for any
+    finite batch (its eigenvalues are ≥ ε, its trace ≤ 1 + Dε) down to ε ≈ 1e-12; a factorisation
+    that still fails (non-finite embeddings) gives NaN, which the training loop's non-finite guard
+    skips and names.
     """
     check_shape("z", z, ndim=2)
     with torch.autocast(device_type=z.device.type, enabled=False):
@@ -125,22 +131,24 @@ def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", m
             logs = torch.log(lam + eps)
             n_zero = d - lam.shape[0]  # eigenvalues that are exactly 0 when B < D
             return -(logs.sum() + n_zero * torch.log(torch.tensor(eps, dtype=zc.dtype, device=zc.device))) / d
-        cov = zc.T @ zc / b + eps * torch.eye(d, dtype=zc.dtype, device=zc.device)
+        z64 = zc.double()
+        cov = z64.T @ z64 / b + eps * torch.eye(d, dtype=torch.float64, device=zc.device)
         chol, info = torch.linalg.cholesky_ex(cov)
-        if bool(info.any()):  # numerically indefinite: fall back to eigenvalues
-            lam = torch.linalg.eigvalsh(cov).clamp_min(eps)
-            return -torch.log(lam).sum() / d
-        return -2.0 * torch.log(torch.diagonal(chol)).sum() / d
+        logdet = 2.0 * torch.log(torch.diagonal(chol)).sum()
+        return torch.where(info == 0, -logdet / d, torch.nan).to(zc.dtype)
 
 
 def sample_brownian_directions(n: int, d: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
     """Fresh random unit directions r_i ~ N(0, I_D)/‖·‖, one per image: ``(N, D)``.
 
     Drawn on the CPU from ``generator`` (seeded from the run's seed and saved in checkpoints,
-    so a resumed run draws the same kicks), then moved to ``device``.
+    so a resumed run draws the same kicks on any device), then copied to ``device`` (from pinned
+    memory to a GPU: an asynchronous copy, no sync).
     """
-    r = torch.randn(n, d, generator=generator)
-    return F.normalize(r, dim=-1).to(device, non_blocking=True)
+    r = F.normalize(torch.randn(n, d, generator=generator), dim=-1)
+    if torch.device(device).type == "cuda":
+        r = r.pin_memory()
+    return r.to(device, non_blocking=True)
 
 
 def brownian_loss(z: Tensor, r: Tensor) -> Tensor:
@@ -210,9 +218,17 @@ class MSBReg(SSLMethod):
         """Seed the Brownian noise generator (the engine passes the run's seed + rank)."""
         self.noise.manual_seed(int(seed) + 7919)
 
-    def forward(self, views: Tensor, local: Tensor | None = None) -> dict[str, Tensor]:
+    def step_inputs(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+        """The step's Brownian directions ``(B, D)`` (when the Brownian force is on), drawn from the
+        method's generator: what :meth:`forward` would draw itself, for a compiled forward."""
+        if not self.cfg.brownian_weight:
+            return {}
+        return {"directions": sample_brownian_directions(batch_size, self.proj_dim, self.noise, device)}
+
+    def forward(self, views: Tensor, local: Tensor | None = None, directions: Tensor | None = None) -> dict[str, Tensor]:
         """Losses for a batch of global views ``(B, M, C, H, W)`` and optional local crops
-        ``(B, L, C, h, w)``.
+        ``(B, L, C, h, w)``; ``directions`` ``(B, D)``: the Brownian kicks (default: drawn here from
+        the method's generator; :meth:`step_inputs` draws the same outside a compiled graph).
 
         Returns a dict with ``loss`` (weighted total), ``loss_centroid``, ``loss_sv``,
         ``loss_brownian`` and ``z`` (detached online embeddings of the global views ``(B·M, D)``).
@@ -238,8 +254,9 @@ class MSBReg(SSLMethod):
                                 for zb in batches]).mean()
         l_bd = zero
         if cfg.brownian_weight:
-            r = sample_brownian_directions(b, z.shape[-1], self.noise, z.device)
-            l_bd = brownian_loss(z, r)
+            if directions is None:
+                directions = sample_brownian_directions(b, z.shape[-1], self.noise, z.device)
+            l_bd = brownian_loss(z, directions)
         out["loss"] = cfg.centroid_weight * l_mc + cfg.sv_weight * l_sv + cfg.brownian_weight * l_bd
         out["loss_centroid"] = l_mc.detach()
         out["loss_sv"] = l_sv.detach()
