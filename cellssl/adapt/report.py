@@ -35,7 +35,7 @@ import numpy as np
 from cellssl.data.datasets import split_indices
 from cellssl.data.stain import normalize_folder
 from cellssl.errors import DataError
-from cellssl.eval.features import FeatureExtractor, subsample_per_class
+from cellssl.eval.features import FeatureExtractor, FeatureOptions, subsample_per_class
 from cellssl.eval.fewshot import run_fewshot
 from cellssl.eval.linear import linear_probe
 from cellssl.eval.metrics import l2_normalize
@@ -282,43 +282,17 @@ def transfer_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shots = [int(k) for k in shots]
-
-    def extractor(spec: str | Path, adapt_bn: str | Path | None = None) -> FeatureExtractor:
-        return FeatureExtractor(spec, batch_size=batch_size, device=device, adapt_bn=adapt_bn, progress=progress,
-                                seed=seed)
-
-    base = extractor(checkpoint)
-    f_src = base.features(source, labelled=True, max_per_class=max_per_class)
-    f_tgt = base.features(target, labelled=True, max_per_class=max_per_class)
-    missing = sorted(set(f_tgt.classes) - set(f_src.classes))
-    if missing:
-        warnings.warn(f"target classes not in the source folder: {', '.join(missing)}", UserWarning, stacklevel=2)
-    features: dict[str, tuple[Any, Any]] = {"source": (f_src, f_tgt)}
-    f_bn = extractor(checkpoint, adapt_bn=target).features(target, labelled=True, max_per_class=max_per_class)
-    features["adabn"] = (f_src, f_bn)
-    with tempfile.TemporaryDirectory(prefix="cellssl-stain-") as tmp:
-        stained = Path(tmp) / "target"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a few blank crops falling back to identity is expected
-            normalize_folder(target, stained, reference=source, method=stain_method)
-        f_st = base.features(stained, labelled=True, max_per_class=max_per_class)
-        f_st.root = str(target)
-    features["stain"] = (f_src, f_st)
-    if adapted is not None:
-        ad = extractor(adapted)
-        features["continued"] = (ad.features(source, labelled=True, max_per_class=max_per_class),
-                                 ad.features(target, labelled=True, max_per_class=max_per_class))
-
-    rows: list[dict] = []
-    ref = evaluate_features(f_src, shots, episodes, queries, seed)
-    rows.append({"key": "source_domain", "label": ROW_LABELS["source_domain"], "data": "source", **ref,
-                 "domain_gap": None})
+    options = FeatureOptions(batch_size=batch_size, device=device, max_per_class=max_per_class, seed=seed,
+                             progress=progress)
+    base = FeatureExtractor(checkpoint, options)
+    features = variant_features(base, checkpoint, source, target, adapted, stain_method, options)
+    f_src, f_tgt = features["source"]
+    rows = [{"key": "source_domain", "label": ROW_LABELS["source_domain"], "data": "source",
+             **evaluate_features(f_src, shots, episodes, queries, seed), "domain_gap": None}]
     for key, (fs, ft) in features.items():
-        res = evaluate_features(ft, shots, episodes, queries, seed)
-        gap = domain_gap(fs.features, ft.features, seed)
-        label = ROW_LABELS[key].format(method=stain_method.capitalize())
-        rows.append({"key": key, "label": label, "data": "target", **res, "domain_gap": gap})
-
+        rows.append({"key": key, "label": ROW_LABELS[key].format(method=stain_method.capitalize()), "data": "target",
+                     **evaluate_features(ft, shots, episodes, queries, seed),
+                     "domain_gap": domain_gap(fs.features, ft.features, seed)})
     report: dict[str, Any] = {
         "kind": "transfer",
         "checkpoint": str(checkpoint),
@@ -334,24 +308,55 @@ def transfer_report(
                      "seed": int(seed), "stain_method": stain_method, "max_per_class": max_per_class,
                      "n_source": len(f_src), "n_target": len(f_tgt), "feature_dim": int(f_src.features.shape[1])},
     }
-    files: dict[str, str] = {"json": str(out / "transfer.json"), "markdown": str(out / "transfer.md")}
-    try:
-        p = _plot_bars([r for r in rows], [k for k in shots if any(str(k) in r["fewshot"] for r in rows)],
-                       out / "transfer_accuracy.png")
-        if p:
-            files["bars"] = str(p)
-        panels = [("source model", *features["source"])]
-        if "continued" in features:
-            panels.append(("continued SSL", *features["continued"]))
-        else:
-            panels.append(("AdaBN", *features["adabn"]))
-        p = _plot_embedding(panels, out / "transfer_embedding.png", seed, embedding_max)
-        if p:
-            files["embedding"] = str(p)
-    except Exception as exc:  # a plot must never fail the report
-        warnings.warn(f"transfer plots skipped: {type(exc).__name__}: {exc}", UserWarning, stacklevel=2)
-    report["files"] = files
+    report["files"] = {"json": str(out / "transfer.json"), "markdown": str(out / "transfer.md"),
+                       **_plots(rows, shots, features, out, seed, embedding_max)}
     write_json(report, out / "transfer.json")  # NaN (a metric undefined on a tiny folder) -> null: valid JSON
     md = out / "transfer.md"
     md.write_text(_markdown(report))
     return md
+
+
+def variant_features(base: FeatureExtractor, checkpoint: str | Path, source: str | Path, target: str | Path,
+                     adapted: str | Path | None, stain_method: str, options: FeatureOptions) -> dict[str, tuple]:
+    """``{row key: (source FeatureSet, target FeatureSet)}`` as each variant sees the two labs: the
+    source model as is, with AdaBN on the target, on the stain-normalised target, and the
+    ``adapted`` checkpoint (when given)."""
+    f_src = base.features(source, labelled=True)
+    f_tgt = base.features(target, labelled=True)
+    missing = sorted(set(f_tgt.classes) - set(f_src.classes))
+    if missing:
+        warnings.warn(f"target classes not in the source folder: {', '.join(missing)}", UserWarning, stacklevel=3)
+    features: dict[str, tuple] = {"source": (f_src, f_tgt)}
+    features["adabn"] = (f_src, FeatureExtractor(checkpoint, options, adapt_bn=target).features(target, labelled=True))
+    with tempfile.TemporaryDirectory(prefix="cellssl-stain-") as tmp:
+        stained = Path(tmp) / "target"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a few blank crops falling back to identity is expected
+            normalize_folder(target, stained, reference=source, method=stain_method)
+        f_st = base.features(stained, labelled=True)
+        f_st.root = str(target)
+    features["stain"] = (f_src, f_st)
+    if adapted is not None:
+        ad = FeatureExtractor(adapted, options)
+        features["continued"] = (ad.features(source, labelled=True), ad.features(target, labelled=True))
+    return features
+
+
+def _plots(rows: list[dict], shots: list[int], features: dict[str, tuple], out: Path, seed: int,
+           embedding_max: int) -> dict[str, str]:
+    """The accuracy bars and the t-SNE panels (source model, and continued SSL or AdaBN); a plot
+    never fails the report (a warning instead). Returns ``{"bars": path, "embedding": path}`` as made."""
+    files: dict[str, str] = {}
+    try:
+        p = _plot_bars(rows, [k for k in shots if any(str(k) in r["fewshot"] for r in rows)],
+                       out / "transfer_accuracy.png")
+        if p:
+            files["bars"] = str(p)
+        second = ("continued SSL", *features["continued"]) if "continued" in features else ("AdaBN", *features["adabn"])
+        p = _plot_embedding([("source model", *features["source"]), second], out / "transfer_embedding.png", seed,
+                            embedding_max)
+        if p:
+            files["embedding"] = str(p)
+    except Exception as exc:  # a plot must never fail the report
+        warnings.warn(f"transfer plots skipped: {type(exc).__name__}: {exc}", UserWarning, stacklevel=3)
+    return files

@@ -349,6 +349,11 @@ class MultiViewTransform:
         out = (self.local_t if local else self.global_t)(image=img)["image"]
         return out[:, :, None] if out.ndim == 2 else out
 
+    def one_view(self, img: np.ndarray) -> torch.Tensor:
+        """One augmented, normalised global view ``(C, S, S)`` (what fine-tuning trains on)."""
+        self._maybe_reseed_worker()
+        return to_tensor(self.view(self._check(img)), self.mean, self.std)
+
     def __call__(self, img: np.ndarray) -> dict[str, torch.Tensor]:
         self._maybe_reseed_worker()
         img = self._check(img)
