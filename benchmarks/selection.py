@@ -84,7 +84,8 @@ def row_features(row: str, args, parts: dict[str, Path]):
     if f.exists():
         z = np.load(f)
         classes, name = [str(c) for c in z["classes"]], str(z["name"])
-        pool = FeatureSet(z["pool"], z["pool_y"], [""] * len(z["pool_y"]), classes, {"spec": spec}, str(parts["pretrain"]))
+        pool = FeatureSet(z["pool"], z["pool_y"], [""] * len(z["pool_y"]), classes, {"spec": spec},
+                          str(parts["pretrain"]))
         test = FeatureSet(z["test"], z["test_y"], [""] * len(z["test_y"]), classes, {"spec": spec}, str(parts["test"]))
         return pool, test, name
     t0 = time.monotonic()

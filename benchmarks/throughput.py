@@ -44,8 +44,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cellssl.config import MethodConfig, ModelConfig, load_recipe  # noqa: E402
 import cellssl.engine.fit as fit_mod  # noqa: E402
+from cellssl.config import MethodConfig, ModelConfig, load_recipe  # noqa: E402
 from cellssl.engine.fit import autocast_for, fit  # noqa: E402
 from cellssl.engine.optim import build_optimizer  # noqa: E402
 from cellssl.methods import build_method  # noqa: E402

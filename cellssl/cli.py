@@ -130,7 +130,10 @@ def cli(debug: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise).")
 def pretrain(recipe, overlays, overrides, resume, overwrite, **flags):
-    """Self-supervised pretraining (MSBReg by default). Multi-GPU: torchrun --nproc_per_node N -m cellssl.cli pretrain ..."""
+    """Self-supervised pretraining (MSBReg by default).
+
+    Multi-GPU: torchrun --nproc_per_node N -m cellssl.cli pretrain ...
+    """
     from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
     from cellssl.eval.knn import knn_monitor
@@ -208,7 +211,8 @@ def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, 
 @_eval_options
 @click.option("--train", "train_dir", required=True, type=click.Path())
 @click.option("--test", "test_dir", default=None, type=click.Path(), help="Labelled test folder.")
-@click.option("--split", type=RecipeValue("--split"), default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--split", type=RecipeValue("--split"), default=None,
+              help="No --test: hold out this fraction of --train.")
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path())
 def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_size, device, adapt_bn):
@@ -224,7 +228,8 @@ def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_
 @_eval_options
 @click.option("--train", "train_dir", required=True, type=click.Path())
 @click.option("--test", "test_dir", default=None, type=click.Path())
-@click.option("--split", type=RecipeValue("--split"), default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--split", type=RecipeValue("--split"), default=None,
+              help="No --test: hold out this fraction of --train.")
 @click.option("--k", type=RecipeValue("eval.knn_k"), default=20, show_default=True)
 @click.option("--temperature", type=RecipeValue("eval.knn_temperature"), default=0.07, show_default=True)
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
@@ -270,7 +275,8 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--model", "model", required=True, type=click.Path(),
               help="finetune's RUN/best.pt, or the classifier.pt that `cellssl linear` writes beside its report.")
 @click.option("--data", required=True, type=click.Path(), help="Folder of images to classify (searched recursively).")
-@click.option("--out", required=True, type=click.Path(), help="Folder for predictions.csv, report.md, least_certain.png.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for predictions.csv, report.md, least_certain.png.")
 @click.option("--target-error", type=float, default=None,
               help="Error allowed among confident cells, on the validation cells (default: the model's, 0.05).")
 @click.option("--ood-quantile", type=float, default=None,
@@ -299,7 +305,8 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "both"]), default="safetensors",
               show_default=True, help="model.safetensors for timm, model.onnx (dynamic batch), or both.")
 @click.option("--report", "reports", multiple=True, type=click.Path(),
-              help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint are found).")
+              help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint "
+                   "are found).")
 def export(checkpoint, out, fmt, reports):
     """Hand a model on: safetensors loadable by timm, ONNX, config.json with the preprocessing, a model card."""
     from cellssl.eval.export import export as run

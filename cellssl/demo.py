@@ -46,7 +46,8 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     shots = tuple(ev.shots)
     rows = {}
     baselines = (
-        ("cellssl MSBReg" if recipe.method.name == "msbreg" else recipe.method.name, str(result.checkpoint), "pretrained"),
+        ("cellssl MSBReg" if recipe.method.name == "msbreg" else recipe.method.name, str(result.checkpoint),
+         "pretrained"),
         (f"random-init {recipe.model.backbone}", f"random:{recipe.model.backbone}", "random"),
         ("raw pixels (16×16)", "pixels:16", "pixels"),  # colour alone is informative for blood cells
     )
@@ -63,7 +64,8 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
         f"- recipe: {recipe.name} ({recipe.method.name}, {recipe.model.backbone}, {size} px, "
         f"{recipe.views.n_views} views, batch {recipe.train.batch_size})",
         f"- pretraining: {result.step} steps in {pretrain_min:.1f} min; checkpoint `{result.checkpoint}`",
-        f"- evaluation folder: `{eval_dir}` (labelled, not used for pretraining)" if recipe.data.path != str(eval_dir) else "",
+        f"- evaluation folder: `{eval_dir}` (labelled, not used for pretraining)"
+        if recipe.data.path != str(eval_dir) else "",
         "",
         "| features | " + " | ".join(f"{k}-shot (95% CI)" for k in shots) + " | linear probe acc |",
         "|---|" + "---|" * (len(shots) + 1),

@@ -23,10 +23,12 @@ def _img(c: int, h: int = 48, w: int = 40, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((h, w, c), dtype=np.float32)
 
 
-@pytest.mark.parametrize("c,modality", [(1, "fluorescence"), (3, "brightfield"), (3, "fluorescence"), (4, "fluorescence"), (6, "fluorescence")])
+@pytest.mark.parametrize("c,modality", [(1, "fluorescence"), (3, "brightfield"), (3, "fluorescence"),
+                                        (4, "fluorescence"), (6, "fluorescence")])
 def test_view_shapes(c: int, modality: str) -> None:
     data = DataConfig(image_size=32, modality=modality)
-    views = ViewsConfig(n_views=3, local_views=2, local_size=16, poisson_prob=0.5, elastic_prob=0.5, blur_prob=1.0, noise_prob=1.0)
+    views = ViewsConfig(n_views=3, local_views=2, local_size=16, poisson_prob=0.5, elastic_prob=0.5, blur_prob=1.0,
+                        noise_prob=1.0)
     out = build_view_transform(views, data, c, seed=0)(_img(c))
     assert out["views"].shape == (3, c, 32, 32) and out["views"].dtype == torch.float32
     assert out["local"].shape == (2, c, 16, 16)

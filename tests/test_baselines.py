@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 import cellssl.methods.simclr as simclr_mod
-from cellssl.config import MethodConfig, ModelConfig, recipe_from_dict
+from cellssl.config import MethodConfig, ModelConfig
 from cellssl.methods import METHODS, build_method
 from cellssl.methods.barlow import barlow_loss, barlow_terms, cross_correlation
 from cellssl.methods.byol import byol_loss

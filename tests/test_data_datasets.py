@@ -11,8 +11,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from cellssl.config import DataConfig, ViewsConfig
 from cellssl.augment.views import build_view_transform
+from cellssl.config import DataConfig, ViewsConfig
 from cellssl.data.datasets import DataWarning, ImageDataset, MultiViewDataset, build_dataset, split_indices
 from cellssl.errors import DataError
 
@@ -198,7 +198,8 @@ def test_stain_hook_applied_before_transform(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(cellssl.data.stain, "build_stain_normalizer",
                         lambda method, reference: (lambda img: np.ones_like(img)))
-    ds = build_dataset(DataConfig(stain_normalize="reinhard"), _labelled(tmp_path / "d"), transform=lambda a: float(a.mean()))
+    ds = build_dataset(DataConfig(stain_normalize="reinhard"), _labelled(tmp_path / "d"),
+                       transform=lambda a: float(a.mean()))
     assert ds[0][0] == 1.0
 
 

@@ -127,7 +127,8 @@ def evaluate_features(fs: Any, shots: Sequence[int], episodes: int, queries: int
         raise DataError(f"{fs.root}: the transfer report needs at least 2 classes")
     if ok:
         rep = run_fewshot(fs, ways=None, shots=ok, queries=q, episodes=episodes, classifier="prototype", seed=seed)
-        out["fewshot"] = {k: {"mean": v["mean"], "ci95": v["ci95"], "ways": v["ways"]} for k, v in rep["results"].items()}
+        out["fewshot"] = {k: {"mean": v["mean"], "ci95": v["ci95"], "ways": v["ways"]}
+                          for k, v in rep["results"].items()}
         out["queries"] = q
     tr_idx, te_idx = split_indices(fs.labels, (0.5, 0.5), seed=seed, stratified=True)
     if len(tr_idx) >= 2 and len(te_idx) >= 1 and len(np.unique(fs.labels[tr_idx])) >= 2:
@@ -179,7 +180,8 @@ def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, m
             plt.close(fig)
             return None
         dom = np.r_[np.zeros(len(ks)), np.ones(len(kt))]
-        cls = np.array([names.index(s.classes[c]) for c in s.labels[ks]] + [names.index(t.classes[c]) for c in t.labels[kt]])
+        cls = np.array([names.index(s.classes[c]) for c in s.labels[ks]]
+                       + [names.index(t.classes[c]) for c in t.labels[kt]])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             xy = tsne_2d(l2_normalize(x, dtype=np.float64), seed)
@@ -227,7 +229,8 @@ def format_table(report: dict) -> str:
     for r in report["rows"]:
         gap = r.get("domain_gap") or {}
         cells = [r["label"], r["data"]] + [_pm(r["fewshot"].get(str(k))) for k in shots]
-        cells += [_pm(r["linear"], "accuracy"), _num(gap.get("domain_classifier_acc"), ".3f"), _num(gap.get("mmd2"), ".4f")]
+        cells += [_pm(r["linear"], "accuracy"), _num(gap.get("domain_classifier_acc"), ".3f"),
+                  _num(gap.get("mmd2"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -235,8 +238,10 @@ def format_table(report: dict) -> str:
 def _markdown(report: dict) -> str:
     s = report["settings"]
     lines = ["# Transfer report", "",
-             f"- source checkpoint: `{report['checkpoint']}`" + (f" ({report['description']})" if report.get("description") else ""),
-             f"- adapted checkpoint: `{report['adapted']}`" if report.get("adapted") else "- adapted checkpoint: none given",
+             f"- source checkpoint: `{report['checkpoint']}`"
+             + (f" ({report['description']})" if report.get("description") else ""),
+             f"- adapted checkpoint: `{report['adapted']}`" if report.get("adapted")
+             else "- adapted checkpoint: none given",
              f"- source lab: `{report['source']}` ({s['n_source']} images); target lab: `{report['target']}` "
              f"({s['n_target']} images), {len(report['classes'])} classes", "",
              "Accuracy in % (mean ± 95 % CI). Few-shot: all-way SimpleShot (CL2N nearest centroid), "

@@ -104,7 +104,8 @@ class AdditiveGaussianNoise(A.ImageOnlyTransform):
         self.std = float(std)
 
     def get_params(self) -> dict[str, Any]:
-        return {"offset": int(self.random_generator.integers(2**20)), "sign": float(self.random_generator.choice((-1.0, 1.0)))}
+        rng = self.random_generator
+        return {"offset": int(rng.integers(2**20)), "sign": float(rng.choice((-1.0, 1.0)))}
 
     def apply(self, img: np.ndarray, offset: int, sign: float, **_: Any) -> np.ndarray:
         n = img.size
@@ -166,7 +167,8 @@ class RandomResizedCropRotateFlip(A.ImageOnlyTransform):
         fy = -1.0 if self.flip and not self.rotate and rng.random() < 0.5 else 1.0  # rotation covers the other flip
         return {"cx": cx, "cy": cy, "cw": cw, "ch": ch, "angle": angle, "fx": fx, "fy": fy}
 
-    def apply(self, img: np.ndarray, cx: float, cy: float, cw: float, ch: float, angle: float, fx: float, fy: float, **_: Any) -> np.ndarray:
+    def apply(self, img: np.ndarray, cx: float, cy: float, cw: float, ch: float, angle: float, fx: float, fy: float,
+              **_: Any) -> np.ndarray:
         s = self.size
         c, si = np.cos(angle), np.sin(angle)
         lin = np.array([[c, -si], [si, c]]) @ np.diag([cw / s * fx, ch / s * fy])  # output offset -> source offset
@@ -188,7 +190,8 @@ class RGBColorJitter(A.ImageOnlyTransform):
     _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
     _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
 
-    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.15, hue: float = 0.03, p: float = 0.8):
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.15, hue: float = 0.03,
+                 p: float = 0.8):
         super().__init__(p=p)
         self.brightness, self.contrast, self.saturation, self.hue = map(float, (brightness, contrast, saturation, hue))
 
@@ -225,7 +228,8 @@ class PoissonNoise(A.ImageOnlyTransform):
 
     def get_params(self) -> dict[str, Any]:
         lo, hi = np.log(self.peak_range)
-        return {"peak": float(np.exp(self.random_generator.uniform(lo, hi))), "seed": int(self.random_generator.integers(2**31))}
+        return {"peak": float(np.exp(self.random_generator.uniform(lo, hi))),
+                "seed": int(self.random_generator.integers(2**31))}
 
     def apply(self, img: np.ndarray, peak: float, seed: int, **_: Any) -> np.ndarray:
         counts = np.random.default_rng(seed).poisson(np.clip(img, 0, 1) * peak)
@@ -246,7 +250,8 @@ def channel_stats(data: DataConfig, channels: int) -> tuple[np.ndarray, np.ndarr
         if v.size == 1:
             return np.full(channels, float(v[0]), np.float32)
         if v.size != channels:
-            raise DataError(f"data.{name} has {v.size} values but the images have {channels} channel(s): give one value per channel")
+            raise DataError(f"data.{name} has {v.size} values but the images have {channels} channel(s): "
+                            "give one value per channel")
         return v
 
     mean, std = expand(data.mean, 0.5, "mean"), expand(data.std, 0.25, "std")
@@ -282,7 +287,8 @@ def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: in
         if views.hed_jitter > 0:
             t.append(HEDJitter(views.hed_jitter, p=1.0))
         if views.color_jitter_prob > 0:
-            t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue, p=views.color_jitter_prob))
+            t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue,
+                                    p=views.color_jitter_prob))
     elif views.channel_intensity > 0 or tuple(views.gamma) != (1.0, 1.0):
         t.append(ChannelIntensityJitter(views.channel_intensity, views.gamma, p=1.0))
     if views.blur_prob > 0:
@@ -310,7 +316,8 @@ class MultiViewTransform:
         self.mean, self.std = channel_stats(data, self.channels)
         self.global_t = _view_pipeline(views, data, self.channels, self.size, views.crop_scale)
         self.local_t = (
-            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale) if self.n_local else None
+            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale)
+            if self.n_local else None
         )
         self.seed = seed
         self._seed_key: tuple[int, int | None] | None = None
@@ -359,14 +366,16 @@ class MultiViewTransform:
         img = self._check(img)
         out = {"views": torch.stack([to_tensor(self.view(img), self.mean, self.std) for _ in range(self.n_views)])}
         if self.n_local:
-            out["local"] = torch.stack([to_tensor(self.view(img, True), self.mean, self.std) for _ in range(self.n_local)])
+            out["local"] = torch.stack([to_tensor(self.view(img, True), self.mean, self.std)
+                                        for _ in range(self.n_local)])
         return out
 
     def __repr__(self) -> str:
         return f"MultiViewTransform(M={self.n_views}, L={self.n_local}, C={self.channels}, S={self.size})"
 
 
-def build_view_transform(views: ViewsConfig, data: DataConfig, channels: int, seed: int | None = None) -> MultiViewTransform:
+def build_view_transform(views: ViewsConfig, data: DataConfig, channels: int,
+                         seed: int | None = None) -> MultiViewTransform:
     """The multi-view transform of a recipe: float32 (H, W, C) -> {"views": (M, C, S, S)[, "local": (L, C, s, s)]}."""
     return MultiViewTransform(views, data, channels, seed=seed)
 

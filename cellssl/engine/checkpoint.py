@@ -143,7 +143,8 @@ def load_state_checked(module: nn.Module, state: dict, what: str, path: str | Pa
         detail = []
         if shapes:
             k = shapes[0]
-            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs "
+                          f"{tuple(own[k].shape)})")
         if missing:
             detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:
@@ -193,7 +194,8 @@ def training_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.opti
     }
 
 
-def restore_training(path: Path, recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any) -> dict:
+def restore_training(path: Path, recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: Any) -> dict:
     """Load a :func:`training_checkpoint` into ``method``, ``optimizer``, ``scaler`` and the RNGs
     (``--resume``); returns it. ConfigError when there is none or it was trained with another method."""
     if not path.exists():

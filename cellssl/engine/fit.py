@@ -109,7 +109,8 @@ class Training:
         tc = self.tc = recipe.train
         if recipe.eval.knn_every and knn_monitor is None:
             raise ConfigError(f"eval.knn_every={recipe.eval.knn_every}: pass the monitor to fit "
-                              "(knn_monitor=cellssl.eval.knn.knn_monitor(recipe), as the CLI does) or set eval.knn_every=0")
+                              "(knn_monitor=cellssl.eval.knn.knn_monitor(recipe), as the CLI does) or set "
+                              "eval.knn_every=0")
         self.dist = init_distributed(tc.device)
         self.device = self.dist.device
         if tc.threads:
@@ -138,7 +139,8 @@ class Training:
             save_recipe(recipe, self.out / "config.yaml")
             if overwrite and not resume:
                 self.ckpt_path.unlink(missing_ok=True)  # the replaced run's checkpoint must not be resumed
-        self.logger = MetricsLogger(self.out, enabled=self.dist.is_main, resume_step=self.start_step if resume else None)
+        self.logger = MetricsLogger(self.out, enabled=self.dist.is_main,
+                                    resume_step=self.start_step if resume else None)
         self.saved_step: int | None = self.start_step if resume else None  # the last good checkpoint
         self.guard = NonFiniteGuard(self.method, recipe, self.checkpoint_state, on_device)
         self.progress = (tqdm(total=self.total_steps, initial=self.start_step, desc=log_prefix, unit="step",
@@ -297,8 +299,9 @@ class Training:
     def out_of_time(self) -> bool:
         """Past ``--max-minutes`` (×1.25 once the schedule is sized to it) before the schedule's end."""
         tc = self.tc
+        budget = tc.max_minutes * (1.25 if self.schedule_fixed else 1.0) if tc.max_minutes else 0.0
         if not (tc.max_minutes and self.step < self.total_steps
-                and (time.monotonic() - self.start_time) / 60 >= tc.max_minutes * (1.25 if self.schedule_fixed else 1.0)):
+                and (time.monotonic() - self.start_time) / 60 >= budget):
             return False
         warnings.warn(f"--max-minutes {tc.max_minutes:g}: stopped at step {self.step} of {self.total_steps} (the "
                       "steps took longer than measured); rerun with --resume to finish the schedule", stacklevel=1)

@@ -90,7 +90,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int, fused: 
     elif cfg.name == "sgd":
         for g in groups:
             g.pop("lars")
-        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False, **({"fused": True} if fused else {}))
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False,
+                              **({"fused": True} if fused else {}))
     else:
         opt = LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     for g in opt.param_groups:

@@ -250,7 +250,8 @@ class FeatureExtractor:
             )
         self._ready = True
 
-    def build(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> tuple[Any, np.ndarray]:
+    def build(self, data: str | Path, labelled: bool | None = True,
+              max_per_class: int | None = None) -> tuple[Any, np.ndarray]:
         """The ImageDataset of ``data`` (no transform) and the row indices kept (``max_per_class``)."""
         ds = build_dataset(self.data_cfg, data, labelled=labelled)
         if labelled and not ds.classes:
@@ -317,7 +318,8 @@ def save_embeddings(fs: FeatureSet, path: str | Path) -> Path:
     ``labels`` (N,) int64 and ``classes`` (K,) str (what ``embed`` writes and ``select --features`` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {"features": fs.features.astype(np.float32), "paths": np.asarray(fs.paths, dtype=str)}
+    arrays: dict[str, np.ndarray] = {"features": fs.features.astype(np.float32),
+                                     "paths": np.asarray(fs.paths, dtype=str)}
     if fs.labelled:
         arrays["labels"] = fs.labels.astype(np.int64)
         arrays["classes"] = np.asarray(fs.classes, dtype=str)

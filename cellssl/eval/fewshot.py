@@ -199,7 +199,8 @@ def run_fewshot(
     names = list(features.classes)
     results: dict[str, dict] = {}
     for k in shots:
-        eps = sample_episodes(y, ways, k, queries, episodes, seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0]),
+        k_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        eps = sample_episodes(y, ways, k, queries, episodes, seed=k_seed,
                               class_names=names)
         accs = np.empty(len(eps))
         correct = np.zeros(len(names), dtype=np.int64)

@@ -121,7 +121,8 @@ def select_low_label(labels: np.ndarray, k: int, val_fraction: float, seed: int 
     return np.sort(np.concatenate(train)).astype(np.int64), val_idx.astype(np.int64)
 
 
-def _predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+def _predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int,
+             num_workers: int) -> tuple[np.ndarray, np.ndarray]:
     """(true labels (N,), predicted labels (N,)) of ``ds``."""
     logits, _, ys = logits_and_features(model, ds, device, batch_size, num_workers)
     return ys, logits.argmax(axis=1).astype(np.int64)
@@ -241,7 +242,8 @@ def _splits(ex: FeatureExtractor, base: Any, eval_t: Any, data: str | Path, test
         if not 0 < split < 1:
             raise DataError(f"--split must be a fraction between 0 and 1 (e.g. 0.3), got {split}")
         pool, held = split_indices(labels, (1 - split, split), seed=seed, stratified=True)
-        test_ds, test_data = TransformedDataset(base, eval_t, held), f"{split:g} stratified split of {data} (seed {seed})"
+        test_ds = TransformedDataset(base, eval_t, held)
+        test_data = f"{split:g} stratified split of {data} (seed {seed})"
     if labels_per_class:
         tr_rel, va_rel = select_low_label(labels[pool], int(labels_per_class), val_fraction, seed, classes)
     elif val_fraction and val_fraction > 0:

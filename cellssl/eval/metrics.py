@@ -38,7 +38,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequ
     return {
         "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)) if len(y_true) else float("nan"),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro",
+                                   zero_division=0)) if len(y_true) else float("nan"),
         "confusion_matrix": cm.astype(int).tolist(),
         "per_class_accuracy": per_class,
         "support": {c: int(s) for c, s in zip(classes, support)},

@@ -78,7 +78,8 @@ def resolve_model_path(model: str | Path) -> Path:
             return found[0]
         raise CheckpointError(
             f"{p} holds no model to predict with: pass finetune's RUN/best.pt or the classifier.pt that "
-            "`cellssl linear` writes beside its report" + (f" (found {len(found)} *_classifier.pt: name one)" if found else "")
+            "`cellssl linear` writes beside its report"
+            + (f" (found {len(found)} *_classifier.pt: name one)" if found else "")
         )
     if not p.is_file():
         raise CheckpointError(f"model {p} does not exist")
@@ -94,8 +95,8 @@ def load_predictor(model: str | Path, device: str | torch.device = "auto") -> Pr
     if not ck.get("classes") or "head.weight" not in state:
         raise CheckpointError(
             f"{path} has no classifier (a pretraining checkpoint?): fit one on labelled cells with "
-            f"`cellssl linear --checkpoint {path} --train LABELLED --split 0.2 --out eval/` (writes eval/classifier.pt) "
-            "or `cellssl finetune` (writes RUN/best.pt), then predict with that"
+            f"`cellssl linear --checkpoint {path} --train LABELLED --split 0.2 --out eval/` "
+            "(writes eval/classifier.pt) or `cellssl finetune` (writes RUN/best.pt), then predict with that"
         )
     recipe = recipe_from_dict(ck["config"])
     in_chans = int(ck["in_chans"])
@@ -217,7 +218,8 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
         for i in np.flatnonzero(used):
             if conf[i] < th["confidence_threshold"]:
                 flags[i].append(f"low confidence {conf[i]:.2f} < {th['confidence_threshold']:.2f}"
-                                if math.isfinite(th["confidence_threshold"]) else "no confidence threshold meets the target")
+                                if math.isfinite(th["confidence_threshold"])
+                                else "no confidence threshold meets the target")
             if dist[i] > th["distance_threshold"]:
                 flags[i].append(f"unlike the training cells (distance {dist[i]:.1f} > {th['distance_threshold']:.1f})")
     for i in np.flatnonzero(used):
@@ -293,7 +295,8 @@ def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, used: np.
     kinds = {"low confidence": 0, "unlike the training cells": 0, "size": 0, "no prediction": 0}
     for i, fl in enumerate(flags):
         for r in fl:
-            key = ("no prediction" if not used[i] else "low confidence" if r.startswith(("low confidence", "no confidence"))
+            key = ("no prediction" if not used[i]
+                   else "low confidence" if r.startswith(("low confidence", "no confidence"))
                    else "unlike the training cells" if r.startswith("unlike") else "size")
             kinds[key] += 1
     report: dict = {

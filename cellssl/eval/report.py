@@ -256,7 +256,8 @@ def _metrics_lines(m: dict, heading: str) -> list[str]:
     sup = m.get("support") or {}
     if pc:
         lines += ["### Per-class accuracy", ""]
-        lines += markdown_table(["class", "accuracy (%)", "images"], [[c, pct(a), sup.get(c, "")] for c, a in pc.items()])
+        lines += markdown_table(["class", "accuracy (%)", "images"],
+                                [[c, pct(a), sup.get(c, "")] for c, a in pc.items()])
         lines.append("")
     cm = m.get("confusion_matrix")
     classes = m.get("classes") or list(pc)
@@ -273,10 +274,12 @@ def _fewshot_lines(report: dict) -> list[str]:
         return []
     st = report.get("settings", {})
     ks = sorted(res, key=int)
-    lines = ["## Results", "", f"Accuracy over {st.get('episodes', '?')} episodes, {st.get('queries', '?')} queries per class, "
+    lines = ["## Results", "",
+             f"Accuracy over {st.get('episodes', '?')} episodes, {st.get('queries', '?')} queries per class, "
              f"classifier `{st.get('classifier', '?')}`; mean ± 95 % confidence interval.", ""]
     lines += markdown_table(["ways", "shots (K)", "accuracy (%)", "std (%)"],
-                    [[res[k]["ways"], k, f"{pct(res[k]['mean'])} ± {pct(res[k]['ci95'])}", pct(res[k].get("std"))] for k in ks])
+                    [[res[k]["ways"], k, f"{pct(res[k]['mean'])} ± {pct(res[k]['ci95'])}",
+                      pct(res[k].get("std"))] for k in ks])
     lines += ["", "### Per-class accuracy (%)", ""]
     classes = report.get("classes") or []
     lines += markdown_table(["class", *[f"{k}-shot" for k in ks]],
@@ -291,13 +294,15 @@ def _finetune_lines(report: dict) -> list[str]:
         lines += ["## Training", "", f"Best epoch {report.get('best_epoch')} (validation accuracy "
                   f"{pct(report.get('best_val_accuracy'))} %); weights: `{report.get('best_checkpoint', '')}`", ""]
         lines += markdown_table(["epoch", "train loss", "train acc (%)", "val acc (%)"],
-                        [[h["epoch"], f"{h['train_loss']:.4f}", pct(h.get("train_accuracy")), pct(h.get("val_accuracy"))]
+                        [[h["epoch"], f"{h['train_loss']:.4f}", pct(h.get("train_accuracy")),
+                          pct(h.get("val_accuracy"))]
                          for h in hist])
         lines.append("")
     if report.get("test"):
         lines += _metrics_lines({**report["test"], "classes": report.get("classes")}, "Test set")
     if report.get("validation"):
-        lines += _metrics_lines({**report["validation"], "classes": report.get("classes")}, "Validation set (best model)")
+        lines += _metrics_lines({**report["validation"], "classes": report.get("classes")},
+                                "Validation set (best model)")
     return lines
 
 
@@ -365,9 +370,10 @@ def format_summary(report: dict) -> str:
     else:
         m = (report.get("test") or report.get("validation")) if kind == "finetune" else report
         if kind == "finetune" and report.get("best_epoch") is not None:
-            lines.append(f"  best epoch {report['best_epoch']}, validation accuracy {pct(report.get('best_val_accuracy'))} %")
+            lines.append(f"  best epoch {report['best_epoch']}, "
+                         f"validation accuracy {pct(report.get('best_val_accuracy'))} %")
         if m:
-            where = "test" if kind == "finetune" and report.get("test") else ("validation" if kind == "finetune" else "test")
+            where = "validation" if kind == "finetune" and not report.get("test") else "test"
             extra = f", C={report['C']:g}" if kind == "linear" else ""
             lines.append(
                 f"  {where} accuracy {pct(m.get('accuracy'))} %, balanced {pct(m.get('balanced_accuracy'))} %, "

@@ -70,7 +70,8 @@ def check_shape(name: str, x: Tensor, ndim: int | None = None, like: Tensor | No
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have shape {_SHAPE_NAMES.get(ndim, f'{ndim}-D')}, got {tuple(x.shape)}")
     if like is not None and x.shape != like.shape:
-        raise ValueError(f"{name} must have the same shape as the first input {tuple(like.shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have the same shape as the first input {tuple(like.shape)}, "
+                         f"got {tuple(x.shape)}")
 
 
 def stack_views(x: Tensor | Sequence[Tensor], name: str, min_views: int = 2) -> Tensor:

@@ -138,7 +138,8 @@ def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", m
         return torch.where(info == 0, -logdet / d, torch.nan).to(zc.dtype)
 
 
-def sample_brownian_directions(n: int, d: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+def sample_brownian_directions(n: int, d: int, generator: torch.Generator,
+                               device: torch.device | str = "cpu") -> Tensor:
     """Fresh random unit directions r_i ~ N(0, I_D)/‖·‖, one per image: ``(N, D)``.
 
     Drawn on the CPU from ``generator`` (seeded from the run's seed and saved in checkpoints,
@@ -225,7 +226,8 @@ class MSBReg(SSLMethod):
             return {}
         return {"directions": sample_brownian_directions(batch_size, self.proj_dim, self.noise, device)}
 
-    def forward(self, views: Tensor, local: Tensor | None = None, directions: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, views: Tensor, local: Tensor | None = None,
+                directions: Tensor | None = None) -> dict[str, Tensor]:
         """Losses for a batch of global views ``(B, M, C, H, W)`` and optional local crops
         ``(B, L, C, h, w)``; ``directions`` ``(B, D)``: the Brownian kicks (default: drawn here from
         the method's generator; :meth:`step_inputs` draws the same outside a compiled graph).

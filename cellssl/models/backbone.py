@@ -101,7 +101,8 @@ def _download_possible(name: str, timeout: float = 3.0) -> bool:
     minute before failing). Offline mode and proxies are left to the hub client."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
         return True
     try:
         from huggingface_hub import try_to_load_from_cache  # slow to import; only before a download
