@@ -17,6 +17,7 @@ install: $(BIN)/cellssl
 demo: install
 	$(BIN)/cellssl demo --out runs/demo
 
-# Install and run the whole test suite (CPU, a few minutes).
+# Install, lint (ruff: seconds) and run the whole test suite (CPU, a few minutes).
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q

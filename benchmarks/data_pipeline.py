@@ -45,7 +45,8 @@ def measure(data_dir: Path, image_size: int, workers: int, batch: int, batches: 
         n += b["views"].shape[0]
     dt = time.perf_counter() - t0
     del it
-    return {"image_size": image_size, "num_workers": workers, "images_per_s": n / dt, "views_per_s": n * views.n_views / dt}
+    return {"image_size": image_size, "num_workers": workers, "images_per_s": n / dt,
+            "views_per_s": n * views.n_views / dt}
 
 
 def main() -> None:
@@ -69,7 +70,8 @@ def main() -> None:
             rows.append(r)
             print(f"{size:>5} {w:>7} {r['images_per_s']:>9.0f} {r['views_per_s']:>9.0f}", flush=True)
     if args.json:
-        meta = {"cpus": os.cpu_count(), "platform": platform.platform(), "batch_size": args.batch_size, "batches": args.batches}
+        meta = {"cpus": os.cpu_count(), "platform": platform.platform(), "batch_size": args.batch_size,
+                "batches": args.batches}
         args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
 

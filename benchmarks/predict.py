@@ -12,7 +12,7 @@ On the quality benchmark's fixed, stratified PBC split (``make_split`` of ``benc
 3. ``cellssl export --format both`` of that classifier: ONNX vs torch max abs difference of the
    logits on real preprocessed test images, and on random inputs.
 
-    python benchmarks/predict.py                                  # random-init resnet18, 64 px (a few minutes on 2 cores)
+    python benchmarks/predict.py                             # random-init resnet18, 64 px (a few minutes on 2 cores)
     python benchmarks/predict.py --checkpoint runs/smear/checkpoints/last.pt
 
 Prints the numbers and writes ``--work``/results.json. Cite PBC: Acevedo et al., Data in Brief 30
@@ -56,7 +56,8 @@ def curve(csv_path: Path, unsure: dict, classes: list[str]) -> list[dict]:
         th = thresholds(unsure, te)
         flag = (conf < th["confidence_threshold"]) | (dist > th["distance_threshold"]) | other
         out.append({"target_error": te, "confidence_threshold": th["confidence_threshold"],
-                    "flagged": float(flag.mean()), "confident_accuracy": float(hit[~flag].mean()) if (~flag).any() else None,
+                    "flagged": float(flag.mean()),
+                    "confident_accuracy": float(hit[~flag].mean()) if (~flag).any() else None,
                     "confident_error": float(1 - hit[~flag].mean()) if (~flag).any() else None})
     return out
 
@@ -144,8 +145,8 @@ def main() -> None:
     print(f"  accuracy, unsure cells     {pct(ev['unsure_accuracy'])} %")
     print("  target error -> flagged, confident accuracy:")
     for c in cur:
-        print(f"    {pct(c['target_error']):>5} % -> {pct(c['flagged']):>5} % flagged, {pct(c['confident_accuracy'])} % "
-              f"accurate (threshold {c['confidence_threshold']:.3f})")
+        print(f"    {pct(c['target_error']):>5} % -> {pct(c['flagged']):>5} % flagged, "
+              f"{pct(c['confident_accuracy'])} % accurate (threshold {c['confidence_threshold']:.3f})")
     print(f"ONNX vs torch, max abs difference of the logits: {onnx_real:.2e} on 64 PBC test images, "
           f"{onnx_random:.2e} on random inputs")
     print(f"time: linear {t_lin:.0f} s, predict {t_pred:.0f} s ({results['images_per_second_predict']} images/s)")

@@ -104,21 +104,7 @@ def make_split(src: Path, work: Path, fractions=(0.7, 0.1, 0.2), seed: int = 0) 
     return parts
 
 
-def raw_pixel_features(folder: Path, size: int = 16):
-    """Raw pixels, resized to ``size``×``size``×3 and flattened: a FeatureSet."""
-    from PIL import Image
-
-    from cellssl.eval.features import FeatureSet
-
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    feats, labels, paths = [], [], []
-    for c, name in enumerate(classes):
-        for f in sorted((folder / name).iterdir()):
-            img = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
-            feats.append(np.asarray(img, dtype=np.float32).reshape(-1) / 255.0)
-            labels.append(c)
-            paths.append(str(f))
-    return FeatureSet(np.stack(feats), np.asarray(labels), paths, classes, {"spec": "raw pixels"}, str(folder))
+RAW_PIXELS = "pixels:16"  # the raw-pixel row: images area-averaged to 16×16 (cellssl's baseline spec)
 
 
 def evaluate(train_fs, test_fs, episodes: int) -> dict:
@@ -149,7 +135,8 @@ def row_key(name: str, spec: dict, args) -> str:
     """Hash of everything that changes a row's numbers (not the seed)."""
     overlay = spec.get("overlay")
     text = (REPO / overlay).read_text() if overlay else ""
-    blob = [spec.get("kind", "ssl"), row_overrides(spec, args) if "method" in spec else [args.image_size, args.backbone],
+    untrained = [args.image_size, args.backbone] + ([RAW_PIXELS] if spec.get("kind") == "raw" else [])
+    blob = [spec.get("kind", "ssl"), row_overrides(spec, args) if "method" in spec else untrained,
             text, args.recipe, (REPO / "recipes" / f"{args.recipe}.yaml").read_text() if "method" in spec else "",
             args.steps, args.eval_on, args.episodes, args.probe_max]
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
@@ -184,7 +171,7 @@ def features_for(spec_str: str, parts: dict[str, Path], args):
     """Probe (pretrain part) and evaluation features; a checkpoint is read at its own image size."""
     from cellssl.eval.features import load_features
 
-    size = args.image_size if spec_str.startswith("random:") else None
+    size = args.image_size if spec_str.startswith(("random:", "pixels:")) else None
     kw = dict(image_size=size, device=args.device, batch_size=256, progress=False)
     train = load_features(spec_str, parts["pretrain"], max_per_class=args.probe_max, **kw)
     test = load_features(spec_str, parts[args.eval_on], **kw)
@@ -193,13 +180,8 @@ def features_for(spec_str: str, parts: dict[str, Path], args):
 
 def run_seed(name: str, spec: dict, seed: int, parts, args, key: str) -> dict:
     """Train (if needed) and evaluate one row for one seed."""
-    if spec.get("kind") == "raw":
-        from cellssl.eval.features import subsample_per_class
-
-        tr, te = raw_pixel_features(parts["pretrain"]), raw_pixel_features(parts[args.eval_on])
-        if args.probe_max:
-            tr = tr.subset(subsample_per_class(tr.labels, args.probe_max))
-        return evaluate(tr, te, args.episodes)
+    if spec.get("kind") == "raw":  # the pixels:16 baseline spec of every evaluation command
+        return evaluate(*features_for(RAW_PIXELS, parts, args), args.episodes)
     if spec.get("kind") == "random":
         tr, te = features_for(f"random:{args.backbone}", parts, args)
         return evaluate(tr, te, args.episodes)

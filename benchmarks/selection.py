@@ -8,7 +8,7 @@ Protocol
   pool the strategies choose from (its labels are only looked up for the chosen cells, as an
   expert would provide them); ``test`` is never seen by the selection or the probe.
 * Features: the ``--checkpoint`` (frozen backbone, its own image size), a random-init resnet18 at
-  the same size, and raw pixels (16×16×3, ``quality.raw_pixel_features``), to show how much the
+  the same size, and raw pixels (the ``pixels:16`` baseline spec: 16×16×3), to show how much the
   embedding matters. Features are cached in ``--work`` (a re-run only re-selects).
 * For budgets 8, 16, 40, 80 (8 classes) and ``--seeds`` seeds, each strategy selects from the
   pool (``cellssl.eval.select.select_indices``, the code behind ``cellssl select``); a linear probe
@@ -49,7 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import evaluate, make_split, raw_pixel_features, t95  # noqa: E402
+from benchmarks.quality import RAW_PIXELS, evaluate, make_split, t95  # noqa: E402
 
 STRATEGIES = ["typiclust", "probcover", "coreset", "random"]
 SEQUENTIAL = {"probcover", "coreset", "random"}  # prefix-consistent: one run per seed
@@ -73,27 +73,26 @@ def row_features(row: str, args, parts: dict[str, Path]):
     cache = Path(args.work) / "features"
     cache.mkdir(parents=True, exist_ok=True)
     if row == "raw":
-        spec, name = "raw pixels", "raw pixels (16×16×3)"
+        spec, name = RAW_PIXELS, "raw pixels (16×16×3)"
     elif row == "random":
         spec, name = f"random:{args.backbone}", None
     else:
         spec, name = args.checkpoint, None
-    key = _cache_key(row, _file_stamp(spec), args.image_size if row == "random" else "", parts["pretrain"],
+    key = _cache_key(row, _file_stamp(spec), args.image_size if row in ("random", "raw") else "", parts["pretrain"],
                      parts["test"], "v1")
     f = cache / f"{row}-{key}.npz"
     if f.exists():
         z = np.load(f)
         classes, name = [str(c) for c in z["classes"]], str(z["name"])
-        pool = FeatureSet(z["pool"], z["pool_y"], [""] * len(z["pool_y"]), classes, {"spec": spec}, str(parts["pretrain"]))
+        pool = FeatureSet(z["pool"], z["pool_y"], [""] * len(z["pool_y"]), classes, {"spec": spec},
+                          str(parts["pretrain"]))
         test = FeatureSet(z["test"], z["test_y"], [""] * len(z["test_y"]), classes, {"spec": spec}, str(parts["test"]))
         return pool, test, name
     t0 = time.monotonic()
-    if row == "raw":
-        pool, test = raw_pixel_features(parts["pretrain"]), raw_pixel_features(parts["test"])
-    else:
-        ex = FeatureExtractor(spec, image_size=args.image_size if row == "random" else None, device=args.device,
-                              batch_size=256, progress=False)
-        pool, test = ex.features(parts["pretrain"]), ex.features(parts["test"])
+    ex = FeatureExtractor(spec, image_size=args.image_size if row in ("random", "raw") else None, device=args.device,
+                          batch_size=256, progress=False)
+    pool, test = ex.features(parts["pretrain"]), ex.features(parts["test"])
+    if row != "raw":
         desc = ex.describe()["description"]
         name = f"random-init {args.backbone} ({ex.data_cfg.image_size} px)" if row == "random" else desc
     if list(pool.classes) != list(test.classes):

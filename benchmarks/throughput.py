@@ -10,7 +10,12 @@ Measures, in one process, for a backbone / image size / batch / M views:
 3. loop — ``cellssl.engine.fit`` with the real data loader and augmentations on PBC images
    (``../shared/data/pbc128``), median step wall-time (data wait + step) after warm-up;
 4. each loss term alone (centroid, singular value by Cholesky and by SVD, Brownian) and the
-   EMA update, in ms and as a share of the step.
+   EMA update, in ms and as a share of the step;
+5. host syncs per training step of ``fit`` (a step that neither logs nor checkpoints), with the
+   non-finite check on the device (the CUDA default with bf16/fp32) and on the host (the CPU
+   default, and fp16 on CUDA): counted with ``torch.cuda.set_sync_debug_mode`` on a GPU, and on the
+   CPU by counting every tensor read back to the host (bool/float/int/item/tolist/numpy/cpu) —
+   what makes a GPU stream wait.
 
 Prints a table; ``--json OUT`` writes ``bound_img_per_s``, ``step_img_per_s``,
 ``loop_img_per_s``, ``step_over_bound`` (time ratio 2/1), ``loop_over_step`` (time ratio 3/2)
@@ -18,6 +23,7 @@ and the rest.
 
     python benchmarks/throughput.py                      # CPU: resnet18, 64 px, batch 128, 2 views
     python benchmarks/throughput.py --device cuda --backbone resnet50 --image-size 224 --compile
+    python benchmarks/throughput.py --syncs-only      # only 5 (seconds)
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import cellssl.engine.fit as fit_mod  # noqa: E402
 from cellssl.config import MethodConfig, ModelConfig, load_recipe  # noqa: E402
 from cellssl.engine.fit import autocast_for, fit  # noqa: E402
 from cellssl.engine.optim import build_optimizer  # noqa: E402
@@ -176,6 +186,86 @@ def bench_loop(args, device) -> float | None:
     return statistics.median(r["step_time_s"] + r["data_time_s"] for r in rows)
 
 
+class HostSyncs:
+    """Counts host syncs while active: on CUDA the warnings of ``torch.cuda.set_sync_debug_mode``;
+    on the CPU every tensor read back to the host, except the reads torch.optim (its step counters)
+    and torch.utils.data (the loader's seed) make of tensors that live on the CPU in a CUDA run too."""
+
+    CPU_RESIDENT = ("torch/optim/", "torch/utils/data/")
+
+    READS = ("__bool__", "__float__", "__int__", "item", "tolist", "numpy", "cpu")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.count, self._saved = device, 0, {}
+
+    def _counted(self, name):
+        original = getattr(torch.Tensor, name)
+
+        def read(t, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if not any(part in caller for part in self.CPU_RESIDENT):
+                self.count += 1
+            return original(t, *a, **k)
+
+        return read
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self._records = warnings.catch_warnings(record=True)
+            self._log = self._records.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            for name in self.READS:
+                self._saved[name] = getattr(torch.Tensor, name)
+                setattr(torch.Tensor, name, self._counted(name))
+        return self
+
+    def update(self) -> int:
+        if self.device.type == "cuda":
+            self.count = sum("synchroniz" in str(w.message) for w in self._log)
+        return self.count
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            self._records.__exit__(*exc)
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def syncs_per_step(args, device: torch.device, on_device: bool, steps: int = 6, batch: int = 8, size: int = 32) -> int:
+    """Host syncs of one ``fit`` step that neither logs nor checkpoints (the most over steps 3..N),
+    with the non-finite check on the device (``on_device``) or on the host: ``args.backbone`` on
+    random ``size`` px images, ``batch`` per step (what runs per step does not depend on the sizes)."""
+    counter, marks = HostSyncs(device), {}
+    next_step, checked = fit_mod.Training.next_step, fit_mod.DEVICE_CHECKED
+
+    def marked(self):
+        next_step(self)
+        marks[self.step] = counter.update()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for i in range(batch * (steps + 1)):  # one epoch: the loader starts once
+            img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(img).save(Path(tmp) / f"{i}.png")
+        big = "1000000"
+        recipe = load_recipe("blood_smear", [
+            f"data.path={tmp}", f"data.image_size={size}", f"train.batch_size={batch}",
+            f"views.n_views={args.views}", f"model.backbone={args.backbone}", f"model.stem={args.stem}",
+            f"train.max_steps={steps}", f"train.out={tmp}/run", f"train.log_every={big}", f"train.monitor_every={big}",
+            f"train.checkpoint_every={big}", "train.progress=false", f"train.device={device}", "optim.name=adamw",
+            f"train.precision={args.precision}", "data.num_workers=0"])
+        fit_mod.Training.next_step, fit_mod.DEVICE_CHECKED = marked, ((device.type,) if on_device else ())
+        try:
+            with counter:
+                fit(recipe)
+        finally:
+            fit_mod.Training.next_step, fit_mod.DEVICE_CHECKED = next_step, checked
+    return max(marks[k + 1] - marks[k] for k in range(2, steps))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet18")
@@ -194,12 +284,21 @@ def main() -> None:
     p.add_argument("--data", default=None, help="image folder for the loop (default ../shared/data/pbc128)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--syncs-only", action="store_true", help="only count the host syncs of a training step")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     autocast, precision = autocast_for(device, args.precision)
+    syncs = {"syncs_per_step_device_check": syncs_per_step(args, device, on_device=True),
+             "syncs_per_step_host_check": syncs_per_step(args, device, on_device=False)}
+    print(f"host syncs per training step on {device}: {syncs['syncs_per_step_device_check']} with the non-finite "
+          f"check on the device (the CUDA default, bf16/fp32), {syncs['syncs_per_step_host_check']} with it on the "
+          "host (the CPU default; fp16 adds the GradScaler's own read); log and checkpoint steps read their numbers "
+          "on top")
+    if args.syncs_only:
+        return
     views = torch.randn(args.batch_size, args.views, 3, args.image_size, args.image_size, device=device)
     n_img = args.batch_size  # images (each seen in M views) per step
 
@@ -215,7 +314,7 @@ def main() -> None:
         "bound_img_per_s": n_img / bound, "step_img_per_s": n_img / step,
         "loop_img_per_s": n_img / loop if loop else None,
         "step_over_bound": step / bound, "loop_over_step": loop / step if loop else None,
-        **terms,
+        **terms, **syncs,
         "sv_plus_ema_share_of_step": (terms["sv_cholesky_ms"] + terms["ema_ms"]) / 1000 / step,
     }
     print(f"\n{args.backbone} {args.image_size}px batch {args.batch_size} x {args.views} views on {device} "

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
     else:
-        overrides = [f"data.path={source}", f"train.out={work / 'pretrain'}", f"train.max_steps={cfg['pretrain_steps']}",
+        overrides = [f"data.path={source}", f"train.out={work / 'pretrain'}",
+                     f"train.max_steps={cfg['pretrain_steps']}",
                      f"data.image_size={cfg['image_size']}", f"train.batch_size={cfg['batch_size']}",
                      "data.num_workers=1", "train.progress=false", "train.checkpoint_every=100",
                      f"train.seed={args.seed}", f"train.device={args.device}"]

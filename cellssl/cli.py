@@ -1,6 +1,8 @@
 """The ``cellssl`` command line: parse, load a recipe, call one function.
 
 Every user-caused error is one line on stderr and exit code 2; ``--debug`` shows the traceback.
+Each command imports its module inside the command (start-up time: ``cellssl --help`` and a bad
+option answer without loading torch).
 """
 
 from __future__ import annotations
@@ -91,10 +93,9 @@ def _print_summary(report: dict) -> None:
 
 # ---- the group ---------------------------------------------------------------------------
 @click.group(context_settings=CONTEXT)
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors (read by main).")
 @click.version_option(package_name="cellssl")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(debug: bool) -> None:
     """cellssl: self-supervised representation learning for cell images (MSBReg), few-shot
     evaluation, and adaptation to a new lab.
 
@@ -107,7 +108,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
       cellssl predict --model eval/classifier.pt --data NEW_CELLS --out predictions/
       cellssl export --checkpoint RUN/checkpoints/last.pt --out model/
     """
-    ctx.obj = {"debug": debug}
 
 
 @cli.command(context_settings=CONTEXT)
@@ -130,16 +130,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise).")
 def pretrain(recipe, overlays, overrides, resume, overwrite, **flags):
-    """Self-supervised pretraining (MSBReg by default). Multi-GPU: torchrun --nproc_per_node N -m cellssl.cli pretrain ..."""
+    """Self-supervised pretraining (MSBReg by default).
+
+    Multi-GPU: torchrun --nproc_per_node N -m cellssl.cli pretrain ...
+    """
     from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
+    from cellssl.eval.knn import knn_monitor
 
     r = load_recipe(recipe, list(overrides) + _flag_overrides(**flags), list(overlays))
     if resume and not r.train.out:
         raise CellSSLError("--resume needs --out (the run folder to continue)")
     if resume and overwrite:
         raise CellSSLError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-    result = fit(r, resume=resume, overwrite=overwrite)
+    result = fit(r, resume=resume, overwrite=overwrite, knn_monitor=knn_monitor(r))
     note = f" (stopped early: {result.stopped_early})" if result.stopped_early else ""
     if result.skipped_steps:
         note += f" ({result.skipped_steps} step(s) skipped: non-finite loss)"
@@ -207,7 +211,8 @@ def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, 
 @_eval_options
 @click.option("--train", "train_dir", required=True, type=click.Path())
 @click.option("--test", "test_dir", default=None, type=click.Path(), help="Labelled test folder.")
-@click.option("--split", type=RecipeValue("--split"), default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--split", type=RecipeValue("--split"), default=None,
+              help="No --test: hold out this fraction of --train.")
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path())
 def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_size, device, adapt_bn):
@@ -223,7 +228,8 @@ def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_
 @_eval_options
 @click.option("--train", "train_dir", required=True, type=click.Path())
 @click.option("--test", "test_dir", default=None, type=click.Path())
-@click.option("--split", type=RecipeValue("--split"), default=None, help="No --test: hold out this fraction of --train.")
+@click.option("--split", type=RecipeValue("--split"), default=None,
+              help="No --test: hold out this fraction of --train.")
 @click.option("--k", type=RecipeValue("eval.knn_k"), default=20, show_default=True)
 @click.option("--temperature", type=RecipeValue("eval.knn_temperature"), default=0.07, show_default=True)
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
@@ -269,7 +275,8 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--model", "model", required=True, type=click.Path(),
               help="finetune's RUN/best.pt, or the classifier.pt that `cellssl linear` writes beside its report.")
 @click.option("--data", required=True, type=click.Path(), help="Folder of images to classify (searched recursively).")
-@click.option("--out", required=True, type=click.Path(), help="Folder for predictions.csv, report.md, least_certain.png.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for predictions.csv, report.md, least_certain.png.")
 @click.option("--target-error", type=float, default=None,
               help="Error allowed among confident cells, on the validation cells (default: the model's, 0.05).")
 @click.option("--ood-quantile", type=float, default=None,
@@ -279,7 +286,8 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
-    from cellssl.eval.predict import format_predict_summary, predict as run
+    from cellssl.eval.predict import format_predict_summary
+    from cellssl.eval.predict import predict as run
 
     if target_error is not None and not 0 < target_error < 1:
         raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")
@@ -297,7 +305,8 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "both"]), default="safetensors",
               show_default=True, help="model.safetensors for timm, model.onnx (dynamic batch), or both.")
 @click.option("--report", "reports", multiple=True, type=click.Path(),
-              help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint are found).")
+              help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint "
+                   "are found).")
 def export(checkpoint, out, fmt, reports):
     """Hand a model on: safetensors loadable by timm, ONNX, config.json with the preprocessing, a model card."""
     from cellssl.eval.export import export as run
@@ -473,7 +482,7 @@ def adapt(checkpoint, data, out, max_steps, max_minutes, method, source, source_
 @click.option("--method", type=click.Choice(["macenko", "reinhard"]), default="macenko", show_default=True)
 def stain_normalize(src, out, reference, method):
     """Stain-normalise a folder of bright-field images to a reference (Macenko or Reinhard)."""
-    from cellssl.adapt.stain import normalize_folder
+    from cellssl.data.stain import normalize_folder
 
     n = normalize_folder(src, out, reference, method=method)
     click.echo(f"wrote {n} normalised images to {out}")

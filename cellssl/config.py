@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import types
 import typing
@@ -25,6 +26,7 @@ import yaml
 
 from cellssl.errors import ConfigError, did_you_mean
 
+
 def recipes_dir() -> Path:
     """The folder of shipped recipes.
 
@@ -32,8 +34,6 @@ def recipes_dir() -> Path:
     the one copy in git, which the build maps to the package ``cellssl.recipes``. An installed
     package (wheel, ``pip install .``) finds that package's data with :mod:`importlib.resources`.
     """
-    import importlib.resources
-
     top = Path(__file__).resolve().parent.parent
     if (top / "pyproject.toml").is_file() and (top / "recipes").is_dir():
         return top / "recipes"
@@ -107,14 +107,16 @@ class ModelConfig:
     """Backbone (any timm name) and heads."""
 
     backbone: str = "resnet18"
-    stem: str = "default"  # ResNets: default (7x7/2 + pool) | pool (3x3/1 + pool, 2x less downsampling) | small (3x3/1, no pool)
+    # stem (ResNets): default (7x7/2 + pool) | pool (3x3/1 + pool, 2x less downsampling) | small (3x3/1, no pool)
+    stem: str = "default"
     proj_hidden: int = 1024
     proj_dim: int = 256
     pred_hidden: int = 1024
     sync_bn: bool = False
     channels_last: bool = True
     drop_path: float = 0.0
-    pretrained: Optional[str] = None  # starting weights: a timm tag (resnet50.a1_in1k) or a .safetensors/.pth file; None = random
+    # starting weights: a timm tag (resnet50.a1_in1k) or a .safetensors/.pth file; None = random
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -311,7 +313,8 @@ _RANGES: dict[str, Range] = {
     "train.collapse_rank_fraction": _NONNEG, "train.collapse_std_fraction": _NONNEG, "train.max_nonfinite": Range(1),
     "eval.knn_every": _NONNEG, "eval.knn_k": Range(1), "eval.knn_temperature": _POS, "eval.ways": Range(2),
     "eval.shots": Range(1), "eval.queries": Range(1), "eval.episodes": Range(1), "eval.batch_size": Range(1),
-    "adapt.lr_scale": _POS, "adapt.momentum_base": _PROB, "adapt.max_steps": Range(1), "adapt.source_fraction": _FRACTION,
+    "adapt.lr_scale": _POS, "adapt.momentum_base": _PROB, "adapt.max_steps": Range(1),
+    "adapt.source_fraction": _FRACTION,
 }
 
 # Command-line options that are not recipe values, checked the same way: key -> (type, range).

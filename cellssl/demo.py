@@ -7,11 +7,16 @@ labelled evaluation set, so the evaluation never sees pretraining images.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from cellssl.config import Recipe
+from cellssl.data.synth import ensure_synthetic
+from cellssl.engine.fit import fit
+from cellssl.eval.fewshot import fewshot
+from cellssl.eval.knn import knn_monitor
+from cellssl.eval.linear import linear
+from cellssl.eval.report import write_json
 
 
 def run_demo(recipe: Recipe, out: Path) -> Path:
@@ -19,23 +24,13 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
 
     Returns the path of ``out/report.md``.
     """
-    from cellssl.data.synth import generate_dataset
-    from cellssl.engine.fit import fit
-    from cellssl.eval.fewshot import fewshot
-    from cellssl.eval.linear import linear
-
     out.mkdir(parents=True, exist_ok=True)
     size = recipe.data.image_size
     if recipe.data.path is None:
-        pre = out / "data" / "pretrain"
-        evald = out / "data" / "eval"
-        if not (pre / ".complete").exists():
-            generate_dataset(pre, n=recipe.data.synth_n, seed=recipe.data.synth_seed, image_size=size)
-            (pre / ".complete").write_text("ok")
-        if not (evald / ".complete").exists():
-            generate_dataset(evald, n=max(400, recipe.data.synth_n // 2), seed=recipe.data.synth_seed + 1,
-                             image_size=size)
-            (evald / ".complete").write_text("ok")
+        pre = ensure_synthetic(out / "data" / "pretrain", n=recipe.data.synth_n, seed=recipe.data.synth_seed,
+                               image_size=size)
+        evald = ensure_synthetic(out / "data" / "eval", n=max(400, recipe.data.synth_n // 2),
+                                 seed=recipe.data.synth_seed + 1, image_size=size)
         recipe.data.path = str(pre)
         eval_dir = evald
         data_note = "built-in synthetic blood smears (procedurally generated; not real cells)"
@@ -45,13 +40,14 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     recipe.train.out = str(out / "pretrain")
     resume = (out / "pretrain" / "checkpoints" / "last.pt").exists()
     t0 = time.monotonic()
-    result = fit(recipe, resume=resume)
+    result = fit(recipe, resume=resume, knn_monitor=knn_monitor(recipe))
     pretrain_min = (time.monotonic() - t0) / 60
     ev = recipe.eval
     shots = tuple(ev.shots)
     rows = {}
     baselines = (
-        ("cellssl MSBReg" if recipe.method.name == "msbreg" else recipe.method.name, str(result.checkpoint), "pretrained"),
+        ("cellssl MSBReg" if recipe.method.name == "msbreg" else recipe.method.name, str(result.checkpoint),
+         "pretrained"),
         (f"random-init {recipe.model.backbone}", f"random:{recipe.model.backbone}", "random"),
         ("raw pixels (16×16)", "pixels:16", "pixels"),  # colour alone is informative for blood cells
     )
@@ -68,7 +64,8 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
         f"- recipe: {recipe.name} ({recipe.method.name}, {recipe.model.backbone}, {size} px, "
         f"{recipe.views.n_views} views, batch {recipe.train.batch_size})",
         f"- pretraining: {result.step} steps in {pretrain_min:.1f} min; checkpoint `{result.checkpoint}`",
-        f"- evaluation folder: `{eval_dir}` (labelled, not used for pretraining)" if recipe.data.path != str(eval_dir) else "",
+        f"- evaluation folder: `{eval_dir}` (labelled, not used for pretraining)"
+        if recipe.data.path != str(eval_dir) else "",
         "",
         "| features | " + " | ".join(f"{k}-shot (95% CI)" for k in shots) + " | linear probe acc |",
         "|---|" + "---|" * (len(shots) + 1),
@@ -88,8 +85,7 @@ def run_demo(recipe: Recipe, out: Path) -> Path:
     ]
     report = out / "report.md"
     report.write_text("\n".join(line for line in lines if line is not None) + "\n")
-    (out / "report.json").write_text(json.dumps(
-        {name: {"fewshot": fs["results"], "linear_accuracy": lin["accuracy"]} for name, (fs, lin, _) in rows.items()},
-        indent=2, default=str))
+    write_json({name: {"fewshot": fs["results"], "linear_accuracy": lin["accuracy"]}
+                for name, (fs, lin, _) in rows.items()}, out / "report.json")
     print(report.read_text())
     return report

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from cellssl.adapt.bn import adapt_batchnorm, adapt_batchnorm_folder, batchnorm_layers
 from cellssl.config import DataConfig
 from cellssl.engine.checkpoint import load_backbone
 from cellssl.errors import DataError
+from cellssl.eval.features import adapt_batchnorm_folder
+from cellssl.models.bn import adapt_batchnorm, batchnorm_layers
 
 
 def _target(n: int = 24, size: int = 32, shift: float = 2.0) -> TensorDataset:

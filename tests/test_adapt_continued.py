@@ -216,7 +216,7 @@ def test_transfer_report_tsne_runs_with_one_openmp_thread(monkeypatch):
     import sklearn.manifold
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from cellssl.adapt.report import _tsne
+    from cellssl.eval.report import tsne_2d
 
     seen = []
     fit_transform = sklearn.manifold.TSNE.fit_transform
@@ -228,5 +228,5 @@ def test_transfer_report_tsne_runs_with_one_openmp_thread(monkeypatch):
     monkeypatch.setattr(sklearn.manifold.TSNE, "fit_transform", spy)
     x = np.random.default_rng(0).normal(size=(40, 8))
     with threadpool_limits(2, user_api="openmp"):  # what an unlimited process would have on 2 cores
-        assert _tsne(x, 0).shape == (40, 2)
+        assert tsne_2d(x, 0).shape == (40, 2)
     assert seen and seen[0] and all(n == 1 for n in seen[0])

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cellssl.adapt.shift import PRESETS, ShiftPreset, apply_shift, shift_folder
-from cellssl.adapt.stain import StainNormalizer, StainWarning, build_stain_normalizer, normalize_folder, stain_statistics
+from cellssl.data.stain import StainNormalizer, StainWarning, build_stain_normalizer, normalize_folder, stain_statistics
 from cellssl.errors import ConfigError
 
 
@@ -153,7 +153,7 @@ def test_cli_shift_and_stain_normalize(tmp_path):
 def test_grey_file_is_skipped_by_name_and_output_appears_only_when_complete(tmp_path, monkeypatch, capsys):
     """A grey JPEG among RGB images: skipped with a warning naming it, the rest written; the output
     folder appears only when complete (an interrupted run leaves nothing); an existing one is kept."""
-    import cellssl.adapt.stain as stain_mod
+    import cellssl.data.stain as stain_mod
     from cellssl.cli import main
 
     src = smear_folder(tmp_path / "src", n=3, suffix=".jpg")

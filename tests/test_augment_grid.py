@@ -9,10 +9,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellssl.augment.grid import save_view_grid, to_display
+from cellssl.augment.grid import save_view_grid
 from cellssl.augment.views import build_view_transform
 from cellssl.config import DataConfig, ViewsConfig
 from cellssl.data.datasets import build_dataset
+from cellssl.plots import to_display
 
 
 @pytest.mark.parametrize("c", [1, 3, 4])

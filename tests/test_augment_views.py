@@ -9,13 +9,10 @@ import torch
 from cellssl.augment.views import (
     ChannelIntensityJitter,
     HEDJitter,
-    RandomRotation,
     RGBColorJitter,
     build_eval_transform,
     build_view_transform,
     denormalize,
-    hed2rgb,
-    rgb2hed,
 )
 from cellssl.config import DataConfig, ViewsConfig
 from cellssl.data.io import scale_intensity
@@ -26,10 +23,12 @@ def _img(c: int, h: int = 48, w: int = 40, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((h, w, c), dtype=np.float32)
 
 
-@pytest.mark.parametrize("c,modality", [(1, "fluorescence"), (3, "brightfield"), (3, "fluorescence"), (4, "fluorescence"), (6, "fluorescence")])
+@pytest.mark.parametrize("c,modality", [(1, "fluorescence"), (3, "brightfield"), (3, "fluorescence"),
+                                        (4, "fluorescence"), (6, "fluorescence")])
 def test_view_shapes(c: int, modality: str) -> None:
     data = DataConfig(image_size=32, modality=modality)
-    views = ViewsConfig(n_views=3, local_views=2, local_size=16, poisson_prob=0.5, elastic_prob=0.5, blur_prob=1.0, noise_prob=1.0)
+    views = ViewsConfig(n_views=3, local_views=2, local_size=16, poisson_prob=0.5, elastic_prob=0.5, blur_prob=1.0,
+                        noise_prob=1.0)
     out = build_view_transform(views, data, c, seed=0)(_img(c))
     assert out["views"].shape == (3, c, 32, 32) and out["views"].dtype == torch.float32
     assert out["local"].shape == (2, c, 16, 16)
@@ -99,17 +98,6 @@ def test_brightfield_uses_hed_and_colour_fluorescence_does_not() -> None:
     assert "ChannelIntensityJitter" in names(fl) and not {"HEDJitter", "RGBColorJitter"} & names(fl)
 
 
-def test_vectorised_hed_matches_skimage() -> None:
-    from skimage.color import hed2rgb as sk_hed2rgb
-    from skimage.color import rgb2hed as sk_rgb2hed
-
-    rgb = _img(3, 32, 32)
-    rgb[0, 0] = 0.0  # the log floor
-    np.testing.assert_allclose(rgb2hed(rgb), sk_rgb2hed(rgb), atol=1e-6)
-    hed = sk_rgb2hed(rgb)
-    np.testing.assert_allclose(hed2rgb(hed), sk_hed2rgb(hed), atol=1e-6)
-
-
 def test_hed_jitter_zero_is_identity_and_matches_reference() -> None:
     rgb = np.clip(_img(3, 16, 16) * 0.8 + 0.1, 0, 1)
     zero = HEDJitter(0.0)
@@ -138,20 +126,9 @@ def test_colour_jitter_identity_and_saturation() -> None:
     np.testing.assert_allclose(brighter, rgb * 0.75, atol=1e-5)
 
 
-def test_rotation_preserves_a_centred_disc_and_flips_are_symmetries() -> None:
+def test_geometry_only_views_preserve_a_centred_disc() -> None:
     yy, xx = np.mgrid[0:41, 0:41]
     disc = ((yy - 20) ** 2 + (xx - 20) ** 2 < 12**2).astype(np.float32)[:, :, None]
-    rot = RandomRotation()
-    rot.set_random_seed(0)
-    for _ in range(5):
-        out = rot(image=disc)["image"]
-        assert out.shape == disc.shape
-        assert np.abs(out - disc).mean() < 0.02  # a centred disc is rotation-invariant
-    # rotating a corner marker by 90 degrees moves it to another corner
-    marker = np.zeros((21, 21, 1), np.float32)
-    marker[2, 2] = 1.0
-    turned = rot.apply(marker, angle=90.0)
-    assert turned[2, 2, 0] < 0.1 and max(turned[18, 2, 0], turned[2, 18, 0]) > 0.9
     # geometry-only views of a disc stay discs (crop scale 1 keeps it whole)
     views = ViewsConfig(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hed_jitter=0, color_jitter_prob=0,
                         channel_intensity=0, gamma=[1.0, 1.0], blur_prob=0, noise_prob=0)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 import cellssl.methods.simclr as simclr_mod
-from cellssl.config import MethodConfig, ModelConfig, recipe_from_dict
+from cellssl.config import MethodConfig, ModelConfig
 from cellssl.methods import METHODS, build_method
 from cellssl.methods.barlow import barlow_loss, barlow_terms, cross_correlation
 from cellssl.methods.byol import byol_loss
@@ -157,6 +157,25 @@ def test_nt_xent_split_over_ranks_equals_full_batch(monkeypatch):
         monkeypatch.setattr(simclr_mod, "_rank_offset", lambda b, rank=rank: rank * b)
         losses.append(nt_xent_loss(local, 0.2))
     assert ((losses[0] + losses[1]) / 2).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_every_loss_refuses_a_wrong_shape_with_the_one_check():
+    """One shape check (methods.base.check_shape / stack_views) for every loss: same wording, the
+    received shape named; a list of per-view (B, D) tensors is the same as the stacked (B, M, D)."""
+    z = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"p must have shape \(N, M, D\), got \(4, 8\)"):
+        byol_loss(z, z)
+    with pytest.raises(ValueError, match=r"z needs at least 2 views, got M = 1"):
+        nt_xent_loss(torch.randn(4, 1, 8))
+    with pytest.raises(ValueError, match=r"z_b must have the same shape as the first input \(4, 8\), got \(4, 9\)"):
+        barlow_loss(z, torch.randn(4, 9))
+    with pytest.raises(ValueError, match=r"z must have shape \(B, D\), got \(2, 3, 4\)"):
+        variance_loss(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"z_target must have the same shape"):
+        byol_loss(torch.randn(4, 2, 8), torch.randn(4, 3, 8))
+    stacked = torch.randn(4, 2, 8)
+    assert torch.equal(byol_loss(list(stacked.unbind(1)), list(stacked.unbind(1))), byol_loss(stacked, stacked))
+    assert torch.equal(nt_xent_loss(list(stacked.unbind(1))), nt_xent_loss(stacked))
 
 
 def test_losses_are_float32_under_autocast():

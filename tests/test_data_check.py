@@ -11,8 +11,8 @@ import tifffile
 from PIL import Image
 
 from cellssl.data.check import check_dataset, format_check_report
-from cellssl.data.tiles import tile_image_to_folder
 from cellssl.data.io import read_image
+from cellssl.data.tiles import tile_image_to_folder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -113,9 +113,31 @@ def test_same_seed_same_first_losses(tmp_path, tiny_folder):
 
 
 DDP_WORKER = """
-import os, sys, torch
+import os, shutil, sys, torch
+import cellssl.engine.fit as fit_mod
 from cellssl.config import load_recipe
 from cellssl.engine.fit import fit
+from cellssl.methods.base import SSLMethod
+
+rank, out = os.environ["RANK"], sys.argv[3]
+save, after_step = fit_mod.Training.save, SSLMethod.after_step
+
+def buffers(m):
+    return {k: v.detach().cpu().clone() for k, v in m.named_buffers()}
+
+def save_and_record(self):  # each rank's BatchNorm statistics right after a checkpoint
+    save(self)
+    torch.save(buffers(self.method), f"{out}/buffers_rank{rank}_step{self.step}.pt")
+    if rank == "0":
+        shutil.copy(self.ckpt_path, f"{out}/checkpoint_step{self.step}.pt")
+
+def after_step_and_record(self, step, total):  # and between checkpoints
+    after_step(self, step, total)
+    if step == 3:
+        torch.save(buffers(self), f"{out}/buffers_rank{rank}_step3.pt")
+
+fit_mod.Training.save = save_and_record
+SSLMethod.after_step = after_step_and_record
 r = load_recipe(sys.argv[1], ["data.path=" + sys.argv[2], "train.out=" + sys.argv[3]])
 res = fit(r)
 torch.save({k: v.cpu() for k, v in res.method.state_dict().items()}, sys.argv[3] + f"/rank{os.environ['RANK']}.pt")
@@ -127,7 +149,7 @@ torch.save({k: v.cpu() for k, v in res.method.state_dict().items()}, sys.argv[3]
 def test_ddp_two_gloo_processes_end_identical(tmp_path, tiny_folder):
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
-    recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=4, batch_size=4)
+    recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=4, batch_size=4, checkpoint_every=2)
     out = tmp_path / "ddp"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(worker), str(recipe),
@@ -138,6 +160,16 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path, tiny_folder):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs between ranks"
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
+    # BatchNorm statistics (broadcast_buffers=False) drift between ranks during training; at every
+    # checkpoint all ranks take rank 0's, which is what the checkpoint holds
+    mid = [torch.load(out / f"buffers_rank{r}_step3.pt") for r in (0, 1)]
+    at_ckpt = [torch.load(out / f"buffers_rank{r}_step2.pt") for r in (0, 1)]
+    running = [k for k in mid[0] if k.endswith("running_mean")]
+    assert running and any(not torch.equal(mid[0][k], mid[1][k]) for k in running)
+    saved = load_checkpoint(out / "checkpoint_step2.pt")["model"]
+    for k in at_ckpt[0]:
+        assert torch.equal(at_ckpt[0][k], at_ckpt[1][k]), f"{k} differs between ranks at the checkpoint"
+        assert torch.equal(saved[k], at_ckpt[0][k]), f"{k}: the checkpoint is not rank 0's"
 
 
 def test_max_minutes_and_ctrl_c_stop_cleanly_with_checkpoint(tmp_path, tiny_folder, monkeypatch):
@@ -229,3 +261,19 @@ def test_local_views_train_msbreg_and_are_refused_elsewhere(tmp_path, tiny_folde
     assert res.step == 4 and torch.isfinite(torch.tensor(res.last_metrics["loss_centroid"]))
     with pytest.raises(ConfigError, match="local_views=2: method 'simclr' does not train on local crops"):
         fit(load_recipe(str(tmp_path / "r.yaml"), base + [f"train.out={tmp_path / 's'}", "method.name=simclr"]))
+
+
+def test_knn_monitor_is_passed_in_logged_and_required(tmp_path, tiny_folder):
+    """The online kNN monitor comes from the caller (eval builds it, the engine runs it)."""
+    from cellssl.errors import ConfigError
+    from cellssl.eval.knn import knn_monitor
+
+    recipe = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=4)),
+                         [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}", "eval.knn_every=2",
+                          f"eval.knn_data={tiny_folder}"])
+    with pytest.raises(ConfigError, match="knn_monitor"):
+        fit(recipe)
+    fit(recipe, knn_monitor=knn_monitor(recipe))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    accs = {r["step"]: r["knn_acc"] for r in rows if "knn_acc" in r}
+    assert set(accs) == {2, 4} and min(accs.values()) > 0.5  # three colour classes: chance is 1/3

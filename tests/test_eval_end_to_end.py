@@ -99,7 +99,8 @@ def test_fewshot_linear_knn_commands(folder, ckpt, tmp_path):
     assert format_summary(r).splitlines()[-1].endswith("report.md")
 
     keys = {"accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix", "per_class_accuracy"}
-    r = linear("random:resnet18", folder, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=32, device="cpu")
+    r = linear("random:resnet18", folder, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=32,
+               device="cpu")
     assert keys <= set(r) and "C" in r and r["accuracy"] > 0.6
     for name in ("linear.json", "linear.md", "linear_confusion.png", "linear_embedding.png"):
         assert (tmp_path / "lin" / name).is_file(), name

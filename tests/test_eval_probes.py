@@ -23,7 +23,8 @@ def _structured(n_per: int = 40, k: int = 4, d: int = 32, sep: float = 1.5, seed
     centres = rng.normal(0, sep, (k, d))
     x = np.concatenate([centres[c] + rng.normal(0, 1, (n_per, d)) for c in range(k)]).astype(np.float32)
     y = np.repeat(np.arange(k), n_per)
-    return FeatureSet(x, y, [f"c{c}/{i}.png" for c, i in zip(y, range(len(y)))], [f"class{c}" for c in range(k)], root="mem")
+    return FeatureSet(x, y, [f"c{c}/{i}.png" for c, i in zip(y, range(len(y)))], [f"class{c}" for c in range(k)],
+                      root="mem")
 
 
 def test_knn_classify_simple():

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from cellssl.config import MethodConfig, ModelConfig
 from cellssl.methods import build_method
+from cellssl.methods.base import effective_rank
 from cellssl.methods.msbreg import (
     brownian_loss,
     centroid_loss,
-    effective_rank,
     sample_brownian_directions,
     singular_value_loss,
 )

@@ -80,3 +80,26 @@ def test_predictor_gets_its_own_lr_scale_and_constant_schedule():
         assert g["lr"] == pytest.approx(0.05 if pred else 0.005)
     same = build_optimizer(model, OptimConfig(name="adamw", lr=0.01), 256)
     assert len(same.param_groups) == 2  # default: one schedule for all
+
+
+def test_lars_skips_a_step_on_the_device_when_found_inf_is_set():
+    """found_inf = 1 (a non-finite loss, decided on the device) leaves weights and momentum as they
+    were; found_inf = 0 is a normal step."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = LARS([{"params": [w], "lars": True, "weight_decay": 0.0}], lr=0.1)
+    w.grad = torch.randn(4, 3)
+    opt.step()
+    before, buf = w.detach().clone(), opt.state[w]["momentum_buffer"].clone()
+    w.grad = torch.full((4, 3), float("nan"))
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["momentum_buffer"], buf)
+    w.grad = torch.ones(4, 3)
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    plain = LARS([{"params": [p := torch.nn.Parameter(before.clone())], "lars": True, "weight_decay": 0.0}], lr=0.1)
+    plain.state[p]["momentum_buffer"] = buf.clone()
+    p.grad = torch.ones(4, 3)
+    plain.step()
+    assert torch.allclose(w.detach(), p.detach()) and not torch.equal(w.detach(), before)

@@ -58,7 +58,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         return res.stdout
 
-    where = subprocess.run([sys.executable, "-c", "import cellssl.config as c; print(c.__file__); print(c.RECIPES_DIR)"],
+    where = subprocess.run([sys.executable, "-c",
+                            "import cellssl.config as c; print(c.__file__); print(c.RECIPES_DIR)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(Path(p).is_relative_to(site) for p in where), where
 

@@ -89,7 +89,8 @@ def test_pretrain_starts_from_the_file(weights, tmp_path):
     r = load_recipe(str(REPO / "recipes" / "cpu_demo.yaml"), [
         f"data.path={data}", f"train.out={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=4",
         "data.image_size=16", "data.num_workers=0", "train.progress=false", "optim.lr=1e-12", "model.stem=default",
-        f"model.pretrained={d / 'r18.safetensors'}", "model.proj_hidden=32", "model.pred_hidden=32", "model.proj_dim=16"])
+        f"model.pretrained={d / 'r18.safetensors'}", "model.proj_hidden=32", "model.pred_hidden=32",
+        "model.proj_dim=16"])
     res = fit(r)
     ck = load_checkpoint(res.checkpoint)
     assert ck["config"]["model"]["pretrained"] == str(d / "r18.safetensors")

@@ -377,7 +377,8 @@ def test_every_checked_option_rejects_a_value_outside_its_range(capsys):
     """Each CLI option typed with a recipe range refuses a value just outside it (exit 2, one line)."""
     import click
 
-    from cellssl.cli import RecipeValue, cli as group
+    from cellssl.cli import RecipeValue
+    from cellssl.cli import cli as group
     from cellssl.config import value_range
 
     def commands(grp, prefix=()):

@@ -25,7 +25,6 @@ from cellssl.eval.select import (
     read_labelled_paths,
     select_indices,
 )
-
 from conftest import REPO, make_image_folder
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

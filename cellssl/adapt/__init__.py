@@ -1,14 +1,13 @@
 """Domain adaptation: carry a model to a new lab.
 
-* :mod:`cellssl.adapt.bn` — AdaBN (BatchNorm statistics re-estimated on target images);
 * :mod:`cellssl.adapt.continued` — ``adapt``: continued SSL on the target lab's unlabelled images
-  (or AdaBN only), writing a normal checkpoint;
-* :mod:`cellssl.adapt.stain` — Macenko / Reinhard stain normalisation (torchstain, numpy backend);
+  (or AdaBN only: :mod:`cellssl.models.bn`), writing a normal checkpoint;
 * :mod:`cellssl.adapt.shift` — a simulated scanner/lab shift of a folder (for benchmarks and tests);
 * :mod:`cellssl.adapt.report` — ``transfer_report``: accuracy and domain gap of each step.
 
-Submodules are imported lazily (``from cellssl.adapt.stain import build_stain_normalizer``), so
-importing the package costs nothing.
+Stain normalisation (Macenko / Reinhard) is :mod:`cellssl.data.stain`: the data layer applies it
+while reading (``data.stain_normalize``), the ``stain-normalize`` command and the transfer report
+use it from there. Submodules are imported where used, so importing the package costs nothing.
 """
 
-__all__ = ["bn", "continued", "report", "shift", "stain"]
+__all__ = ["continued", "report", "shift"]

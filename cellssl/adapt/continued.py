@@ -18,8 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
+from cellssl.augment.views import build_eval_transform
+from cellssl.config import apply_overrides, recipe_from_dict, recipe_to_dict, save_recipe
+from cellssl.data.datasets import TransformedDataset, build_dataset
+from cellssl.engine.checkpoint import (
+    check_new_run,
+    is_pretrained_spec,
+    load_checkpoint,
+    load_state_checked,
+    pretrained_recipe,
+    save_atomic,
+)
+from cellssl.engine.distributed import resolve_device
+from cellssl.engine.fit import fit
 from cellssl.errors import ConfigError, DataError
+from cellssl.eval.knn import knn_monitor
+from cellssl.methods import build_method
+from cellssl.models import build_backbone
+from cellssl.models.bn import adapt_batchnorm
 
 __all__ = ["adapt", "MixedDataset", "build_mixed_dataset", "adapted_recipe"]
 
@@ -34,7 +52,6 @@ class MixedDataset:
     ``__getitem__(i) -> (float32 (H, W, C), -1)``, ``__len__``. ``domain[i]`` is 0 for target,
     1 for source images.
     """
-
     def __init__(self, target: Any, source: Any, source_indices: Sequence[int], transform=None):
         if target.channels != source.channels:
             raise DataError(
@@ -86,8 +103,6 @@ def build_mixed_dataset(data_cfg: Any, target: str | Path, source: str | Path, s
                         seed: int = 0) -> MixedDataset:
     """Target folder + a random subset of the source folder so that source images make up
     ``source_fraction`` of the mixture: ``n_s = round(f / (1 - f) · n_t)`` (capped at the source size)."""
-    from cellssl.data.datasets import build_dataset
-
     f = float(source_fraction)
     if not 0.0 <= f < 1.0:
         raise ConfigError(f"source_fraction must be in [0, 1), got {f}")
@@ -109,8 +124,6 @@ def adapted_recipe(source_config: dict, data: str | Path, out: str | Path, *, ma
     ``optim.lr × adapt.lr_scale``, ``method.momentum_base = adapt.momentum_base`` and
     ``train.max_steps = max_steps or adapt.max_steps``. ``overrides`` (``key=value``) are applied
     first; a value given there explicitly (optim.lr, method.momentum_base, train.max_steps) is kept as is."""
-    from cellssl.config import apply_overrides, recipe_from_dict
-
     values = copy.deepcopy(source_config)
     overrides = list(overrides)
     apply_overrides(values, overrides)
@@ -137,14 +150,10 @@ def adapted_recipe(source_config: dict, data: str | Path, out: str | Path, *, ma
 
 
 def _asdict(recipe: Any) -> dict:
-    from cellssl.config import recipe_to_dict
-
     return recipe_to_dict(recipe)
 
 
 def _tag_checkpoint(path: Path, kind: str, source_checkpoint: str | Path, **extra: Any) -> None:
-    from cellssl.engine.checkpoint import load_checkpoint, save_atomic
-
     ckpt = load_checkpoint(path)
     ckpt["adapted"] = kind
     ckpt["source_checkpoint"] = str(source_checkpoint)
@@ -154,17 +163,6 @@ def _tag_checkpoint(path: Path, kind: str, source_checkpoint: str | Path, **extr
 
 def _adabn(checkpoint: str | Path, data: str | Path, out: Path, device: str | None, overrides: Sequence[str]) -> Path:
     """AdaBN: BN statistics of backbone (+ projector, predictor, EMA target) re-estimated on ``data``."""
-    from torch import nn
-
-    from cellssl.adapt.bn import adapt_batchnorm
-    from cellssl.augment.views import build_eval_transform
-    from cellssl.config import apply_overrides, recipe_from_dict
-    from cellssl.data.datasets import build_dataset
-    from cellssl.engine.checkpoint import load_checkpoint, load_state_checked, save_atomic
-    from cellssl.eval.features import TransformedDataset, resolve_device
-    from cellssl.methods import build_method
-    from cellssl.models import build_backbone
-
     ckpt = load_checkpoint(checkpoint)
     values = apply_overrides(copy.deepcopy(ckpt["config"]), list(overrides))
     recipe = recipe_from_dict(values)
@@ -194,7 +192,6 @@ def _adabn(checkpoint: str | Path, data: str | Path, out: Path, device: str | No
     new["source_checkpoint"] = str(checkpoint)
     path = out / "checkpoints" / "last.pt"
     save_atomic(new, path)
-    from cellssl.config import save_recipe
 
     save_recipe(recipe_from_dict(new["config"]), out / "config.yaml")
     return path
@@ -236,9 +233,6 @@ def adapt(
         overrides: ``section.key=value`` recipe overrides (e.g. ``train.batch_size=64``).
         overwrite: replace a run already in ``out`` (otherwise refused, unless ``resume``).
     """
-    from cellssl.engine.checkpoint import check_new_run, is_pretrained_spec, load_checkpoint, pretrained_recipe
-    from cellssl.engine.fit import fit
-
     out = Path(out)
     overrides = list(overrides or ())
     if bn_only:
@@ -255,7 +249,6 @@ def adapt(
         if not last.exists():
             raise ConfigError(f"--resume: no checkpoint at {last}; start without --resume")
         prev = load_checkpoint(last)
-        from cellssl.config import apply_overrides, recipe_from_dict
 
         values = apply_overrides(copy.deepcopy(prev["config"]), overrides)
         recipe = recipe_from_dict(values)
@@ -269,7 +262,6 @@ def adapt(
         source_checkpoint = prev.get("source_checkpoint", str(checkpoint))
     else:
         if is_pretrained_spec(checkpoint):  # published/exported starting weights: fit loads model.pretrained
-            from cellssl.config import recipe_to_dict
 
             source_config, init_from = recipe_to_dict(pretrained_recipe(checkpoint)), None
         else:
@@ -290,7 +282,7 @@ def adapt(
     recipe.adapt.source_fraction = float(fraction) if source is not None else 0.0
 
     result = fit(recipe, resume=resume, init_from=None if resume else init_from, dataset=dataset,
-                 log_prefix="adapt", overwrite=overwrite)
+                 log_prefix="adapt", overwrite=overwrite, knn_monitor=knn_monitor(recipe))
     extra = {"source_fraction": float(fraction) if dataset is not None else 0.0}
     _tag_checkpoint(result.checkpoint, "continued", source_checkpoint, **extra)
     return result.checkpoint

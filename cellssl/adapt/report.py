@@ -23,7 +23,6 @@ source+target features, coloured by domain and by class).
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import warnings
@@ -33,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
+from cellssl.data.datasets import split_indices
+from cellssl.data.stain import normalize_folder
 from cellssl.errors import DataError
+from cellssl.eval.features import FeatureExtractor, FeatureOptions, subsample_per_class
+from cellssl.eval.fewshot import run_fewshot
+from cellssl.eval.linear import linear_probe
+from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.report import tsne_2d, write_json
+from cellssl.plots import pyplot
 
 __all__ = ["transfer_report", "domain_gap", "domain_classifier_accuracy", "mmd2_rbf", "ROW_LABELS"]
 
@@ -47,11 +54,6 @@ ROW_LABELS = {
 
 
 # ---- domain gap -------------------------------------------------------------------------------
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _balanced(xs: np.ndarray, xt: np.ndarray, max_per_domain: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     n = min(len(xs), len(xt), max_per_domain)
@@ -63,12 +65,12 @@ def domain_classifier_accuracy(xs: np.ndarray, xt: np.ndarray, seed: int = 0, fo
     """Cross-validated accuracy of logistic regression telling source (``xs``) from target
     (``xt``) features: equal numbers of each (so chance = 0.5), L2-normalised and standardised,
     ``folds``-fold stratified CV. 1.0 = the domains are linearly separable."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # sklearn: heavy, imported when used
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    a, b = _balanced(_l2(xs), _l2(xt), max_per_domain, seed)
+    a, b = _balanced(l2_normalize(xs, dtype=np.float64), l2_normalize(xt, dtype=np.float64), max_per_domain, seed)
     if len(a) < 4:
         return float("nan")
     x = np.concatenate([a, b])
@@ -84,7 +86,7 @@ def domain_classifier_accuracy(xs: np.ndarray, xt: np.ndarray, seed: int = 0, fo
 def mmd2_rbf(xs: np.ndarray, xt: np.ndarray, seed: int = 0, max_per_domain: int = 500) -> tuple[float, float]:
     """Unbiased MMD² between L2-normalised ``xs`` and ``xt`` with ``k(x, y) = exp(-||x-y||² / (2σ²))``,
     σ = median pairwise distance of the pooled sample (median heuristic). Returns ``(mmd2, sigma)``."""
-    a, b = _balanced(_l2(xs), _l2(xt), max_per_domain, seed)
+    a, b = _balanced(l2_normalize(xs, dtype=np.float64), l2_normalize(xt, dtype=np.float64), max_per_domain, seed)
     m = len(a)
     if m < 2:
         return float("nan"), float("nan")
@@ -119,17 +121,14 @@ def _plan_fewshot(labels: np.ndarray, shots: Sequence[int], queries: int) -> tup
 
 def evaluate_features(fs: Any, shots: Sequence[int], episodes: int, queries: int, seed: int) -> dict:
     """Few-shot (SimpleShot, all ways) and linear-probe accuracy of a labelled FeatureSet."""
-    from cellssl.data.datasets import split_indices
-    from cellssl.eval.fewshot import run_fewshot
-    from cellssl.eval.linear import linear_probe
-
     out: dict[str, Any] = {"n_images": len(fs), "fewshot": {}, "linear": None}
     ok, q = _plan_fewshot(fs.labels, shots, queries)
     if len(np.unique(fs.labels)) < 2:
         raise DataError(f"{fs.root}: the transfer report needs at least 2 classes")
     if ok:
         rep = run_fewshot(fs, ways=None, shots=ok, queries=q, episodes=episodes, classifier="prototype", seed=seed)
-        out["fewshot"] = {k: {"mean": v["mean"], "ci95": v["ci95"], "ways": v["ways"]} for k, v in rep["results"].items()}
+        out["fewshot"] = {k: {"mean": v["mean"], "ci95": v["ci95"], "ways": v["ways"]}
+                          for k, v in rep["results"].items()}
         out["queries"] = q
     tr_idx, te_idx = split_indices(fs.labels, (0.5, 0.5), seed=seed, stratified=True)
     if len(tr_idx) >= 2 and len(te_idx) >= 1 and len(np.unique(fs.labels[tr_idx])) >= 2:
@@ -142,21 +141,12 @@ def evaluate_features(fs: Any, shots: Sequence[int], episodes: int, queries: int
 
 
 # ---- plots ------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     metrics = [(f"{k}-shot", lambda r, k=k: (r["fewshot"].get(str(k)) or {})) for k in shots]
     metrics.append(("linear", lambda r: r["linear"] or {}))
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) * len(rows) / 2.5), 4.2))
     width = 0.8 / len(rows)
     cmap = plt.get_cmap("tab10")
@@ -177,20 +167,9 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     return path
 
 
-def _tsne(x: np.ndarray, seed: int) -> np.ndarray:
-    """t-SNE of L2-normalised features (the shared, thread-limited :func:`cellssl.eval.report.tsne_2d`)."""
-    from cellssl.eval.report import tsne_2d
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tsne_2d(_l2(x), seed)
-
-
 def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, max_points: int) -> Path | None:
     """One row per (title, source FeatureSet, target FeatureSet): t-SNE coloured by domain | by class."""
-    from cellssl.eval.features import subsample_per_class
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.8 * len(panels)), squeeze=False)
     for row, (title, s, t) in enumerate(panels):
         names = sorted(set(s.classes) | set(t.classes))
@@ -201,8 +180,11 @@ def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, m
             plt.close(fig)
             return None
         dom = np.r_[np.zeros(len(ks)), np.ones(len(kt))]
-        cls = np.array([names.index(s.classes[c]) for c in s.labels[ks]] + [names.index(t.classes[c]) for c in t.labels[kt]])
-        xy = _tsne(x, seed)
+        cls = np.array([names.index(s.classes[c]) for c in s.labels[ks]]
+                       + [names.index(t.classes[c]) for c in t.labels[kt]])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xy = tsne_2d(l2_normalize(x, dtype=np.float64), seed)
         a, b = axes[row]
         for d, (lab, col) in enumerate([("source lab", "tab:blue"), ("target lab", "tab:orange")]):
             m = dom == d
@@ -247,7 +229,8 @@ def format_table(report: dict) -> str:
     for r in report["rows"]:
         gap = r.get("domain_gap") or {}
         cells = [r["label"], r["data"]] + [_pm(r["fewshot"].get(str(k))) for k in shots]
-        cells += [_pm(r["linear"], "accuracy"), _num(gap.get("domain_classifier_acc"), ".3f"), _num(gap.get("mmd2"), ".4f")]
+        cells += [_pm(r["linear"], "accuracy"), _num(gap.get("domain_classifier_acc"), ".3f"),
+                  _num(gap.get("mmd2"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -255,8 +238,10 @@ def format_table(report: dict) -> str:
 def _markdown(report: dict) -> str:
     s = report["settings"]
     lines = ["# Transfer report", "",
-             f"- source checkpoint: `{report['checkpoint']}`" + (f" ({report['description']})" if report.get("description") else ""),
-             f"- adapted checkpoint: `{report['adapted']}`" if report.get("adapted") else "- adapted checkpoint: none given",
+             f"- source checkpoint: `{report['checkpoint']}`"
+             + (f" ({report['description']})" if report.get("description") else ""),
+             f"- adapted checkpoint: `{report['adapted']}`" if report.get("adapted")
+             else "- adapted checkpoint: none given",
              f"- source lab: `{report['source']}` ({s['n_source']} images); target lab: `{report['target']}` "
              f"({s['n_target']} images), {len(report['classes'])} classes", "",
              "Accuracy in % (mean ± 95 % CI). Few-shot: all-way SimpleShot (CL2N nearest centroid), "
@@ -299,50 +284,20 @@ def transfer_report(
     ``source`` and ``target`` are labelled folders (one sub-folder per class, same class names);
     ``max_per_class`` caps the images per class read from each (quick runs).
     """
-    from cellssl.adapt.stain import normalize_folder
-    from cellssl.eval.features import FeatureExtractor
-    from cellssl.eval.report import jsonable
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shots = [int(k) for k in shots]
-
-    def extractor(spec: str | Path, adapt_bn: str | Path | None = None) -> FeatureExtractor:
-        return FeatureExtractor(spec, batch_size=batch_size, device=device, adapt_bn=adapt_bn, progress=progress,
-                                seed=seed)
-
-    base = extractor(checkpoint)
-    f_src = base.features(source, labelled=True, max_per_class=max_per_class)
-    f_tgt = base.features(target, labelled=True, max_per_class=max_per_class)
-    missing = sorted(set(f_tgt.classes) - set(f_src.classes))
-    if missing:
-        warnings.warn(f"target classes not in the source folder: {', '.join(missing)}", UserWarning, stacklevel=2)
-    features: dict[str, tuple[Any, Any]] = {"source": (f_src, f_tgt)}
-    f_bn = extractor(checkpoint, adapt_bn=target).features(target, labelled=True, max_per_class=max_per_class)
-    features["adabn"] = (f_src, f_bn)
-    with tempfile.TemporaryDirectory(prefix="cellssl-stain-") as tmp:
-        stained = Path(tmp) / "target"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a few blank crops falling back to identity is expected
-            normalize_folder(target, stained, reference=source, method=stain_method)
-        f_st = base.features(stained, labelled=True, max_per_class=max_per_class)
-        f_st.root = str(target)
-    features["stain"] = (f_src, f_st)
-    if adapted is not None:
-        ad = extractor(adapted)
-        features["continued"] = (ad.features(source, labelled=True, max_per_class=max_per_class),
-                                 ad.features(target, labelled=True, max_per_class=max_per_class))
-
-    rows: list[dict] = []
-    ref = evaluate_features(f_src, shots, episodes, queries, seed)
-    rows.append({"key": "source_domain", "label": ROW_LABELS["source_domain"], "data": "source", **ref,
-                 "domain_gap": None})
+    options = FeatureOptions(batch_size=batch_size, device=device, max_per_class=max_per_class, seed=seed,
+                             progress=progress)
+    base = FeatureExtractor(checkpoint, options)
+    features = variant_features(base, checkpoint, source, target, adapted, stain_method, options)
+    f_src, f_tgt = features["source"]
+    rows = [{"key": "source_domain", "label": ROW_LABELS["source_domain"], "data": "source",
+             **evaluate_features(f_src, shots, episodes, queries, seed), "domain_gap": None}]
     for key, (fs, ft) in features.items():
-        res = evaluate_features(ft, shots, episodes, queries, seed)
-        gap = domain_gap(fs.features, ft.features, seed)
-        label = ROW_LABELS[key].format(method=stain_method.capitalize())
-        rows.append({"key": key, "label": label, "data": "target", **res, "domain_gap": gap})
-
+        rows.append({"key": key, "label": ROW_LABELS[key].format(method=stain_method.capitalize()), "data": "target",
+                     **evaluate_features(ft, shots, episodes, queries, seed),
+                     "domain_gap": domain_gap(fs.features, ft.features, seed)})
     report: dict[str, Any] = {
         "kind": "transfer",
         "checkpoint": str(checkpoint),
@@ -358,36 +313,55 @@ def transfer_report(
                      "seed": int(seed), "stain_method": stain_method, "max_per_class": max_per_class,
                      "n_source": len(f_src), "n_target": len(f_tgt), "feature_dim": int(f_src.features.shape[1])},
     }
-    files: dict[str, str] = {"json": str(out / "transfer.json"), "markdown": str(out / "transfer.md")}
-    try:
-        p = _plot_bars([r for r in rows], [k for k in shots if any(str(k) in r["fewshot"] for r in rows)],
-                       out / "transfer_accuracy.png")
-        if p:
-            files["bars"] = str(p)
-        panels = [("source model", *features["source"])]
-        if "continued" in features:
-            panels.append(("continued SSL", *features["continued"]))
-        else:
-            panels.append(("AdaBN", *features["adabn"]))
-        p = _plot_embedding(panels, out / "transfer_embedding.png", seed, embedding_max)
-        if p:
-            files["embedding"] = str(p)
-    except Exception as exc:  # a plot must never fail the report
-        warnings.warn(f"transfer plots skipped: {type(exc).__name__}: {exc}", UserWarning, stacklevel=2)
-    report["files"] = files
-    # NaN/inf (e.g. a domain metric undefined on a tiny folder) become null: the file stays valid JSON.
-    (out / "transfer.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False, default=_json_default)
-                                       + "\n")
+    report["files"] = {"json": str(out / "transfer.json"), "markdown": str(out / "transfer.md"),
+                       **_plots(rows, shots, features, out, seed, embedding_max)}
+    write_json(report, out / "transfer.json")  # NaN (a metric undefined on a tiny folder) -> null: valid JSON
     md = out / "transfer.md"
     md.write_text(_markdown(report))
     return md
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
+def variant_features(base: FeatureExtractor, checkpoint: str | Path, source: str | Path, target: str | Path,
+                     adapted: str | Path | None, stain_method: str, options: FeatureOptions) -> dict[str, tuple]:
+    """``{row key: (source FeatureSet, target FeatureSet)}`` as each variant sees the two labs: the
+    source model as is, with AdaBN on the target, on the stain-normalised target, and the
+    ``adapted`` checkpoint (when given)."""
+    f_src = base.features(source, labelled=True)
+    f_tgt = base.features(target, labelled=True)
+    missing = sorted(set(f_tgt.classes) - set(f_src.classes))
+    if missing:
+        warnings.warn(f"target classes not in the source folder: {', '.join(missing)}", UserWarning, stacklevel=3)
+    features: dict[str, tuple] = {"source": (f_src, f_tgt)}
+    features["adabn"] = (f_src, FeatureExtractor(checkpoint, options, adapt_bn=target).features(target, labelled=True))
+    with tempfile.TemporaryDirectory(prefix="cellssl-stain-") as tmp:
+        stained = Path(tmp) / "target"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a few blank crops falling back to identity is expected
+            normalize_folder(target, stained, reference=source, method=stain_method)
+        f_st = base.features(stained, labelled=True)
+        f_st.root = str(target)
+    features["stain"] = (f_src, f_st)
+    if adapted is not None:
+        ad = FeatureExtractor(adapted, options)
+        features["continued"] = (ad.features(source, labelled=True), ad.features(target, labelled=True))
+    return features
+
+
+def _plots(rows: list[dict], shots: list[int], features: dict[str, tuple], out: Path, seed: int,
+           embedding_max: int) -> dict[str, str]:
+    """The accuracy bars and the t-SNE panels (source model, and continued SSL or AdaBN); a plot
+    never fails the report (a warning instead). Returns ``{"bars": path, "embedding": path}`` as made."""
+    files: dict[str, str] = {}
+    try:
+        p = _plot_bars(rows, [k for k in shots if any(str(k) in r["fewshot"] for r in rows)],
+                       out / "transfer_accuracy.png")
+        if p:
+            files["bars"] = str(p)
+        second = ("continued SSL", *features["continued"]) if "continued" in features else ("AdaBN", *features["adabn"])
+        p = _plot_embedding([("source model", *features["source"]), second], out / "transfer_embedding.png", seed,
+                            embedding_max)
+        if p:
+            files["embedding"] = str(p)
+    except Exception as exc:  # a plot must never fail the report
+        warnings.warn(f"transfer plots skipped: {type(exc).__name__}: {exc}", UserWarning, stacklevel=3)
+    return files

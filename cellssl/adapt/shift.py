@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cellssl.errors import ConfigError, DataError
+from cellssl.data.io import ImageReadError, folder_to_folder_images, output_folder, read_raw_image
+from cellssl.errors import ConfigError, DataError, did_you_mean
 
 __all__ = ["ShiftPreset", "PRESETS", "register_preset", "apply_shift", "shift_folder"]
 
@@ -73,8 +74,6 @@ def _preset(preset: str | ShiftPreset) -> ShiftPreset:
     if isinstance(preset, ShiftPreset):
         return preset
     if preset not in PRESETS:
-        from cellssl.errors import did_you_mean
-
         raise ConfigError(f"unknown shift preset '{preset}'{did_you_mean(str(preset), PRESETS)}; "
                           f"available: {', '.join(sorted(PRESETS))}")
     return PRESETS[preset]
@@ -82,7 +81,7 @@ def _preset(preset: str | ShiftPreset) -> ShiftPreset:
 
 def _stain(rgb: np.ndarray, p: ShiftPreset, rng: np.random.Generator) -> np.ndarray:
     """float RGB [0,1] -> stain-changed float RGB [0,1] (HED space)."""
-    from skimage.color import hed2rgb, rgb2hed
+    from skimage.color import hed2rgb, rgb2hed  # skimage: heavy, imported when used
 
     jh, je = (1.0 + p.stain_jitter * rng.standard_normal(2)) if p.stain_jitter else (1.0, 1.0)
     hed = rgb2hed(rgb)
@@ -109,7 +108,7 @@ def apply_shift(img: np.ndarray, preset: str | ShiftPreset = "scanner_b",
     if c == 3 and (p.h_scale != 1 or p.e_scale != 1 or p.e_offset or p.d_scale != 1 or p.stain_jitter):
         x = _stain(x, p, rng)
     if p.blur_sigma > 0:
-        from scipy.ndimage import gaussian_filter
+        from scipy.ndimage import gaussian_filter  # scipy: imported when used
 
         x = gaussian_filter(x, sigma=(p.blur_sigma, p.blur_sigma, 0), mode="reflect")
     if p.resize and p.resize != 1.0:
@@ -148,8 +147,6 @@ def shift_folder(src: str | Path, out: str | Path, preset: str = "scanner_b", se
 
     Bright-field 8-bit images (RGB or grey); other dtypes (16-bit TIFF) are refused.
     """
-    from cellssl.data.io import ImageReadError, folder_to_folder_images, output_folder, read_raw_image
-
     p = _preset(preset)
     src, out, files = folder_to_folder_images(src, out)
     n = 0

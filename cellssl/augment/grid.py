@@ -9,22 +9,9 @@ import numpy as np
 from cellssl.augment.views import MultiViewTransform, denormalize
 from cellssl.config import DataConfig
 from cellssl.errors import ConfigError
+from cellssl.plots import pyplot, tile, to_display
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
-
-# colours for a per-channel composite when there are 2 channels (green, magenta)
-_TWO_CHANNEL = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=np.float32)
-
-
-def to_display(img: np.ndarray) -> np.ndarray:
-    """(H, W, C) float in [0, 1] -> something ``imshow`` shows: (H, W) grey for C=1, RGB for C=3,
-    a green/magenta composite for C=2, and the first three channels as RGB for C>3."""
-    c = img.shape[2]
-    if c == 1:
-        return img[:, :, 0]
-    if c == 2:
-        return np.clip(img @ _TWO_CHANNEL, 0, 1)
-    return np.clip(img[:, :, :3], 0, 1)
 
 
 def grid_path(out_path: str | Path) -> Path:
@@ -40,13 +27,6 @@ def grid_path(out_path: str | Path) -> Path:
     return out
 
 
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    out = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return out[:, :, None] if out.ndim == 2 else out
-
-
 def save_view_grid(
     dataset,
     transform: MultiViewTransform,
@@ -58,11 +38,7 @@ def save_view_grid(
     """Write an image (PNG unless ``out_path`` says otherwise, see :func:`grid_path`) with ``n``
     rows: each row an image of ``dataset`` (an ImageDataset; its raw (H, W, C) arrays, not its own
     transform) followed by its M augmented views. Returns the path written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = grid_path(out_path)
     if n < 1:
         raise ConfigError(f"the view grid needs at least 1 image (row), got n={n}")
@@ -74,10 +50,11 @@ def save_view_grid(
     for row, i in enumerate(idx):
         img, label = dataset.load(int(i))
         views = denormalize(transform(img)["views"], data_cfg)
-        tiles = [_resize(img, transform.size)] + list(views)
-        for col, tile in enumerate(tiles):
+        tiles = [tile(img, transform.size)] + list(views)
+        for col, shown in enumerate(tiles):
             ax = axes[row, col]
-            ax.imshow(to_display(tile), cmap="gray" if tile.shape[2] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(to_display(shown), cmap="gray" if shown.shape[2] == 1 else None, vmin=0, vmax=1,
+                      interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:

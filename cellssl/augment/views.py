@@ -26,34 +26,11 @@ import torch
 from cellssl.config import DataConfig, ViewsConfig
 from cellssl.errors import DataError
 
-# --- HED colour deconvolution (same matrices and log scaling as skimage.color) ---------------
+# --- HED colour deconvolution (the matrices of skimage.color) --------------------------------
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-_LOG_ADJUST = -np.log(1e-6)  # skimage divides optical density by this constant
 _HED_F32 = HED_FROM_RGB.astype(np.float32)
 _RGB_F32 = RGB_FROM_HED.astype(np.float32)
-
-
-def rgb_to_od_stains(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB in [0, 1] -> (H, W, 3) H, E, D stain optical densities (unclipped, natural log)."""
-    od = -np.log(np.maximum(rgb, 1e-6, dtype=np.float32))
-    return od @ _HED_F32
-
-
-def od_stains_to_rgb(stains: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb_to_od_stains`: (H, W, 3) stain ODs -> RGB (H, W, 3) clipped to [0, 1]."""
-    rgb = np.exp(-(stains @ _RGB_F32))
-    return np.clip(rgb, 0.0, 1.0, out=rgb)
-
-
-def rgb2hed(rgb: np.ndarray) -> np.ndarray:
-    """Vectorised float32 equivalent of ``skimage.color.rgb2hed`` on (H, W, 3) in [0, 1]."""
-    return np.maximum(rgb_to_od_stains(rgb) / np.float32(_LOG_ADJUST), 0.0)
-
-
-def hed2rgb(hed: np.ndarray) -> np.ndarray:
-    """Vectorised float32 equivalent of ``skimage.color.hed2rgb`` on (H, W, 3)."""
-    return od_stains_to_rgb(hed.astype(np.float32) * np.float32(_LOG_ADJUST))
 
 
 class HEDJitter(A.ImageOnlyTransform):
@@ -127,7 +104,8 @@ class AdditiveGaussianNoise(A.ImageOnlyTransform):
         self.std = float(std)
 
     def get_params(self) -> dict[str, Any]:
-        return {"offset": int(self.random_generator.integers(2**20)), "sign": float(self.random_generator.choice((-1.0, 1.0)))}
+        rng = self.random_generator
+        return {"offset": int(rng.integers(2**20)), "sign": float(rng.choice((-1.0, 1.0)))}
 
     def apply(self, img: np.ndarray, offset: int, sign: float, **_: Any) -> np.ndarray:
         n = img.size
@@ -142,25 +120,6 @@ class AdditiveGaussianNoise(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("std",)
-
-
-class RandomRotation(A.ImageOnlyTransform):
-    """Rotation by a uniform angle in [-180, 180) degrees about the centre, reflected borders
-    (cv2.warpAffine, bilinear). Works for any channel count. Input/output (H, W, C)."""
-
-    def __init__(self, p: float = 1.0):
-        super().__init__(p=p)
-
-    def get_params(self) -> dict[str, Any]:
-        return {"angle": float(self.random_generator.uniform(-180.0, 180.0))}
-
-    def apply(self, img: np.ndarray, angle: float, **_: Any) -> np.ndarray:
-        h, w = img.shape[:2]
-        mat = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
-        return _warp(img, mat, (w, h), cv2.INTER_LINEAR)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ()
 
 
 def _warp(img: np.ndarray, mat: np.ndarray, size: tuple[int, int], flags: int) -> np.ndarray:
@@ -208,7 +167,8 @@ class RandomResizedCropRotateFlip(A.ImageOnlyTransform):
         fy = -1.0 if self.flip and not self.rotate and rng.random() < 0.5 else 1.0  # rotation covers the other flip
         return {"cx": cx, "cy": cy, "cw": cw, "ch": ch, "angle": angle, "fx": fx, "fy": fy}
 
-    def apply(self, img: np.ndarray, cx: float, cy: float, cw: float, ch: float, angle: float, fx: float, fy: float, **_: Any) -> np.ndarray:
+    def apply(self, img: np.ndarray, cx: float, cy: float, cw: float, ch: float, angle: float, fx: float, fy: float,
+              **_: Any) -> np.ndarray:
         s = self.size
         c, si = np.cos(angle), np.sin(angle)
         lin = np.array([[c, -si], [si, c]]) @ np.diag([cw / s * fx, ch / s * fy])  # output offset -> source offset
@@ -230,7 +190,8 @@ class RGBColorJitter(A.ImageOnlyTransform):
     _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
     _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
 
-    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.15, hue: float = 0.03, p: float = 0.8):
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.15, hue: float = 0.03,
+                 p: float = 0.8):
         super().__init__(p=p)
         self.brightness, self.contrast, self.saturation, self.hue = map(float, (brightness, contrast, saturation, hue))
 
@@ -267,7 +228,8 @@ class PoissonNoise(A.ImageOnlyTransform):
 
     def get_params(self) -> dict[str, Any]:
         lo, hi = np.log(self.peak_range)
-        return {"peak": float(np.exp(self.random_generator.uniform(lo, hi))), "seed": int(self.random_generator.integers(2**31))}
+        return {"peak": float(np.exp(self.random_generator.uniform(lo, hi))),
+                "seed": int(self.random_generator.integers(2**31))}
 
     def apply(self, img: np.ndarray, peak: float, seed: int, **_: Any) -> np.ndarray:
         counts = np.random.default_rng(seed).poisson(np.clip(img, 0, 1) * peak)
@@ -288,7 +250,8 @@ def channel_stats(data: DataConfig, channels: int) -> tuple[np.ndarray, np.ndarr
         if v.size == 1:
             return np.full(channels, float(v[0]), np.float32)
         if v.size != channels:
-            raise DataError(f"data.{name} has {v.size} values but the images have {channels} channel(s): give one value per channel")
+            raise DataError(f"data.{name} has {v.size} values but the images have {channels} channel(s): "
+                            "give one value per channel")
         return v
 
     mean, std = expand(data.mean, 0.5, "mean"), expand(data.std, 0.25, "std")
@@ -324,7 +287,8 @@ def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: in
         if views.hed_jitter > 0:
             t.append(HEDJitter(views.hed_jitter, p=1.0))
         if views.color_jitter_prob > 0:
-            t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue, p=views.color_jitter_prob))
+            t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue,
+                                    p=views.color_jitter_prob))
     elif views.channel_intensity > 0 or tuple(views.gamma) != (1.0, 1.0):
         t.append(ChannelIntensityJitter(views.channel_intensity, views.gamma, p=1.0))
     if views.blur_prob > 0:
@@ -352,7 +316,8 @@ class MultiViewTransform:
         self.mean, self.std = channel_stats(data, self.channels)
         self.global_t = _view_pipeline(views, data, self.channels, self.size, views.crop_scale)
         self.local_t = (
-            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale) if self.n_local else None
+            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale)
+            if self.n_local else None
         )
         self.seed = seed
         self._seed_key: tuple[int, int | None] | None = None
@@ -391,19 +356,26 @@ class MultiViewTransform:
         out = (self.local_t if local else self.global_t)(image=img)["image"]
         return out[:, :, None] if out.ndim == 2 else out
 
+    def one_view(self, img: np.ndarray) -> torch.Tensor:
+        """One augmented, normalised global view ``(C, S, S)`` (what fine-tuning trains on)."""
+        self._maybe_reseed_worker()
+        return to_tensor(self.view(self._check(img)), self.mean, self.std)
+
     def __call__(self, img: np.ndarray) -> dict[str, torch.Tensor]:
         self._maybe_reseed_worker()
         img = self._check(img)
         out = {"views": torch.stack([to_tensor(self.view(img), self.mean, self.std) for _ in range(self.n_views)])}
         if self.n_local:
-            out["local"] = torch.stack([to_tensor(self.view(img, True), self.mean, self.std) for _ in range(self.n_local)])
+            out["local"] = torch.stack([to_tensor(self.view(img, True), self.mean, self.std)
+                                        for _ in range(self.n_local)])
         return out
 
     def __repr__(self) -> str:
         return f"MultiViewTransform(M={self.n_views}, L={self.n_local}, C={self.channels}, S={self.size})"
 
 
-def build_view_transform(views: ViewsConfig, data: DataConfig, channels: int, seed: int | None = None) -> MultiViewTransform:
+def build_view_transform(views: ViewsConfig, data: DataConfig, channels: int,
+                         seed: int | None = None) -> MultiViewTransform:
     """The multi-view transform of a recipe: float32 (H, W, C) -> {"views": (M, C, S, S)[, "local": (L, C, s, s)]}."""
     return MultiViewTransform(views, data, channels, seed=seed)
 

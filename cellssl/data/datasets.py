@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cellssl.config import DataConfig
+from cellssl.data import stain
 from cellssl.data.io import (
     IMAGE_SUFFIXES,
     ImageReadError,
@@ -206,16 +207,45 @@ class MultiViewDataset(Dataset):
         return item
 
 
+class TransformedDataset(Dataset):
+    """``(transform(image), label)`` for the rows ``indices`` of an ImageDataset read without transform.
+
+    ``base`` must offer ``load(i) -> (float32 (H, W, C), label)`` (``ImageDataset``) or
+    ``__getitem__`` returning ``(array, label)``.
+    """
+
+    def __init__(self, base: Any, transform: Callable[[np.ndarray], torch.Tensor], indices: Sequence[int] | None = None):
+        self.base = base
+        self.transform = transform
+        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        img, label = self.base.load(j) if hasattr(self.base, "load") else self.base[j]
+        return self.transform(img), int(label)
+
+
+def batch_images(batch: Any) -> torch.Tensor:
+    """The image tensor of a DataLoader batch of these datasets: ``(x, y)`` (:class:`TransformedDataset`),
+    ``{"views": x}`` (:class:`MultiViewDataset`, first view), ``{"image": x}``, or ``x`` itself."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "views"):
+            if key in batch:
+                x = batch[key]
+                return x[:, 0] if key == "views" and x.ndim == 5 else x
+    return batch
+
+
 # --- layouts -------------------------------------------------------------------------------
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    """Image files in ``folder`` (sorted; hidden files/folders skipped): :func:`~cellssl.data.io.list_images`."""
-    return list_images(folder, recursive)
-
-
 def _class_folders(root: Path) -> list[Path]:
     """Immediate sub-folders of ``root`` that contain images (directly or below)."""
     subs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
-    return [p for p in subs if _image_files(p, recursive=True)]
+    return [p for p in subs if list_images(p, recursive=True)]
 
 
 def _no_images(root: Path) -> DataError:
@@ -227,15 +257,15 @@ def _no_images(root: Path) -> DataError:
 def _folder_samples(root: Path, labelled: bool | None) -> tuple[list[tuple[Path, int]], list[str]]:
     """Samples of a folder: one sub-folder per class -> labelled, otherwise images anywhere below."""
     classes = _class_folders(root) if labelled is not False else []
-    top_level = _image_files(root, recursive=False)
+    top_level = list_images(root, recursive=False)
     if labelled is None:
         labelled = bool(classes) and not top_level
     if labelled:
         if not classes:
             raise DataError(f"{root} has no class sub-folders with images: put each class in its own sub-folder, or use unlabelled data")
-        samples = [(p, k) for k, d in enumerate(classes) for p in _image_files(d, recursive=True)]
+        samples = [(p, k) for k, d in enumerate(classes) for p in list_images(d, recursive=True)]
         return samples, [d.name for d in classes]
-    samples = [(p, -1) for p in _image_files(root, recursive=True)]
+    samples = [(p, -1) for p in list_images(root, recursive=True)]
     if not samples:
         raise _no_images(root)
     return samples, []
@@ -304,24 +334,17 @@ def _npz_dataset(spec: str, cfg: DataConfig, labelled: bool | None, transform: A
 
 def default_synthetic_path(cfg: DataConfig) -> Path:
     """Make sure the built-in synthetic set for ``cfg`` exists; return its folder."""
-    from cellssl.data.synth import default_synth_dir, ensure_synthetic
+    from cellssl.data.synth import default_synth_dir, ensure_synthetic  # start-up time: scipy, only without data
 
     size = max(64, cfg.image_size)
     return ensure_synthetic(default_synth_dir(cfg.synth_n, cfg.synth_seed, size), n=cfg.synth_n, seed=cfg.synth_seed, image_size=size)
 
 
 def _stain_normalizer(cfg: DataConfig) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The stain normaliser of ``cfg`` (lazy import of :mod:`cellssl.adapt.stain`), or None."""
+    """The stain normaliser of ``cfg`` (:func:`cellssl.data.stain.build_stain_normalizer`), or None."""
     if cfg.stain_normalize in (None, "none"):
         return None
-    try:
-        from cellssl.adapt.stain import build_stain_normalizer
-    except ImportError as exc:
-        raise DataError(
-            f"data.stain_normalize={cfg.stain_normalize} needs cellssl.adapt.stain, which cannot be imported ({exc}); "
-            "set data.stain_normalize=none"
-        ) from None
-    return build_stain_normalizer(cfg.stain_normalize, cfg.stain_reference)
+    return stain.build_stain_normalizer(cfg.stain_normalize, cfg.stain_reference)
 
 
 def _dataset_range(ds: ImageDataset, cfg: DataConfig, n: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from cellssl.errors import DataError
+from cellssl.errors import ConfigError, DataError
 
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -59,6 +59,14 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
                   and not any(is_hidden_name(part) for part in p.relative_to(folder).parts))
 
 
+def relative_path(path: str | Path, root: str | Path) -> str:
+    """``path`` relative to ``root`` as a string, or ``path`` itself when it is not below ``root``."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Path, list[Path]]:
     """Image files below ``src`` for a command that writes a transformed copy into ``out``.
 
@@ -66,8 +74,6 @@ def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Pat
     ``out``; one-line errors for a missing ``src``, ``out == src``, an ``out`` that already holds
     files, or no images. Returns ``(src, out, sorted files)``.
     """
-    from cellssl.errors import ConfigError
-
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.is_dir():
         raise DataError(f"{src} is not a folder of images")

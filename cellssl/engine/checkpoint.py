@@ -10,6 +10,7 @@ A training checkpoint is a dict of tensors and plain Python values (loadable wit
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -18,9 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
-from cellssl.errors import CheckpointError, ConfigError
+from cellssl.config import ModelConfig, Recipe, migrate_checkpoint_config, recipe_from_dict, recipe_to_dict
+from cellssl.errors import CheckpointError, ConfigError, DataError
+from cellssl.models import build_backbone, ema_update
+from cellssl.models.backbone import PixelFeatures
 
 FORMAT = "cellssl-1"
 
@@ -124,8 +129,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "it cannot be used; take an earlier checkpoint or retrain (e.g. with a lower optim.lr)"
         )
     if isinstance(ckpt.get("config"), dict):
-        from cellssl.config import migrate_checkpoint_config
-
         ckpt["config"] = migrate_checkpoint_config(ckpt["config"])
     return ckpt
 
@@ -140,7 +143,8 @@ def load_state_checked(module: nn.Module, state: dict, what: str, path: str | Pa
         detail = []
         if shapes:
             k = shapes[0]
-            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            detail.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs "
+                          f"{tuple(own[k].shape)})")
         if missing:
             detail.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:
@@ -149,13 +153,73 @@ def load_state_checked(module: nn.Module, state: dict, what: str, path: str | Pa
     module.load_state_dict(state)
 
 
-def describe(ckpt: dict) -> str:
-    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` for messages."""
-    cfg = ckpt.get("config", {})
-    return (
-        f"{ckpt.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
-        f"({ckpt.get('in_chans', '?')} ch, {cfg.get('data', {}).get('image_size', '?')} px), step {ckpt.get('step', '?')}"
-    )
+def init_weights_from(method: nn.Module, path: str | Path, in_chans: int, backbone: str) -> None:
+    """Start ``method`` from another checkpoint's weights (``fit(init_from=...)``, continued training
+    on a new lab): the backbone, and every head tensor whose shape matches (all of them when the
+    method is the same); the EMA target starts at the loaded online weights. DataError for another
+    channel count, ConfigError when no backbone tensor matches ``backbone``."""
+    src = load_checkpoint(path)
+    if int(src.get("in_chans", in_chans)) != in_chans:
+        raise DataError(f"checkpoint {path} expects {src['in_chans']}-channel images, the data has {in_chans}")
+    own = method.state_dict()
+    usable = {k: v for k, v in src["model"].items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("backbone.") for k in usable):
+        raise ConfigError(f"checkpoint {path} has no backbone matching {backbone}")
+    method.load_state_dict(usable, strict=False)
+    if method.uses_target:
+        ema_update(method.target_backbone, method.backbone, 0.0)
+        ema_update(method.target_projector, method.projector, 0.0)
+
+
+def training_checkpoint(recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, *, step: int,
+                        steps_per_epoch: int, total_steps: int, schedule_fixed: bool, in_chans: int) -> dict:
+    """The checkpoint of a training run at ``step`` (module docstring): weights, optimiser, scaler,
+    method state, RNG states, the resolved recipe and the schedule (``total_steps``, whether a
+    time budget has fixed it), so that ``--resume`` continues exactly."""
+    return {
+        "format": FORMAT,
+        "step": step,
+        "epoch": step // max(1, steps_per_epoch),
+        "total_steps": total_steps,
+        "schedule_fixed": schedule_fixed,
+        "method": recipe.method.name,
+        "in_chans": in_chans,
+        "config": recipe_to_dict(recipe),
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "extra": method.extra_state(),
+        "momentum": float(method.momentum),
+        "rng": rng_state(),
+    }
+
+
+def restore_training(path: Path, recipe: Recipe, method: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: Any) -> dict:
+    """Load a :func:`training_checkpoint` into ``method``, ``optimizer``, ``scaler`` and the RNGs
+    (``--resume``); returns it. ConfigError when there is none or it was trained with another method."""
+    if not path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("method") != recipe.method.name:
+        raise ConfigError(f"--resume: {path} was trained with method '{ckpt.get('method')}', the recipe says "
+                          f"'{recipe.method.name}'")
+    load_state_checked(method, ckpt["model"], f"{recipe.method.name} model", path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    method.load_extra_state(ckpt.get("extra", {}))
+    set_rng_state(ckpt.get("rng", {}))
+    method.momentum = ckpt.get("momentum", method.momentum)
+    return ckpt
+
+
+def describe(info: dict) -> str:
+    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` of a checkpoint or of :func:`load_backbone`'s info."""
+    cfg = info.get("config") or {}
+    size = info.get("image_size") or cfg.get("data", {}).get("image_size", "?")
+    return (f"{info.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
+            f"({info.get('in_chans', '?')} ch, {size} px), step {info.get('step', '?')}")
 
 
 PRETRAINED_PREFIXES = ("pretrained:", "imagenet:")
@@ -168,8 +232,6 @@ def is_pretrained_spec(spec: str | Path) -> bool:
 
 def _exported_config(path: Path) -> dict | None:
     """The ``config.json`` of an exported model folder (or beside a weights file), if any."""
-    import json
-
     cfg = (path if path.is_dir() else path.parent) / "config.json"
     if not cfg.is_file():
         return None
@@ -189,8 +251,6 @@ def pretrained_recipe(spec: str | Path, image_size: int | None = None, in_chans:
     recipe, else the weights' RGB mean/std when the data has 3 channels (``in_chans``, default 3).
     Returns a :class:`~cellssl.config.Recipe` with ``model.pretrained`` set.
     """
-    from cellssl.config import Recipe, recipe_from_dict
-
     body = str(spec).split(":", 1)[1].strip()
     if not body:
         raise CheckpointError(f"{spec}: name the weights, e.g. pretrained:resnet50.a1_in1k or pretrained:model/")
@@ -217,7 +277,6 @@ def pretrained_recipe(spec: str | Path, image_size: int | None = None, in_chans:
             raise CheckpointError(f"{spec}: weights {path} do not exist")
         recipe.model.backbone, recipe.model.pretrained = arch, str(path)
     else:
-        from timm.models import get_pretrained_cfg, split_model_name_tag
 
         recipe.model.backbone, recipe.model.pretrained = split_model_name_tag(weights)[0], weights
         try:
@@ -256,16 +315,10 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
         ``(backbone, info)``; ``backbone`` maps (B, C, H, W) -> (B, F) and is in eval mode;
         ``info`` has ``config`` (recipe dict), ``in_chans``, ``image_size``, ``method``, ``step``.
     """
-    from cellssl.config import ModelConfig, recipe_from_dict, recipe_to_dict
-    from cellssl.models import build_backbone
-
     spec = str(spec)
     if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():  # an exported model folder
         spec = f"pretrained:{spec}"
     if spec.startswith("pixels:"):
-        from cellssl.config import Recipe
-        from cellssl.models.backbone import PixelFeatures
-
         side = spec.split(":", 1)[1].strip() or "16"
         if not side.isdigit():
             raise CheckpointError(f"{spec}: give the side in pixels, e.g. pixels:16")
@@ -277,8 +330,6 @@ def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int
                 "method": "raw pixels", "step": 0}
         return PixelFeatures(chans, int(side)).eval(), info
     if spec.startswith("random:"):
-        from cellssl.config import Recipe
-
         recipe = Recipe()
         recipe.model.backbone = spec.split(":", 1)[1]
         recipe.data.image_size = image_size or recipe.data.image_size

@@ -31,8 +31,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` -> this rank's GPU; errors are one line."""
+def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` -> this rank's GPU; errors are one line.
+    A ``torch.device`` is returned as it is."""
+    if isinstance(name, torch.device):
+        return name
+    name = str(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):

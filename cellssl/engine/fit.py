@@ -1,6 +1,10 @@
-"""The training loop: one flat ``fit`` that reads top to bottom.
+"""The training loop of every method: :func:`fit`.
 
-views → online/target forward → losses → backward → optimiser → EMA update → log → checkpoint.
+:class:`Training` builds a run (data, model, optimiser, resume) and holds its state; its
+:meth:`~Training.loop` reads top to bottom in one screen:
+
+    batch → forward (online, target, losses) → non-finite guard → backward, optimiser, EMA
+          → log (metrics, collapse and kNN monitors) → schedule for --max-minutes → checkpoint
 """
 
 from __future__ import annotations
@@ -10,34 +14,41 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from cellssl.config import Recipe, recipe_to_dict, save_recipe, validate
+from cellssl.config import Recipe, save_recipe, validate
 from cellssl.engine.checkpoint import (
-    FORMAT,
     check_new_run,
-    load_checkpoint,
-    load_state_checked,
+    init_weights_from,
     nonfinite_tensors,
-    rng_state,
+    restore_training,
     save_atomic,
-    set_rng_state,
+    training_checkpoint,
 )
 from cellssl.engine.distributed import (
-    DistInfo,
     ResumableSampler,
     broadcast_buffers,
     broadcast_int,
     cleanup_distributed,
     init_distributed,
 )
+from cellssl.engine.guard import NonFiniteGuard
+from cellssl.engine.loader import build_training_data, step_batches, training_loader
 from cellssl.engine.logger import MetricsLogger
-from cellssl.errors import CellSSLError, ConfigError, DataError, TrainingError
+from cellssl.engine.optim import build_optimizer, set_lr
+from cellssl.errors import ConfigError, DataError, TrainingError
+from cellssl.methods import build_method
+from cellssl.methods.base import effective_rank
+from cellssl.models import build_backbone
+
+DEVICE_CHECKED = ("cuda",)  # device types whose non-finite check stays on the device (engine.guard)
 
 
 @dataclass
@@ -54,64 +65,346 @@ class FitResult:
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss)
 
 
-class EpochSeededViews(torch.utils.data.Dataset):
-    """Wraps a multi-view dataset so each item's augmentation depends only on (seed, epoch, index).
+def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = None, dataset=None,
+        log_prefix: str = "pretrain", overwrite: bool = False,
+        knn_monitor: Callable[[nn.Module], float] | None = None) -> FitResult:
+    """Pretrain ``recipe.method`` on ``recipe.data``; returns where the run and checkpoint are.
 
-    The sampler yields ``epoch·n + i``; before producing image i's views the Python, NumPy, torch
-    and albumentations generators are seeded from (seed, epoch, i). Data order *and* views are then
-    identical in a resumed run and in worker processes, whatever the worker count.
+    A fresh run (no ``resume``) refuses a ``train.out`` that already holds a checkpoint unless
+    ``overwrite``. A checkpoint is never written with non-finite weights; a run whose losses stay
+    non-finite (``train.max_nonfinite`` in a row, or every step) stops with a TrainingError that
+    names the non-finite term, the recipe values behind it and the last good checkpoint.
+
+    Args:
+        recipe: the resolved recipe (``train.out`` is the run folder).
+        resume: continue from ``OUT/checkpoints/last.pt`` with the same step, data order, RNG.
+        overwrite: start a fresh run even where ``OUT/checkpoints/last.pt`` exists (it is replaced).
+        init_from: start the model (online and target) from another checkpoint's weights
+            (domain adaptation); the optimiser and schedule start fresh.
+        dataset: use this image dataset instead of building one from ``recipe.data``.
+        knn_monitor: backbone -> kNN accuracy, logged as ``knn_acc`` every ``eval.knn_every`` steps
+            (:func:`cellssl.eval.knn.knn_monitor` builds it from the recipe); required when
+            ``eval.knn_every`` is set.
     """
-
-    def __init__(self, views_dataset: torch.utils.data.Dataset, n: int, seed: int) -> None:
-        self.ds, self.n, self.seed = views_dataset, n, seed
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key: int):
-        epoch, i = divmod(int(key), self.n)
-        s = (self.seed * 1_000_003 + epoch * 7_368_787 + i) % (2**31 - 1)
-        random.seed(s)
-        np.random.seed(s)
-        torch.manual_seed(s)
-        reseed_transforms(getattr(self.ds, "transform", None), s)
-        return self.ds[i]
-
-
-def reseed_transforms(obj, seed: int, _depth: int = 0) -> None:
-    """Seed every albumentations ``Compose`` reachable from ``obj`` (attributes, lists)."""
-    if obj is None or _depth > 3:
-        return
-    if hasattr(obj, "set_seed"):
-        obj.set_seed(seed)
-        return
-    if hasattr(obj, "set_random_seed"):
-        obj.set_random_seed(seed)
-        return
-    children = obj if isinstance(obj, (list, tuple)) else list(getattr(obj, "__dict__", {}).values())
-    for j, child in enumerate(children):
-        if isinstance(child, (list, tuple)) or hasattr(child, "__dict__"):
-            reseed_transforms(child, seed + 101 * (j + 1), _depth + 1)
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
+    run = Training(recipe, resume=resume, init_from=init_from, dataset=dataset, log_prefix=log_prefix,
+                   overwrite=overwrite, knn_monitor=knn_monitor)
     try:
-        import cv2
+        stopped = run.loop()
+        run.finish()
+    finally:
+        run.close()
+    if run.dist.distributed:
+        cleanup_distributed()
+    return FitResult(run.out, run.ckpt_path, run.step, run.total_steps, stopped, run.last, run.method,
+                     run.guard.skipped)
 
-        cv2.setNumThreads(1)
-    except Exception:
-        pass
+
+class Training:
+    """One training run: everything :func:`fit` builds, and the loop over its steps."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool, init_from: str | Path | None, dataset, log_prefix: str,
+                 overwrite: bool, knn_monitor: Callable[[nn.Module], float] | None):
+        validate(recipe)
+        self.recipe = recipe
+        tc = self.tc = recipe.train
+        if recipe.eval.knn_every and knn_monitor is None:
+            raise ConfigError(f"eval.knn_every={recipe.eval.knn_every}: pass the monitor to fit "
+                              "(knn_monitor=cellssl.eval.knn.knn_monitor(recipe), as the CLI does) or set "
+                              "eval.knn_every=0")
+        self.dist = init_distributed(tc.device)
+        self.device = self.dist.device
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.out = Path(tc.out) if tc.out else default_out_dir(recipe)
+        tc.out = str(self.out)
+        if not resume:
+            check_new_run(self.out, overwrite=overwrite)
+        if self.dist.is_main:
+            _check_writable(self.out)
+        self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        self._build_data(dataset)
+        self._build_model(load_pretrained=not resume and init_from is None, init_from=init_from)
+        self.autocast, precision = autocast_for(self.device, tc.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        on_device = self.device.type in DEVICE_CHECKED and not self.scaler.is_enabled()
+        self.optimizer = build_optimizer(self.method, recipe.optim, self.global_batch, fused=on_device)
+        self.step = self.start_step = 0
+        self.schedule_fixed = not tc.max_minutes  # a wall-clock budget sizes the schedule after a few steps
+        if resume:
+            self._resume()
+        if self.dist.is_main:
+            save_recipe(recipe, self.out / "config.yaml")
+            if overwrite and not resume:
+                self.ckpt_path.unlink(missing_ok=True)  # the replaced run's checkpoint must not be resumed
+        self.logger = MetricsLogger(self.out, enabled=self.dist.is_main,
+                                    resume_step=self.start_step if resume else None)
+        self.saved_step: int | None = self.start_step if resume else None  # the last good checkpoint
+        self.guard = NonFiniteGuard(self.method, recipe, self.checkpoint_state, on_device)
+        self.progress = (tqdm(total=self.total_steps, initial=self.start_step, desc=log_prefix, unit="step",
+                              dynamic_ncols=True) if self.dist.is_main and tc.progress else None)
+        self.knn = knn_monitor if recipe.eval.knn_every and self.dist.is_main else None
+        self.last: dict = {}
+        self.epoch, self.data_time, self.collapse_warned = -1, 0.0, False
+        self.start_time, self.t_probe, self.probe_from = 0.0, None, self.start_step
+
+    # ---- the loop -------------------------------------------------------------------------
+    def loop(self) -> str | None:
+        """Train to the end of the schedule; returns why it stopped early (``"max_minutes"``,
+        ``"interrupted"``) or None."""
+        tc = self.tc
+        self.method.train()
+        self.start_time = time.monotonic()
+        try:
+            for views, local in self.batches():
+                t_step = time.perf_counter()
+                lr = set_lr(self.optimizer, self.step, self.total_steps, self.recipe.optim)
+                outputs = self.forward(views, local)
+                skip = self.guard.skip(self.step, outputs)  # a non-finite loss is never applied (engine.guard)
+                if skip is True:
+                    self.next_step()
+                    continue
+                self.update(outputs["loss"], found_inf=skip if isinstance(skip, Tensor) else None)
+                self.next_step()
+                if self.step % tc.log_every == 0 or self.step == self.total_steps or self.step == self.start_step + 1:
+                    self.log(outputs, lr, t_step)
+                self.fit_schedule_to_budget()
+                if self.step % tc.checkpoint_every == 0 and self.step < self.total_steps and self.applied():
+                    self.save()
+                if self.out_of_time():
+                    return "max_minutes"
+        except KeyboardInterrupt:
+            return "interrupted"
+        return None
+
+    # ---- the pieces of a step --------------------------------------------------------------
+    def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """(global views, local crops or None) on the device for every step left; ``data_time``
+        is the wait for each (the loader's order is tied to the step: engine.loader)."""
+        stream = step_batches(self.loader, self.sampler, self.step)
+        while self.step < self.total_steps:
+            t_data = time.perf_counter()
+            self.epoch, batch = next(stream)
+            views = batch["views"].to(self.device, non_blocking=True)
+            local = batch["local"].to(self.device, non_blocking=True) if "local" in batch else None
+            self.data_time = time.perf_counter() - t_data
+            yield views, local
+
+    def forward(self, views: Tensor, local: Tensor | None) -> dict[str, Tensor]:
+        """The method's losses under autocast. With ``train.compile`` the step's random inputs (MSBReg's
+        Brownian directions) are drawn outside the compiled graph and passed in."""
+        args = (views,) if local is None else (views, local)
+        extra = self.method.step_inputs(views.shape[0], self.device) if self.tc.compile else {}
+        try:
+            with self.autocast:
+                return self.model(*args, **extra)
+        except RuntimeError:  # e.g. a linear-algebra op that fails on non-finite embeddings
+            bad = nonfinite_tensors(self.method.state_dict())
+            if bad:
+                raise self.guard.broken_weights(self.step, bad) from None
+            raise
+
+    def update(self, loss: Tensor, found_inf: Tensor | None = None) -> None:
+        """Backward, gradient clipping, optimiser step (skipped on the device where ``found_inf`` is
+        1), EMA update of the target."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.recipe.optim.grad_clip:
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.recipe.optim.grad_clip)
+        if found_inf is not None:
+            opt.found_inf = found_inf
+        self.scaler.step(opt)
+        self.scaler.update()
+        self.method.after_step(self.step + 1, self.total_steps)
+
+    def next_step(self) -> None:
+        self.step += 1
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def applied(self) -> bool:
+        """Whether the last step's update was applied (reads the device's non-finite flags)."""
+        self.guard.flush()
+        return self.guard.streak == 0
+
+    def log(self, outputs: dict[str, Tensor], lr: float, t_step: float) -> None:
+        """One row of ``metrics.jsonl``: losses, lr, timing, and at monitor steps the collapse and kNN
+        monitors; the progress bar's figures."""
+        tc = self.tc
+        if self.device.type == "cuda" and self.step % tc.log_every == 0:
+            torch.cuda.synchronize(self.device)
+        step_time = time.perf_counter() - t_step
+        if not self.applied():
+            return  # a skipped step (device check): nothing to log
+        row = {"step": self.step, "epoch": self.epoch, "lr": lr, "momentum": float(self.method.momentum),
+               "step_time_s": step_time, "data_time_s": self.data_time,
+               "img_per_s": self.global_batch / max(step_time + self.data_time, 1e-9)}
+        row.update({k: float(v.detach()) for k, v in outputs.items() if k.startswith("loss")})
+        if self.step % tc.monitor_every == 0 or self.step == self.start_step + 1:
+            self.monitor_collapse(outputs["z"], row)
+        if self.knn is not None and self.step % self.recipe.eval.knn_every == 0:
+            row["knn_acc"] = self.knn(self.method.backbone)
+            self.method.train()
+        self.logger.log(row)
+        self.last = row
+        if self.progress is not None:
+            post = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['img_per_s']:.0f}"}
+            if "eff_rank" in row:
+                post["rank"] = f"{row['eff_rank']:.0f}"
+            if row.get("collapse_warning"):
+                post["warn"] = "COLLAPSE"
+            self.progress.set_postfix(post)
+
+    def monitor_collapse(self, z: Tensor, row: dict) -> None:
+        """Effective rank and per-dimension std of ``z`` into ``row``; warns once when the embeddings
+        collapse, and with ``train.stop_on_collapse`` stops (TrainingError)."""
+        tc = self.tc
+        stats = collapse_stats(z)
+        row.update(stats)
+        d = z.shape[-1]
+        collapsed = (stats["eff_rank"] < tc.collapse_rank_fraction * d
+                     or stats["emb_std"] < tc.collapse_std_fraction / math.sqrt(d))
+        row["collapse_warning"] = bool(collapsed)
+        if not (collapsed and self.step > self.start_step + 1):
+            return
+        text = (f"step {self.step}: embeddings are collapsing (effective rank {stats['eff_rank']:.1f} of {d}, "
+                f"per-dim std {stats['emb_std']:.4f})")
+        if not self.collapse_warned:
+            warnings.warn(text, stacklevel=1)
+            self.collapse_warned = True
+        if tc.stop_on_collapse:
+            self.logger.log(row)
+            raise TrainingError(text + "; stopped (train.stop_on_collapse); checkpoint " + str(self.ckpt_path))
+
+    def fit_schedule_to_budget(self) -> None:
+        """``--max-minutes``: time ``train.budget_probe_steps`` steps (after the first), then size the
+        whole schedule (warm-up, cosine LR, EMA) to the steps that fit (the same on every rank)."""
+        if self.schedule_fixed:
+            return
+        if self.t_probe is None:
+            self.t_probe, self.probe_from = time.monotonic(), self.step  # the first step (allocation) is not typical
+        elif self.step - self.probe_from >= self.tc.budget_probe_steps:
+            per_step = (time.monotonic() - self.t_probe) / (self.step - self.probe_from)
+            left = self.tc.max_minutes * 60 - (time.monotonic() - self.start_time)
+            self.total_steps = broadcast_int(budget_total_steps(self.step, self.total_steps, per_step, left))
+            self.schedule_fixed = True
+            if self.progress is not None:
+                self.progress.total = self.total_steps
+                self.progress.refresh()
+
+    def out_of_time(self) -> bool:
+        """Past ``--max-minutes`` (×1.25 once the schedule is sized to it) before the schedule's end."""
+        tc = self.tc
+        budget = tc.max_minutes * (1.25 if self.schedule_fixed else 1.0) if tc.max_minutes else 0.0
+        if not (tc.max_minutes and self.step < self.total_steps
+                and (time.monotonic() - self.start_time) / 60 >= budget):
+            return False
+        warnings.warn(f"--max-minutes {tc.max_minutes:g}: stopped at step {self.step} of {self.total_steps} (the "
+                      "steps took longer than measured); rerun with --resume to finish the schedule", stacklevel=1)
+        return True
+
+    # ---- checkpoints, end ---------------------------------------------------------------------
+    def checkpoint_state(self) -> str:
+        """The last good checkpoint, for messages."""
+        if self.saved_step is None:
+            return f"no checkpoint was written (train.checkpoint_every={self.tc.checkpoint_every})"
+        return f"last good checkpoint: {self.ckpt_path} (step {self.saved_step}), kept"
+
+    def save(self) -> None:
+        """Write the checkpoint of the current step (rank 0). Under DDP every rank first takes rank 0's
+        BatchNorm statistics (``broadcast_buffers=False`` lets them drift between ranks): the saved
+        model is rank 0's and all ranks hold the same one. Refused (TrainingError) for non-finite weights."""
+        if self.dist.distributed:
+            broadcast_buffers(self.method)
+        bad = nonfinite_tensors(self.method.state_dict())
+        if bad:
+            raise TrainingError(
+                f"step {self.step}: {len(bad)} weight tensor(s) of the model are non-finite (e.g. {bad[0]}), so no "
+                f"checkpoint is written; {self.checkpoint_state()}; likely cause: optim.lr={self.recipe.optim.lr:g} "
+                "too high (lower it or set optim.grad_clip)"
+            )
+        self.saved_step = self.step
+        if self.dist.is_main:
+            save_atomic(training_checkpoint(self.recipe, self.method, self.optimizer, self.scaler, step=self.step,
+                                            steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                                            schedule_fixed=self.schedule_fixed, in_chans=self.in_chans),
+                        self.ckpt_path)
+
+    def finish(self) -> None:
+        """The final checkpoint; a run in which no step was applied is a TrainingError, not a success."""
+        self.guard.flush()
+        if self.step > self.start_step and self.guard.updates == 0:
+            raise self.guard.no_update_error(self.step - self.start_step)
+        self.save()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.close()
+
+    # ---- building the run ---------------------------------------------------------------------
+    def _build_data(self, dataset) -> None:
+        tc, dist = self.tc, self.dist
+        self.base, views_ds = build_training_data(self.recipe, dataset)
+        n = len(self.base)
+        self.global_batch = tc.batch_size * dist.world_size
+        if self.global_batch > n:
+            raise DataError(
+                f"batch size {tc.batch_size}×{dist.world_size} is larger than the dataset ({n} images in "
+                f"{getattr(self.base, 'root', 'the data')}): use --batch-size {max(2, n // (2 * dist.world_size))} "
+                "or more data"
+            )
+        self.sampler = ResumableSampler(n, tc.batch_size, tc.seed, dist.rank, dist.world_size)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = tc.max_steps if tc.max_steps else (tc.epochs or 1) * self.steps_per_epoch
+        self.loader = training_loader(self.recipe, views_ds, self.sampler, pin_memory=self.device.type == "cuda")
+
+    def _build_model(self, load_pretrained: bool, init_from: str | Path | None) -> None:
+        recipe, device = self.recipe, self.device
+        self.in_chans = self.base.channels
+        # model.pretrained: starting weights, unless a checkpoint's weights replace them right after
+        backbone = build_backbone(recipe.model, self.in_chans, recipe.data.image_size, load_pretrained=load_pretrained)
+        method = build_method(recipe.method, recipe.model, backbone)
+        if recipe.views.local_views and not method.supports_local_views:
+            raise ConfigError(
+                f"views.local_views={recipe.views.local_views}: method '{recipe.method.name}' does not train on local "
+                f"crops (multi-crop is implemented for msbreg); set views.local_views=0"
+            )
+        if hasattr(method, "seed"):
+            method.seed(self.tc.seed + 1000 * self.dist.rank)
+        if init_from is not None:
+            init_weights_from(method, init_from, self.in_chans, recipe.model.backbone)
+        method.to(device)
+        if recipe.model.channels_last and device.type == "cuda":
+            method.use_channels_last()
+        model: nn.Module = method
+        if self.dist.distributed:
+            if recipe.model.sync_bn:
+                model = method = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.method, self.model = method, torch.compile(model) if self.tc.compile else model
+
+    def _resume(self) -> None:
+        ckpt = restore_training(self.ckpt_path, self.recipe, self.method, self.optimizer, self.scaler)
+        self.step = self.start_step = int(ckpt["step"])
+        self.schedule_fixed = bool(ckpt.get("schedule_fixed", False))
+        if self.schedule_fixed or not self.tc.max_steps:
+            self.total_steps = int(ckpt.get("total_steps", self.total_steps))
 
 
-def build_training_data(recipe: Recipe, dataset=None):
-    """(image dataset, multi-view dataset) for the recipe's data and views sections."""
-    from cellssl.augment.views import build_view_transform
-    from cellssl.data.datasets import MultiViewDataset, build_dataset
-
-    base = dataset if dataset is not None else build_dataset(recipe.data, labelled=False)
-    transform = build_view_transform(recipe.views, recipe.data, base.channels)
-    return base, MultiViewDataset(base, transform)
+def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds_left: float,
+                       margin: float = 0.97) -> int:
+    """Steps a wall-clock budget allows: ``step`` done plus what fits in ``seconds_left`` at the
+    measured ``seconds_per_step`` (× ``margin`` for checkpoints and logging), capped at ``planned``
+    (the recipe's epochs or max_steps) and at least ``step + 1``."""
+    fits = int(max(0.0, seconds_left) * margin / max(seconds_per_step, 1e-9))
+    return max(step + 1, min(planned, step + fits))
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -126,8 +419,6 @@ def autocast_for(device: torch.device, precision: str):
 
 def collapse_stats(z: torch.Tensor) -> dict[str, float]:
     """Effective rank and mean per-dimension std of L2-normalised embeddings ``(B, D)``."""
-    from cellssl.methods.msbreg import effective_rank
-
     zn = torch.nn.functional.normalize(z.float(), dim=-1)
     return {"eff_rank": float(effective_rank(zn)), "emb_std": float(zn.std(dim=0).mean())}
 
@@ -144,409 +435,3 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"output folder {out} is not writable ({exc.strerror}); choose another with --out") from None
-
-
-def _recipe_values(recipe: Recipe, fields: list[str]) -> str:
-    """``"method.sv_weight=0.1, method.sv_eps=0.0001"`` for ``fields`` of ``recipe.method``."""
-    return ", ".join(f"method.{f}={getattr(recipe.method, f)}" for f in dict.fromkeys(fields))
-
-
-def nonfinite_cause(outputs: dict, method: nn.Module, recipe: Recipe) -> tuple[str, str]:
-    """(which loss terms are non-finite, the likely cause with the recipe values behind them).
-
-    A method's ``loss_terms`` maps each logged term (``loss_sv``) to the ``method.*`` recipe
-    values that scale or shape it; with every term non-finite (or none, only the weighted total)
-    the learning rate is named as well.
-    """
-    terms_cfg: dict = getattr(method, "loss_terms", {}) or {}
-    logged = [k for k in outputs if k.startswith("loss_")]
-    bad = [k for k in logged if not torch.isfinite(outputs[k]).all()]
-    lr = f"optim.lr={recipe.optim.lr:g}"
-    if bad and len(bad) < len(logged):
-        values = _recipe_values(recipe, [f for t in bad for f in terms_cfg.get(t, ())])
-        return ", ".join(bad), f"likely cause: {values or 'the ' + bad[0] + ' term'} or the data"
-    values = _recipe_values(recipe, [f for fs in terms_cfg.values() for f in fs])
-    what = ", ".join(bad) if bad else "the weighted total (every term is finite)"
-    return what, f"likely cause: {values + ' or ' if values else ''}{lr} too high, or the data"
-
-
-def fit(recipe: Recipe, *, resume: bool = False, init_from: str | Path | None = None, dataset=None,
-        log_prefix: str = "pretrain", overwrite: bool = False) -> FitResult:
-    """Pretrain ``recipe.method`` on ``recipe.data``; returns where the run and checkpoint are.
-
-    A fresh run (no ``resume``) refuses a ``train.out`` that already holds a checkpoint unless
-    ``overwrite``. A checkpoint is never written with non-finite weights; a run whose losses stay
-    non-finite (``train.max_nonfinite`` in a row, or every step) stops with a TrainingError that
-    names the non-finite term, the recipe values behind it and the last good checkpoint.
-
-    Args:
-        recipe: the resolved recipe (``train.out`` is the run folder).
-        resume: continue from ``OUT/checkpoints/last.pt`` with the same step, data order, RNG.
-        overwrite: start a fresh run even where ``OUT/checkpoints/last.pt`` exists (it is replaced).
-        init_from: start the model (online and target) from another checkpoint's weights
-            (domain adaptation); the optimiser and schedule start fresh.
-        dataset: use this image dataset instead of building one from ``recipe.data``.
-    """
-    from cellssl.methods import build_method
-    from cellssl.models import build_backbone
-
-    validate(recipe)
-    tc = recipe.train
-    dist_info: DistInfo = init_distributed(tc.device)
-    device = dist_info.device
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    out = Path(tc.out) if tc.out else default_out_dir(recipe)
-    tc.out = str(out)
-    if not resume:
-        check_new_run(out, overwrite=overwrite)
-    if dist_info.is_main:
-        _check_writable(out)
-    ckpt_path = out / "checkpoints" / "last.pt"
-
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
-
-    # ---- data -------------------------------------------------------------------------
-    base, views_ds = build_training_data(recipe, dataset)
-    n = len(base)
-    global_batch = tc.batch_size * dist_info.world_size
-    if global_batch > n:
-        raise DataError(
-            f"batch size {tc.batch_size}×{dist_info.world_size} is larger than the dataset ({n} images in "
-            f"{getattr(base, 'root', 'the data')}): use --batch-size {max(2, n // (2 * dist_info.world_size))} or more data"
-        )
-    sampler = ResumableSampler(n, tc.batch_size, tc.seed, dist_info.rank, dist_info.world_size)
-    steps_per_epoch = sampler.batches_per_epoch
-    total_steps = tc.max_steps if tc.max_steps else (tc.epochs or 1) * steps_per_epoch
-    loader_kwargs = dict(
-        batch_size=tc.batch_size, sampler=sampler, num_workers=recipe.data.num_workers,
-        pin_memory=device.type == "cuda", drop_last=False,
-        persistent_workers=recipe.data.num_workers > 0, worker_init_fn=_worker_init,
-    )
-    if recipe.data.num_workers > 0:
-        loader_kwargs["prefetch_factor"] = 4
-    loader = torch.utils.data.DataLoader(EpochSeededViews(views_ds, n, tc.seed), **loader_kwargs)
-
-    # ---- model ------------------------------------------------------------------------
-    in_chans = base.channels
-    # model.pretrained: starting weights, unless a checkpoint's weights replace them right after
-    backbone = build_backbone(recipe.model, in_chans, recipe.data.image_size,
-                              load_pretrained=not resume and init_from is None)
-    method = build_method(recipe.method, recipe.model, backbone)
-    if recipe.views.local_views and not method.supports_local_views:
-        raise ConfigError(
-            f"views.local_views={recipe.views.local_views}: method '{recipe.method.name}' does not train on local "
-            f"crops (multi-crop is implemented for msbreg); set views.local_views=0"
-        )
-    if hasattr(method, "seed"):
-        method.seed(tc.seed + 1000 * dist_info.rank)
-    if init_from is not None:
-        src = load_checkpoint(init_from)
-        if int(src.get("in_chans", in_chans)) != in_chans:
-            raise DataError(f"checkpoint {init_from} expects {src['in_chans']}-channel images, the data has {in_chans}")
-        state = src["model"]
-        own = method.state_dict()
-        # Load what matches (backbone, and heads when the method is the same).
-        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not any(k.startswith("backbone.") for k in usable):
-            raise ConfigError(f"checkpoint {init_from} has no backbone matching {recipe.model.backbone}")
-        method.load_state_dict(usable, strict=False)
-        if method.uses_target:  # target starts at the loaded online weights
-            from cellssl.models import ema_update
-
-            ema_update(method.target_backbone, method.backbone, 0.0)
-            ema_update(method.target_projector, method.projector, 0.0)
-    method.to(device)
-    if recipe.model.channels_last and device.type == "cuda":
-        method.to(memory_format=torch.channels_last)
-    model: nn.Module = method
-    if dist_info.distributed:
-        if recipe.model.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            method = model
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
-    if tc.compile:
-        model = torch.compile(model)
-
-    from cellssl.engine.optim import build_optimizer, set_lr
-
-    optimizer = build_optimizer(method, recipe.optim, tc.batch_size * dist_info.world_size)
-    autocast, precision = autocast_for(device, tc.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # ---- resume -----------------------------------------------------------------------
-    start_step = 0
-    schedule_fixed = not tc.max_minutes  # a wall-clock budget sizes the schedule after a few steps
-    if resume:
-        if not ckpt_path.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("method") != recipe.method.name:
-            raise ConfigError(
-                f"--resume: {ckpt_path} was trained with method '{ckpt.get('method')}', the recipe says "
-                f"'{recipe.method.name}'"
-            )
-        load_state_checked(method, ckpt["model"], f"{recipe.method.name} model", ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        method.load_extra_state(ckpt.get("extra", {}))
-        set_rng_state(ckpt.get("rng", {}))
-        start_step = int(ckpt["step"])
-        schedule_fixed = bool(ckpt.get("schedule_fixed", False))
-        if schedule_fixed or not tc.max_steps:
-            total_steps = int(ckpt.get("total_steps", total_steps))
-        method.momentum = ckpt.get("momentum", method.momentum)
-
-    if dist_info.is_main:
-        save_recipe(recipe, out / "config.yaml")
-        if overwrite and not resume:
-            ckpt_path.unlink(missing_ok=True)  # the replaced run's checkpoint must not be resumed
-    logger = MetricsLogger(out, enabled=dist_info.is_main, resume_step=start_step if resume else None)
-    saved_step: int | None = start_step if resume else None  # the last good checkpoint
-
-    def checkpoint_state() -> str:
-        if saved_step is None:
-            return f"no checkpoint was written (train.checkpoint_every={tc.checkpoint_every})"
-        return f"last good checkpoint: {ckpt_path} (step {saved_step}), kept"
-
-    def broken_weights(step: int, bad: list[str]) -> TrainingError:
-        return TrainingError(
-            f"stopped at step {step + 1}: the model weights became non-finite in the update of step {step} "
-            f"(e.g. {bad[0]}); {checkpoint_state()}; likely cause: optim.lr={recipe.optim.lr:g} too high "
-            "(lower it or set optim.grad_clip)"
-        )
-
-    def save(step: int) -> None:
-        nonlocal saved_step
-        bad = nonfinite_tensors(method.state_dict())
-        if bad:
-            raise TrainingError(
-                f"step {step}: {len(bad)} weight tensor(s) of the model are non-finite (e.g. {bad[0]}), so no "
-                f"checkpoint is written; {checkpoint_state()}; likely cause: optim.lr={recipe.optim.lr:g} too high "
-                "(lower it or set optim.grad_clip)"
-            )
-        saved_step = step
-        if not dist_info.is_main:
-            return
-        save_atomic(
-            {
-                "format": FORMAT,
-                "step": step,
-                "epoch": step // max(1, steps_per_epoch),
-                "total_steps": total_steps,
-                "schedule_fixed": schedule_fixed,
-                "method": recipe.method.name,
-                "in_chans": in_chans,
-                "config": recipe_to_dict(recipe),
-                "model": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "extra": method.extra_state(),
-                "momentum": float(method.momentum),
-                "rng": rng_state(),
-            },
-            ckpt_path,
-        )
-
-    # ---- loop -------------------------------------------------------------------------
-    progress = None
-    if dist_info.is_main and tc.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=start_step, desc=log_prefix, unit="step", dynamic_ncols=True)
-    knn_eval = _make_knn_monitor(recipe, device) if recipe.eval.knn_every and dist_info.is_main else None
-
-    method.train()
-    start_time = time.monotonic()
-    step = start_step
-    stopped: str | None = None
-    nonfinite = 0
-    skipped = 0
-    updates = 0
-    last_bad: tuple[str, str] = ("", "")
-    last: dict = {}
-    collapse_warned = False
-    t_probe, probe_from = None, start_step
-    data_iter = None
-    epoch = -1
-    try:
-        t_data = time.perf_counter()
-        while step < total_steps:
-            if step // steps_per_epoch != epoch or data_iter is None:
-                epoch = step // steps_per_epoch
-                sampler.set_epoch(epoch, step % steps_per_epoch)
-                data_iter = iter(loader)
-            batch = next(data_iter)
-            views = batch["views"].to(device, non_blocking=True)
-            local = batch["local"].to(device, non_blocking=True) if "local" in batch else None
-            if recipe.model.channels_last and device.type == "cuda":
-                views = views.contiguous()
-            t_step = time.perf_counter()
-            data_time = t_step - t_data
-            lr = set_lr(optimizer, step, total_steps, recipe.optim)
-
-            try:
-                with autocast:
-                    outputs = model(views) if local is None else model(views, local)
-            except RuntimeError:  # e.g. a linear-algebra op that fails on non-finite embeddings
-                bad = nonfinite_tensors(method.state_dict())
-                if bad:
-                    raise broken_weights(step, bad) from None
-                raise
-            loss = outputs["loss"]
-            if not torch.isfinite(loss):
-                # The update is not applied; the step still counts so data order stays tied to steps.
-                nonfinite += 1
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                terms, cause = last_bad = nonfinite_cause(outputs, method, recipe)
-                warnings.warn(f"step {step + 1}: non-finite loss (terms: {terms}); update skipped", stacklevel=1)
-                bad_weights = nonfinite_tensors(method.state_dict()) if nonfinite == 1 else []
-                if bad_weights:  # skipping cannot help: the last update broke the model
-                    raise broken_weights(step, bad_weights)
-                if nonfinite >= tc.max_nonfinite:
-                    raise TrainingError(
-                        f"stopped at step {step + 1}: {nonfinite} non-finite losses in a row in {terms} (the model "
-                        f"weights are still finite); {checkpoint_state()}; {cause}"
-                    )
-                step += 1
-                if progress is not None:
-                    progress.update(1)
-                t_data = time.perf_counter()
-                continue
-            nonfinite = 0
-            updates += 1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recipe.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(method.parameters(), recipe.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            method.after_step(step + 1, total_steps)
-            step += 1
-            if device.type == "cuda" and (step % tc.log_every == 0):
-                torch.cuda.synchronize(device)
-            step_time = time.perf_counter() - t_step
-
-            if step % tc.log_every == 0 or step == total_steps or step == start_step + 1:
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": lr,
-                    "momentum": float(method.momentum),
-                    "step_time_s": step_time,
-                    "data_time_s": data_time,
-                    "img_per_s": global_batch / max(step_time + data_time, 1e-9),
-                }
-                row.update({k: float(v.detach()) for k, v in outputs.items() if k.startswith("loss")})
-                if step % tc.monitor_every == 0 or step == start_step + 1:
-                    stats = collapse_stats(outputs["z"])
-                    row.update(stats)
-                    d = outputs["z"].shape[-1]
-                    collapsed = (stats["eff_rank"] < tc.collapse_rank_fraction * d
-                                 or stats["emb_std"] < tc.collapse_std_fraction / math.sqrt(d))
-                    row["collapse_warning"] = bool(collapsed)
-                    if collapsed and step > start_step + 1:
-                        text = (f"step {step}: embeddings are collapsing (effective rank {stats['eff_rank']:.1f} of {d}, "
-                                f"per-dim std {stats['emb_std']:.4f})")
-                        if not collapse_warned:
-                            warnings.warn(text, stacklevel=1)
-                            collapse_warned = True
-                        if tc.stop_on_collapse:
-                            stopped = "collapse"
-                            logger.log(row)
-                            raise TrainingError(text + "; stopped (train.stop_on_collapse); checkpoint " + str(ckpt_path))
-                if knn_eval is not None and step % recipe.eval.knn_every == 0:
-                    row["knn_acc"] = knn_eval(method.backbone)
-                    method.train()
-                logger.log(row)
-                last = row
-                if progress is not None:
-                    post = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['img_per_s']:.0f}"}
-                    if "eff_rank" in row:
-                        post["rank"] = f"{row['eff_rank']:.0f}"
-                    if row.get("collapse_warning"):
-                        post["warn"] = "COLLAPSE"
-                    progress.set_postfix(post)
-            if progress is not None:
-                progress.update(1)
-            if not schedule_fixed and t_probe is None:
-                t_probe, probe_from = time.monotonic(), step  # the first step (allocation) is not typical
-            elif not schedule_fixed and step - probe_from >= tc.budget_probe_steps:
-                per_step = (time.monotonic() - t_probe) / (step - probe_from)
-                total_steps = budget_total_steps(step, total_steps, per_step,
-                                                 tc.max_minutes * 60 - (time.monotonic() - start_time))
-                total_steps = broadcast_int(total_steps)
-                schedule_fixed = True
-                if progress is not None:
-                    progress.total = total_steps
-                    progress.refresh()
-            if step % tc.checkpoint_every == 0 and step < total_steps and nonfinite == 0:
-                save(step)
-            if (tc.max_minutes and step < total_steps
-                    and (time.monotonic() - start_time) / 60 >= tc.max_minutes * (1.25 if schedule_fixed else 1.0)):
-                stopped = "max_minutes"
-                warnings.warn(f"--max-minutes {tc.max_minutes:g}: stopped at step {step} of {total_steps} (the steps "
-                              f"took longer than measured); rerun with --resume to finish the schedule", stacklevel=1)
-                break
-            t_data = time.perf_counter()
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    except (CellSSLError, RuntimeError):
-        if progress is not None:
-            progress.close()
-        logger.close()
-        raise
-    if dist_info.distributed:
-        broadcast_buffers(method)
-    if step > start_step and updates == 0:
-        if progress is not None:
-            progress.close()
-        logger.close()
-        terms, cause = last_bad
-        raise TrainingError(
-            f"no update was made: all {step - start_step} steps had a non-finite loss in {terms}; "
-            f"{checkpoint_state()}; {cause}"
-        )
-    try:
-        save(step)
-    finally:
-        if progress is not None:
-            progress.close()
-        logger.close()
-    if dist_info.distributed:
-        cleanup_distributed()
-    return FitResult(out, ckpt_path, step, total_steps, stopped, last, method, skipped)
-
-
-def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds_left: float,
-                       margin: float = 0.97) -> int:
-    """Steps a wall-clock budget allows: ``step`` done plus what fits in ``seconds_left`` at the
-    measured ``seconds_per_step`` (× ``margin`` for checkpoints and logging), capped at ``planned``
-    (the recipe's epochs or max_steps) and at least ``step + 1``."""
-    fits = int(max(0.0, seconds_left) * margin / max(seconds_per_step, 1e-9))
-    return max(step + 1, min(planned, step + fits))
-
-
-def _make_knn_monitor(recipe: Recipe, device: torch.device):
-    """A callable backbone -> kNN accuracy on ``eval.knn_data`` (the online monitor)."""
-    if not recipe.eval.knn_data:
-        raise ConfigError("eval.knn_every is set but eval.knn_data (a labelled folder) is not")
-    from cellssl.augment.views import build_eval_transform
-    from cellssl.data.datasets import build_dataset
-    from cellssl.eval.knn import online_knn_accuracy
-
-    ds = build_dataset(recipe.data, recipe.eval.knn_data, labelled=True)
-    transform = build_eval_transform(recipe.data, ds.channels)
-
-    def run(backbone: nn.Module) -> float:
-        return online_knn_accuracy(backbone, ds, transform, device, k=recipe.eval.knn_k,
-                                   temperature=recipe.eval.knn_temperature)
-
-    return run

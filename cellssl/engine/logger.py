@@ -34,7 +34,7 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional and slow to import
 
             self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
         except Exception:  # tensorboard missing or broken: jsonl is the record
@@ -44,7 +44,8 @@ class MetricsLogger:
         """Write one row (must contain ``step``)."""
         if not self.enabled:
             return
-        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch") else v)
+        plain = ("step", "epoch")
+        clean = {k: (v if k in plain or isinstance(v, bool) or not isinstance(v, (int, float)) else float(v))
                  for k, v in row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean, allow_nan=True) + "\n")

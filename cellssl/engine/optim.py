@@ -15,6 +15,8 @@ class LARS(torch.optim.Optimizer):
 
     For parameters with ``lars=True`` the update is scaled by the trust ratio
     η‖w‖ / (‖g + wd·w‖); biases and norm parameters (``lars=False``) take plain SGD+momentum.
+    A ``found_inf`` attribute (a 0-dim tensor, as torch's fused optimisers take from a GradScaler)
+    of 1 leaves weights and momentum untouched for that step, decided on the device.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
@@ -23,6 +25,7 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch signature
         loss = closure() if closure is not None else None
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -38,11 +41,14 @@ class LARS(torch.optim.Optimizer):
                     g = g.mul(trust)
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.clone(g).detach()
+                new = torch.clone(g).detach() if buf is None else buf.mul(group["momentum"]).add_(g)
+                if found_inf is not None:  # a skipped step: keep the old buffer, move nothing
+                    skip = found_inf.to(p.device).bool()
+                    new = torch.where(skip, torch.zeros_like(new) if buf is None else buf, new)
+                    p.sub_(torch.where(skip, torch.zeros_like(new), new), alpha=group["lr"])
                 else:
-                    buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
+                    p.add_(new, alpha=-group["lr"])
+                state["momentum_buffer"] = new
         return loss
 
 
@@ -64,12 +70,14 @@ def param_groups(model: nn.Module, weight_decay: float, predictor_prefix: str | 
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int, fused: bool = False) -> torch.optim.Optimizer:
     """The optimiser named by ``cfg.name`` over ``model``'s trainable parameters.
 
     The peak LR is ``cfg.lr`` (× batch_size/256 when ``cfg.scale_lr``); each group remembers it
     as ``base_lr`` for the schedule. A ``predictor`` sub-module (BYOL, MSBReg) gets
     ``cfg.predictor_lr_scale`` × that LR and, with ``predictor_lr_schedule: constant``, no decay.
+    ``fused``: torch's fused AdamW/SGD kernels, which skip a step on the device when given
+    ``found_inf`` (LARS does so in any case).
     """
     lr = cfg.lr * (batch_size / 256 if cfg.scale_lr else 1.0)
     has_pred = getattr(model, "predictor", None) is not None
@@ -78,11 +86,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torc
     if cfg.name == "adamw":
         for g in groups:
             g.pop("lars")
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **({"fused": True} if fused else {}))
     elif cfg.name == "sgd":
         for g in groups:
             g.pop("lars")
-        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=False,
+                              **({"fused": True} if fused else {}))
     else:
         opt = LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
     for g in opt.param_groups:

@@ -30,10 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from cellssl import __version__
+from cellssl.augment.views import channel_stats
+from cellssl.config import recipe_from_dict
+from cellssl.engine.checkpoint import load_backbone, load_checkpoint
 from cellssl.errors import CellSSLError
+from cellssl.eval.predict import load_predictor
+from cellssl.eval.report import format_summary
 
 __all__ = ["export", "FORMATS", "find_reports"]
 
@@ -43,8 +51,6 @@ REPORT_KINDS = ("fewshot", "linear", "knn", "finetune")
 
 def _placeholder_head(name: str, in_chans: int, backbone_state: dict) -> dict[str, torch.Tensor]:
     """Zero tensors for the keys timm's default model of ``name`` has beyond the headless backbone."""
-    import timm
-
     try:
         full = timm.create_model(name, pretrained=False, in_chans=in_chans).state_dict()
     except Exception:  # an architecture timm cannot build with defaults: no placeholder
@@ -80,7 +86,8 @@ def _onnx(model: nn.Module, path: Path, in_chans: int, size: int, output: str, o
     try:
         import onnx  # noqa: F401  (the exporter writes through it)
     except ImportError:
-        raise CellSSLError("--format onnx needs the onnx package: pip install 'cellssl[onnx]' (onnx, onnxruntime)") from None
+        raise CellSSLError("--format onnx needs the onnx package: pip install 'cellssl[onnx]' "
+                           "(onnx, onnxruntime)") from None
     model = model.eval().cpu()
     dummy = torch.randn(2, in_chans, size, size)
     with warnings.catch_warnings():
@@ -91,7 +98,7 @@ def _onnx(model: nn.Module, path: Path, in_chans: int, size: int, output: str, o
     info: dict[str, Any] = {"file": path.name, "input": "images", "output": output, "opset": opset,
                             "input_shape": ["batch", in_chans, size, size]}
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional extra [onnx]
     except ImportError:
         info["check"] = "onnxruntime not installed: not compared with torch"
         return info
@@ -114,12 +121,6 @@ def export(
     opset: int = 17,
 ) -> dict:
     """Export ``checkpoint`` to the folder ``out`` (see the module docstring); returns config.json's dict."""
-    from safetensors.torch import save_file
-
-    from cellssl import __version__
-    from cellssl.config import recipe_from_dict
-    from cellssl.engine.checkpoint import load_backbone, load_checkpoint
-
     if fmt not in FORMATS:
         raise CellSSLError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     checkpoint = Path(checkpoint)
@@ -128,8 +129,6 @@ def export(
     in_chans, size = int(ck["in_chans"]), int(recipe.data.image_size)
     is_classifier = bool(ck.get("classes")) and "head.weight" in (ck.get("model") or {})
     if is_classifier:
-        from cellssl.eval.predict import load_predictor
-
         pred = load_predictor(checkpoint, device="cpu")
         classifier, backbone = pred.model, pred.model.backbone
     else:
@@ -156,18 +155,18 @@ def export(
     if classifier is not None:
         head = {"classes": list(pred.classes), "normalize": bool(classifier.normalize), "file": "head.safetensors",
                 "math": "logits = weight @ (f / ||f||_2 if normalize else f) + bias; probabilities = softmax(logits)"}
-        save_file({"weight": classifier.head.weight.detach().contiguous(), "bias": classifier.head.bias.detach().contiguous()},
+        save_file({"weight": classifier.head.weight.detach().contiguous(),
+                   "bias": classifier.head.bias.detach().contiguous()},
                   str(out / "head.safetensors"), metadata={"classes": json.dumps(list(pred.classes))})
         files.append("head.safetensors")
     onnx_info = None
     if fmt in ("onnx", "both"):
         target = classifier if classifier is not None else backbone
-        onnx_info = _onnx(target, out / "model.onnx", in_chans, size, "logits" if classifier is not None else "features",
+        onnx_info = _onnx(target, out / "model.onnx", in_chans, size,
+                          "logits" if classifier is not None else "features",
                           opset)
         onnx_info["model"] = "classifier (backbone + head)" if classifier is not None else "backbone"
         files.append("model.onnx")
-
-    from cellssl.augment.views import channel_stats
 
     mean, std = channel_stats(recipe.data, in_chans)
     data = dataclasses.asdict(recipe.data)
@@ -193,7 +192,8 @@ def export(
             "image_size": size,
             "resize": f"the whole image to {size}x{size} px (cv2 INTER_AREA when shrinking, bilinear when enlarging)",
             "values": "pixels scaled to [0, 1] first: "
-                      + ("8-bit / 255, other types by percentiles" if data["intensity"] == "auto" else data["intensity"]),
+                      + ("8-bit / 255, other types by percentiles" if data["intensity"] == "auto"
+                         else data["intensity"]),
             "normalise": "(x - mean) / std per channel",
             "mean": [float(m) for m in mean], "std": [float(s) for s in std],
             "modality": data["modality"], "intensity": data["intensity"], "percentiles": data["percentiles"],
@@ -222,8 +222,6 @@ def export(
 
 
 def _report_line(report: dict) -> dict:
-    from cellssl.eval.report import format_summary
-
     lines = [x for x in format_summary(report).splitlines() if not x.startswith("report:")]
     return {"kind": report.get("kind"), "file": report.get("_file"), "summary": " ".join(x.strip() for x in lines)}
 
@@ -240,7 +238,8 @@ def _card(config: dict, ck: dict, out: Path) -> str:
              f"A {name} backbone for {chans}-channel {p['modality']} cell images at {size} px, exported from "
              f"`{c['source_checkpoint']}` on {c['exported'][:10]}.", "",
              "## How it was trained", "",
-             f"- method: {c['method']}, step {c['step']}" + (f" (of {train.get('max_steps')})" if train.get("max_steps") else ""),
+             f"- method: {c['method']}, step {c['step']}"
+             + (f" (of {train.get('max_steps')})" if train.get("max_steps") else ""),
              f"- recipe: {r.get('name', '?')} — {r.get('description', '') or 'no description'}",
              f"- data: `{r.get('data', {}).get('path') or 'built-in synthetic smears'}`",
              f"- starting weights: {r.get('model', {}).get('pretrained') or 'random initialisation'}",
@@ -261,18 +260,21 @@ def _card(config: dict, ck: dict, out: Path) -> str:
         overlay = "" if chans == 3 else f", input_size=({chans}, {size}, {size})"
         lines += ["With timm (features, `(batch, {})`):".format(config["num_features"]), "", "```python", "import timm",
                   f"model = timm.create_model(\"{name}\", pretrained=True, num_classes=0{extra},",
-                  f"                          pretrained_cfg_overlay=dict(file=\"{out.name}/model.safetensors\"{overlay}))",
+                  "                          pretrained_cfg_overlay=dict("
+                  f"file=\"{out.name}/model.safetensors\"{overlay}))",
                   "features = model(images)  # images preprocessed as above", "```", ""]
         if config["cellssl"]["placeholder_classifier_keys"]:
             lines += [f"Without `num_classes=0` timm builds its default {config['num_classes']}-class model; the file "
-                      f"holds zeros for that classifier ({', '.join(c['placeholder_classifier_keys'])}) so the default call "
-                      "loads too: then use `model.forward_head(model.forward_features(x), pre_logits=True)`.", ""]
+                      f"holds zeros for that classifier ({', '.join(c['placeholder_classifier_keys'])}) so the "
+                      "default call loads too: then use "
+                      "`model.forward_head(model.forward_features(x), pre_logits=True)`.", ""]
     else:
         lines += [f"`model.stem: {c['stem']}` replaces timm's ResNet stem, so a plain `timm.create_model` cannot hold "
                   "these weights; load them with cellssl (below).", ""]
     if c["head"]:
         norm = "f = f / f.norm(dim=1, keepdim=True)\n" if c["head"]["normalize"] else ""
-        lines += ["The classifier head (`head.safetensors`):", "", "```python", "from safetensors.torch import load_file",
+        lines += ["The classifier head (`head.safetensors`):", "", "```python",
+                  "from safetensors.torch import load_file",
                   "head = load_file(\"head.safetensors\")",
                   f"f = model(images)\n{norm}probabilities = (f @ head[\"weight\"].T + head[\"bias\"]).softmax(1)",
                   f"classes = {c['head']['classes']}", "```", ""]

@@ -10,8 +10,8 @@ backbone maps every image ``(C, S, S)`` to one feature vector ``(F,)``.
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,18 +20,29 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from cellssl.augment.views import build_eval_transform
+from cellssl.config import recipe_from_dict
+from cellssl.data.datasets import TransformedDataset, batch_images, build_dataset
+from cellssl.data.io import relative_path
+from cellssl.engine.checkpoint import describe, load_backbone
+from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
+from cellssl.models.bn import adapt_batchnorm
 
 __all__ = [
     "FeatureSet",
-    "TransformedDataset",
+    "FeatureOptions",
+    "feature_options",
+    "save_embeddings",
+    "adapt_batchnorm_folder",
     "extract_features",
     "load_features",
     "embed",
-    "resolve_device",
     "subsample_per_class",
     "align_labels",
+    "class_lut",
 ]
 
 
@@ -78,57 +89,40 @@ class FeatureSet:
         )
 
 
-class TransformedDataset(Dataset):
-    """``(transform(image), label)`` for the rows ``indices`` of an ImageDataset read without transform.
+@dataclass
+class FeatureOptions:
+    """How features are computed: the settings every evaluation command shares (``fewshot``,
+    ``knn``, ``linear``, ``embed``, ``select``; their functions take ``options=`` and/or any of these
+    fields as keywords, e.g. ``device="cpu"``).
 
-    ``base`` must offer ``load(i) -> (float32 (H, W, C), label)`` (``ImageDataset``) or
-    ``__getitem__`` returning ``(array, label)``.
+    Attributes:
+        image_size: network input side; None = the checkpoint recipe's (64 for ``random:``).
+        batch_size, num_workers: feature extraction batch and DataLoader workers.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (or a ``torch.device``).
+        adapt_bn: a folder of target images: re-estimate BatchNorm statistics on it (AdaBN) first.
+        max_per_class: keep at most this many random images per class (quick runs), drawn with ``seed``.
+        seed: for that subsample and the command's own randomness (episodes, splits, AdaBN sample).
+        progress: show a progress bar on long extractions.
     """
 
-    def __init__(self, base: Any, transform: Callable[[np.ndarray], torch.Tensor], indices: Sequence[int] | None = None):
-        self.base = base
-        self.transform = transform
-        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = int(self.indices[i])
-        img, label = self.base.load(j) if hasattr(self.base, "load") else self.base[j]
-        return self.transform(img), int(label)
+    image_size: int | None = None
+    batch_size: int = 256
+    device: str | torch.device = "auto"
+    adapt_bn: str | Path | None = None
+    max_per_class: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    progress: bool = True
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
-    if isinstance(device, torch.device):
-        return device
-    from cellssl.engine.distributed import resolve_device as _resolve
-
-    return _resolve(str(device))
-
-
-def _batch_images(batch: Any) -> torch.Tensor:
-    """The image tensor of a DataLoader batch: ``(x, y)``, ``{"views"/"image": x}`` or ``x``."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("image", "images", "views"):
-            if key in batch:
-                x = batch[key]
-                return x[:, 0] if key == "views" and x.ndim == 5 else x
-    return batch
+def feature_options(options: FeatureOptions | None = None, **fields: Any) -> FeatureOptions:
+    """``options`` (default :class:`FeatureOptions`) with ``fields`` replaced (TypeError naming an unknown one)."""
+    return dataclasses.replace(options or FeatureOptions(), **fields)
 
 
 @torch.no_grad()
-def extract_features(
-    backbone: nn.Module,
-    dataset: Dataset,
-    device: str | torch.device = "cpu",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> np.ndarray:
+def extract_features(backbone: nn.Module, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 256,
+                     num_workers: int = 0, progress: bool = True) -> np.ndarray:
     """Backbone features of every item of ``dataset``, in order.
 
     Args:
@@ -154,12 +148,11 @@ def extract_features(
     out: list[np.ndarray] = []
     iterator: Any = loader
     if progress and len(loader) > 4:
-        from tqdm.auto import tqdm
 
         iterator = tqdm(loader, desc="features", unit="batch", leave=False)
     try:
         for batch in iterator:
-            x = _batch_images(batch).to(device, non_blocking=True).float()
+            x = batch_images(batch).to(device, non_blocking=True).float()
             f = backbone(x)
             if f.ndim != 2:
                 f = f.flatten(1)
@@ -169,6 +162,25 @@ def extract_features(
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def adapt_batchnorm_folder(backbone: nn.Module, folder: str | Path, data_cfg: Any, device: str | torch.device = "cpu",
+                           batch_size: int = 128, max_images: int = 2000, seed: int = 0, in_chans: int | None = None,
+                           num_workers: int = 0) -> nn.Module:
+    """AdaBN (:func:`cellssl.models.bn.adapt_batchnorm`) on the images of ``folder`` (any layout
+    :func:`~cellssl.data.datasets.build_dataset` reads; labels are ignored), read and normalised with
+    ``data_cfg`` (the checkpoint recipe's :class:`~cellssl.config.DataConfig`) through the evaluation
+    transform. ``in_chans`` (the backbone's input channels) is checked against the folder's images.
+    Returns the backbone (eval)."""
+    ds = build_dataset(data_cfg, folder, labelled=False)
+    if in_chans is not None and ds.channels != in_chans:
+        raise DataError(
+            f"AdaBN folder {folder} has {ds.channels}-channel images but the backbone takes {in_chans}; "
+            "use target images with the same channels"
+        )
+    transform = build_eval_transform(data_cfg, ds.channels)
+    return adapt_batchnorm(backbone, TransformedDataset(ds, transform), device, batch_size=batch_size,
+                           max_images=max_images, seed=seed, num_workers=num_workers)
 
 
 def subsample_per_class(labels: np.ndarray, max_per_class: int | None, seed: int = 0) -> np.ndarray:
@@ -189,73 +201,33 @@ def subsample_per_class(labels: np.ndarray, max_per_class: int | None, seed: int
     return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.arange(0)
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
-
-
-def _describe(info: dict) -> str:
-    """``"msbreg / resnet18 (3 ch, 64 px), step 200"`` (as engine.checkpoint.describe)."""
-    cfg = info.get("config") or {}
-    return (
-        f"{info.get('method', '?')} / {cfg.get('model', {}).get('backbone', '?')} "
-        f"({info.get('in_chans', '?')} ch, {info.get('image_size', '?')} px), step {info.get('step', '?')}"
-    )
-
-
 class FeatureExtractor:
     """Loads a backbone once (lazily, when the first folder tells the channel count) and extracts
     features of any number of folders with it.
 
     Args:
-        checkpoint: checkpoint path or ``random:<timm name>``.
-        image_size: network input side; None = the checkpoint recipe's (64 for ``random:``).
-        adapt_bn: a folder of target images: re-estimate BatchNorm statistics on it (AdaBN)
-            before extracting anything.
+        checkpoint: a checkpoint path, ``random:<timm name>``, ``pixels:<side>`` or ``pretrained:...``
+            (:func:`~cellssl.engine.checkpoint.load_backbone`).
+        options, fields: :class:`FeatureOptions` (``max_per_class`` is :meth:`features`' default).
     """
 
-    def __init__(
-        self,
-        checkpoint: str | Path,
-        *,
-        image_size: int | None = None,
-        batch_size: int = 256,
-        device: str | torch.device = "auto",
-        adapt_bn: str | Path | None = None,
-        num_workers: int = 0,
-        progress: bool = True,
-        seed: int = 0,
-    ):
-        from cellssl.config import recipe_from_dict
-        from cellssl.engine.checkpoint import load_backbone
-
+    def __init__(self, checkpoint: str | Path, options: FeatureOptions | None = None, **fields: Any):
+        self.options = feature_options(options, **fields)
         self.spec = str(checkpoint)
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.device = resolve_device(device)
-        self.adapt_bn = str(adapt_bn) if adapt_bn else None
-        self.num_workers = num_workers
-        self.progress = progress
-        self.seed = seed
+        self.device = resolve_device(self.options.device)
+        self.adapt_bn = str(self.options.adapt_bn) if self.options.adapt_bn else None
+        self.seed = self.options.seed
         # First load: tells the recipe (data config) and, for checkpoints, the channel count.
-        self.backbone, self.info = load_backbone(self.spec, image_size=image_size, map_location="cpu")
+        self.backbone, self.info = load_backbone(self.spec, image_size=self.options.image_size, map_location="cpu")
         self.recipe = recipe_from_dict(self.info["config"])
         self.data_cfg = copy.deepcopy(self.recipe.data)
-        if image_size:
-            self.data_cfg.image_size = int(image_size)
+        if self.options.image_size:
+            self.data_cfg.image_size = int(self.options.image_size)
         self.data_cfg.path = None
         self._ready = False
 
-    @property
-    def is_random(self) -> bool:
-        return self.spec.startswith("random:")
-
-    def _prepare(self, channels: int) -> None:
+    def prepare(self, channels: int) -> None:
         """Rebuild for ``channels`` if needed (random specs), move to device, AdaBN once."""
-        from cellssl.engine.checkpoint import load_backbone
-
         if self._ready:
             if channels != self.info["in_chans"]:
                 raise DataError(
@@ -265,25 +237,22 @@ class FeatureExtractor:
             return
         if channels != self.info["in_chans"]:
             # Same code path for checkpoints: load_backbone raises a one-line CheckpointError.
-            self.backbone, self.info = load_backbone(self.spec, in_chans=channels, image_size=self.image_size,
-                                                     map_location="cpu")
+            self.backbone, self.info = load_backbone(self.spec, in_chans=channels,
+                                                     image_size=self.options.image_size, map_location="cpu")
             # pretrained: specs normalise by channel count (the weights' RGB mean/std fit 3 channels only)
             data = self.info["config"].get("data", {})
             self.data_cfg.mean, self.data_cfg.std = data.get("mean"), data.get("std")
         self.backbone = self.backbone.to(self.device).eval()
         if self.adapt_bn:
-            from cellssl.adapt.bn import adapt_batchnorm_folder
-
             self.backbone = adapt_batchnorm_folder(
-                self.backbone, self.adapt_bn, self.data_cfg, self.device, batch_size=min(self.batch_size, 128),
+                self.backbone, self.adapt_bn, self.data_cfg, self.device, batch_size=min(self.options.batch_size, 128),
                 seed=self.seed, in_chans=int(self.info["in_chans"]),
             )
         self._ready = True
 
-    def build(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> tuple[Any, np.ndarray]:
+    def build(self, data: str | Path, labelled: bool | None = True,
+              max_per_class: int | None = None) -> tuple[Any, np.ndarray]:
         """The ImageDataset of ``data`` (no transform) and the row indices kept (``max_per_class``)."""
-        from cellssl.data.datasets import build_dataset
-
         ds = build_dataset(self.data_cfg, data, labelled=labelled)
         if labelled and not ds.classes:
             raise DataError(f"{data} has no class sub-folders: labelled evaluation needs one folder per class")
@@ -291,19 +260,19 @@ class FeatureExtractor:
         return ds, keep
 
     def features(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> FeatureSet:
-        """Features of the folder (or csv / npz) ``data`` as a :class:`FeatureSet`."""
-        from cellssl.augment.views import build_eval_transform
-
-        ds, keep = self.build(data, labelled, max_per_class)
-        self._prepare(ds.channels)
+        """Features of the folder (or csv / npz) ``data`` as a :class:`FeatureSet` (at most
+        ``max_per_class`` images per class; None: the options' ``max_per_class``)."""
+        ds, keep = self.build(data, labelled, max_per_class or self.options.max_per_class)
+        self.prepare(ds.channels)
         transform = build_eval_transform(self.data_cfg, ds.channels)
+        opts = self.options
         feats = extract_features(self.backbone, TransformedDataset(ds, transform, keep), self.device,
-                                 self.batch_size, self.num_workers, self.progress)
+                                 opts.batch_size, opts.num_workers, opts.progress)
         root = Path(ds.root)
         return FeatureSet(
             features=feats,
             labels=ds.labels[keep],
-            paths=[_relative(ds.samples[i][0], root) for i in keep],
+            paths=[relative_path(ds.samples[i][0], root) for i in keep],
             classes=list(ds.classes),
             info=self.describe(data),
             root=str(root),
@@ -314,7 +283,7 @@ class FeatureExtractor:
         cfg = self.info.get("config") or {}
         return {
             "spec": self.spec,
-            "description": _describe(self.info),
+            "description": describe(self.info),
             "method": self.info.get("method"),
             "step": self.info.get("step"),
             "backbone": cfg.get("model", {}).get("backbone"),
@@ -327,69 +296,46 @@ class FeatureExtractor:
         }
 
 
-def load_features(
-    checkpoint: str | Path,
-    data: str | Path,
-    *,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str | torch.device = "auto",
-    adapt_bn: str | Path | None = None,
-    labelled: bool | None = True,
-    max_per_class: int | None = None,
-    seed: int = 0,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> FeatureSet:
+def load_features(checkpoint: str | Path, data: str | Path, *, labelled: bool | None = True,
+                  options: FeatureOptions | None = None, **fields: Any) -> FeatureSet:
     """Frozen backbone features of every image in ``data``.
 
     The backbone comes from :func:`~cellssl.engine.checkpoint.load_backbone` (a checkpoint or
     ``random:<timm name>``); images are read and normalised with the checkpoint recipe's data
     config (``image_size`` overrides the input side). With ``adapt_bn`` (a folder) BatchNorm
     statistics are first re-estimated on that folder (AdaBN). ``max_per_class`` keeps at most
-    that many random images per class (``seed``) for quick runs.
+    that many random images per class (``seed``) for quick runs. Settings: :class:`FeatureOptions`
+    (``options`` and/or its fields as keywords).
 
     Returns:
         :class:`FeatureSet` with ``features`` (N, F) float32, ``labels`` (N,), ``paths``, ``classes``.
     """
-    ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
-                          adapt_bn=adapt_bn, num_workers=num_workers, progress=progress, seed=seed)
-    return ex.features(data, labelled=labelled, max_per_class=max_per_class)
+    return FeatureExtractor(checkpoint, options, **fields).features(data, labelled=labelled)
 
 
-def embed(
-    checkpoint: str | Path,
-    data: str | Path,
-    out: str | Path,
-    *,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str | torch.device = "auto",
-    adapt_bn: str | Path | None = None,
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-) -> Path:
-    """Write the features of ``data`` to ``out`` (``.npz``; a folder gets ``embeddings.npz``).
-
-    Arrays: ``features`` (N, D) float32, ``paths`` (N,) str relative to ``data``; when the folder
-    is labelled (one sub-folder per class) also ``labels`` (N,) int64 and ``classes`` (K,) str.
-    Returns the written path.
-    """
-    out = Path(out)
-    if out.suffix != ".npz":
-        out = out / "embeddings.npz" if (out.is_dir() or not out.suffix) else out.with_suffix(".npz")
-    fs = load_features(checkpoint, data, image_size=image_size, batch_size=batch_size, device=device,
-                       adapt_bn=adapt_bn, labelled=None, max_per_class=max_per_class, num_workers=num_workers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {
-        "features": fs.features.astype(np.float32),
-        "paths": np.asarray(fs.paths, dtype=str),
-    }
+def save_embeddings(fs: FeatureSet, path: str | Path) -> Path:
+    """``fs`` as an ``.npz``: ``features`` (N, D) float32, ``paths`` (N,) str; when labelled also
+    ``labels`` (N,) int64 and ``classes`` (K,) str (what ``embed`` writes and ``select --features`` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {"features": fs.features.astype(np.float32),
+                                     "paths": np.asarray(fs.paths, dtype=str)}
     if fs.labelled:
         arrays["labels"] = fs.labels.astype(np.int64)
         arrays["classes"] = np.asarray(fs.classes, dtype=str)
-    np.savez(out, **arrays)
-    return out
+    np.savez(path, **arrays)
+    return path
+
+
+def embed(checkpoint: str | Path, data: str | Path, out: str | Path, *, options: FeatureOptions | None = None,
+          **fields: Any) -> Path:
+    """Write the features of ``data`` to ``out`` (``.npz``; a folder gets ``embeddings.npz``) with
+    :func:`save_embeddings` (paths relative to ``data``). Settings: :class:`FeatureOptions`.
+    Returns the written path."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        out = out / "embeddings.npz" if (out.is_dir() or not out.suffix) else out.with_suffix(".npz")
+    return save_embeddings(load_features(checkpoint, data, labelled=None, options=options, **fields), out)
 
 
 def align_labels(train: FeatureSet, test: FeatureSet) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -404,16 +350,22 @@ def align_labels(train: FeatureSet, test: FeatureSet) -> tuple[list[str], np.nda
     classes = list(train.classes)
     if list(test.classes) == classes:
         return classes, train.labels.copy(), test.labels.copy()
-    missing = [c for c in test.classes if c not in classes]
-    used = set(np.unique(test.labels).tolist())
-    missing = [c for c in missing if test.classes.index(c) in used]
-    if missing:
-        raise DataError(
-            f"test classes {missing} of {test.root} are not among the training classes {classes} "
-            f"of {train.root}: use the same class folder names"
-        )
-    lut = np.array([classes.index(c) if c in classes else -1 for c in test.classes], dtype=np.int64)
+    lut = class_lut(test.classes, test.labels, classes, f"the test data {test.root}", f"of {train.root}")
     return classes, train.labels.copy(), lut[test.labels]
+
+
+def class_lut(classes: Sequence[str], labels: np.ndarray, train_classes: Sequence[str], where: str,
+              train_where: str = "") -> np.ndarray:
+    """Look-up table from the class indices of a labelled set (``classes``, its ``labels``) to the
+    indices of ``train_classes``, matched by name (-1 for a class the set lists but never uses).
+    DataError naming the classes the set uses that training never saw (they cannot be predicted)."""
+    train = list(train_classes)
+    used = set(np.unique(np.asarray(labels)).tolist())
+    missing = [c for i, c in enumerate(classes) if c not in train and i in used]
+    if missing:
+        raise DataError(f"{where} has classes {missing} that are not among the training classes {train}"
+                        f"{' ' + train_where if train_where else ''}: use the same class folder names")
+    return np.array([train.index(c) if c in train else -1 for c in classes], dtype=np.int64)
 
 
 def check_min_images(fs: FeatureSet, what: str, minimum: int = 2) -> None:
@@ -423,8 +375,3 @@ def check_min_images(fs: FeatureSet, what: str, minimum: int = 2) -> None:
     present = np.unique(fs.labels[fs.labels >= 0])
     if len(present) < 2:
         raise DataError(f"{what} {fs.root} has {len(present)} class(es); classification needs at least 2")
-
-
-def warn_once(message: str) -> None:
-    """A UserWarning (the CLI shows warnings as one line)."""
-    warnings.warn(message, UserWarning, stacklevel=3)

@@ -14,12 +14,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cellssl.errors import ConfigError, DataError
-from cellssl.eval.features import FeatureSet, load_features
+from cellssl.eval.features import FeatureOptions, FeatureSet, feature_options, load_features
+from cellssl.eval.linear import fit_logreg
 from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.report import write_report
 
 __all__ = [
     "Episode",
@@ -43,7 +46,6 @@ class Episode:
     ``support_idx`` / ``support_y``: (ways * shots,), ``query_idx`` / ``query_y``: (ways * queries,),
     grouped by class in the order of ``classes`` (ways,).
     """
-
     support_idx: np.ndarray
     support_y: np.ndarray
     query_idx: np.ndarray
@@ -153,8 +155,6 @@ def logreg_classify(support: np.ndarray, support_y: np.ndarray, query: np.ndarra
 
     Returns predicted labels (Q,) in ``support_y``'s label space.
     """
-    from cellssl.eval.linear import fit_logreg
-
     zs, zq = cl2n(support, query)
     clf = fit_logreg(zs, support_y, C, seed, max_iter=1000)
     return clf.predict(zq).astype(np.int64)
@@ -199,7 +199,8 @@ def run_fewshot(
     names = list(features.classes)
     results: dict[str, dict] = {}
     for k in shots:
-        eps = sample_episodes(y, ways, k, queries, episodes, seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0]),
+        k_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        eps = sample_episodes(y, ways, k, queries, episodes, seed=k_seed,
                               class_names=names)
         accs = np.empty(len(eps))
         correct = np.zeros(len(names), dtype=np.int64)
@@ -246,38 +247,20 @@ def run_fewshot(
     }
 
 
-def fewshot(
-    checkpoint: str | Path,
-    data: str | Path,
-    out: str | Path,
-    *,
-    ways: int | None = None,
-    shots: Sequence[int] = (1, 5, 10),
-    queries: int = 15,
-    episodes: int = 600,
-    classifier: str = "prototype",
-    seed: int = 0,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    adapt_bn: str | Path | None = None,
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-    plots: bool = True,
-) -> dict:
+def fewshot(checkpoint: str | Path, data: str | Path, out: str | Path, *, ways: int | None = None,
+            shots: Sequence[int] = (1, 5, 10), queries: int = 15, episodes: int = 600, classifier: str = "prototype",
+            plots: bool = True, options: FeatureOptions | None = None, **fields: Any) -> dict:
     """Few-shot evaluation of a checkpoint on a labelled folder: features computed once
-    (:func:`load_features`), :func:`run_fewshot` for every K, report written to ``out``
-    (json + md + accuracy-vs-shots and embedding plots). Returns the report."""
-    from cellssl.eval.report import write_report
-
+    (:func:`load_features`; settings :class:`FeatureOptions`, whose ``seed`` also draws the episodes),
+    :func:`run_fewshot` for every K, report written to ``out`` (json + md + accuracy-vs-shots and
+    embedding plots). Returns the report."""
     if classifier not in CLASSIFIERS:
         raise ConfigError(f"unknown few-shot classifier '{classifier}': use one of {', '.join(CLASSIFIERS)}")
-    fs = load_features(checkpoint, data, image_size=image_size, batch_size=batch_size, device=device,
-                       adapt_bn=adapt_bn, labelled=True, max_per_class=max_per_class, seed=seed,
-                       num_workers=num_workers)
+    opts = feature_options(options, **fields)
+    fs = load_features(checkpoint, data, labelled=True, options=opts)
     report = run_fewshot(fs, ways=ways, shots=shots, queries=queries, episodes=episodes, classifier=classifier,
-                         seed=seed)
+                         seed=opts.seed)
     report["checkpoint"] = fs.info
-    report["settings"]["max_per_class"] = max_per_class
+    report["settings"]["max_per_class"] = opts.max_per_class
     write_report(report, out, "fewshot", features=fs if plots else None, plots=plots)
     return report

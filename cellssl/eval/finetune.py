@@ -13,9 +13,9 @@ model is saved as a weights-only checkpoint whose ``backbone.*`` keys make it lo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from tqdm.auto import tqdm
 
+from cellssl.augment.views import build_eval_transform, build_view_transform
+from cellssl.data.datasets import TransformedDataset, split_indices
+from cellssl.engine.checkpoint import FORMAT, save_atomic
 from cellssl.errors import DataError
-from cellssl.eval.features import FeatureExtractor, TransformedDataset
+from cellssl.eval.features import FeatureExtractor, class_lut
 from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.report import write_report
+from cellssl.eval.unsure import calibrate, native_size
 
 __all__ = ["finetune", "Classifier", "select_low_label", "logits_and_features", "softmax"]
 
@@ -37,7 +43,6 @@ class Classifier(nn.Module):
     ``normalize=True`` L2-normalises the features before the head (a linear probe's folded form,
     :meth:`cellssl.eval.linear.ProbeFit.folded`).
     """
-
     def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, normalize: bool = False):
         super().__init__()
         self.backbone = backbone
@@ -81,16 +86,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-class _FirstView:
-    """Wraps a multi-view transform: image -> its first augmented view (C, S, S)."""
-
-    def __init__(self, transform: Any):
-        self.transform = transform
-
-    def __call__(self, img: np.ndarray) -> torch.Tensor:
-        return self.transform(img)["views"][0]
-
-
 def select_low_label(labels: np.ndarray, k: int, val_fraction: float, seed: int = 0,
                      class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Low-label split: exactly ``k`` random training images per class; validation from the rest.
@@ -126,20 +121,11 @@ def select_low_label(labels: np.ndarray, k: int, val_fraction: float, seed: int 
     return np.sort(np.concatenate(train)).astype(np.int64), val_idx.astype(np.int64)
 
 
-def _predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+def _predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int,
+             num_workers: int) -> tuple[np.ndarray, np.ndarray]:
     """(true labels (N,), predicted labels (N,)) of ``ds``."""
     logits, _, ys = logits_and_features(model, ds, device, batch_size, num_workers)
     return ys, logits.argmax(axis=1).astype(np.int64)
-
-
-def _class_names(ds: Any, names: list[str], where: str) -> np.ndarray:
-    """Look-up table mapping ``ds``'s class indices onto ``names`` (test folders may differ in order)."""
-    missing = [c for c in ds.classes if c not in names]
-    used = set(np.unique(ds.labels).tolist())
-    missing = [c for c in missing if ds.classes.index(c) in used]
-    if missing:
-        raise DataError(f"{where} classes {missing} are not among the training classes {names}: use the same class folder names")
-    return np.array([names.index(c) if c in names else -1 for c in ds.classes], dtype=np.int64)
 
 
 class _Relabel(Dataset):
@@ -189,193 +175,237 @@ def finetune(
     ``best_val_accuracy``, ``validation`` and ``test`` metrics (accuracy, balanced_accuracy,
     macro_f1, confusion_matrix, per_class_accuracy), ``classes``, ``settings``, ``checkpoint``.
     """
-    from cellssl.augment.views import build_eval_transform, build_view_transform
-    from cellssl.data.datasets import split_indices
-    from cellssl.engine.checkpoint import FORMAT, save_atomic
-    from cellssl.eval.report import write_report
-
-    out_dir = Path(out_dir)
-    if out_dir.suffix == ".json":
-        out_dir = out_dir.parent
+    out_dir = Path(out_dir).parent if Path(out_dir).suffix == ".json" else Path(out_dir)
     if epochs < 1:
         raise DataError(f"--epochs must be at least 1, got {epochs}")
+    t0 = time.monotonic()
     torch.manual_seed(seed)
     ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device, seed=seed,
                           num_workers=num_workers, progress=progress)
-    dev = ex.device
     base, _ = ex.build(data, labelled=True)
-    ex._prepare(base.channels)  # loads the backbone for these channels (one code path for random: and checkpoints)
-    backbone = ex.backbone
-    classes = list(base.classes)
-    labels = base.labels
-    data_cfg = ex.data_cfg
-    channels = base.channels
+    ex.prepare(base.channels)  # loads the backbone for these channels (one code path for random: and checkpoints)
+    eval_t = build_eval_transform(ex.data_cfg, base.channels)
+    splits = _splits(ex, base, eval_t, data, test, split, val_fraction, labels_per_class, seed)
+    model = Classifier(ex.backbone, _n_features(ex, base.channels), len(base.classes)).to(ex.device)
+    optimizer = _optimizer(model, 1e-3 if lr is None else float(lr), freeze_backbone, weight_decay)
+    loader = _balanced_loader(ex, base, splits.train_idx, batch_size, num_workers, seed)
+    val_ds = TransformedDataset(base, eval_t, splits.val_idx) if len(splits.val_idx) else None
+    best_path = out_dir / "best.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ev = {"device": ex.device, "batch_size": max(batch_size, 128), "num_workers": num_workers}  # evaluation passes
+    fitted = _train_epochs(model, optimizer, loader, val_ds, _best_saver(ex, base, checkpoint, best_path), ev,
+                           epochs=epochs, patience=patience, freeze_backbone=freeze_backbone, progress=progress)
+    model.load_state_dict(fitted.best_state)
+    _calibrate_unsure(model, best_path, base, TransformedDataset(base, eval_t, splits.train_idx), val_ds, ev)
+    report = _report(model, fitted, base.classes, val_ds, splits.test, ev, epochs)
+    report["best_checkpoint"] = str(best_path)
+    report["checkpoint"] = {**ex.describe(data), "test_data": splits.test_data}
+    report["settings"] = {
+        "epochs": epochs, "epochs_run": len(fitted.history), "patience": patience,
+        "labels_per_class": labels_per_class, "freeze_backbone": freeze_backbone,
+        "head_lr": optimizer.param_groups[0]["base_lr"],
+        "backbone_lr": None if freeze_backbone else optimizer.param_groups[1]["base_lr"],
+        "weight_decay": weight_decay, "batch_size": batch_size, "val_fraction": val_fraction, "split": split,
+        "seed": seed, "n_train": int(len(splits.train_idx)), "n_val": int(len(splits.val_idx)),
+        "n_test": int(len(splits.test)) if splits.test is not None else 0, "image_size": int(ex.data_cfg.image_size),
+        "augmentation": "one view of the recipe's multi-view transform", "sampling": "class-balanced",
+        "minutes": round((time.monotonic() - t0) / 60, 2),
+    }
+    write_report(report, out_dir / "report.json", "finetune")
+    return report
 
-    # --- splits ---------------------------------------------------------------------------
-    test_ds: Dataset | None = None
-    pool = np.arange(len(labels))
-    eval_t = build_eval_transform(data_cfg, channels)
+
+@dataclass
+class _Splits:
+    """Rows of the labelled folder that train and validate, the test set and what it is."""
+
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    test: Dataset | None
+    test_data: str | None
+
+
+def _splits(ex: FeatureExtractor, base: Any, eval_t: Any, data: str | Path, test: str | Path | None,
+            split: float | None, val_fraction: float, labels_per_class: int | None, seed: int) -> _Splits:
+    """The test set (the ``test`` folder, relabelled by class name, or a stratified ``split`` of
+    ``data``), then of the rest the low-label training rows (``labels_per_class``) or a stratified
+    ``val_fraction`` for validation. DataError for fewer than 2 training images of 2 classes."""
+    labels, classes, channels = base.labels, list(base.classes), base.channels
+    test_ds, test_data, pool = None, None, np.arange(len(labels))
     if test is not None:
         tbase, _ = ex.build(test, labelled=True)
         if tbase.channels != channels:
             raise DataError(f"test folder {test} has {tbase.channels}-channel images but {data} has {channels}")
-        test_ds = _Relabel(TransformedDataset(tbase, eval_t), _class_names(tbase, classes, f"test folder {test}"))
+        lut = class_lut(tbase.classes, tbase.labels, classes, f"the test folder {test}")
+        test_ds, test_data = _Relabel(TransformedDataset(tbase, eval_t), lut), str(test)
     elif split is not None:
         if not 0 < split < 1:
             raise DataError(f"--split must be a fraction between 0 and 1 (e.g. 0.3), got {split}")
-        rest, held = split_indices(labels, (1 - split, split), seed=seed, stratified=True)
-        pool = rest
+        pool, held = split_indices(labels, (1 - split, split), seed=seed, stratified=True)
         test_ds = TransformedDataset(base, eval_t, held)
+        test_data = f"{split:g} stratified split of {data} (seed {seed})"
     if labels_per_class:
         tr_rel, va_rel = select_low_label(labels[pool], int(labels_per_class), val_fraction, seed, classes)
-        train_idx, val_idx = pool[tr_rel], pool[va_rel]
     elif val_fraction and val_fraction > 0:
         tr_rel, va_rel = split_indices(labels[pool], (1 - val_fraction, val_fraction), seed=seed, stratified=True)
-        train_idx, val_idx = pool[tr_rel], pool[va_rel]
     else:
-        train_idx, val_idx = pool, np.zeros(0, dtype=np.int64)
+        tr_rel, va_rel = np.arange(len(pool)), np.zeros(0, dtype=np.int64)
+    train_idx, val_idx = pool[tr_rel], pool[va_rel]
     if len(train_idx) < 2 or len(np.unique(labels[train_idx])) < 2:
         raise DataError(f"fine-tuning needs at least 2 training images of 2 classes in {data}; got {len(train_idx)}")
+    return _Splits(train_idx, val_idx, test_ds, test_data)
 
-    recipe = ex.recipe
-    views_cfg = dataclasses.replace(recipe.views, n_views=2, local_views=0)
-    train_t = _FirstView(build_view_transform(views_cfg, data_cfg, channels, seed=seed))
-    train_ds = TransformedDataset(base, train_t, train_idx)
-    val_ds = TransformedDataset(base, eval_t, val_idx) if len(val_idx) else None
 
-    counts = np.bincount(labels[train_idx], minlength=len(classes)).astype(np.float64)
-    weights = 1.0 / counts[labels[train_idx]]
-    gen = torch.Generator().manual_seed(seed)
-    sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(train_idx),
-                                    replacement=True, generator=gen)
-    drop_last = len(train_idx) > batch_size and len(train_idx) % batch_size == 1
-    loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        drop_last=drop_last, pin_memory=dev.type == "cuda", persistent_workers=num_workers > 0)
-
-    # --- model ----------------------------------------------------------------------------
-    n_feat = getattr(backbone, "num_features", None)
+def _n_features(ex: FeatureExtractor, channels: int) -> int:
+    """The backbone's feature width F (``num_features``, else one dry forward)."""
+    n_feat = getattr(ex.backbone, "num_features", None)
     if not n_feat:
         with torch.no_grad():
-            s = int(data_cfg.image_size)
-            n_feat = int(backbone(torch.zeros(1, channels, s, s, device=dev)).shape[1])
-    model = Classifier(backbone, int(n_feat), len(classes)).to(dev)
-    head_lr = float(lr) if lr is not None else 1e-3
-    bb_lr = head_lr / 10.0
+            s = int(ex.data_cfg.image_size)
+            n_feat = int(ex.backbone(torch.zeros(1, channels, s, s, device=ex.device)).shape[1])
+    return int(n_feat)
+
+
+def _optimizer(model: Classifier, head_lr: float, freeze_backbone: bool, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the head (``head_lr``) and, unless frozen, the backbone (``head_lr / 10``); each group
+    keeps its peak as ``base_lr`` for the cosine decay."""
+    groups = [{"params": model.head.parameters(), "lr": head_lr}]
     if freeze_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-        groups = [{"params": model.head.parameters(), "lr": head_lr}]
     else:
-        groups = [{"params": model.head.parameters(), "lr": head_lr},
-                  {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": bb_lr}]
+        groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": head_lr / 10.0})
     for g in groups:
         g["base_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
-    saved_config = copy.deepcopy(ex.info["config"])
-    saved_config.setdefault("data", {})["image_size"] = int(data_cfg.image_size)
+
+def _balanced_loader(ex: FeatureExtractor, base: Any, train_idx: np.ndarray, batch_size: int, num_workers: int,
+                     seed: int) -> DataLoader:
+    """Class-balanced batches (``WeightedRandomSampler``, weight 1 / class count) of one augmented
+    view per image (the checkpoint recipe's view transform)."""
+    labels = base.labels[train_idx]
+    counts = np.bincount(labels, minlength=len(base.classes)).astype(np.float64)
+    sampler = WeightedRandomSampler(torch.as_tensor(1.0 / counts[labels], dtype=torch.double),
+                                    num_samples=len(train_idx), replacement=True,
+                                    generator=torch.Generator().manual_seed(seed))
+    views = build_view_transform(ex.recipe.views, ex.data_cfg, base.channels, seed=seed)
+    drop_last = len(train_idx) > batch_size and len(train_idx) % batch_size == 1
+    return DataLoader(TransformedDataset(base, views.one_view, train_idx), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, drop_last=drop_last, pin_memory=ex.device.type == "cuda",
+                      persistent_workers=num_workers > 0)
+
+
+def _best_saver(ex: FeatureExtractor, base: Any, checkpoint: str | Path, path: Path):
+    """A callable (epoch, val_accuracy, state) writing ``best.pt``: a weights-only checkpoint whose
+    ``backbone.*`` keys :func:`~cellssl.engine.checkpoint.load_backbone` reads."""
+    config = copy.deepcopy(ex.info["config"])
+    config.setdefault("data", {})["image_size"] = int(ex.data_cfg.image_size)
+
+    def save(epoch: int, val_acc: float | None, state: dict) -> None:
+        save_atomic({"format": FORMAT, "kind": "finetune", "method": "finetune", "step": epoch, "epoch": epoch,
+                     "config": config, "in_chans": int(base.channels), "classes": list(base.classes),
+                     "val_accuracy": val_acc, "source": str(checkpoint), "model": state}, path)
+
+    return save
+
+
+@dataclass
+class _Fitted:
+    """The epochs run and the best of them (its epoch, score and weights)."""
+
+    history: list[dict]
+    best_epoch: int
+    best_score: float
+    best_state: dict
+
+
+def _train_epochs(model: Classifier, optimizer: torch.optim.Optimizer, loader: DataLoader, val_ds: Dataset | None,
+                  save_best, ev: dict, *, epochs: int, patience: int, freeze_backbone: bool, progress: bool) -> _Fitted:
+    """Epochs with a cosine-decayed learning rate; the best epoch (validation accuracy, or the lowest
+    training loss without validation) is kept and saved; stops after ``patience`` epochs without a
+    better one."""
     history: list[dict] = []
-    best_acc, best_epoch, best_state = -1.0, 0, None
+    best = _Fitted(history, 0, -math.inf, {})
     bad_epochs = 0
-    best_path = out_dir / "best.pt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    bar: Any = range(1, epochs + 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(bar, desc="finetune", unit="epoch")
+    bar: Any = tqdm(range(1, epochs + 1), desc="finetune", unit="epoch") if progress else range(1, epochs + 1)
     for epoch in bar:
         scale = 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))  # cosine decay per epoch
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * scale
-        model.train()
-        if freeze_backbone:
-            model.backbone.eval()  # frozen BN statistics too
-        tot_loss, tot_n, tot_hit = 0.0, 0, 0
-        for x, y in loader:
-            x, y = x.to(dev, non_blocking=True).float(), torch.as_tensor(y).to(dev)
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise DataError("fine-tuning loss became non-finite: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            tot_loss += float(loss.detach()) * len(y)
-            tot_n += len(y)
-            tot_hit += int((logits.argmax(1) == y).sum())
+        train_loss, train_acc = _train_epoch(model, loader, optimizer, freeze_backbone, ev["device"])
         val_acc = None
         if val_ds is not None:
-            yv, pv = _predict(model, val_ds, dev, max(batch_size, 128), num_workers)
-            val_acc = float(np.mean(yv == pv))
-        rec = {"epoch": epoch, "train_loss": tot_loss / max(1, tot_n), "train_accuracy": tot_hit / max(1, tot_n),
-               "val_accuracy": val_acc, "lr": head_lr * scale}
-        history.append(rec)
-        score = val_acc if val_acc is not None else -rec["train_loss"]
-        if best_state is None or score > best_acc:
-            best_acc, best_epoch, bad_epochs = score, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            save_atomic({
-                "format": FORMAT,
-                "kind": "finetune",
-                "method": "finetune",
-                "step": epoch,
-                "epoch": epoch,
-                "config": saved_config,
-                "in_chans": int(channels),
-                "classes": classes,
-                "val_accuracy": val_acc,
-                "source": str(checkpoint),
-                "model": best_state,
-            }, best_path)
+            y, pred = _predict(model, val_ds, ev["device"], ev["batch_size"], ev["num_workers"])
+            val_acc = float(np.mean(y == pred))
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_accuracy": val_acc,
+                        "lr": optimizer.param_groups[0]["lr"]})
+        score = val_acc if val_acc is not None else -train_loss
+        if not best.best_state or score > best.best_score:
+            best.best_epoch, best.best_score, bad_epochs = epoch, score, 0
+            best.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            save_best(epoch, val_acc, best.best_state)
         else:
             bad_epochs += 1
-        if progress and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
+        if progress:
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
         if val_ds is not None and bad_epochs >= patience:
             break
-    if progress and hasattr(bar, "close"):
+    if progress:
         bar.close()
+    return best
 
-    model.load_state_dict(best_state)
-    # unsure thresholds for `cellssl predict`, on the validation cells (the training cells without a split)
-    from cellssl.eval.unsure import calibrate, native_size
 
-    ev_bs = max(batch_size, 128)
-    l_tr, f_tr, y_tr = logits_and_features(model, TransformedDataset(base, eval_t, train_idx), dev, ev_bs,
-                                           num_workers)
+def _train_epoch(model: Classifier, loader: DataLoader, optimizer: torch.optim.Optimizer, freeze_backbone: bool,
+                 device: torch.device) -> tuple[float, float]:
+    """One pass of cross-entropy training; returns (mean loss, accuracy) over its images."""
+    model.train()
+    if freeze_backbone:
+        model.backbone.eval()  # frozen BN statistics too
+    loss_fn = nn.CrossEntropyLoss()
+    tot_loss, tot_n, tot_hit = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True).float(), torch.as_tensor(y).to(device)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        if not torch.isfinite(loss):
+            raise DataError("fine-tuning loss became non-finite: lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        tot_loss += float(loss.detach()) * len(y)
+        tot_n += len(y)
+        tot_hit += int((logits.argmax(1) == y).sum())
+    return tot_loss / max(1, tot_n), tot_hit / max(1, tot_n)
+
+
+def _calibrate_unsure(model: Classifier, best_path: Path, base: Any, train_ds: Dataset, val_ds: Dataset | None,
+                      ev: dict) -> None:
+    """Add the ``unsure`` thresholds for ``cellssl predict`` (calibrated on the validation cells; the
+    training cells without a split) and the training images' size to ``best.pt``."""
+    l_tr, f_tr, y_tr = logits_and_features(model, train_ds, ev["device"], ev["batch_size"], ev["num_workers"])
     if val_ds is not None:
-        l_va, f_va, y_va = logits_and_features(model, val_ds, dev, ev_bs, num_workers)
+        l_va, f_va, y_va = logits_and_features(model, val_ds, ev["device"], ev["batch_size"], ev["num_workers"])
     else:
-        l_va, f_va, y_va = np.zeros((0, len(classes))), np.zeros((0, f_tr.shape[1])), np.zeros(0, np.int64)
+        l_va, f_va, y_va = np.zeros((0, len(base.classes))), np.zeros((0, f_tr.shape[1])), np.zeros(0, np.int64)
     best_ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
     best_ckpt["unsure"] = calibrate(softmax(l_va) if len(l_va) else l_va, y_va, f_tr, y_tr, f_va,
                                     train_proba=softmax(l_tr))
     best_ckpt["native_size"] = native_size(base)
     save_atomic(best_ckpt, best_path)
-    report: dict = {"kind": "finetune", "classes": classes, "history": history, "best_epoch": best_epoch,
-                    "best_val_accuracy": best_acc if val_ds is not None else None,
-                    "best_checkpoint": str(best_path), "stopped_early": len(history) < epochs}
-    if val_ds is not None:
-        yv, pv = _predict(model, val_ds, dev, max(batch_size, 128), num_workers)
-        report["validation"] = classification_metrics(yv, pv, classes)
+
+
+def _report(model: Classifier, fitted: _Fitted, classes: list[str], val_ds: Dataset | None, test_ds: Dataset | None,
+            ev: dict, epochs: int) -> dict:
+    """The report's training history and the best model's validation and test metrics."""
+    report: dict = {"kind": "finetune", "classes": list(classes), "history": fitted.history,
+                    "best_epoch": fitted.best_epoch,
+                    "best_val_accuracy": fitted.best_score if val_ds is not None else None,
+                    "stopped_early": len(fitted.history) < epochs}
+    for key, ds in (("validation", val_ds), ("test", test_ds)):
+        if ds is not None:
+            y, pred = _predict(model, ds, ev["device"], ev["batch_size"], ev["num_workers"])
+            report[key] = classification_metrics(y, pred, classes)
     if test_ds is not None:
-        yt, pt = _predict(model, test_ds, dev, max(batch_size, 128), num_workers)
-        report["test"] = classification_metrics(yt, pt, classes)
         report.update({k: report["test"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
-    desc = ex.describe(data)
-    desc["test_data"] = str(test) if test is not None else (f"{split:g} stratified split of {data} (seed {seed})" if split else None)
-    report["checkpoint"] = desc
-    report["settings"] = {
-        "epochs": epochs, "epochs_run": len(history), "patience": patience, "labels_per_class": labels_per_class,
-        "freeze_backbone": freeze_backbone, "head_lr": head_lr, "backbone_lr": None if freeze_backbone else bb_lr,
-        "weight_decay": weight_decay, "batch_size": batch_size, "val_fraction": val_fraction, "split": split,
-        "seed": seed, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-        "n_test": int(len(test_ds)) if test_ds is not None else 0, "image_size": int(data_cfg.image_size),
-        "augmentation": "first view of the recipe's multi-view transform", "sampling": "class-balanced",
-        "minutes": round((time.monotonic() - t0) / 60, 2),
-    }
-    write_report(report, out_dir / "report.json", "finetune")
     return report

@@ -8,26 +8,31 @@ a quick, honest read-out of how well a representation clusters classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
-from cellssl.errors import DataError
+from cellssl.augment.views import build_eval_transform
+from cellssl.data.datasets import TransformedDataset, build_dataset, split_indices
+from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import (
     FeatureExtractor,
+    FeatureOptions,
     FeatureSet,
-    TransformedDataset,
     align_labels,
     check_min_images,
     extract_features,
     subsample_per_class,
 )
 from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.report import write_report
 
-__all__ = ["knn_classify", "knn_eval", "knn", "online_knn_accuracy", "split_featureset"]
+__all__ = ["knn_classify", "knn_eval", "knn", "knn_monitor", "online_knn_accuracy", "split_featureset"]
 
 
 def knn_classify(
@@ -99,8 +104,6 @@ def knn_eval(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: floa
 
 def split_featureset(fs: FeatureSet, fraction: float, seed: int = 0) -> tuple[FeatureSet, FeatureSet]:
     """Stratified random split: ``(rest, held_out)`` with ``fraction`` of each class held out."""
-    from cellssl.data.datasets import split_indices
-
     if not 0 < fraction < 1:
         raise DataError(f"--split must be a fraction between 0 and 1 (e.g. 0.3), got {fraction}")
     check_min_images(fs, "data", 4)
@@ -110,33 +113,17 @@ def split_featureset(fs: FeatureSet, fraction: float, seed: int = 0) -> tuple[Fe
     return fs.subset(train_idx), fs.subset(test_idx)
 
 
-def train_test_features(
-    checkpoint: str | Path,
-    train: str | Path,
-    test: str | Path | None,
-    *,
-    split: float | None,
-    seed: int,
-    image_size: int | None,
-    batch_size: int,
-    device: str,
-    adapt_bn: str | Path | None,
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-    extractor: FeatureExtractor | None = None,
-) -> tuple[FeatureSet, FeatureSet, dict]:
-    """Features of a train and a test folder with one backbone (or a stratified ``split`` of train).
-
-    ``extractor``: use this (already built) :class:`FeatureExtractor`, e.g. to keep its backbone.
-    Returns ``(train_features, test_features, extractor description)``.
-    """
+def train_test_features(ex: FeatureExtractor, train: str | Path, test: str | Path | None,
+                        split: float | None) -> tuple[FeatureSet, FeatureSet, dict]:
+    """Features of a train and a test folder with the one backbone of ``ex`` (or, without ``test``,
+    a stratified ``split`` fraction of train held out, drawn with the options' ``seed``).
+    Returns ``(train_features, test_features, extractor description)``."""
     if test is None and split is None:
         raise DataError("give a test folder (--test) or a fraction of the training folder to hold out (--split 0.3)")
-    ex = extractor or FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
-                                       adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
-    tr = ex.features(train, labelled=True, max_per_class=max_per_class)
+    seed = ex.options.seed
+    tr = ex.features(train, labelled=True)
     if test is not None:
-        te = ex.features(test, labelled=True, max_per_class=max_per_class)
+        te = ex.features(test, labelled=True)
     else:
         tr, te = split_featureset(tr, float(split), seed)
     check_min_images(tr, "training data", 2)
@@ -145,48 +132,20 @@ def train_test_features(
     return tr, te, desc
 
 
-def knn(
-    checkpoint: str | Path,
-    train: str | Path,
-    test: str | Path | None,
-    out: str | Path,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    split: float | None = None,
-    seed: int = 0,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    adapt_bn: str | Path | None = None,
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-    plots: bool = True,
-) -> dict:
+def knn(checkpoint: str | Path, train: str | Path, test: str | Path | None, out: str | Path, *, k: int = 20,
+        temperature: float = 0.07, split: float | None = None, plots: bool = True,
+        options: FeatureOptions | None = None, **fields: Any) -> dict:
     """kNN evaluation of a checkpoint: features of ``train`` and ``test`` (or a stratified
-    ``split`` fraction of ``train`` held out), :func:`knn_eval`, report written to ``out``
-    (``report.json`` + ``.md`` + confusion-matrix and embedding plots). Returns the report."""
-    from cellssl.eval.report import write_report
-
-    tr, te, desc = train_test_features(checkpoint, train, test, split=split, seed=seed, image_size=image_size,
-                                       batch_size=batch_size, device=device, adapt_bn=adapt_bn,
-                                       max_per_class=max_per_class, num_workers=num_workers)
+    ``split`` fraction of ``train`` held out; settings :class:`FeatureOptions`), :func:`knn_eval`,
+    report written to ``out`` (``report.json`` + ``.md`` + confusion-matrix and embedding plots).
+    Returns the report."""
+    ex = FeatureExtractor(checkpoint, options, **fields)
+    tr, te, desc = train_test_features(ex, train, test, split)
     report = knn_eval(tr, te, k=k, temperature=temperature)
     report["checkpoint"] = desc
-    report["settings"].update({"seed": seed, "split": split, "max_per_class": max_per_class})
+    report["settings"].update({"seed": ex.options.seed, "split": split, "max_per_class": ex.options.max_per_class})
     write_report(report, out, "knn", features=tr if plots else None, plots=plots)
     return report
-
-
-class _Subset(torch.utils.data.Dataset):
-    def __init__(self, base: Any, indices: np.ndarray):
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.base[int(self.indices[i])]
 
 
 def online_knn_accuracy(
@@ -210,14 +169,12 @@ def online_knn_accuracy(
     Returns:
         accuracy in [0, 1] (float).
     """
-    from cellssl.data.datasets import split_indices
-
     labels = np.asarray(dataset.labels)
     n_cls = max(1, len(np.unique(labels)))
     keep = subsample_per_class(labels, max(1, int(np.ceil(max_images / n_cls))), seed)
     if len(keep) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_images, replace=False))
-    ds = TransformedDataset(dataset, transform, keep) if transform is not None else _Subset(dataset, keep)
+    ds = TransformedDataset(dataset, transform, keep) if transform is not None else Subset(dataset, keep)
     feats = extract_features(backbone, ds, device, batch_size=256, num_workers=0, progress=False)
     y = labels[keep]
     tr, va = split_indices(y, (1 - val_fraction, val_fraction), seed=seed, stratified=True)
@@ -225,3 +182,22 @@ def online_knn_accuracy(
         raise DataError(f"the kNN monitor needs more labelled images than {len(keep)}")
     pred = knn_classify(feats[tr], y[tr], feats[va], k=k, temperature=temperature, n_classes=int(labels.max()) + 1)
     return float(np.mean(pred == y[va]))
+
+
+def knn_monitor(recipe: Any) -> Callable[[nn.Module], float] | None:
+    """The online kNN monitor of ``recipe.eval`` for :func:`cellssl.engine.fit.fit`: a callable
+    backbone -> :func:`online_knn_accuracy` on the labelled folder ``eval.knn_data`` (read with the
+    recipe's data settings, run on the backbone's device). None when ``eval.knn_every`` is 0."""
+    ev = recipe.eval
+    if not ev.knn_every:
+        return None
+    if not ev.knn_data:
+        raise ConfigError("eval.knn_every is set but eval.knn_data (a labelled folder) is not")
+    ds = build_dataset(recipe.data, ev.knn_data, labelled=True)
+    transform = build_eval_transform(recipe.data, ds.channels)
+
+    def run(backbone: nn.Module) -> float:
+        device = next(backbone.parameters()).device
+        return online_knn_accuracy(backbone, ds, transform, device, k=ev.knn_k, temperature=ev.knn_temperature)
+
+    return run

@@ -8,6 +8,7 @@ then the model is refit on all training images with that C.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +20,16 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
-from cellssl.eval.features import FeatureSet, align_labels, check_min_images
+from cellssl.config import recipe_to_dict
+from cellssl.data.datasets import split_indices
+from cellssl.engine.checkpoint import FORMAT, save_atomic
+from cellssl.eval.features import FeatureExtractor, FeatureOptions, FeatureSet, align_labels, check_min_images
+from cellssl.eval.knn import train_test_features
 from cellssl.eval.metrics import classification_metrics, l2_normalize
-from cellssl.eval.unsure import DEFAULT_OOD_QUANTILE, DEFAULT_TARGET_ERROR
+from cellssl.eval.report import report_paths, write_report
+from cellssl.eval.unsure import DEFAULT_OOD_QUANTILE, DEFAULT_TARGET_ERROR, calibrate, native_size
 
 __all__ = ["linear_probe", "linear", "fit_logreg", "fit_probe", "ProbeFit", "save_classifier"]
 
@@ -33,8 +40,6 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, max_iter: 
     Runs with one BLAS/OpenMP thread: with torch loaded, the competing thread pools made lbfgs
     ~30x slower (62 s vs 1.9 s for 7,600 x 512 features on 2 cores).
     """
-    from threadpoolctl import threadpool_limits
-
     clf = LogisticRegression(C=float(C), max_iter=max_iter, solver="lbfgs", random_state=seed)
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -54,7 +59,6 @@ class ProbeFit:
         val_proba: (V, K) their probabilities under the probe fitted on the other rows with the
             chosen C (held-out scores: what ``unsure`` thresholds are calibrated on).
     """
-
     classes: list[str]
     scaler: StandardScaler
     clf: LogisticRegression
@@ -104,8 +108,6 @@ def fit_probe(
     accuracy on the rest; refit on all of train with the best C (ties -> smaller C). With a single
     C the split is made only when ``hold_out`` (for held-out probabilities).
     """
-    from cellssl.data.datasets import split_indices
-
     check_min_images(train, "training data", 2)
     ytr = train.labels
     xtr = l2_normalize(train.features)
@@ -186,12 +188,6 @@ def save_classifier(fit: ProbeFit, train: FeatureSet, extractor: Any, path: str 
     ``unsure`` holds the thresholds calibrated on the held-out validation rows
     (:func:`~cellssl.eval.unsure.calibrate`); ``native_size`` the training images' median size.
     """
-    import dataclasses
-
-    from cellssl.config import recipe_to_dict
-    from cellssl.engine.checkpoint import FORMAT, save_atomic
-    from cellssl.eval.unsure import calibrate, native_size
-
     W, b = fit.folded()
     fit_rows = fit.fit_idx if len(fit.val_idx) else np.arange(len(train))
     unsure = calibrate(fit.val_proba, train.labels[fit.val_idx], train.features[fit_rows], train.labels[fit_rows],
@@ -224,45 +220,25 @@ def save_classifier(fit: ProbeFit, train: FeatureSet, extractor: Any, path: str 
     }, path)
 
 
-def linear(
-    checkpoint: str | Path,
-    train: str | Path,
-    test: str | Path | None,
-    out: str | Path,
-    *,
-    split: float | None = None,
-    seed: int = 0,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    adapt_bn: str | Path | None = None,
-    Cs: Sequence[float] = (0.01, 0.1, 1, 10, 100),
-    max_per_class: int | None = None,
-    num_workers: int = 0,
-    plots: bool = True,
-    classifier: bool = True,
-) -> dict:
-    """Linear-probe evaluation of a checkpoint on labelled folders ``train`` / ``test``.
+def linear(checkpoint: str | Path, train: str | Path, test: str | Path | None, out: str | Path, *,
+           split: float | None = None, Cs: Sequence[float] = (0.01, 0.1, 1, 10, 100), plots: bool = True,
+           classifier: bool = True, options: FeatureOptions | None = None, **fields: Any) -> dict:
+    """Linear-probe evaluation of a checkpoint on labelled folders ``train`` / ``test`` (feature
+    settings :class:`~cellssl.eval.features.FeatureOptions`).
 
-    With ``test=None`` a stratified ``split`` fraction of ``train`` (``seed``) is held out as the
-    test set; neither raises DataError. Writes ``out`` (report.json + .md + plots) and, with
+    With ``test=None`` a stratified ``split`` fraction of ``train`` (the options' ``seed``) is held out
+    as the test set; neither raises DataError. Writes ``out`` (report.json + .md + plots) and, with
     ``classifier``, the probe with its backbone and ``unsure`` calibration beside it
     (``classifier.pt``, or ``<stem>_classifier.pt`` for ``out=<stem>.json``) for ``cellssl predict``.
     Returns the report.
     """
-    from cellssl.eval.features import FeatureExtractor
-    from cellssl.eval.knn import train_test_features
-    from cellssl.eval.report import report_paths, write_report
-
-    ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
-                          adapt_bn=adapt_bn, num_workers=num_workers, seed=seed)
-    tr, te, desc = train_test_features(checkpoint, train, test, split=split, seed=seed, image_size=image_size,
-                                       batch_size=batch_size, device=device, adapt_bn=adapt_bn,
-                                       max_per_class=max_per_class, num_workers=num_workers, extractor=ex)
+    ex = FeatureExtractor(checkpoint, options, **fields)
+    seed = ex.options.seed
+    tr, te, desc = train_test_features(ex, train, test, split)
     fit = fit_probe(tr, seed=seed, Cs=Cs)
     report = linear_probe(tr, te, seed=seed, Cs=Cs, fit=fit)
     report["checkpoint"] = desc
-    report["settings"].update({"split": split, "max_per_class": max_per_class})
+    report["settings"].update({"split": split, "max_per_class": ex.options.max_per_class})
     if classifier:
         path = save_classifier(fit, tr, ex, report_paths(out)["classifier"])
         report["classifier"] = str(path)

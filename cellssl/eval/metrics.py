@@ -8,9 +8,9 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm: ``x / max(||x||_2, eps)``; (N, F) -> (N, F) float32."""
-    x = np.asarray(x, dtype=np.float32)
+def l2_normalize(x: np.ndarray, eps: float = 1e-12, dtype: type = np.float32) -> np.ndarray:
+    """Rows scaled to unit Euclidean norm: ``x / max(||x||_2, eps)``; (N, F) -> (N, F) in ``dtype``."""
+    x = np.asarray(x, dtype=dtype)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
@@ -38,7 +38,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequ
     return {
         "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else float("nan"),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)) if len(y_true) else float("nan"),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro",
+                                   zero_division=0)) if len(y_true) else float("nan"),
         "confusion_matrix": cm.astype(int).tolist(),
         "per_class_accuracy": per_class,
         "support": {c: int(s) for c, s in zip(classes, support)},

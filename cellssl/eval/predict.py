@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,9 +27,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from cellssl.augment.views import build_eval_transform
+from cellssl.config import recipe_from_dict
+from cellssl.data.datasets import build_dataset
+from cellssl.data.io import ImageReadError, relative_path
+from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
+from cellssl.engine.distributed import resolve_device
 from cellssl.errors import CheckpointError, DataError
 from cellssl.eval.finetune import Classifier, softmax
+from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.report import markdown_table, pct, write_json
+from cellssl.eval.unsure import MIN_CALIBRATION_CELLS, OODModel, thresholds
+from cellssl.models import build_backbone
+from cellssl.plots import image_sheet, tile
 
 __all__ = ["Predictor", "load_predictor", "resolve_model_path", "predict", "format_predict_summary", "SIZE_TOLERANCE"]
 
@@ -67,7 +78,8 @@ def resolve_model_path(model: str | Path) -> Path:
             return found[0]
         raise CheckpointError(
             f"{p} holds no model to predict with: pass finetune's RUN/best.pt or the classifier.pt that "
-            "`cellssl linear` writes beside its report" + (f" (found {len(found)} *_classifier.pt: name one)" if found else "")
+            "`cellssl linear` writes beside its report"
+            + (f" (found {len(found)} *_classifier.pt: name one)" if found else "")
         )
     if not p.is_file():
         raise CheckpointError(f"model {p} does not exist")
@@ -77,19 +89,14 @@ def resolve_model_path(model: str | Path) -> Path:
 def load_predictor(model: str | Path, device: str | torch.device = "auto") -> Predictor:
     """Load a predictor (see the module docstring) with ``weights_only=True``; a pretraining
     checkpoint (no classifier) is a one-line error that says how to make one."""
-    from cellssl.config import recipe_from_dict
-    from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
-    from cellssl.eval.features import resolve_device
-    from cellssl.models import build_backbone
-
     path = resolve_model_path(model)
     ck = load_checkpoint(path)
     state = ck.get("model") or {}
     if not ck.get("classes") or "head.weight" not in state:
         raise CheckpointError(
             f"{path} has no classifier (a pretraining checkpoint?): fit one on labelled cells with "
-            f"`cellssl linear --checkpoint {path} --train LABELLED --split 0.2 --out eval/` (writes eval/classifier.pt) "
-            "or `cellssl finetune` (writes RUN/best.pt), then predict with that"
+            f"`cellssl linear --checkpoint {path} --train LABELLED --split 0.2 --out eval/` "
+            "(writes eval/classifier.pt) or `cellssl finetune` (writes RUN/best.pt), then predict with that"
         )
     recipe = recipe_from_dict(ck["config"])
     in_chans = int(ck["in_chans"])
@@ -121,8 +128,6 @@ class _Items(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        from cellssl.data.io import ImageReadError
-
         try:
             img = self.ds.read(i, convert=self.convert)
         except ImageReadError as exc:
@@ -141,19 +146,9 @@ def _size_reason(h: int, w: int, native: list[int]) -> str:
     return f"size {h}x{w} px vs {nh}x{nw} px in training" if ratio > SIZE_TOLERANCE else ""
 
 
-def predict(
-    model: str | Path,
-    data: str | Path,
-    out: str | Path,
-    *,
-    target_error: float | None = None,
-    ood_quantile: float | None = None,
-    batch_size: int = 128,
-    device: str = "auto",
-    num_workers: int = 0,
-    sheet: int = 48,
-    progress: bool = True,
-) -> dict:
+def predict(model: str | Path, data: str | Path, out: str | Path, *, target_error: float | None = None,
+            ood_quantile: float | None = None, batch_size: int = 128, device: str = "auto", num_workers: int = 0,
+            sheet: int = 48, progress: bool = True) -> dict:
     """Classify every image below ``data`` with the predictor ``model``; write ``out``.
 
     Writes ``out/predictions.csv`` (one row per image: path, predicted class, its probability,
@@ -165,10 +160,6 @@ def predict(
     ``unsure`` thresholds from the saved validation scores (default: the ones chosen at fit time).
     Returns the report dict.
     """
-    from cellssl.augment.views import build_eval_transform
-    from cellssl.data.datasets import build_dataset
-    from cellssl.eval.unsure import OODModel, thresholds
-
     t0 = time.monotonic()
     pred = load_predictor(model, device)
     out = Path(out)
@@ -193,7 +184,6 @@ def predict(
     sizes = np.zeros((n, 2), dtype=np.int64)
     iterator: Any = loader
     if progress and len(loader) > 2:
-        from tqdm.auto import tqdm
 
         iterator = tqdm(loader, desc="predict", unit="batch", leave=False)
     with torch.no_grad():
@@ -228,7 +218,8 @@ def predict(
         for i in np.flatnonzero(used):
             if conf[i] < th["confidence_threshold"]:
                 flags[i].append(f"low confidence {conf[i]:.2f} < {th['confidence_threshold']:.2f}"
-                                if math.isfinite(th["confidence_threshold"]) else "no confidence threshold meets the target")
+                                if math.isfinite(th["confidence_threshold"])
+                                else "no confidence threshold meets the target")
             if dist[i] > th["distance_threshold"]:
                 flags[i].append(f"unlike the training cells (distance {dist[i]:.1f} > {th['distance_threshold']:.1f})")
     for i in np.flatnonzero(used):
@@ -247,10 +238,10 @@ def predict(
 
     out.mkdir(parents=True, exist_ok=True)
     root = Path(ds.root)
-    rel = [p.name if root.is_file() else _relative(p, root) for p, _ in ds.samples]
+    rel = [p.name if root.is_file() else relative_path(p, root) for p, _ in ds.samples]
     predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
     _write_csv(out / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
-    report = _summary(pred, data, predicted, conf, used, unsure, flags, truth, th)
+    report = _summary(pred, data, predicted, used, unsure, flags, truth, th)
     report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"), "json": str(out / "report.json")}
     sheet_path = _contact_sheet(ds, out / SHEET_NAME, pred.classes, predicted, conf, unsure, flags, used, sheet)
     if sheet_path:
@@ -258,13 +249,6 @@ def predict(
     report["seconds"] = round(time.monotonic() - t0, 1)
     _write_report(report, out)
     return report
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.ndarray, conf: np.ndarray,
@@ -295,10 +279,8 @@ def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.nda
     tmp.replace(path)
 
 
-def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.ndarray, used: np.ndarray,
+def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, used: np.ndarray,
              unsure: np.ndarray, flags: list[list[str]], truth: np.ndarray, th: dict | None) -> dict:
-    from cellssl.eval.metrics import classification_metrics
-
     k = len(pred.classes)
     n_used = int(used.sum())
     confident = used & ~unsure
@@ -313,7 +295,8 @@ def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.
     kinds = {"low confidence": 0, "unlike the training cells": 0, "size": 0, "no prediction": 0}
     for i, fl in enumerate(flags):
         for r in fl:
-            key = ("no prediction" if not used[i] else "low confidence" if r.startswith(("low confidence", "no confidence"))
+            key = ("no prediction" if not used[i]
+                   else "low confidence" if r.startswith(("low confidence", "no confidence"))
                    else "unlike the training cells" if r.startswith("unlike") else "size")
             kinds[key] += 1
     report: dict = {
@@ -344,42 +327,21 @@ def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, conf: np.
 
 
 def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarray, conf: np.ndarray,
-                   unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int, cols: int = 8) -> Path | None:
+                   unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int) -> Path | None:
     """PNG grid of the ``n`` least certain classified cells: those unlike the training cells first,
     then the other flagged ones, then the rest, each group by confidence."""
-    import cv2
-
-    from cellssl.augment.grid import to_display
-    from cellssl.eval.report import pyplot
-
     idx = np.flatnonzero(used)
     if n <= 0 or len(idx) == 0:
         return None
     far = np.array([any(f.startswith("unlike") for f in fl) for fl in flags])
     order = idx[np.lexsort((conf[idx], ~unsure[idx], ~far[idx]))][:n]
-    rows = int(math.ceil(len(order) / cols))
-    plt = pyplot()
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.85 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), order):
-        img = ds.read(int(i))
-        tile = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (96, 96), interpolation=cv2.INTER_AREA)
-        tile = tile[:, :, None] if tile.ndim == 2 else tile
-        ax.imshow(to_display(tile), cmap="gray" if tile.shape[2] == 1 else None, vmin=0, vmax=1)
-        ax.set_title(f"{classes[predicted[i]][:12]} {conf[i]:.2f}{' far' if far[i] else ''}", fontsize=7,
-                     color="crimson" if unsure[i] else "black")
-    fig.suptitle("least certain cells (red: flagged unsure; 'far': unlike the training cells)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    titles = [f"{classes[predicted[i]][:12]} {conf[i]:.2f}{' far' if far[i] else ''}" for i in order]
+    return image_sheet([tile(ds.read(int(i)), 96) for i in order], titles, path, cols=8,
+                       colors=["crimson" if unsure[i] else "black" for i in order],
+                       title="least certain cells (red: flagged unsure; 'far': unlike the training cells)")
 
 
 def _write_report(report: dict, out: Path) -> None:
-    from cellssl.eval.report import jsonable, markdown_table, pct
-    from cellssl.eval.unsure import MIN_CALIBRATION_CELLS
-
     m = report["model"]
     lines = ["# Predictions", "",
              f"- model: `{m['path']}` ({m['kind']}; {m['description']})",
@@ -439,13 +401,11 @@ def _write_report(report: dict, out: Path) -> None:
         lines += [f"- `{Path(files['contact_sheet']).name}`: the least certain cells", "",
                   f"![least certain cells]({Path(files['contact_sheet']).name})"]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
-    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    write_json(report, out / "report.json")
 
 
 def format_predict_summary(report: dict) -> str:
     """A few lines for the terminal."""
-    from cellssl.eval.report import pct
-
     top = sorted(report["differential"], key=lambda d: -d["cells"])[:4]
     lines = [f"classified {report['n_classified']}/{report['n_images']} images in {report['seconds']} s; "
              f"unsure: {report['n_unsure']} ({pct(report['unsure_fraction'])} %)",

@@ -16,9 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+from cellssl.eval.features import subsample_per_class
+from cellssl.eval.metrics import l2_normalize
+from cellssl.plots import pyplot
 
 __all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
-           "markdown_table", "pct", "jsonable", "pyplot", "tsne_2d"]
+           "markdown_table", "pct", "jsonable", "write_json", "tsne_2d"]
 
 _TITLES = {
     "fewshot": "Few-shot evaluation",
@@ -47,7 +52,7 @@ def report_paths(out: str | Path) -> dict[str, Path]:
 
 
 def jsonable(obj: Any) -> Any:
-    """numpy / Path / tuple -> plain JSON types; NaN/inf -> None."""
+    """numpy / Path / tuple -> plain JSON types; NaN/inf -> None; any other object -> its ``str``."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -61,9 +66,16 @@ def jsonable(obj: Any) -> Any:
         return f if math.isfinite(f) else None
     if isinstance(obj, (np.bool_,)):
         return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    return str(obj)  # Path, device, dtype, ...
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """``obj`` as indented, valid JSON (:func:`jsonable`: no NaN, numpy as plain numbers) at ``path``."""
+    path = Path(path)
+    path.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def pct(x: Any) -> str:
@@ -72,16 +84,6 @@ def pct(x: Any) -> str:
 
 
 # --- plots -------------------------------------------------------------------------------------
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (plots are files, never windows)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str = "") -> Path | None:
     """Row-normalised confusion matrix heat map (rows = true class), counts in each cell."""
     cm_a = np.asarray(cm, dtype=np.float64)
@@ -135,10 +137,9 @@ def plot_shots(results: dict, path: Path, title: str = "") -> Path | None:
 
 def embedding_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """2-D map of (N, F) features: UMAP when installed, else PCA(50) + t-SNE. Returns (N, 2), method."""
-    x = np.asarray(features, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalize(features)
     try:
-        import umap  # type: ignore
+        import umap  # type: ignore  # optional (umap-learn)
 
         return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
     except Exception:
@@ -151,9 +152,8 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     ``min(30, max(2, (N - 1) / 3))``, run with ONE OpenMP thread: sklearn's and torch's libgomp
     copies otherwise busy-wait against each other (t-SNE of 36 points took 15 s after a torch
     forward pass; 0.1 s limited). Every t-SNE of cellssl goes through here."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # sklearn: heavy, imported when used
     from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
 
     x = np.asarray(x, dtype=np.float32)
     n = len(x)
@@ -168,8 +168,6 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
 def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int = 0, title: str = "") -> Path | None:
     """Scatter of a 2-D embedding of a FeatureSet (at most ``max_points``, class-balanced),
     coloured by class; None when there are fewer than 10 points."""
-    from cellssl.eval.features import subsample_per_class
-
     x, y = np.asarray(features.features), np.asarray(features.labels)
     if len(x) < MIN_EMBED_POINTS or x.ndim != 2:
         return None
@@ -258,7 +256,8 @@ def _metrics_lines(m: dict, heading: str) -> list[str]:
     sup = m.get("support") or {}
     if pc:
         lines += ["### Per-class accuracy", ""]
-        lines += markdown_table(["class", "accuracy (%)", "images"], [[c, pct(a), sup.get(c, "")] for c, a in pc.items()])
+        lines += markdown_table(["class", "accuracy (%)", "images"],
+                                [[c, pct(a), sup.get(c, "")] for c, a in pc.items()])
         lines.append("")
     cm = m.get("confusion_matrix")
     classes = m.get("classes") or list(pc)
@@ -275,10 +274,12 @@ def _fewshot_lines(report: dict) -> list[str]:
         return []
     st = report.get("settings", {})
     ks = sorted(res, key=int)
-    lines = ["## Results", "", f"Accuracy over {st.get('episodes', '?')} episodes, {st.get('queries', '?')} queries per class, "
+    lines = ["## Results", "",
+             f"Accuracy over {st.get('episodes', '?')} episodes, {st.get('queries', '?')} queries per class, "
              f"classifier `{st.get('classifier', '?')}`; mean ± 95 % confidence interval.", ""]
     lines += markdown_table(["ways", "shots (K)", "accuracy (%)", "std (%)"],
-                    [[res[k]["ways"], k, f"{pct(res[k]['mean'])} ± {pct(res[k]['ci95'])}", pct(res[k].get("std"))] for k in ks])
+                    [[res[k]["ways"], k, f"{pct(res[k]['mean'])} ± {pct(res[k]['ci95'])}",
+                      pct(res[k].get("std"))] for k in ks])
     lines += ["", "### Per-class accuracy (%)", ""]
     classes = report.get("classes") or []
     lines += markdown_table(["class", *[f"{k}-shot" for k in ks]],
@@ -293,13 +294,15 @@ def _finetune_lines(report: dict) -> list[str]:
         lines += ["## Training", "", f"Best epoch {report.get('best_epoch')} (validation accuracy "
                   f"{pct(report.get('best_val_accuracy'))} %); weights: `{report.get('best_checkpoint', '')}`", ""]
         lines += markdown_table(["epoch", "train loss", "train acc (%)", "val acc (%)"],
-                        [[h["epoch"], f"{h['train_loss']:.4f}", pct(h.get("train_accuracy")), pct(h.get("val_accuracy"))]
+                        [[h["epoch"], f"{h['train_loss']:.4f}", pct(h.get("train_accuracy")),
+                          pct(h.get("val_accuracy"))]
                          for h in hist])
         lines.append("")
     if report.get("test"):
         lines += _metrics_lines({**report["test"], "classes": report.get("classes")}, "Test set")
     if report.get("validation"):
-        lines += _metrics_lines({**report["validation"], "classes": report.get("classes")}, "Validation set (best model)")
+        lines += _metrics_lines({**report["validation"], "classes": report.get("classes")},
+                                "Validation set (best model)")
     return lines
 
 
@@ -350,7 +353,7 @@ def write_report(report: dict, out: str | Path, kind: str, *, features: Any = No
         for name, p in made.items():
             lines += [f"![{name}]({p.name})", ""]
     paths["markdown"].write_text("\n".join(lines).rstrip() + "\n")
-    paths["json"].write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    write_json(report, paths["json"])
     return paths["json"]
 
 
@@ -367,9 +370,10 @@ def format_summary(report: dict) -> str:
     else:
         m = (report.get("test") or report.get("validation")) if kind == "finetune" else report
         if kind == "finetune" and report.get("best_epoch") is not None:
-            lines.append(f"  best epoch {report['best_epoch']}, validation accuracy {pct(report.get('best_val_accuracy'))} %")
+            lines.append(f"  best epoch {report['best_epoch']}, "
+                         f"validation accuracy {pct(report.get('best_val_accuracy'))} %")
         if m:
-            where = "test" if kind == "finetune" and report.get("test") else ("validation" if kind == "finetune" else "test")
+            where = "validation" if kind == "finetune" and not report.get("test") else "test"
             extra = f", C={report['C']:g}" if kind == "linear" else ""
             lines.append(
                 f"  {where} accuracy {pct(m.get('accuracy'))} %, balanced {pct(m.get('balanced_accuracy'))} %, "

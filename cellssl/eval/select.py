@@ -28,7 +28,6 @@ expert; once filled in it is a labelled dataset for ``linear``, ``knn``, ``fewsh
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -41,9 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from cellssl.config import DataConfig
+from cellssl.data.datasets import build_dataset
+from cellssl.data.io import relative_path
 from cellssl.errors import ConfigError, DataError, did_you_mean
+from cellssl.eval.features import FeatureExtractor, FeatureOptions, FeatureSet, save_embeddings
 from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.report import MIN_EMBED_POINTS, embedding_2d, write_json
+from cellssl.plots import image_sheet, pyplot
 
 __all__ = [
     "STRATEGIES",
@@ -81,7 +87,6 @@ class Selection:
         info: strategy details (ProbCover: ``delta``, ``coverage``, ``gains``; TypiClust: ``n_clusters``).
         clusters: (N,) cluster of every pool row when the strategy clustered (TypiClust), else None.
     """
-
     indices: np.ndarray
     strategy: str
     seconds: float = 0.0
@@ -99,14 +104,12 @@ def _missing_y(n: int, labelled: np.ndarray) -> np.ndarray:
 
 def _threads():
     """One BLAS/OpenMP thread: with torch loaded, competing pools made sklearn ~30x slower."""
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(1)
 
 
 def kmeans_labels(z: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
     """k-means (scikit-learn, k-means++) cluster of each row of ``z`` (N, F) -> (N,) int64."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # sklearn: heavy, imported when used
 
     n_clusters = int(max(1, min(n_clusters, len(z))))
     with _threads(), warnings.catch_warnings():
@@ -121,7 +124,7 @@ def typicality(z: np.ndarray, clusters: np.ndarray, k: int = TYPICALITY_K, eps: 
     cluster (k capped at cluster size − 1; a singleton cluster gets 1) — the formula of
     scikit-activeml's ``TypiClust``, computed here for every strategy's report.
     """
-    from sklearn.neighbors import NearestNeighbors
+    from sklearn.neighbors import NearestNeighbors  # sklearn: heavy, imported when used
 
     out = np.ones(len(z), dtype=np.float64)
     with _threads():
@@ -148,8 +151,8 @@ def _distance_chunks(z: np.ndarray, chunk: int | None = None):
 # --- strategies --------------------------------------------------------------------------------
 def typiclust(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, k: int = TYPICALITY_K) -> Selection:
     """TypiClust via scikit-activeml (see the module docstring); records the k-means clusters."""
-    from sklearn.cluster import KMeans
-    from skactiveml.pool import TypiClust
+    from skactiveml.pool import TypiClust  # skactiveml, sklearn: heavy, imported when used
+    from sklearn.cluster import KMeans  # sklearn: heavy, imported when used
 
     fitted: dict[str, np.ndarray] = {}
 
@@ -188,7 +191,7 @@ def _unique_topped_up(idx: np.ndarray, budget: int, labelled: np.ndarray, z: np.
 def coreset(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> Selection:
     """Greedy k-center (farthest-first) via scikit-activeml's ``CoreSet``; without labelled cells
     the first centre is random."""
-    from skactiveml.pool import CoreSet
+    from skactiveml.pool import CoreSet  # skactiveml: heavy, imported when used
 
     idx = CoreSet(random_state=seed).query(z, _missing_y(len(z), labelled), batch_size=budget)
     return Selection(np.asarray(idx, dtype=np.int64), "coreset")
@@ -196,7 +199,7 @@ def coreset(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> 
 
 def random_selection(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> Selection:
     """Uniform sample of the unlabelled rows (scikit-activeml's ``RandomSampling``)."""
-    from skactiveml.pool import RandomSampling
+    from skactiveml.pool import RandomSampling  # skactiveml: heavy, imported when used
 
     idx = RandomSampling(random_state=seed).query(z, _missing_y(len(z), labelled), batch_size=budget)
     return Selection(np.asarray(idx, dtype=np.int64), "random")
@@ -229,7 +232,7 @@ def probcover_delta(z: np.ndarray, n_classes: int, alpha: float = PROBCOVER_ALPH
 def ball_graph(z: np.ndarray, delta: float, chunk: int | None = None):
     """Sparse (N, N) CSR adjacency of the δ-ball graph: ``A[i, j] = 1`` iff ``||z_i − z_j|| <= δ``
     (self loops included). Built chunk by chunk: memory O(edges + chunk · N), not O(N²)."""
-    from scipy import sparse
+    from scipy import sparse  # scipy: imported when used
 
     rows, cols = [], []
     with _threads():
@@ -361,9 +364,6 @@ def read_labelled_paths(spec: str | Path, data_cfg: Any = None) -> list[Path]:
     """Resolved image files of a labelled set: a CSV manifest (``path[,label,...]``, or a previous
     ``to_label.csv``), a folder, or anything :func:`~cellssl.data.datasets.build_dataset` reads.
     Every listed image counts, labelled or not (it has been shown to the expert)."""
-    from cellssl.config import DataConfig
-    from cellssl.data.datasets import build_dataset
-
     p = Path(spec).expanduser()
     if not p.exists():
         raise DataError(f"--labelled {spec} does not exist: pass the CSV of cells already labelled "
@@ -397,15 +397,8 @@ def _labelled_rows(specs: Sequence[str | Path], pool_files: Sequence[Path], data
 def _pool_features(ex: Any, ds: Any, data: Any, features: str | Path | None, out: Path) -> tuple[Any, bool]:
     """The pool's FeatureSet: from ``features`` (an ``embed``/``select`` .npz of the same folder,
     re-ordered to the pool) or computed now and cached as ``out/embeddings.npz``."""
-    from cellssl.eval.features import FeatureSet
-
     root = Path(ds.root)
-    rel = []
-    for p, _ in ds.samples:
-        try:
-            rel.append(str(Path(p).relative_to(root)))
-        except ValueError:
-            rel.append(str(p))
+    rel = [relative_path(p, root) for p, _ in ds.samples]
     if features is not None:
         fpath = Path(features)
         if not fpath.is_file():
@@ -425,13 +418,7 @@ def _pool_features(ex: Any, ds: Any, data: Any, features: str | Path | None, out
         fs = FeatureSet(feats[order], ds.labels, rel, list(ds.classes), ex.describe(data), str(root))
         return fs, False
     fs = ex.features(data, labelled=None)
-    arrays: dict[str, np.ndarray] = {"features": fs.features.astype(np.float32),
-                                     "paths": np.asarray(fs.paths, dtype=str)}
-    if fs.labelled:
-        arrays["labels"] = fs.labels.astype(np.int64)
-        arrays["classes"] = np.asarray(fs.classes, dtype=str)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "embeddings.npz", **arrays)  # same arrays as 'cellssl embed': reusable with --features
+    save_embeddings(fs, out / "embeddings.npz")  # what 'cellssl embed' writes: reusable with --features
     return fs, True
 
 
@@ -440,29 +427,10 @@ def save_contact_sheet(ds: Any, rows: Sequence[int], numbers: Sequence[int], pat
                        title: str = "") -> Path:
     """A PNG grid of the images ``rows`` of ``ds`` (an ImageDataset), each headed by its number
     (the ``row`` of to_label.csv) in large type, so an expert can label from one picture."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    from cellssl.augment.grid import to_display
-
-    n = len(rows)
-    cols = int(min(10, max(4, math.ceil(math.sqrt(n)))))
-    nrows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(1.55 * cols, 1.75 * nrows + 0.5), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i, num in zip(axes.ravel(), rows, numbers):
-        img, _ = ds.load(int(i))
-        ax.imshow(to_display(img), cmap="gray" if img.shape[2] == 1 else None, vmin=0, vmax=1)
-        ax.set_title(str(num), fontsize=15, fontweight="bold", pad=3)
-    fig.suptitle(title or "cells to label — the number is the 'row' of to_label.csv", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97), pad=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    cols = int(min(10, max(4, math.ceil(math.sqrt(len(rows))))))
+    return image_sheet([ds.load(int(i))[0] for i in rows], [str(num) for num in numbers], path, cols=cols,
+                       title=title or "cells to label — the number is the 'row' of to_label.csv", title_size=15,
+                       bold=True, dpi=100)
 
 
 def plot_selection_map(features: Any, selected: np.ndarray, labelled: np.ndarray, path: str | Path,
@@ -473,8 +441,6 @@ def plot_selection_map(features: Any, selected: np.ndarray, labelled: np.ndarray
     labelled ones), coloured by class when the pool has class folders, grey otherwise; selected
     cells are black rings numbered as in to_label.csv, labelled ones grey squares. None when the
     pool is too small to map."""
-    from cellssl.eval.report import MIN_EMBED_POINTS, embedding_2d
-
     n = len(features)
     if n < MIN_EMBED_POINTS:
         return None
@@ -493,11 +459,7 @@ def plot_selection_map(features: Any, selected: np.ndarray, labelled: np.ndarray
         warnings.warn(f"skipping the selection map: {exc}", UserWarning, stacklevel=2)
         return None
     pos = {int(r): k for k, r in enumerate(keep)}
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 7))
     y = np.asarray(features.labels)[keep]
     classes = list(features.classes)
@@ -623,26 +585,9 @@ def _fmt_report(rep: dict, table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def select(
-    checkpoint: str | Path,
-    data: str | Path,
-    out: str | Path,
-    *,
-    budget: int = 40,
-    strategy: str = "typiclust",
-    labelled: Sequence[str | Path] = (),
-    features: str | Path | None = None,
-    seed: int = 0,
-    n_classes: int = 8,
-    link: bool = False,
-    image_size: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    adapt_bn: str | Path | None = None,
-    num_workers: int = 0,
-    map_points: int = 2000,
-    progress: bool = True,
-) -> dict:
+def select(checkpoint: str | Path, data: str | Path, out: str | Path, *, budget: int = 40, strategy: str = "typiclust",
+           labelled: Sequence[str | Path] = (), features: str | Path | None = None, n_classes: int = 8,
+           link: bool = False, map_points: int = 2000, options: FeatureOptions | None = None, **fields: Any) -> dict:
     """``cellssl select``: embed the pool ``data``, choose ``budget`` cells, write the expert's files.
 
     Writes into ``out``: ``to_label.csv`` (``path`` = the copy in ``images/``, an empty ``label``
@@ -652,11 +597,9 @@ def select(
     ``selection.json`` and ``embeddings.npz`` (the pool's features; pass it back as ``features``
     to skip embedding in the next round). ``labelled``: CSVs / folders of cells already
     labelled. ``map_points=0`` skips the map (its t-SNE is the slowest part after embedding).
-    Refuses to overwrite a ``to_label.csv`` that already has labels. Returns the report.
+    Refuses to overwrite a ``to_label.csv`` that already has labels. Feature settings:
+    :class:`~cellssl.eval.features.FeatureOptions` (its ``seed`` also seeds the strategy). Returns the report.
     """
-    from cellssl.data.datasets import build_dataset
-    from cellssl.eval.features import FeatureExtractor
-
     out = Path(out)
     csv_path = out / "to_label.csv"
     if csv_path.exists() and _filled_labels(csv_path):
@@ -665,8 +608,8 @@ def select(
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown --strategy '{strategy}'{did_you_mean(strategy, STRATEGIES)}: "
                           f"use one of {', '.join(STRATEGIES)}")
-    ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device,
-                          adapt_bn=adapt_bn, num_workers=num_workers, progress=progress, seed=seed)
+    ex = FeatureExtractor(checkpoint, options, **fields)
+    seed = ex.options.seed
     ds = build_dataset(ex.data_cfg, data, labelled=None)
     pool_files = [Path(p) for p in ds.paths]
     lab_rows = _labelled_rows(labelled, pool_files, data, ex.data_cfg)
@@ -733,7 +676,7 @@ def select(
         report["classes_in_pool"] = list(ds.classes)
         report["classes_covered"] = int(len(np.unique(ds.labels[rows])))
     (out / "report.md").write_text(_fmt_report(report, table))
-    (out / "selection.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_json(report, out / "selection.json")
     report["embedded"] = embedded
     return report
 

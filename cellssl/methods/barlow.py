@@ -41,9 +41,7 @@ def standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
 def cross_correlation(z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
     """C = ẑ_aᵀ ẑ_b / B of the standardised embeddings ``(B, D)`` -> ``(D, D)`` in float32."""
     check_shape("z_a", z_a, ndim=2)
-    check_shape("z_b", z_b, ndim=2)
-    if z_a.shape != z_b.shape:
-        raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    check_shape("z_b", z_b, like=z_a)
     with torch.autocast(device_type=z_a.device.type, enabled=False):
         return standardise(z_a, eps).T @ standardise(z_b, eps) / z_a.shape[0]
 
@@ -76,14 +74,13 @@ def barlow_loss(z_a: Tensor, z_b: Tensor, lambd: float = 0.0051) -> Tensor:
 class BarlowTwins(SSLMethod):
     """Barlow Twins (arXiv:2103.03230): backbone + projector, no predictor, no target.
 
-    Recipe settings (``method.*``): ``barlow_lambda`` λ. The projector ends in a plain Linear
-    (``last_bn = False``): the paper's affine-free BN before C is the standardisation inside
-    the loss, so the returned ``z`` keeps its real scale for the collapse monitor.
+    Recipe settings (``method.*``): ``barlow_lambda`` λ. The projector ends in a plain Linear:
+    the paper's affine-free BN before C is the standardisation inside the loss, so the returned
+    ``z`` keeps its real scale for the collapse monitor.
     """
 
     uses_target = False
     uses_predictor = False
-    last_bn = False
     loss_terms = {"loss_on_diag": (), "loss_off_diag": ("barlow_lambda",)}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
@@ -92,9 +89,7 @@ class BarlowTwins(SSLMethod):
         Returns ``loss`` (= ``loss_on_diag + loss_off_diag``), ``loss_on_diag``,
         ``loss_off_diag`` (λ-weighted; both detached) and ``z`` (detached ``(B·M, D)``, view-major).
         """
-        x, b, m = self.flatten_views(views)
-        if m < 2:
-            raise ValueError("Barlow Twins needs at least 2 views")
+        x, b, m = self.flatten_views(views, min_views=2)
         z_flat = self.online(x)
         z = self.unflatten(z_flat, b, m)
         zg = [gather_with_grad(z[:, i].contiguous()) for i in range(m)]

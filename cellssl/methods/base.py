@@ -7,10 +7,11 @@ others are logged), then ``method.after_step(step, total_steps)`` (the EMA updat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cellssl.config import MethodConfig, ModelConfig
@@ -48,7 +49,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed.nn.functional import all_gather  # only under DDP
 
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
@@ -69,7 +70,48 @@ def check_shape(name: str, x: Tensor, ndim: int | None = None, like: Tensor | No
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have shape {_SHAPE_NAMES.get(ndim, f'{ndim}-D')}, got {tuple(x.shape)}")
     if like is not None and x.shape != like.shape:
-        raise ValueError(f"{name} must have the same shape as the first input {tuple(like.shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have the same shape as the first input {tuple(like.shape)}, "
+                         f"got {tuple(x.shape)}")
+
+
+def stack_views(x: Tensor | Sequence[Tensor], name: str, min_views: int = 2) -> Tensor:
+    """Per-view embeddings as one ``(N, M, D)`` tensor: a list of M tensors ``(N, D)`` is stacked on
+    dim 1; checked with :func:`check_shape` and for at least ``min_views`` views (ValueError)."""
+    if isinstance(x, (list, tuple)):
+        x = torch.stack(list(x), dim=1)
+    check_shape(name, x, ndim=3)
+    if x.shape[1] < min_views:
+        raise ValueError(f"{name} needs at least {min_views} views, got M = {x.shape[1]}")
+    return x
+
+
+# ----- the batch spectrum: the SV loss and the collapse monitor ------------------------------
+def normalised_centred(z: Tensor) -> Tensor:
+    """Rows L2-normalised then centred over the batch: (B, D) -> (B, D) in float32/64."""
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    zh = F.normalize(z, dim=-1)
+    return zh - zh.mean(dim=0, keepdim=True)
+
+
+def covariance_spectrum(z: Tensor) -> Tensor:
+    """Eigenvalues λ_k = s_k² / B of C = ẐᵀẐ / B via singular values (reference path).
+
+    Args:
+        z: embeddings ``(B, D)``; rows are normalised and centred first.
+    Returns:
+        ``(min(B, D),)`` eigenvalues, descending.
+    """
+    zc = normalised_centred(z)
+    return torch.linalg.svdvals(zc) ** 2 / zc.shape[0]
+
+
+def effective_rank(z: Tensor) -> Tensor:
+    """exp(H(λ/Σλ)) of the normalised, centred batch ``(B, D)``: 1 when collapsed, D when flat."""
+    with torch.no_grad():
+        lam = covariance_spectrum(z.detach().float())
+        p = lam / lam.sum().clamp_min(1e-12)
+        h = -(p * torch.log(p.clamp_min(1e-12))).sum()
+        return torch.exp(h)
 
 
 class SSLMethod(nn.Module):
@@ -86,7 +128,7 @@ class SSLMethod(nn.Module):
     uses_target = False
     uses_predictor = False
     supports_local_views = False  # multi-crop: small local crops through the online branch
-    last_bn = False
+    channels_last = False  # the backbone sees channels-last batches (use_channels_last)
     # Each logged loss term -> the MethodConfig fields that weight or shape it (named when it goes non-finite).
     loss_terms: dict[str, tuple[str, ...]] = {}
 
@@ -95,21 +137,27 @@ class SSLMethod(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         feat = backbone.num_features
-        self.projector = mlp(feat, model_cfg.proj_hidden, model_cfg.proj_dim, last_bn=self.last_bn)
+        self.projector = mlp(feat, model_cfg.proj_hidden, model_cfg.proj_dim)
         self.predictor = (
             mlp(model_cfg.proj_dim, model_cfg.pred_hidden, model_cfg.proj_dim) if self.uses_predictor else None
         )
         self.target_backbone = make_target(backbone) if self.uses_target else None
         self.target_projector = make_target(self.projector) if self.uses_target else None
         self.momentum = cfg.momentum_base
+        self.proj_dim = model_cfg.proj_dim
 
     # ----- pieces the methods combine -------------------------------------------------
-    @staticmethod
-    def flatten_views(views: Tensor) -> tuple[Tensor, int, int]:
-        """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m)."""
+    def flatten_views(self, views: Tensor, min_views: int = 1) -> tuple[Tensor, int, int]:
+        """(B, M, C, H, W) -> (M·B, C, H, W), view-major (rows m·B … m·B+B−1 are view m); M ≥ ``min_views``.
+        The 4-D batch is what the backbone sees: channels-last after :meth:`use_channels_last`."""
         check_shape("views", views, ndim=5)
         b, m = views.shape[:2]
-        return views.transpose(0, 1).reshape(m * b, *views.shape[2:]), b, m
+        if m < min_views:
+            raise ValueError(f"views needs at least {min_views} views, got M = {m}")
+        x = views.transpose(0, 1).reshape(m * b, *views.shape[2:])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, b, m
 
     @staticmethod
     def unflatten(x: Tensor, b: int, m: int) -> Tensor:
@@ -132,6 +180,18 @@ class SSLMethod(nn.Module):
         self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
         ema_update(self.target_backbone, self.backbone, self.momentum)
         ema_update(self.target_projector, self.projector, self.momentum)
+
+    def use_channels_last(self) -> SSLMethod:
+        """Weights and every batch the backbone sees in channels-last memory format (faster
+        convolutions on GPUs; ``model.channels_last`` on CUDA). Returns ``self``."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
+
+    def step_inputs(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+        """Random inputs of the next step's forward, drawn here, outside a compiled graph, and
+        passed to ``forward`` as keywords (``train.compile``); none for most methods."""
+        return {}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

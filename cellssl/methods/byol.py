@@ -24,18 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, register_method
-
-
-def _stack_views(x: Tensor | list[Tensor] | tuple[Tensor, ...], name: str) -> Tensor:
-    """A list of M tensors (B, D) or a tensor (B, M, D) -> tensor (B, M, D)."""
-    if isinstance(x, (list, tuple)):
-        x = torch.stack(list(x), dim=1)
-    if x.ndim != 3:
-        raise ValueError(f"{name} must have shape (B, M, D) or be a list of (B, D), got {tuple(x.shape)}")
-    if x.shape[1] < 2:
-        raise ValueError(f"{name} needs at least 2 views, got M = {x.shape[1]}")
-    return x
+from cellssl.methods.base import SSLMethod, check_shape, register_method, stack_views
 
 
 def byol_loss(p: Tensor | list[Tensor], z_target: Tensor | list[Tensor]) -> Tensor:
@@ -50,10 +39,9 @@ def byol_loss(p: Tensor | list[Tensor], z_target: Tensor | list[Tensor]) -> Tens
         Scalar ``(1 / B·M(M−1)) Σ_b Σ_{i≠j} (2 − 2 cos(p_bi, z'_bj))`` in float32, in [0, 4]:
         0 when each prediction points along the other views' targets, 4 when opposite.
     """
-    p = _stack_views(p, "p")
-    z_target = _stack_views(z_target, "z_target")
-    if p.shape != z_target.shape:
-        raise ValueError(f"p and z_target must have the same shape, got {tuple(p.shape)} and {tuple(z_target.shape)}")
+    p = stack_views(p, "p")
+    z_target = stack_views(z_target, "z_target")
+    check_shape("z_target", z_target, like=p)
     with torch.autocast(device_type=p.device.type, enabled=False):
         p_hat = F.normalize(p.float(), dim=-1)
         zt_hat = F.normalize(z_target.detach().float(), dim=-1)
@@ -76,7 +64,6 @@ class BYOL(SSLMethod):
 
     uses_target = True
     uses_predictor = True
-    last_bn = False
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, register_method
+from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, normalised_centred, register_method
 
 
 def _cos_dist(a_hat: Tensor, b: Tensor) -> Tensor:
@@ -90,25 +90,6 @@ def centroid_loss(p: Tensor, z_target: Tensor, variant: str = "per_view", p_loca
     return (m * loss + n_local * local) / (m + n_local)
 
 
-def _normalised_centred(z: Tensor) -> Tensor:
-    """Rows L2-normalised then centred over the batch: (B, D) -> (B, D) in float32/64."""
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    zh = F.normalize(z, dim=-1)
-    return zh - zh.mean(dim=0, keepdim=True)
-
-
-def covariance_spectrum(z: Tensor) -> Tensor:
-    """Eigenvalues λ_k = s_k² / B of C = ẐᵀẐ / B via singular values (reference path).
-
-    Args:
-        z: embeddings ``(B, D)``; rows are normalised and centred first.
-    Returns:
-        ``(min(B, D),)`` eigenvalues, descending.
-    """
-    zc = _normalised_centred(z)
-    return torch.linalg.svdvals(zc) ** 2 / zc.shape[0]
-
-
 def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", method: str = "cholesky") -> Tensor:
     """Singular-value loss (global dispersion), msbreg.md eq. (2).
 
@@ -127,11 +108,17 @@ def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", m
             (``torch.linalg.svdvals``, the reference).
 
     Returns:
-        Scalar loss; for logdet, ≥ −log(1/D + ε) with equality for a perfectly flat spectrum.
+        Scalar float32 loss; for logdet, ≥ −log(1/D + ε) with equality for a perfectly flat spectrum.
+
+    The Cholesky path never reads a value back to the host (no GPU sync, no graph break under
+    ``torch.compile``): C + εI is factorised in float64, where it is positive definite for any
+    finite batch (its eigenvalues are ≥ ε, its trace ≤ 1 + Dε) down to ε ≈ 1e-12; a factorisation
+    that still fails (non-finite embeddings) gives NaN, which the training loop's non-finite guard
+    skips and names.
     """
     check_shape("z", z, ndim=2)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        zc = _normalised_centred(z)
+        zc = normalised_centred(z)
         b, d = zc.shape
         if variant == "flat":
             lam = torch.linalg.svdvals(zc) ** 2 / b
@@ -144,22 +131,25 @@ def singular_value_loss(z: Tensor, eps: float = 1e-4, variant: str = "logdet", m
             logs = torch.log(lam + eps)
             n_zero = d - lam.shape[0]  # eigenvalues that are exactly 0 when B < D
             return -(logs.sum() + n_zero * torch.log(torch.tensor(eps, dtype=zc.dtype, device=zc.device))) / d
-        cov = zc.T @ zc / b + eps * torch.eye(d, dtype=zc.dtype, device=zc.device)
+        z64 = zc.double()
+        cov = z64.T @ z64 / b + eps * torch.eye(d, dtype=torch.float64, device=zc.device)
         chol, info = torch.linalg.cholesky_ex(cov)
-        if bool(info.any()):  # numerically indefinite: fall back to eigenvalues
-            lam = torch.linalg.eigvalsh(cov).clamp_min(eps)
-            return -torch.log(lam).sum() / d
-        return -2.0 * torch.log(torch.diagonal(chol)).sum() / d
+        logdet = 2.0 * torch.log(torch.diagonal(chol)).sum()
+        return torch.where(info == 0, -logdet / d, torch.nan).to(zc.dtype)
 
 
-def sample_brownian_directions(n: int, d: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+def sample_brownian_directions(n: int, d: int, generator: torch.Generator,
+                               device: torch.device | str = "cpu") -> Tensor:
     """Fresh random unit directions r_i ~ N(0, I_D)/‖·‖, one per image: ``(N, D)``.
 
     Drawn on the CPU from ``generator`` (seeded from the run's seed and saved in checkpoints,
-    so a resumed run draws the same kicks), then moved to ``device``.
+    so a resumed run draws the same kicks on any device), then copied to ``device`` (from pinned
+    memory to a GPU: an asynchronous copy, no sync).
     """
-    r = torch.randn(n, d, generator=generator)
-    return F.normalize(r, dim=-1).to(device, non_blocking=True)
+    r = F.normalize(torch.randn(n, d, generator=generator), dim=-1)
+    if torch.device(device).type == "cuda":
+        r = r.pin_memory()
+    return r.to(device, non_blocking=True)
 
 
 def brownian_loss(z: Tensor, r: Tensor) -> Tensor:
@@ -181,15 +171,6 @@ def brownian_loss(z: Tensor, r: Tensor) -> Tensor:
         raise ValueError(f"r must have shape (N, D) = {(z.shape[0], z.shape[2])}, got {tuple(r.shape)}")
     zh = F.normalize(z.float(), dim=-1)
     return (zh * r.detach().float().unsqueeze(1)).sum(dim=-1).mean()
-
-
-def effective_rank(z: Tensor) -> Tensor:
-    """exp(H(λ/Σλ)) of the normalised, centred batch ``(B, D)``: 1 when collapsed, D when flat."""
-    with torch.no_grad():
-        lam = covariance_spectrum(z.detach().float())
-        p = lam / lam.sum().clamp_min(1e-12)
-        h = -(p * torch.log(p.clamp_min(1e-12))).sum()
-        return torch.exp(h)
 
 
 def sv_inputs(z: Tensor, mode: str = "per_view") -> list[Tensor]:
@@ -238,9 +219,18 @@ class MSBReg(SSLMethod):
         """Seed the Brownian noise generator (the engine passes the run's seed + rank)."""
         self.noise.manual_seed(int(seed) + 7919)
 
-    def forward(self, views: Tensor, local: Tensor | None = None) -> dict[str, Tensor]:
+    def step_inputs(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+        """The step's Brownian directions ``(B, D)`` (when the Brownian force is on), drawn from the
+        method's generator: what :meth:`forward` would draw itself, for a compiled forward."""
+        if not self.cfg.brownian_weight:
+            return {}
+        return {"directions": sample_brownian_directions(batch_size, self.proj_dim, self.noise, device)}
+
+    def forward(self, views: Tensor, local: Tensor | None = None,
+                directions: Tensor | None = None) -> dict[str, Tensor]:
         """Losses for a batch of global views ``(B, M, C, H, W)`` and optional local crops
-        ``(B, L, C, h, w)``.
+        ``(B, L, C, h, w)``; ``directions`` ``(B, D)``: the Brownian kicks (default: drawn here from
+        the method's generator; :meth:`step_inputs` draws the same outside a compiled graph).
 
         Returns a dict with ``loss`` (weighted total), ``loss_centroid``, ``loss_sv``,
         ``loss_brownian`` and ``z`` (detached online embeddings of the global views ``(B·M, D)``).
@@ -266,8 +256,9 @@ class MSBReg(SSLMethod):
                                 for zb in batches]).mean()
         l_bd = zero
         if cfg.brownian_weight:
-            r = sample_brownian_directions(b, z.shape[-1], self.noise, z.device)
-            l_bd = brownian_loss(z, r)
+            if directions is None:
+                directions = sample_brownian_directions(b, z.shape[-1], self.noise, z.device)
+            l_bd = brownian_loss(z, directions)
         out["loss"] = cfg.centroid_weight * l_mc + cfg.sv_weight * l_sv + cfg.brownian_weight * l_bd
         out["loss_centroid"] = l_mc.detach()
         out["loss_sv"] = l_sv.detach()

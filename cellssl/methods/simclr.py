@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, gather_with_grad, register_method
+from cellssl.methods.base import SSLMethod, gather_with_grad, register_method, stack_views
 
 
 def _rank_offset(local_b: int) -> int:
@@ -51,13 +51,8 @@ def nt_xent_loss(z: Tensor | list[Tensor], temperature: float = 0.2, gather: boo
         ``−s_(bi)(bj)/τ + logsumexp_{k ≠ (b,i)} s_(bi)k/τ`` with s the cosine similarity.
         For B = 1 it is 0 (the positives are the only candidates).
     """
-    if isinstance(z, (list, tuple)):
-        z = torch.stack(list(z), dim=1)
-    if z.ndim != 3:
-        raise ValueError(f"z must have shape (B, M, D) or be a list of (B, D), got {tuple(z.shape)}")
+    z = stack_views(z, "z")
     b, m, d = z.shape
-    if m < 2:
-        raise ValueError(f"NT-Xent needs at least 2 views, got M = {m}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     with torch.autocast(device_type=z.device.type, enabled=False):
@@ -88,7 +83,6 @@ class SimCLR(SSLMethod):
 
     uses_target = False
     uses_predictor = False
-    last_bn = False
     loss_terms = {"loss_nt_xent": ("temperature",)}
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:

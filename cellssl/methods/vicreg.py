@@ -108,7 +108,6 @@ class VICReg(SSLMethod):
 
     uses_target = False
     uses_predictor = False
-    last_bn = False
     loss_terms = {"loss_invariance": ("vicreg_sim",), "loss_variance": ("vicreg_var",),
                   "loss_covariance": ("vicreg_cov",)}
 
@@ -119,9 +118,7 @@ class VICReg(SSLMethod):
         ``loss_covariance`` (unweighted, detached) and ``z`` (detached ``(B·M, D)``, view-major).
         """
         cfg = self.cfg
-        x, b, m = self.flatten_views(views)
-        if m < 2:
-            raise ValueError("VICReg needs at least 2 views")
+        x, b, m = self.flatten_views(views, min_views=2)
         z_flat = self.online(x)
         z = self.unflatten(z_flat, b, m)
         inv = [invariance_loss(z[:, i], z[:, j]) for i, j in itertools.combinations(range(m), 2)]

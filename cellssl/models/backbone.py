@@ -10,11 +10,14 @@ weights' use timm's input-convolution adaptation (``adapt_input_conv``).
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
+from timm.models import adapt_input_conv, get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
 from cellssl.config import ModelConfig
@@ -67,7 +70,6 @@ def pretrained_source(cfg: ModelConfig) -> tuple[str, str] | None:
         if not path.is_file():
             raise ConfigError(f"model.pretrained: weights file {path} does not exist")
         return "file", str(path)
-    from timm.models import split_model_name_tag
 
     if value.lower() in _DEFAULT_TAG_WORDS:
         value = cfg.backbone
@@ -89,7 +91,6 @@ def pretrained_source(cfg: ModelConfig) -> tuple[str, str] | None:
 
 
 def _hub_host() -> str:
-    from urllib.parse import urlparse
 
     return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
 
@@ -98,15 +99,13 @@ def _download_possible(name: str, timeout: float = 3.0) -> bool:
     """False only when timm's weights ``name`` are on the Hugging Face hub, not in the local cache,
     and the hub's host does not answer within ``timeout`` s (then the hub client would retry for a
     minute before failing). Offline mode and proxies are left to the hub client."""
-    import socket
-
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
         return True
     try:
-        from huggingface_hub import try_to_load_from_cache
-        from timm.models import get_pretrained_cfg
+        from huggingface_hub import try_to_load_from_cache  # slow to import; only before a download
 
         repo = get_pretrained_cfg(name).hf_hub_id
     except Exception:
@@ -137,8 +136,6 @@ def load_weights_file(model: nn.Module, path: str | Path, name: str = "the backb
     when its kernel differs (``model.stem`` replaced), that layer keeps its random init with a warning.
     Any other mismatch raises a one-line ConfigError.
     """
-    from timm.models import adapt_input_conv, load_state_dict
-
     path = Path(path)
     try:
         state = load_state_dict(str(path), use_ema=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -21,8 +22,6 @@ def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) 
 
 def make_target(online: nn.Module) -> nn.Module:
     """A frozen deep copy of ``online``: same weights, ``requires_grad=False``."""
-    import copy
-
     target = copy.deepcopy(online)
     for p in target.parameters():
         p.requires_grad_(False)

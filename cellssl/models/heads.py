@@ -5,18 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, *, last_bn: bool = False) -> nn.Sequential:
-    """Linear(in, hidden) - BatchNorm1d - ReLU - Linear(hidden, out) [- BatchNorm1d].
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear(in, hidden) - BatchNorm1d - ReLU - Linear(hidden, out).
 
-    Maps ``(B, in_dim)`` to ``(B, out_dim)``. Used as projector g and predictor q
-    (MSBReg/BYOL); ``last_bn=True`` gives the Barlow Twins / VICReg style expander end.
+    Maps ``(B, in_dim)`` to ``(B, out_dim)``. Used as projector g (every method; the VICReg /
+    Barlow Twins "expander") and predictor q (MSBReg/BYOL).
     """
-    layers: list[nn.Module] = [
+    return nn.Sequential(
         nn.Linear(in_dim, hidden_dim, bias=False),
         nn.BatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim, bias=not last_bn),
-    ]
-    if last_bn:
-        layers.append(nn.BatchNorm1d(out_dim, affine=False))
-    return nn.Sequential(*layers)
+        nn.Linear(hidden_dim, out_dim),
+    )

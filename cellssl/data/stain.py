@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cellssl.data.io import ImageReadError, folder_to_folder_images, list_images, output_folder, read_image
 from cellssl.errors import ConfigError, DataError
 
 __all__ = ["StainNormalizer", "build_stain_normalizer", "normalize_folder", "stain_statistics", "METHODS"]
@@ -66,8 +67,6 @@ def _rgb(img: np.ndarray, what: str) -> np.ndarray:
 
 def _read_rgb_uint8(path: Path) -> np.ndarray:
     """uint8 (H, W, 3) of an RGB file; ImageReadError (naming the file) for any other channel count."""
-    from cellssl.data.io import ImageReadError, read_image
-
     img = read_image(path, modality="brightfield")
     if img.shape[2] != 3:
         raise ImageReadError(path, f"has {img.shape[2]} channel(s) ({'grey-scale' if img.shape[2] == 1 else 'not RGB'}); "
@@ -77,8 +76,6 @@ def _read_rgb_uint8(path: Path) -> np.ndarray:
 
 def _reference_images(reference: str | Path) -> list[np.ndarray]:
     """The reference as uint8 RGB arrays: one image, or up to 64 evenly spaced images of a folder."""
-    from cellssl.data.io import ImageReadError, list_images
-
     ref = Path(reference).expanduser()
     if not ref.exists():
         raise ConfigError(f"stain reference {ref} does not exist: give a reference image or a folder of source images")
@@ -134,7 +131,7 @@ class StainNormalizer:
     # ---- fitting ------------------------------------------------------------------------
     def _fit(self, refs: list[np.ndarray]):
         if self.method == "macenko":
-            from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+            from torchstain.numpy.normalizers import NumpyMacenkoNormalizer  # torchstain: imported when used
 
             # Pool the stained pixels of all reference images (torchstain reshapes to (-1, 3)).
             pix = np.concatenate([r.reshape(-1, 3) for r in refs])
@@ -158,7 +155,7 @@ class StainNormalizer:
                 raise DataError(f"the stain reference {self.reference} shows only one stain colour (Macenko needs two); "
                                 "use a folder of source images as the reference, or method reinhard")
             return norm
-        from torchstain.numpy.normalizers import NumpyReinhardNormalizer
+        from torchstain.numpy.normalizers import NumpyReinhardNormalizer  # torchstain: imported when used
 
         norm = NumpyReinhardNormalizer()
         stats = np.array([_lab_stats(r) for r in refs])  # (n, 2, 3): mean, std per L, a, b
@@ -212,7 +209,7 @@ class StainNormalizer:
         ``OD = HE·C``; each stain is scaled so its 99th percentile matches the reference;
         ``I = Io·exp(-HE_ref·C')``, as torchstain.
         """
-        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer  # torchstain: imported when used
 
         est = NumpyMacenkoNormalizer()
         est.fit(img_u8, Io=_IO, beta=_BETA)
@@ -253,7 +250,7 @@ class StainNormalizer:
 
 def _lab_stats(img_u8: np.ndarray) -> np.ndarray:
     """(2, 3): mean and std of L, a, b (torchstain's conventions) of a uint8 RGB image."""
-    from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab
+    from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab  # torchstain: imported when used
 
     lab = rgb2lab(img_u8.astype(np.float32) / 255.0)
     st = np.array([get_mean_std(x) for x in lab_split(lab)], dtype=np.float64)  # (3, 2)
@@ -305,8 +302,6 @@ def normalize_folder(src: str | Path, out: str | Path, reference: str | Path, me
     hidden temporary folder renamed to ``out`` only when every image is done, so an interrupted
     run leaves no ``out`` at all.
     """
-    from cellssl.data.io import ImageReadError, folder_to_folder_images, output_folder
-
     src, out, files = folder_to_folder_images(src, out)
     norm = StainNormalizer(method, reference)
     n, skipped = 0, 0

@@ -1,27 +1,26 @@
-"""AdaBN (Li et al. 2016): adapt a backbone to a new lab by re-estimating BatchNorm statistics.
+"""AdaBN (Li et al. 2016): re-estimate a network's BatchNorm statistics on new images.
 
 A network's BatchNorm layers normalise with running mean/variance estimated on the source
 data. A different microscope, stain or protocol shifts those statistics; recomputing them on
 unlabelled target images (no gradient, no weight change) often recovers much of the lost
-accuracy at the cost of one pass over a few thousand images.
+accuracy at the cost of one pass over a few thousand images. The folder-level entry point
+(read and normalise a folder as the checkpoint's recipe says) is
+:func:`cellssl.eval.features.adapt_batchnorm_folder`.
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from cellssl.data.datasets import batch_images
 from cellssl.errors import DataError
-from cellssl.eval.features import _batch_images
 
-__all__ = ["adapt_batchnorm", "adapt_batchnorm_folder", "batchnorm_layers"]
+__all__ = ["adapt_batchnorm", "batchnorm_layers"]
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -33,15 +32,8 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 @torch.no_grad()
-def adapt_batchnorm(
-    backbone: nn.Module,
-    dataset: Dataset,
-    device: str | torch.device = "cpu",
-    batch_size: int = 128,
-    max_images: int = 2000,
-    seed: int = 0,
-    num_workers: int = 0,
-) -> nn.Module:
+def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 128,
+                    max_images: int = 2000, seed: int = 0, num_workers: int = 0) -> nn.Module:
     """Replace every BatchNorm layer's running statistics by those of ``dataset`` (AdaBN).
 
     Args:
@@ -70,7 +62,7 @@ def adapt_batchnorm(
     idx = np.arange(n)
     if n > max_images:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=max_images, replace=False))
-    loader = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     momenta = [m.momentum for m in layers]
     backbone.eval()
     for m in layers:
@@ -80,7 +72,7 @@ def adapt_batchnorm(
     seen = 0
     try:
         for batch in loader:
-            x = _batch_images(batch).to(device).float()
+            x = batch_images(batch).to(device).float()
             if x.shape[0] < 2 and seen > 0:
                 continue  # a single-image tail batch has no variance to contribute
             backbone(x)
@@ -90,33 +82,3 @@ def adapt_batchnorm(
             m.momentum = mom
         backbone.eval()
     return backbone
-
-
-def adapt_batchnorm_folder(
-    backbone: nn.Module,
-    folder: str | Path,
-    data_cfg: Any,
-    device: str | torch.device = "cpu",
-    batch_size: int = 128,
-    max_images: int = 2000,
-    seed: int = 0,
-    in_chans: int | None = None,
-    num_workers: int = 0,
-) -> nn.Module:
-    """AdaBN on the images of ``folder`` (any layout :func:`~cellssl.data.datasets.build_dataset`
-    reads; labels are ignored), read and normalised with ``data_cfg`` (the checkpoint recipe's
-    :class:`~cellssl.config.DataConfig`) through the evaluation transform. ``in_chans`` (the
-    backbone's input channels) is checked against the folder's images. Returns the backbone (eval)."""
-    from cellssl.augment.views import build_eval_transform
-    from cellssl.data.datasets import build_dataset
-    from cellssl.eval.features import TransformedDataset
-
-    ds = build_dataset(data_cfg, folder, labelled=False)
-    if in_chans is not None and ds.channels != in_chans:
-        raise DataError(
-            f"AdaBN folder {folder} has {ds.channels}-channel images but the backbone takes {in_chans}; "
-            "use target images with the same channels"
-        )
-    transform = build_eval_transform(data_cfg, ds.channels)
-    return adapt_batchnorm(backbone, TransformedDataset(ds, transform), device, batch_size=batch_size,
-                           max_images=max_images, seed=seed, num_workers=num_workers)
