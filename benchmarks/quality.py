@@ -52,11 +52,13 @@ sys.path.insert(0, str(REPO))
 # Each method's own settings, chosen on the val split with the same number of tuning runs per
 # method (docs/tuning.md). MSBReg's live in recipes/blood_smear.yaml (what users get).
 TUNED: dict[str, list[str]] = {
-    "msbreg": [],
-    "byol": [],
-    "simclr": [],
-    "vicreg": [],
-    "barlow": [],
+    "msbreg": [],  # the blood_smear recipe is MSBReg's tuned setting (4 views x 64 images, weak colour)
+    # the baselines keep their own 2 views x 128 images (what their papers and cellssl's recipes use);
+    # the weak colour jitter tuned on val (for MSBReg and VICReg, docs/tuning.md) is shared by all
+    "byol": ["train.batch_size=128", "views.n_views=2"],
+    "simclr": ["train.batch_size=128", "views.n_views=2"],
+    "vicreg": ["train.batch_size=128", "views.n_views=2"],
+    "barlow": ["train.batch_size=128", "views.n_views=2"],
 }
 
 # row name -> what to train ("raw"/"random" are the untrained references)
@@ -124,10 +126,11 @@ def evaluate(train_fs, test_fs, episodes: int) -> dict:
 
 
 def row_overrides(spec: dict, args) -> list[str]:
-    """The recipe overrides of one row: the shared budget, the method's tuned settings, the row's own."""
+    """The recipe overrides of one row: the shared settings, the method's tuned ones, the row's own."""
     method = spec["method"]
-    return [f"method.name={method}", f"train.batch_size={args.batch_size}", f"views.n_views={args.n_views}",
-            f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
+    shared = [f"train.batch_size={args.batch_size}"] if args.batch_size else []
+    shared += [f"views.n_views={args.n_views}"] if args.n_views else []
+    return [f"method.name={method}", *shared, f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
             *TUNED.get(method, []), *spec.get("set", []), *args.set]
 
 
@@ -159,10 +162,14 @@ def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> t
     ]
     overlay = spec.get("overlay")
     recipe = load_recipe(args.recipe, overrides, [str(REPO / overlay)] if overlay else [])
+    per_step = recipe.train.batch_size * recipe.views.n_views
+    if per_step != args.views_per_step:
+        sys.exit(f"error: {spec} trains on {recipe.train.batch_size} images x {recipe.views.n_views} views = "
+                 f"{per_step} image-views per step, not the budget's {args.views_per_step}")
     t0 = time.monotonic()
     res = fit(recipe, resume=ckpt.exists())
     info = {"steps": res.step, "minutes": (time.monotonic() - t0) / 60, "stopped": res.stopped_early,
-            "image_views": res.step * args.batch_size * args.n_views}
+            "batch": recipe.train.batch_size, "n_views": recipe.views.n_views, "image_views": res.step * per_step}
     done_file.write_text(json.dumps(info))
     return ckpt, info
 
@@ -210,6 +217,7 @@ def summarise(rows: list[dict]) -> dict:
     out["n_seeds"] = len(rows)
     out["minutes"] = float(np.mean([r.get("minutes", 0.0) for r in rows]))
     out["steps"] = int(np.mean([r.get("steps", 0) for r in rows]))
+    out["shape"] = f"{rows[0]['batch']}×{rows[0]['n_views']}" if "batch" in rows[0] else ""
     return out
 
 
@@ -218,11 +226,12 @@ def fmt(v: tuple[float, float]) -> str:
 
 
 def table(results: dict[str, dict]) -> list[str]:
-    lines = ["| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | seeds | steps | min/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | seeds | steps | "
+             "images×views | min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {fmt(r['linear'])} | {fmt(r['knn'])} | {fmt(r['1shot'])} | {fmt(r['5shot'])} | "
-                     f"{fmt(r['10shot'])} | {r['n_seeds']} | {r.get('steps') or '–'} | {r.get('minutes', 0):.1f} |")
+                     f"{fmt(r['10shot'])} | {r['n_seeds']} | {r.get('steps') or '–'} | {r.get('shape') or '–'} | "
+                     f"{r.get('minutes', 0):.1f} |")
     return lines
 
 
@@ -330,7 +339,7 @@ def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_m
         ablation["ablation: centroid + SV + Brownian (= MSBReg)"] = results[ABLATION_FULL]
     files = plots(main_rows, {k: v for k, v in runs.items() if k in main_rows}, out_md.parent, out_md.stem)
     cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    views = args.steps * args.batch_size * args.n_views
+    views = args.steps * args.views_per_step
     lines = [
         f"# Quality benchmark{' (quick)' if args.quick else ''}: PBC blood cells",
         "",
@@ -341,9 +350,10 @@ def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_m
         f"- data: PBC (Acevedo et al., Data in Brief 30, 2020, CC BY 4.0), 128 px crops in `{args.data}`; "
         f"split by file-name hash: pretrain 70 % (no labels in pretraining), val 10 %, test 20 %; "
         f"evaluated on **{args.eval_on}**",
-        f"- pretraining: `{args.recipe}` recipe, {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
-        f"{args.n_views} views, **{args.steps} steps = {views:,} image-views per run** for every method; "
-        f"each method's own settings as tuned on val (`TUNED` in this script; MSBReg's are the recipe's)"
+        f"- pretraining: `{args.recipe}` recipe, {args.backbone} at {args.image_size} px, "
+        f"**{args.steps} steps of {args.views_per_step} image-views = {views:,} image-views per run** for every "
+        f"method (batch × views in the table); each method's own settings as tuned on val (`TUNED` in this "
+        f"script; MSBReg's are the recipe's)"
         + (f"; extra overrides: {args.set}" if args.set else ""),
         f"- evaluation: 8-way 1/5/10-shot SimpleShot episodes on {args.eval_on} (15 queries, {args.episodes} "
         f"episodes); linear probe (logistic regression on L2-normalised, standardised features, C by "
@@ -377,8 +387,10 @@ def main() -> None:
     ap.add_argument("--recipe", default="blood_smear")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--n-views", type=int, default=2)
+    ap.add_argument("--views-per-step", type=int, default=256,
+                    help="the equal cost: batch size × views per step of every row (e.g. 128 × 2 or 64 × 4)")
+    ap.add_argument("--batch-size", type=int, default=None, help="force this batch for every row (default: each's)")
+    ap.add_argument("--n-views", type=int, default=None, help="force this view count for every row (default: each's)")
     ap.add_argument("--steps", type=int, default=400, help="pretraining steps per run (the equal budget)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--episodes", type=int, default=600)
@@ -396,7 +408,8 @@ def main() -> None:
         sys.exit(f"error: no PBC data at {data}; pass --data (a folder with one sub-folder per class)")
     if args.quick:
         args.steps, args.seeds, args.episodes, args.probe_max = min(args.steps, 20), 1, 200, args.probe_max or 150
-    out_md = Path(args.out) if args.out else (Path(args.work) / "results.md" if args.quick else REPO / "docs" / "results.md")
+    default_md = Path(args.work) / "results.md" if args.quick else REPO / "docs" / "results.md"
+    out_md = Path(args.out) if args.out else default_md
     out_md.parent.mkdir(parents=True, exist_ok=True)
     args.store = args.store or str(out_md.with_suffix(".json"))
     store_path = Path(args.store)
@@ -410,7 +423,7 @@ def main() -> None:
         todo = {k: v for k, v in todo.items() if k in keep or v.get("method") in keep}
     parts = make_split(data, Path(args.work) / "split")
     t_start = time.monotonic()
-    print(f"split: {', '.join(f'{k}={sum(1 for _ in v.rglob(chr(42) + chr(46) + chr(42)))}' for k, v in parts.items())}")
+    print("split: " + ", ".join(f"{k}={sum(1 for _ in v.rglob('*.*'))}" for k, v in parts.items()))
     print("\n".join(table({})[:2]), flush=True)
     for name, spec in todo.items():
         key = row_key(name, spec, args)
