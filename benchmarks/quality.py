@@ -6,10 +6,10 @@ Protocol
 * A fixed, stratified split of PBC by file-name hash (seed 0): ``pretrain`` 70 % (used *without
   labels* for pretraining, and with labels only to fit the linear / kNN probes), ``val`` 10 %
   (tuning: ``--eval-on val``), ``test`` 20 % (never seen in pretraining or tuning; reported).
-* Every row: the ``blood_smear`` recipe (resnet18 at 64 px), the same views, optimiser, batch
-  and number of steps (``--steps`` × batch × views = the same image-view budget). Only the
-  method and its own tuned settings (``TUNED``, chosen on ``val`` with the same number of
-  tuning runs per method, see docs/tuning.md) differ.
+* Every row: the ``blood_smear`` recipe (resnet18 at 64 px), the same views and optimiser, and
+  the same image-view budget (``--steps`` × ``--views-per-step``; each row's batch × views must
+  equal it, checked for every row before any training). Only the method and its own settings
+  (``TUNED``, chosen on ``val``; docs/tuning.md says how many tuning runs each method had) differ.
 * Frozen features, cellssl's own evaluation code: 8-way 1/5/10-shot SimpleShot episodes (15
   queries) on the evaluated split; a logistic-regression linear probe and a kNN (k=20, T=0.07)
   probe fitted on ``pretrain`` and tested on the evaluated split. Reference rows: raw pixels
@@ -49,8 +49,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Each method's own settings, chosen on the val split with the same number of tuning runs per
-# method (docs/tuning.md). MSBReg's live in recipes/blood_smear.yaml (what users get).
+# Each method's own settings, chosen on the val split (docs/tuning.md, with the number of tuning
+# runs each method had). MSBReg's live in recipes/blood_smear.yaml (what users get).
 TUNED: dict[str, list[str]] = {
     "msbreg": [],  # the blood_smear recipe is MSBReg's tuned setting (4 views x 64 images, weak colour)
     # the baselines keep their own 2 views x 128 images (what their papers and cellssl's recipes use);
@@ -126,12 +126,27 @@ def evaluate(train_fs, test_fs, episodes: int) -> dict:
 
 
 def row_overrides(spec: dict, args) -> list[str]:
-    """The recipe overrides of one row: the shared settings, the method's tuned ones, the row's own."""
+    """The recipe overrides of one row: the method's tuned settings, the row's own, then what the command forces."""
     method = spec["method"]
     shared = [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     shared += [f"views.n_views={args.n_views}"] if args.n_views else []
-    return [f"method.name={method}", *shared, f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
-            *TUNED.get(method, []), *spec.get("set", []), *args.set]
+    return [f"method.name={method}", f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
+            *TUNED.get(method, []), *spec.get("set", []), *shared, *args.set]
+
+
+def check_equal_cost(rows: dict[str, dict], args) -> None:
+    """Exit before any training if a row's batch × views differs from ``--views-per-step``."""
+    from cellssl.config import load_recipe
+
+    for name, spec in rows.items():
+        if "method" not in spec:
+            continue
+        overlay = spec.get("overlay")
+        recipe = load_recipe(args.recipe, row_overrides(spec, args), [str(REPO / overlay)] if overlay else [])
+        per_step = recipe.train.batch_size * recipe.views.n_views
+        if per_step != args.views_per_step:
+            sys.exit(f"error: row '{name}' trains on {recipe.train.batch_size} images x {recipe.views.n_views} views "
+                     f"= {per_step} image-views per step, not the budget's {args.views_per_step} (--views-per-step)")
 
 
 def row_key(name: str, spec: dict, args) -> str:
@@ -163,9 +178,6 @@ def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> t
     overlay = spec.get("overlay")
     recipe = load_recipe(args.recipe, overrides, [str(REPO / overlay)] if overlay else [])
     per_step = recipe.train.batch_size * recipe.views.n_views
-    if per_step != args.views_per_step:
-        sys.exit(f"error: {spec} trains on {recipe.train.batch_size} images x {recipe.views.n_views} views = "
-                 f"{per_step} image-views per step, not the budget's {args.views_per_step}")
     t0 = time.monotonic()
     res = fit(recipe, resume=ckpt.exists())
     info = {"steps": res.step, "minutes": (time.monotonic() - t0) / 60, "stopped": res.stopped_early,
@@ -421,6 +433,7 @@ def main() -> None:
     if args.rows:
         keep = {m.strip() for m in args.rows.split(",")}
         todo = {k: v for k, v in todo.items() if k in keep or v.get("method") in keep}
+    check_equal_cost(todo, args)
     parts = make_split(data, Path(args.work) / "split")
     t_start = time.monotonic()
     print("split: " + ", ".join(f"{k}={sum(1 for _ in v.rglob('*.*'))}" for k, v in parts.items()))
