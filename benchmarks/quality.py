@@ -134,15 +134,21 @@ def row_overrides(spec: dict, args) -> list[str]:
             *TUNED.get(method, []), *spec.get("set", []), *shared, *args.set]
 
 
-def check_equal_cost(rows: dict[str, dict], args) -> None:
-    """Exit before any training if a row's batch × views differs from ``--views-per-step``."""
+def row_recipe(spec: dict, args, run_overrides: tuple[str, ...] = ()):
+    """The recipe one row trains with: ``--recipe``, the run's own overrides, the row's, its overlay."""
     from cellssl.config import load_recipe
 
+    overlay = spec.get("overlay")
+    return load_recipe(args.recipe, [*run_overrides, *row_overrides(spec, args)],
+                       [str(REPO / overlay)] if overlay else [])
+
+
+def check_equal_cost(rows: dict[str, dict], args) -> None:
+    """Exit before any training if a row's batch × views differs from ``--views-per-step``."""
     for name, spec in rows.items():
         if "method" not in spec:
             continue
-        overlay = spec.get("overlay")
-        recipe = load_recipe(args.recipe, row_overrides(spec, args), [str(REPO / overlay)] if overlay else [])
+        recipe = row_recipe(spec, args)
         per_step = recipe.train.batch_size * recipe.views.n_views
         if per_step != args.views_per_step:
             sys.exit(f"error: row '{name}' trains on {recipe.train.batch_size} images x {recipe.views.n_views} views "
@@ -162,7 +168,6 @@ def row_key(name: str, spec: dict, args) -> str:
 
 def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> tuple[Path, dict]:
     """Pretrain one row's model for one seed (resumes an interrupted run); returns (checkpoint, done info)."""
-    from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
 
     out = Path(args.work) / "runs" / f"{spec['method']}-{key}-s{seed}"
@@ -170,13 +175,11 @@ def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> t
     done_file = out / "done.json"
     if done_file.exists() and ckpt.exists():
         return ckpt, json.loads(done_file.read_text())
-    overrides = [
+    recipe = row_recipe(spec, args, (
         f"data.path={parts['pretrain']}", f"train.max_steps={args.steps}", f"train.seed={seed}", f"train.out={out}",
         f"train.device={args.device}", "train.checkpoint_every=50", f"train.progress={str(args.progress).lower()}",
-        f"data.num_workers={args.workers}", *row_overrides(spec, args),
-    ]
-    overlay = spec.get("overlay")
-    recipe = load_recipe(args.recipe, overrides, [str(REPO / overlay)] if overlay else [])
+        f"data.num_workers={args.workers}",
+    ))
     per_step = recipe.train.batch_size * recipe.views.n_views
     t0 = time.monotonic()
     res = fit(recipe, resume=ckpt.exists())
