@@ -1,34 +1,53 @@
 """Quality benchmark: MSBReg against BYOL, SimCLR, VICReg, Barlow Twins and the ablation of its
-three forces, on real blood cells (PBC, ``../shared/data/pbc128``), at equal cost, over seeds.
+three forces, on real blood cells (PBC, ``../shared/data/pbc128``) and on another lab's cells
+(``../shared/data/jtsc128``), at equal wall-clock or equal image-views, over seeds.
 
 Protocol
 --------
 * A fixed, stratified split of PBC by file-name hash (seed 0): ``pretrain`` 70 % (used *without
   labels* for pretraining, and with labels only to fit the linear / kNN probes), ``val`` 10 %
   (tuning: ``--eval-on val``), ``test`` 20 % (never seen in pretraining or tuning; reported).
-* Every row: the ``blood_smear`` recipe (resnet18 at 64 px), the same views and optimiser, and
-  the same image-view budget (``--steps`` × ``--views-per-step``; each row's batch × views must
-  equal it, checked for every row before any training). Only the method and its own settings
-  (``TUNED``, chosen on ``val``; docs/tuning.md says how many tuning runs each method had) differ.
+* Every row: the ``blood_smear`` recipe (resnet18 at 64 px), the same views and optimiser; only the
+  method and its own settings (``TUNED``, chosen on ``val``; docs/tuning.md says how many tuning runs
+  each method had) differ. A row ``recipe: blood_smear_<method>`` (every ``recipes/blood_smear_*.yaml``
+  shipped beside MSBReg's) trains with that recipe as it is.
+* The budget, one of two per invocation (both are kept in ``--store``; the report prints both tables):
+  ``--minutes M``, the headline: every row gets the same wall-clock (the recipe's ``train.max_minutes``
+  schedule: the first steps are timed, then warm-up, cosine LR and EMA are sized to the steps that
+  fit); each row reports the steps it ran, image-views/s and minutes. ``--steps N`` (default): the same
+  image-views per row (``--steps`` × ``--views-per-step``; each row's batch × views must equal it,
+  checked for every row before any training).
 * Frozen features, cellssl's own evaluation code: 8-way 1/5/10-shot SimpleShot episodes (15
   queries) on the evaluated split; a logistic-regression linear probe and a kNN (k=20, T=0.07)
   probe fitted on ``pretrain`` and tested on the evaluated split. Reference rows: raw pixels
   (16×16×3) and random-init resnet18.
+* Cross-lab columns (``--cross-lab``, default ``../shared/data/jtsc128``: 284 white cells, 4 of PBC's
+  classes, another lab, microscope and stain; ``benchmarks/crosslab.py``): 4-way 1/5-shot within it
+  (95 % interval over episodes), and zero-label transfer: a linear probe fitted on the pretrain part's
+  images of the 4 matching classes, tested on all of jtsc128 (accuracy and balanced accuracy). The
+  same after ``cellssl adapt`` on jtsc128's unlabelled images (``--adapt``): ``--bn-only`` (AdaBN) and
+  continued SSL (``--adapt-steps`` / ``--adapt-minutes``).
+* ``--eval-on val`` adds, and ``--grid`` ranks rows by, the tuning objective: the mean of PBC val
+  8-way 5-shot and jtsc128 4-way 5-shot. jtsc128 is the only cross-lab set in ``../shared/data``, so the
+  cross-lab half of the objective is measured on the set that is also reported; PBC test never tunes.
 * ``--seeds N``: N pretraining seeds per row; mean ± 95 % t-interval over seeds.
-* Resumable per row and seed: finished results live in ``--store`` (default docs/results.json)
+* Resumable per row, budget and seed: finished results live in ``--store`` (default docs/results.json)
   under a key of every setting that matters; a re-run skips them, so a long benchmark can be
   completed in pieces (``--rows`` picks rows), and an interrupted pretraining run resumes from
-  its checkpoint.
+  its checkpoint. Adaptation results are added to stored seeds when missing.
 
     python benchmarks/quality.py --quick                    # a few minutes: 1 seed, tiny budget
-    python benchmarks/quality.py                            # full CPU run: 400 steps, 2 seeds
-    python benchmarks/quality.py --rows MSBReg,VICReg --seeds 3
-    python benchmarks/quality.py --grid benchmarks/tuning.yaml --eval-on val --steps 200 --seeds 1 \\
-        --store docs/tuning.json --out docs/tuning.md       # tuning on val
+    python benchmarks/quality.py --minutes 20               # the headline: 20 min per run, 2 seeds
+    python benchmarks/quality.py                            # the second table: 400 steps, 2 seeds
+    python benchmarks/quality.py --rows MSBReg,VICReg --seeds 3 \\
+        --variant "strong colour=recipes/ablation/strong_colour.yaml"   # each row and its variant
+    python benchmarks/quality.py --grid benchmarks/tuning_C_views.yaml --eval-on val --minutes 10 --seeds 1 \\
+        --store docs/tuning/tuning_C.json --out /tmp/tuning_C.md   # tuning on val + jtsc128, ranked
 
 Writes ``--out`` (default docs/results.md) with the tables, commands, machine and date, plots
 next to it, and keeps a hand-written ``## Analysis`` section across re-runs. Cite PBC: Acevedo
-et al., Data in Brief 30 (2020), CC BY 4.0.
+et al., Data in Brief 30 (2020), CC BY 4.0; jtsc128: Zheng et al., Micron 107 (2018), images from
+Jiangxi Tecom Science Corporation (GPL-3.0).
 """
 
 from __future__ import annotations
@@ -48,6 +67,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # crosslab.py beside this file, also when imported as a module
 
 # Each method's own settings, chosen on the val split (docs/tuning.md, with the number of tuning
 # runs each method had). MSBReg's live in recipes/blood_smear.yaml (what users get).
@@ -61,23 +81,30 @@ TUNED: dict[str, list[str]] = {
     "barlow": ["train.batch_size=128", "views.n_views=2"],
 }
 
-# row name -> what to train ("raw"/"random" are the untrained references)
+# row name -> what to train ("raw"/"random" are the untrained references). A row may name its own
+# ``recipe`` (trained as it is, without TUNED), ``overlays`` (YAML files merged over the recipe) and
+# ``set`` (recipe overrides).
 ROWS: dict[str, dict] = {
     "raw pixels (16×16×3)": {"kind": "raw"},
     "random-init resnet18": {"kind": "random"},
     "MSBReg": {"method": "msbreg"},
     "MSBReg, old forms (same-view centroid, stacked SV)": {"method": "msbreg",
-                                                            "overlay": "recipes/ablation/old_forms.yaml"},
+                                                            "overlays": ["recipes/ablation/old_forms.yaml"]},
     "BYOL": {"method": "byol"},
     "SimCLR": {"method": "simclr"},
     "VICReg": {"method": "vicreg"},
     "Barlow Twins": {"method": "barlow"},
-    "ablation: centroid only (= BYOL, M views)": {"method": "msbreg", "overlay": "recipes/ablation/centroid.yaml"},
-    "ablation: centroid + SV": {"method": "msbreg", "overlay": "recipes/ablation/centroid_sv.yaml"},
-    "ablation: centroid + Brownian": {"method": "msbreg", "overlay": "recipes/ablation/centroid_bd.yaml"},
+    "ablation: centroid only (= BYOL, M views)": {"method": "msbreg",
+                                                   "overlays": ["recipes/ablation/centroid.yaml"]},
+    "ablation: centroid + SV": {"method": "msbreg", "overlays": ["recipes/ablation/centroid_sv.yaml"]},
+    "ablation: centroid + Brownian": {"method": "msbreg", "overlays": ["recipes/ablation/centroid_bd.yaml"]},
 }
 ABLATION_FULL = "MSBReg"  # the ablation's "all three forces" row is the MSBReg row
 METRICS = ["linear", "knn", "1shot", "5shot", "10shot"]
+XL_METRICS = ["xl_1shot", "xl_5shot", "xl_linear", "xl_linear_bal"]  # benchmarks/crosslab.py's columns
+ADAPT_KINDS = ("adabn", "continued")
+ADAPT_LABELS = {"adabn": "AdaBN (`adapt --bn-only`)", "continued": "continued SSL (`adapt`)"}
+DEFAULT_CROSS_LAB = REPO.parent / "shared" / "data" / "jtsc128"
 
 
 def make_split(src: Path, work: Path, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> dict[str, Path]:
@@ -109,42 +136,113 @@ def make_split(src: Path, work: Path, fractions=(0.7, 0.1, 0.2), seed: int = 0) 
 RAW_PIXELS = "pixels:16"  # the raw-pixel row: images area-averaged to 16×16 (cellssl's baseline spec)
 
 
-def evaluate(train_fs, test_fs, episodes: int) -> dict:
-    """Few-shot (on test), linear probe and kNN (train → test) for one feature extractor."""
-    from cellssl.eval.fewshot import run_fewshot
-    from cellssl.eval.knn import knn_eval
-    from cellssl.eval.linear import linear_probe
+# ---- budgets: equal minutes (headline) or equal image-views ---------------------------------------
+def run_budget(args) -> dict:
+    """This invocation's budget per run: ``{"minutes": M}`` (``--minutes``) or ``{"steps": N}``."""
+    return {"minutes": float(args.minutes)} if args.minutes else {"steps": int(args.steps)}
 
-    fs = run_fewshot(test_fs, ways=8, shots=(1, 5, 10), queries=15, episodes=episodes, seed=0)
-    lin = linear_probe(train_fs, test_fs, seed=0)
-    kn = knn_eval(train_fs, test_fs, k=20, temperature=0.07)
-    row = {"linear": lin["accuracy"], "knn": kn["accuracy"]}
-    for k in ("1", "5", "10"):
-        row[f"{k}shot"] = fs["results"][k]["mean"]
-        row[f"{k}shot_ci"] = fs["results"][k]["ci95"]
-    return row
+
+def budget_label(budget: dict) -> str:
+    """``"20 min"`` or ``"400 steps"``: the budget's name in the store and the report."""
+    return f"{budget['minutes']:g} min" if "minutes" in budget else f"{budget['steps']} steps"
+
+
+def budget_overrides(budget: dict) -> list[str]:
+    """Recipe overrides of a budget: a wall-clock budget sizes the schedule (``train.max_minutes``,
+    capped at the recipe's epochs); an image-view budget fixes ``train.max_steps``."""
+    if "minutes" in budget:
+        return [f"train.max_minutes={budget['minutes']:g}", "train.max_steps=null"]
+    return [f"train.max_steps={budget['steps']}", "train.max_minutes=null"]
+
+
+def store_name(name: str, budget: dict) -> str:
+    """Key of a row's results under one budget in ``--store``: ``"<row> @ <budget label>"``."""
+    return f"{name} @ {budget_label(budget)}"
+
+
+def budget_order(label: str) -> tuple[int, float]:
+    """Sort key: minute budgets (the headline) first, then step budgets, each by size."""
+    value, unit = label.split(" ", 1)
+    return (0 if unit == "min" else 1, float(value))
+
+
+# ---- rows ---------------------------------------------------------------------------------------------
+def spec_overlays(spec: dict, args) -> list[str]:
+    """A row's overlay files (its own, then ``--recipe-overlay``), relative to the repository or absolute."""
+    own = spec.get("overlays") or ([spec["overlay"]] if spec.get("overlay") else [])
+    return [*own, *getattr(args, "recipe_overlay", [])]
+
+
+def recipe_rows(recipes_dir: Path = REPO / "recipes", base: str = "blood_smear") -> dict[str, dict]:
+    """A row per shipped baseline recipe ``<base>_<method>.yaml`` (trained as it is, no TUNED)."""
+    import yaml
+
+    rows = {}
+    for path in sorted(recipes_dir.glob(f"{base}_*.yaml")):
+        method = (yaml.safe_load(path.read_text()) or {}).get("method", {}).get("name")
+        if method:
+            rows[f"`{path.stem}` recipe"] = {"method": method, "recipe": path.stem}
+    return rows
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``--variant``: ``"LABEL=FILE.yaml"`` (an overlay) or ``"LABEL=key=value;key=value"`` (overrides)
+    -> (label, ``{"overlays": [...]}`` or ``{"set": [...]}``)."""
+    label, sep, rest = text.partition("=")
+    if not sep or not label.strip() or not rest.strip():
+        sys.exit(f"error: --variant '{text}' must look like LABEL=FILE.yaml or "
+                 "LABEL=section.key=value;section.key=value")
+    rest = rest.strip()
+    if rest.endswith((".yaml", ".yml")):
+        if not (REPO / rest).is_file():
+            sys.exit(f"error: --variant '{text}': no overlay file {rest}")
+        return label.strip(), {"overlays": [rest]}
+    return label.strip(), {"set": [s.strip() for s in rest.split(";") if s.strip()]}
+
+
+def with_variants(rows: dict[str, dict], variants: list[str]) -> dict[str, dict]:
+    """``rows`` and, after each trained row, one copy per ``--variant`` named ``"<row> + <label>"``
+    with the variant's overlay or overrides added last (so they win)."""
+    parsed = [parse_variant(v) for v in variants]
+    out: dict[str, dict] = {}
+    for name, spec in rows.items():
+        out[name] = spec
+        if "method" not in spec:
+            continue
+        for label, extra in parsed:
+            new = dict(spec)
+            new["overlays"] = [*spec_overlays(spec, argparse.Namespace()), *extra.get("overlays", [])]
+            new.pop("overlay", None)
+            new["set"] = [*spec.get("set", []), *extra.get("set", [])]
+            out[f"{name} + {label}"] = new
+    return out
 
 
 def row_overrides(spec: dict, args) -> list[str]:
-    """The recipe overrides of one row: the method's tuned settings, the row's own, then what the command forces."""
+    """The recipe overrides of one row: the method's tuned settings (not for a row with its own recipe),
+    the row's own, then what the command forces."""
     method = spec["method"]
     shared = [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     shared += [f"views.n_views={args.n_views}"] if args.n_views else []
-    return [f"method.name={method}", f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
-            *TUNED.get(method, []), *spec.get("set", []), *shared, *args.set]
+    own = [] if spec.get("recipe") else [f"method.name={method}", *TUNED.get(method, [])]
+    return [f"data.image_size={args.image_size}", f"model.backbone={args.backbone}", *own,
+            *spec.get("set", []), *shared, *args.set]
 
 
 def row_recipe(spec: dict, args, run_overrides: tuple[str, ...] = ()):
-    """The recipe one row trains with: ``--recipe``, the run's own overrides, the row's, its overlay."""
-    from cellssl.config import load_recipe
+    """The recipe one row trains with: its recipe (``--recipe`` unless the row names one), the run's
+    own overrides, the row's, its overlays."""
+    from cellssl.config import load_recipe  # start-up time: --help without torch
 
-    overlay = spec.get("overlay")
-    return load_recipe(args.recipe, [*run_overrides, *row_overrides(spec, args)],
-                       [str(REPO / overlay)] if overlay else [])
+    return load_recipe(spec.get("recipe", args.recipe), [*run_overrides, *row_overrides(spec, args)],
+                       [str(REPO / o) for o in spec_overlays(spec, args)])
 
 
 def check_equal_cost(rows: dict[str, dict], args) -> None:
-    """Exit before any training if a row's batch × views differs from ``--views-per-step``."""
+    """Exit before any training if a row's batch × views differs from ``--views-per-step``
+    (equal image-views only: at equal minutes each row keeps its own shape)."""
+    if args.minutes:
+        return
     for name, spec in rows.items():
         if "method" not in spec:
             continue
@@ -155,108 +253,231 @@ def check_equal_cost(rows: dict[str, dict], args) -> None:
                      f"= {per_step} image-views per step, not the budget's {args.views_per_step} (--views-per-step)")
 
 
+def recipe_text(name: str) -> str:
+    """The YAML text of a shipped recipe name (or a path)."""
+    path = REPO / "recipes" / f"{name}.yaml"
+    return path.read_text() if path.is_file() else Path(name).read_text()
+
+
 def row_key(name: str, spec: dict, args) -> str:
-    """Hash of everything that changes a row's numbers (not the seed)."""
-    overlay = spec.get("overlay")
-    text = (REPO / overlay).read_text() if overlay else ""
+    """Hash of everything that changes a row's numbers (not the seed, not the budget: the store keeps
+    each budget under its own name)."""
+    texts = [(REPO / o).read_text() for o in spec_overlays(spec, args)] if "method" in spec else []
     untrained = [args.image_size, args.backbone] + ([RAW_PIXELS] if spec.get("kind") == "raw" else [])
+    recipe = spec.get("recipe", args.recipe)
     blob = [spec.get("kind", "ssl"), row_overrides(spec, args) if "method" in spec else untrained,
-            text, args.recipe, (REPO / "recipes" / f"{args.recipe}.yaml").read_text() if "method" in spec else "",
-            args.steps, args.eval_on, args.episodes, args.probe_max]
+            texts, recipe, recipe_text(recipe) if "method" in spec else "",
+            args.eval_on, args.episodes, args.probe_max, str(args.cross_lab)]
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# ---- one row, one seed ------------------------------------------------------------------------------
 def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> tuple[Path, dict]:
-    """Pretrain one row's model for one seed (resumes an interrupted run); returns (checkpoint, done info)."""
-    from cellssl.engine.fit import fit
+    """Pretrain one row's model for one seed under this run's budget (resumes an interrupted run);
+    returns (checkpoint, info: steps run, minutes, image-views and image-views per second)."""
+    from cellssl.engine.fit import fit  # start-up time: torch
 
-    out = Path(args.work) / "runs" / f"{spec['method']}-{key}-s{seed}"
+    budget = run_budget(args)
+    tag = f"{budget['minutes']:g}min" if "minutes" in budget else f"{budget['steps']}st"
+    out = Path(args.work) / "runs" / f"{spec['method']}-{key}-{tag}-s{seed}"
     ckpt = out / "checkpoints" / "last.pt"
     done_file = out / "done.json"
     if done_file.exists() and ckpt.exists():
         return ckpt, json.loads(done_file.read_text())
     recipe = row_recipe(spec, args, (
-        f"data.path={parts['pretrain']}", f"train.max_steps={args.steps}", f"train.seed={seed}", f"train.out={out}",
+        f"data.path={parts['pretrain']}", *budget_overrides(budget), f"train.seed={seed}", f"train.out={out}",
         f"train.device={args.device}", "train.checkpoint_every=50", f"train.progress={str(args.progress).lower()}",
         f"data.num_workers={args.workers}",
     ))
     per_step = recipe.train.batch_size * recipe.views.n_views
     t0 = time.monotonic()
     res = fit(recipe, resume=ckpt.exists())
-    info = {"steps": res.step, "minutes": (time.monotonic() - t0) / 60, "stopped": res.stopped_early,
-            "batch": recipe.train.batch_size, "n_views": recipe.views.n_views, "image_views": res.step * per_step}
+    seconds = time.monotonic() - t0
+    info = {"steps": res.step, "minutes": seconds / 60, "stopped": res.stopped_early,
+            "batch": recipe.train.batch_size, "n_views": recipe.views.n_views, "image_views": res.step * per_step,
+            "views_per_s": res.step * per_step / max(seconds, 1e-9)}
     done_file.write_text(json.dumps(info))
     return ckpt, info
 
 
-def features_for(spec_str: str, parts: dict[str, Path], args):
-    """Probe (pretrain part) and evaluation features; a checkpoint is read at its own image size."""
-    from cellssl.eval.features import load_features
+def extractor_for(spec_str: str, args):
+    """The feature extractor of a checkpoint or baseline spec (a checkpoint is read at its own image size)."""
+    from cellssl.eval.features import FeatureExtractor  # start-up time: torch
 
     size = args.image_size if spec_str.startswith(("random:", "pixels:")) else None
-    kw = dict(image_size=size, device=args.device, batch_size=256, progress=False)
-    train = load_features(spec_str, parts["pretrain"], max_per_class=args.probe_max, **kw)
-    test = load_features(spec_str, parts[args.eval_on], **kw)
-    return train, test
+    return FeatureExtractor(spec_str, image_size=size, device=args.device, batch_size=256, progress=False)
+
+
+def features_for(spec_str: str, parts: dict[str, Path], args):
+    """(probe features: the pretrain part, evaluation features: ``--eval-on``, cross-lab features or None)."""
+    ex = extractor_for(spec_str, args)
+    train = ex.features(parts["pretrain"], max_per_class=args.probe_max)
+    test = ex.features(parts[args.eval_on])
+    target = ex.features(args.cross_lab) if args.cross_lab else None
+    return train, test, target
+
+
+def evaluate(train_fs, test_fs, episodes: int, target_fs=None) -> dict:
+    """Few-shot (on test), linear probe and kNN (train → test) for one feature extractor; with
+    ``target_fs`` (another lab) also the cross-lab columns (``benchmarks/crosslab.py``)."""
+    from cellssl.eval.fewshot import run_fewshot  # start-up time: torch
+    from cellssl.eval.knn import knn_eval
+    from cellssl.eval.linear import linear_probe
+
+    fs = run_fewshot(test_fs, ways=8, shots=(1, 5, 10), queries=15, episodes=episodes, seed=0)
+    lin = linear_probe(train_fs, test_fs, seed=0)
+    kn = knn_eval(train_fs, test_fs, k=20, temperature=0.07)
+    row = {"linear": lin["accuracy"], "knn": kn["accuracy"]}
+    for k in ("1", "5", "10"):
+        row[f"{k}shot"] = fs["results"][k]["mean"]
+        row[f"{k}shot_ci"] = fs["results"][k]["ci95"]
+    if target_fs is not None:
+        from crosslab import crosslab_metrics  # start-up time: torch
+
+        row.update(crosslab_metrics(train_fs, target_fs, episodes))
+    return row
+
+
+def adapt_tag(kind: str, args) -> str:
+    """What an adaptation result depends on (re-run when it changes): its kind and budget."""
+    if kind == "adabn":
+        return "adabn"
+    budget = f"{args.adapt_minutes:g}min" if args.adapt_minutes else f"{args.adapt_steps}st"
+    return f"continued-{budget}-src{args.adapt_source_fraction:g}"
+
+
+def adapt_seed(row: dict, parts: dict[str, Path], args) -> bool:
+    """Add the adaptation results ``--adapt`` asks for (``row["adabn"]``, ``row["continued"]``) to one
+    trained row's seed result, from its checkpoint; True when anything was added."""
+    from crosslab import adapted_metrics  # start-up time: torch
+
+    ckpt = Path(row["run"]) / "checkpoints" / "last.pt"
+    todo = [k for k in args.adapt if row.get(k, {}).get("tag") != adapt_tag(k, args)]
+    if not todo or not args.cross_lab or not ckpt.exists():
+        return False
+    source_fs = extractor_for(str(ckpt), args).features(parts["pretrain"], max_per_class=args.probe_max)
+    overrides = [f"data.num_workers={args.workers}", f"train.progress={str(args.progress).lower()}",
+                 "train.checkpoint_every=50"] + ([] if args.adapt_minutes else ["train.max_minutes=null"])
+    for kind in todo:
+        out = Path(args.work) / "adapt" / f"{Path(row['run']).name}-{adapt_tag(kind, args)}"
+        res = adapted_metrics(ckpt, parts["pretrain"], args.cross_lab, source_fs, kind, out,
+                              episodes=args.episodes, probe_max=args.probe_max, device=args.device,
+                              steps=args.adapt_steps, minutes=args.adapt_minutes,
+                              source_fraction=args.adapt_source_fraction, overrides=overrides)
+        row[kind] = {**res, "tag": adapt_tag(kind, args)}
+    return True
 
 
 def run_seed(name: str, spec: dict, seed: int, parts, args, key: str) -> dict:
     """Train (if needed) and evaluate one row for one seed."""
     if spec.get("kind") == "raw":  # the pixels:16 baseline spec of every evaluation command
-        return evaluate(*features_for(RAW_PIXELS, parts, args), args.episodes)
+        tr, te, tg = features_for(RAW_PIXELS, parts, args)
+        return evaluate(tr, te, args.episodes, tg)
     if spec.get("kind") == "random":
-        tr, te = features_for(f"random:{args.backbone}", parts, args)
-        return evaluate(tr, te, args.episodes)
+        tr, te, tg = features_for(f"random:{args.backbone}", parts, args)
+        return evaluate(tr, te, args.episodes, tg)
     ckpt, info = pretrain(spec, seed, parts, args, key)
-    tr, te = features_for(str(ckpt), parts, args)
-    row = evaluate(tr, te, args.episodes)
+    tr, te, tg = features_for(str(ckpt), parts, args)
+    row = evaluate(tr, te, args.episodes, tg)
     row.update(info, run=str(ckpt.parent.parent))
     return row
 
 
+# ---- summaries and tables ---------------------------------------------------------------------------
 def t95(n: int) -> float:
     """Two-sided 95 % Student-t quantile for n − 1 degrees of freedom."""
     return {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}.get(n, 2.0)
 
 
+def mean_interval(rows: list[dict], k: str) -> tuple[float, float]:
+    """Mean over seeds of metric ``k`` and its 95 % interval: Student-t over seeds when there are
+    several, else the stored episode interval ``<k>_ci`` (few-shot) or 0."""
+    v = np.array([r[k] for r in rows], dtype=float)
+    if len(v) > 1:
+        return float(v.mean()), float(t95(len(v)) * v.std(ddof=1) / math.sqrt(len(v)))
+    return float(v[0]), float(rows[0].get(f"{k}_ci", 0.0))
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Mean and 95 % t-interval over seeds per metric; with one seed, the episode CI for few-shot."""
+    """Mean and 95 % interval per metric (:func:`mean_interval`), per-seed values, budget figures,
+    the cross-lab columns when every seed has them, and each adaptation's summary."""
     out: dict = {}
-    for k in METRICS:
-        v = np.array([r[k] for r in rows], dtype=float)
-        if len(v) > 1:
-            out[k] = (float(v.mean()), float(t95(len(v)) * v.std(ddof=1) / math.sqrt(len(v))))
-        else:
-            out[k] = (float(v[0]), float(rows[0].get(f"{k}_ci", 0.0)) if "shot" in k else 0.0)
-        out[f"{k}_seeds"] = [float(x) for x in v]
+    keys = METRICS + [k for k in XL_METRICS if all(k in r for r in rows)]
+    for k in keys:
+        out[k] = mean_interval(rows, k)
+        out[f"{k}_seeds"] = [float(r[k]) for r in rows]
+    if "5shot" in out and "xl_5shot" in out:
+        from crosslab import objective  # start-up time: torch
+
+        out["objective"] = mean_interval([{"v": objective(r)} for r in rows], "v")
     out["n_seeds"] = len(rows)
     out["minutes"] = float(np.mean([r.get("minutes", 0.0) for r in rows]))
     out["steps"] = int(np.mean([r.get("steps", 0) for r in rows]))
+    out["views_per_s"] = float(np.mean([r.get("views_per_s", 0.0) for r in rows]))
     out["shape"] = f"{rows[0]['batch']}×{rows[0]['n_views']}" if "batch" in rows[0] else ""
+    for kind in ADAPT_KINDS:
+        done = [r[kind] for r in rows if kind in r]
+        if done and len(done) == len(rows):
+            ad = {k: mean_interval(done, k) for k in XL_METRICS}
+            ad.update(n_seeds=len(done), adapt_steps=int(np.mean([d.get("adapt_steps", 0) for d in done])),
+                      adapt_minutes=float(np.mean([d.get("adapt_minutes", 0.0) for d in done])), tag=done[0]["tag"])
+            out[kind] = ad
     return out
 
 
-def fmt(v: tuple[float, float]) -> str:
+def fmt(v: tuple[float, float] | None) -> str:
+    if v is None:
+        return "–"
     return f"{v[0]:.3f} ± {v[1]:.3f}" if v[1] else f"{v[0]:.3f}"
 
 
-def table(results: dict[str, dict]) -> list[str]:
-    lines = ["| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | seeds | steps | "
-             "images×views | min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+def table(results: dict[str, dict], objective_column: bool = False) -> list[str]:
+    """The main table: PBC columns, the cross-lab columns, (the tuning objective), budget figures."""
+    head = ("| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | other lab 1-shot | "
+            "other lab 5-shot | PBC→other lab acc | PBC→other lab bal. acc |")
+    head += " objective |" if objective_column else ""
+    head += " seeds | steps | images×views | image-views/s | min/run |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
-        lines.append(f"| {name} | {fmt(r['linear'])} | {fmt(r['knn'])} | {fmt(r['1shot'])} | {fmt(r['5shot'])} | "
-                     f"{fmt(r['10shot'])} | {r['n_seeds']} | {r.get('steps') or '–'} | {r.get('shape') or '–'} | "
-                     f"{r.get('minutes', 0):.1f} |")
+        cells = [name, *[fmt(r.get(k)) for k in METRICS + XL_METRICS]]
+        if objective_column:
+            cells.append(f"**{fmt(r['objective'])}**" if "objective" in r else "–")
+        cells += [str(r["n_seeds"]), str(r.get("steps") or "–"), r.get("shape") or "–",
+                  f"{r['views_per_s']:.0f}" if r.get("views_per_s") else "–", f"{r.get('minutes', 0):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def adapt_table(results: dict[str, dict]) -> list[str]:
+    """The cross-lab columns of each trained row without adaptation and after each adaptation."""
+    lines = ["| features | adaptation to the other lab | other lab 1-shot | other lab 5-shot | PBC→other lab acc | "
+             "PBC→other lab bal. acc | adapt steps | adapt min |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if not any(k in r for k in ADAPT_KINDS):
+            continue
+        lines.append(f"| {name} | none | " + " | ".join(fmt(r.get(k)) for k in XL_METRICS) + " | – | – |")
+        for kind in ADAPT_KINDS:
+            if kind in r:
+                a = r[kind]
+                lines.append(f"| {name} | {ADAPT_LABELS[kind]} | " + " | ".join(fmt(a[k]) for k in XL_METRICS)
+                             + f" | {a['adapt_steps'] or '–'} | {a['adapt_minutes']:.1f} |")
     return lines
 
 
 def seed_table(results: dict[str, dict]) -> list[str]:
-    lines = ["| features | linear per seed | 5-shot per seed |", "|---|---|---|"]
+    lines = ["| features | linear per seed | 5-shot per seed | other lab 5-shot per seed |", "|---|---|---|---|"]
     for name, r in results.items():
         if r["n_seeds"] > 1:
+            xl = ", ".join(f"{x:.3f}" for x in r.get("xl_5shot_seeds", [])) or "–"
             lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in r['linear_seeds'])} | "
-                         f"{', '.join(f'{x:.3f}' for x in r['5shot_seeds'])} |")
+                         f"{', '.join(f'{x:.3f}' for x in r['5shot_seeds'])} | {xl} |")
     return lines
+
+
+def ranked(results: dict[str, dict]) -> dict[str, dict]:
+    """Rows with the tuning objective first, best first; the others after them in their order."""
+    scored = sorted((k for k in results if "objective" in results[k]), key=lambda k: -results[k]["objective"][0])
+    return {**{k: results[k] for k in scored}, **{k: v for k, v in results.items() if k not in scored}}
 
 
 def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: str) -> list[str]:
@@ -323,68 +544,127 @@ def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: 
 
 
 def load_grid(path: str) -> dict[str, dict]:
-    """Rows from a YAML list of ``{name, method, overlay?, set?: [KEY=VALUE, ...]}``."""
+    """Rows from a YAML list of ``{name, method, recipe?, overlay?: FILE or [FILE, ...], set?: [KEY=VALUE, ...]}``."""
     import yaml
 
     rows = {}
     for item in yaml.safe_load(Path(path).read_text()):
         spec = {"method": item["method"], "set": list(item.get("set", []))}
-        if item.get("overlay"):
-            spec["overlay"] = item["overlay"]
+        overlay = item.get("overlay") or []
+        if overlay:
+            spec["overlays"] = [overlay] if isinstance(overlay, str) else list(overlay)
+        if item.get("recipe"):
+            spec["recipe"] = item["recipe"]
         rows[item["name"]] = spec
     return rows
 
 
-def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_min: float) -> None:
-    """Tables and plots of every stored row that matches the current settings."""
-    import torch
-
-    results, runs = {}, {}
+def collect(store: dict, rows: dict[str, dict], args) -> dict[str, dict]:
+    """``{budget label: {"results": {row: summary}, "runs": {row: run folder}, "commands": [...]}}`` of
+    every stored row that matches the current settings; minute budgets (the headline) first."""
+    tables: dict[str, dict] = {}
     for name, spec in rows.items():
-        entry = store.get(name)
-        if not entry or entry["key"] != row_key(name, spec, args) or not entry["seeds"]:
-            continue
-        seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
-        results[name] = summarise(seeds)
-        if seeds[0].get("run"):
-            runs[name] = Path(seeds[0]["run"])
+        key = row_key(name, spec, args)
+        for entry in store.values():
+            if entry.get("row") != name or entry.get("key") != key or not entry.get("seeds"):
+                continue
+            seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
+            t = tables.setdefault(budget_label(entry["budget"]), {"results": {}, "runs": {}, "commands": []})
+            t["results"][name] = summarise(seeds)
+            if seeds[0].get("run"):
+                t["runs"][name] = Path(seeds[0]["run"])
+            for c in entry.get("commands", []):
+                if c not in t["commands"]:
+                    t["commands"].append(c)
+    return dict(sorted(tables.items(), key=lambda kv: budget_order(kv[0])))
+
+
+def budget_section(label: str, t: dict, args) -> list[str]:
+    """One budget's tables: main (ranked by the objective for a grid), ablation, adaptation, per seed."""
+    results = t["results"]
+    if args.grid and args.eval_on == "val":
+        results = ranked(results)
     main_rows = {k: v for k, v in results.items() if not k.startswith("ablation:")}
     ablation = {k: v for k, v in results.items() if k.startswith("ablation:")}
     if ablation and ABLATION_FULL in results:
         ablation["ablation: centroid + SV + Brownian (= MSBReg)"] = results[ABLATION_FULL]
-    files = plots(main_rows, {k: v for k, v in runs.items() if k in main_rows}, out_md.parent, out_md.stem)
+    minutes = label.endswith(" min")
+    title = (f"## Equal minutes: {label} of wall-clock per run (the headline)" if minutes else
+             f"## Equal image-views: {label} of {args.views_per_step} image-views per run")
+    lines = [title, ""]
+    lines += [f"- `{c['command']}` ({c['date']})" for c in t["commands"]]
+    lines += ["", *table(main_rows, objective_column=args.eval_on == "val"), ""]
+    if ablation:
+        lines += [f"### Ablation ({label}): each force on and off", "", *table(ablation), ""]
+    at = adapt_table(main_rows)
+    if len(at) > 2:
+        lines += [f"### Adaptation to the other lab ({label})", "", *at, ""]
+    st = seed_table(results)
+    if len(st) > 2:
+        lines += [f"### Per seed ({label})", "", *st, ""]
+    return lines
+
+
+def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_min: float) -> None:
+    """Tables and plots of every stored row that matches the current settings: the equal-minutes
+    tables first (the headline), then the equal-image-views ones."""
+    import torch  # start-up time
+
+    tables = collect(store, rows, args)
+    files: list[str] = []
+    if tables:
+        head = next(iter(tables.values()))
+        main_rows = {k: v for k, v in head["results"].items() if not k.startswith("ablation:")}
+        files = plots(main_rows, {k: v for k, v in head["runs"].items() if k in main_rows}, out_md.parent,
+                      out_md.stem)
     cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    views = args.steps * args.views_per_step
+    xl = (f"`{args.cross_lab}` (another lab's white cells: jtsc128, Zheng et al., Micron 107, 2018; images from "
+          "Jiangxi Tecom Science Corporation, GPL-3.0)") if args.cross_lab else "none (`--cross-lab none`)"
     lines = [
-        f"# Quality benchmark{' (quick)' if args.quick else ''}: PBC blood cells",
+        f"# Quality benchmark{' (quick)' if args.quick else ''}: PBC blood cells and another lab's",
         "",
         f"- last command: `{cmd.strip()}` ({total_min:.0f} min); rows and seeds finished earlier are kept in "
-        f"`{args.store}` and skipped",
+        f"`{args.store}` and skipped; each table lists the commands and dates that produced it",
         f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__}, device {args.device}",
         f"- data: PBC (Acevedo et al., Data in Brief 30, 2020, CC BY 4.0), 128 px crops in `{args.data}`; "
         f"split by file-name hash: pretrain 70 % (no labels in pretraining), val 10 %, test 20 %; "
-        f"evaluated on **{args.eval_on}**",
-        f"- pretraining: `{args.recipe}` recipe, {args.backbone} at {args.image_size} px, "
-        f"**{args.steps} steps of {args.views_per_step} image-views = {views:,} image-views per run** for every "
-        f"method (batch × views in the table); each method's own settings as tuned on val (`TUNED` in this "
-        f"script; MSBReg's are the recipe's)"
-        + (f"; extra overrides: {args.set}" if args.set else ""),
+        f"evaluated on **{args.eval_on}**. Other lab: {xl}",
+        f"- pretraining: `{args.recipe}` recipe, {args.backbone} at {args.image_size} px; each method's own "
+        "settings as tuned on val (`TUNED` in this script; MSBReg's are the recipe's; a `blood_smear_<method>` "
+        "row trains with that shipped recipe as it is)"
+        + (f"; extra overrides: {args.set}" if args.set else "")
+        + (f"; overlays on every row: {args.recipe_overlay}" if args.recipe_overlay else ""),
+        "- budgets: **equal minutes** (`--minutes M`, the headline): every row gets the same wall-clock, "
+        "the recipe's `train.max_minutes` schedule (the first steps are timed, then warm-up, cosine LR and "
+        "EMA are sized to the steps that fit; capped at the recipe's epochs); `steps` is what each row "
+        "actually ran and `image-views/s` its speed, both depend on the machine and its load (rows compare only "
+        "when run on the same machine and day, each alone). **Equal image-views** (`--steps N`): N steps of "
+        f"{args.views_per_step} image-views (batch × views) for every row",
         f"- evaluation: 8-way 1/5/10-shot SimpleShot episodes on {args.eval_on} (15 queries, {args.episodes} "
         f"episodes); linear probe (logistic regression on L2-normalised, standardised features, C by "
         f"validation) and kNN (k=20, T=0.07) fitted on the pretrain part"
         + (f" ({args.probe_max} per class)" if args.probe_max else "") + f", tested on {args.eval_on}",
+        "- other lab (`benchmarks/crosslab.py`): all-way (4-way for jtsc128) 1- and 5-shot SimpleShot "
+        f"episodes within it (15 queries, {args.episodes} episodes; ± over episodes); zero-label transfer "
+        "`PBC→other lab`: the linear probe fitted on the pretrain part's images of the other lab's classes "
+        "only, tested on every image of the other lab: accuracy and balanced accuracy (mean per-class "
+        "recall; jtsc128 is 61 % neutrophils)",
+        "- adaptation (trained rows): `cellssl adapt` on the other lab's unlabelled images: `--bn-only` "
+        "(AdaBN; the probe keeps the PBC model's features) and continued SSL ("
+        + (f"{args.adapt_minutes:g} min" if args.adapt_minutes else f"{args.adapt_steps} steps")
+        + (f", {args.adapt_source_fraction:g} PBC images mixed in" if args.adapt_source_fraction else "")
+        + "; the probe is refit on the adapted model's PBC features)"
+        + (f"; this run: {', '.join(args.adapt) or 'none'}" if args.cross_lab else ""),
+        "- objective (with `--eval-on val`; a `--grid` is ranked by it): mean of PBC val 8-way 5-shot and "
+        "the other lab's 5-shot. jtsc128 is the only cross-lab set in `../shared/data`, so the cross-lab "
+        "half of the objective is measured on the same set that is reported; PBC test is never used for tuning",
         "- ± is a 95 % interval: Student-t over seeds when there are several, else over few-shot episodes; "
-        "`min/run` is wall-clock and depends on what else the machine ran",
-        "",
-        *table(main_rows),
+        "`min/run` is wall-clock",
         "",
     ]
-    if ablation:
-        lines += ["## Ablation: each force on and off", "", *table(ablation), ""]
-    st = seed_table(results)
-    if len(st) > 2:
-        lines += ["## Per seed", "", *st, ""]
+    for label, t in tables.items():
+        lines += budget_section(label, t, args)
     lines += [*[f"![{f}]({f})" for f in files], ""]
     keep = ""  # a hand-written "## Analysis" section survives re-runs
     if out_md.exists() and "\n## Analysis" in out_md.read_text():
@@ -392,66 +672,123 @@ def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_m
     out_md.write_text("\n".join(lines) + keep)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny budget, 1 seed, main rows only (a few minutes)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbc128"))
+    ap.add_argument("--cross-lab", default=str(DEFAULT_CROSS_LAB),
+                    help="another lab's labelled folder, its classes among PBC's (default jtsc128); 'none' to skip")
     ap.add_argument("--work", default=str(REPO / "runs" / "quality"))
     ap.add_argument("--out", default=None, help="markdown report (default docs/results.md; quick: WORK/results.md)")
     ap.add_argument("--store", default=None, help="JSON of finished rows (default: the report's name with .json)")
     ap.add_argument("--recipe", default="blood_smear")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="equal wall-clock per run (the headline table); without it: --steps (equal image-views)")
     ap.add_argument("--views-per-step", type=int, default=256,
-                    help="the equal cost: batch size × views per step of every row (e.g. 128 × 2 or 64 × 4)")
+                    help="the equal cost of --steps: batch size × views per step of every row (e.g. 128 × 2 or 64 × 4)")
     ap.add_argument("--batch-size", type=int, default=None, help="force this batch for every row (default: each's)")
     ap.add_argument("--n-views", type=int, default=None, help="force this view count for every row (default: each's)")
-    ap.add_argument("--steps", type=int, default=400, help="pretraining steps per run (the equal budget)")
+    ap.add_argument("--steps", type=int, default=400, help="pretraining steps per run (the equal image-view budget)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--probe-max", type=int, default=None, help="at most this many probe images per class")
     ap.add_argument("--rows", default=None, help="comma-separated row names or method names (default all)")
     ap.add_argument("--grid", default=None, help="YAML list of rows to run instead of the built-in ones")
     ap.add_argument("--eval-on", choices=["test", "val"], default="test", help="val for tuning")
+    ap.add_argument("--adapt", default=None,
+                    help="adaptations to the other lab per trained row: comma list of adabn, continued, or none "
+                         "(default adabn,continued; with --grid none)")
+    ap.add_argument("--adapt-steps", type=int, default=50, help="continued SSL steps on the other lab's images")
+    ap.add_argument("--adapt-minutes", type=float, default=None, help="continued SSL budget in minutes instead")
+    ap.add_argument("--adapt-source-fraction", type=float, default=0.0,
+                    help="share of PBC pretrain images mixed into continued SSL (cellssl adapt --source-fraction)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override for every row")
-    args = ap.parse_args()
+    ap.add_argument("--recipe-overlay", action="append", default=[], help="YAML overlay merged into every trained row")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="also run every selected trained row with an overlay or overrides: 'LABEL=FILE.yaml' or "
+                         "'LABEL=section.key=value;section.key=value' (row '<row> + LABEL')")
+    args = ap.parse_args(argv)
+    adapt = args.adapt if args.adapt is not None else ("none" if args.grid else "adabn,continued")
+    args.adapt = [] if adapt.strip() == "none" else [a.strip() for a in adapt.split(",") if a.strip()]
+    bad = [a for a in args.adapt if a not in ADAPT_KINDS]
+    if bad:
+        ap.error(f"--adapt {bad}: use a comma list of {', '.join(ADAPT_KINDS)}, or none")
+    args.cross_lab = None if str(args.cross_lab).lower() == "none" else Path(args.cross_lab)
+    if args.minutes is not None and args.minutes <= 0:
+        ap.error("--minutes must be positive")
+    for o in args.recipe_overlay:
+        if not (REPO / o).is_file():
+            ap.error(f"--recipe-overlay {o}: no such file")
+    return args
+
+
+def select_rows(args) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(every row the report may show, the rows to run now): the grid's or the built-in rows with the
+    shipped ``blood_smear_<method>`` recipes, each with its ``--variant`` copies; ``--rows`` filters."""
+    rows = load_grid(args.grid) if args.grid else {**ROWS, **recipe_rows(base=args.recipe)}
+    rows = with_variants(rows, args.variant)
+    todo = dict(rows)
+    if args.quick:
+        todo = {k: v for k, v in todo.items() if not k.startswith("ablation:")}
+    if args.rows:
+        keep = {m.strip() for m in args.rows.split(",")}
+        todo = {k: v for k, v in todo.items()
+                if k in keep or v.get("method") in keep or k.split(" + ")[0] in keep}
+    return rows, todo
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     data = Path(args.data)
     if not data.is_dir():
         sys.exit(f"error: no PBC data at {data}; pass --data (a folder with one sub-folder per class)")
+    if args.cross_lab and not args.cross_lab.is_dir():
+        sys.exit(f"error: no cross-lab data at {args.cross_lab}; pass --cross-lab DIR (a folder with one "
+                 "sub-folder per class, named as in --data) or --cross-lab none")
     if args.quick:
         args.steps, args.seeds, args.episodes, args.probe_max = min(args.steps, 20), 1, 200, args.probe_max or 150
+        args.adapt_steps = min(args.adapt_steps, 10)
     default_md = Path(args.work) / "results.md" if args.quick else REPO / "docs" / "results.md"
     out_md = Path(args.out) if args.out else default_md
     out_md.parent.mkdir(parents=True, exist_ok=True)
     args.store = args.store or str(out_md.with_suffix(".json"))
     store_path = Path(args.store)
     store = json.loads(store_path.read_text()) if store_path.exists() else {}
-    rows = load_grid(args.grid) if args.grid else dict(ROWS)
-    todo = dict(rows)
-    if args.quick:
-        todo = {k: v for k, v in todo.items() if not k.startswith("ablation:")}
-    if args.rows:
-        keep = {m.strip() for m in args.rows.split(",")}
-        todo = {k: v for k, v in todo.items() if k in keep or v.get("method") in keep}
+    rows, todo = select_rows(args)
     check_equal_cost(todo, args)
     parts = make_split(data, Path(args.work) / "split")
+    budget = run_budget(args)
+    argv = sys.argv[1:] if argv is None else argv
+    stamp = {"command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in argv),
+             "date": time.strftime("%Y-%m-%d %H:%M")}
     t_start = time.monotonic()
-    print("split: " + ", ".join(f"{k}={sum(1 for _ in v.rglob('*.*'))}" for k, v in parts.items()))
+    print("split: " + ", ".join(f"{k}={sum(1 for _ in v.rglob('*.*'))}" for k, v in parts.items())
+          + f"; budget per run: {budget_label(budget)}")
     print("\n".join(table({})[:2]), flush=True)
     for name, spec in todo.items():
         key = row_key(name, spec, args)
-        entry = store.get(name)
+        sname = store_name(name, budget)
+        entry = store.get(sname)
         if not entry or entry.get("key") != key:
-            entry = store[name] = {"key": key, "spec": spec, "seeds": {}}
+            entry = store[sname] = {"row": name, "key": key, "spec": spec, "budget": budget, "seeds": {},
+                                    "commands": []}
         n_seeds = 1 if "kind" in spec else args.seeds
         for seed in range(n_seeds):
-            if str(seed) in entry["seeds"]:
-                continue
-            entry["seeds"][str(seed)] = run_seed(name, spec, seed, parts, args, key)
-            store_path.write_text(json.dumps(store, indent=1))  # after every run: resumable
+            res = entry["seeds"].get(str(seed))
+            changed = res is None
+            if res is None:
+                res = entry["seeds"][str(seed)] = run_seed(name, spec, seed, parts, args, key)
+            if "method" in spec:
+                changed = adapt_seed(res, parts, args) or changed
+            if changed:
+                if stamp not in entry["commands"]:
+                    entry["commands"].append(stamp)
+                store_path.write_text(json.dumps(store, indent=1))  # after every run: resumable
         seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
         print("\n".join(table({name: summarise(seeds)})[2:]), flush=True)
     total_min = (time.monotonic() - t_start) / 60
