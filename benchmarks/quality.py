@@ -155,9 +155,10 @@ def budget_overrides(budget: dict) -> list[str]:
     return [f"train.max_steps={budget['steps']}", "train.max_minutes=null"]
 
 
-def store_name(name: str, budget: dict) -> str:
-    """Key of a row's results under one budget in ``--store``: ``"<row> @ <budget label>"``."""
-    return f"{name} @ {budget_label(budget)}"
+def store_name(name: str, budget: dict | None) -> str:
+    """Key of a row's results under one budget in ``--store``: ``"<row> @ <budget label>"``
+    (``"<row> @ untrained"`` for the rows without training, shown in every budget's table)."""
+    return f"{name} @ {budget_label(budget) if budget else 'untrained'}"
 
 
 def budget_order(label: str) -> tuple[int, float]:
@@ -561,14 +562,19 @@ def load_grid(path: str) -> dict[str, dict]:
 
 def collect(store: dict, rows: dict[str, dict], args) -> dict[str, dict]:
     """``{budget label: {"results": {row: summary}, "runs": {row: run folder}, "commands": [...]}}`` of
-    every stored row that matches the current settings; minute budgets (the headline) first."""
+    every stored row that matches the current settings; minute budgets (the headline) first. The
+    untrained rows (raw pixels, random init: no budget) appear in every table, first."""
     tables: dict[str, dict] = {}
+    untrained: dict[str, dict] = {}
     for name, spec in rows.items():
         key = row_key(name, spec, args)
         for entry in store.values():
             if entry.get("row") != name or entry.get("key") != key or not entry.get("seeds"):
                 continue
             seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
+            if entry.get("budget") is None:
+                untrained[name] = summarise(seeds)
+                continue
             t = tables.setdefault(budget_label(entry["budget"]), {"results": {}, "runs": {}, "commands": []})
             t["results"][name] = summarise(seeds)
             if seeds[0].get("run"):
@@ -576,6 +582,10 @@ def collect(store: dict, rows: dict[str, dict], args) -> dict[str, dict]:
             for c in entry.get("commands", []):
                 if c not in t["commands"]:
                     t["commands"].append(c)
+    if untrained and not tables:
+        tables[budget_label(run_budget(args))] = {"results": {}, "runs": {}, "commands": []}
+    for t in tables.values():
+        t["results"] = {**untrained, **t["results"]}
     return dict(sorted(tables.items(), key=lambda kv: budget_order(kv[0])))
 
 
@@ -772,10 +782,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(table({})[:2]), flush=True)
     for name, spec in todo.items():
         key = row_key(name, spec, args)
-        sname = store_name(name, budget)
+        row_budget = budget if "method" in spec else None
+        sname = store_name(name, row_budget)
         entry = store.get(sname)
         if not entry or entry.get("key") != key:
-            entry = store[sname] = {"row": name, "key": key, "spec": spec, "budget": budget, "seeds": {},
+            entry = store[sname] = {"row": name, "key": key, "spec": spec, "budget": row_budget, "seeds": {},
                                     "commands": []}
         n_seeds = 1 if "kind" in spec else args.seeds
         for seed in range(n_seeds):
