@@ -124,20 +124,27 @@ def adapted_checkpoint(checkpoint: str | Path, target: str | Path, out: str | Pa
     return path, info
 
 
-def adapted_metrics(checkpoint: str | Path, source_dir: str | Path, target_dir: str | Path, source_fs: FeatureSet,
-                    kind: str, out: str | Path, *, episodes: int, seed: int = 0, probe_max: int | None = None,
-                    device: str = "auto", steps: int | None = None, minutes: float | None = None,
-                    source_fraction: float | None = None, overrides: Sequence[str] = ()) -> dict:
+def adapted_metrics(checkpoint: str | Path, source_dir: str | Path, target_dir: str | Path,
+                    source_fs: FeatureSet | None, kind: str, out: str | Path, *, episodes: int, seed: int = 0,
+                    probe_max: int | None = None, device: str = "auto", steps: int | None = None,
+                    minutes: float | None = None, source_fraction: float | None = None,
+                    overrides: Sequence[str] = ()) -> dict:
     """Cross-lab metrics of ``checkpoint`` after adaptation ``kind`` to ``target_dir``.
 
     AdaBN: the probe stays the source model's (``source_fs``, source BatchNorm statistics); only the
     target features come from the adapted checkpoint. Continued SSL: the weights changed, so the
     source features (``source_dir``, at most ``probe_max`` per class) are recomputed with the adapted
-    model and the probe refit on them."""
+    model and the probe refit on them. ``source_fs``: the source model's features of ``source_dir``
+    (computed here when None; unused by continued SSL)."""
     source, fraction = (source_dir, source_fraction) if source_fraction else (None, None)
     ckpt, info = adapted_checkpoint(checkpoint, target_dir, out, kind, steps=steps, minutes=minutes, device=device,
                                     source=source, source_fraction=fraction, overrides=overrides)
-    ex = FeatureExtractor(ckpt, device=device, batch_size=256, progress=False, seed=seed)
+    opts = {"device": device, "batch_size": 256, "progress": False, "seed": seed}
+    ex = FeatureExtractor(ckpt, **opts)
     target = ex.features(target_dir)
-    src = source_fs if kind == "adabn" else ex.features(source_dir, max_per_class=probe_max)
+    if kind == "continued":
+        src = ex.features(source_dir, max_per_class=probe_max)
+    else:
+        src = source_fs if source_fs is not None else FeatureExtractor(checkpoint, **opts).features(
+            source_dir, max_per_class=probe_max)
     return {**crosslab_metrics(src, target, episodes, seed=seed), **info}

@@ -356,14 +356,18 @@ def adapt_seed(row: dict, parts: dict[str, Path], args) -> bool:
     todo = [k for k in args.adapt if row.get(k, {}).get("tag") != adapt_tag(k, args)]
     if not todo or not args.cross_lab or not ckpt.exists():
         return False
-    source_fs = extractor_for(str(ckpt), args).features(parts["pretrain"], max_per_class=args.probe_max)
+    # AdaBN keeps the PBC model's probe features; continued SSL recomputes them with the adapted model
+    source_fs = (extractor_for(str(ckpt), args).features(parts["pretrain"], max_per_class=args.probe_max)
+                 if "adabn" in todo else None)
     overrides = [f"data.num_workers={args.workers}", f"train.progress={str(args.progress).lower()}",
-                 "train.checkpoint_every=50"] + ([] if args.adapt_minutes else ["train.max_minutes=null"])
+                 "train.checkpoint_every=50"]
+    # a minutes budget sizes the schedule itself (no step cap); a step budget drops the source run's minutes
+    overrides += [f"train.max_steps={10**6}"] if args.adapt_minutes else ["train.max_minutes=null"]
     for kind in todo:
         out = Path(args.work) / "adapt" / f"{Path(row['run']).name}-{adapt_tag(kind, args)}"
         res = adapted_metrics(ckpt, parts["pretrain"], args.cross_lab, source_fs, kind, out,
                               episodes=args.episodes, probe_max=args.probe_max, device=args.device,
-                              steps=args.adapt_steps, minutes=args.adapt_minutes,
+                              steps=None if args.adapt_minutes else args.adapt_steps, minutes=args.adapt_minutes,
                               source_fraction=args.adapt_source_fraction, overrides=overrides)
         row[kind] = {**res, "tag": adapt_tag(kind, args)}
     return True
