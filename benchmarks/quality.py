@@ -570,6 +570,7 @@ def collect(store: dict, rows: dict[str, dict], args) -> dict[str, dict]:
     untrained rows (raw pixels, random init: no budget) appear in every table, first."""
     tables: dict[str, dict] = {}
     untrained: dict[str, dict] = {}
+    untrained_cmds: list[dict] = []
     for name, spec in rows.items():
         key = row_key(name, spec, args)
         for entry in store.values():
@@ -578,6 +579,7 @@ def collect(store: dict, rows: dict[str, dict], args) -> dict[str, dict]:
             seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
             if entry.get("budget") is None:
                 untrained[name] = summarise(seeds)
+                untrained_cmds += [c for c in entry.get("commands", []) if c not in untrained_cmds]
                 continue
             t = tables.setdefault(budget_label(entry["budget"]), {"results": {}, "runs": {}, "commands": []})
             t["results"][name] = summarise(seeds)
@@ -590,6 +592,7 @@ def collect(store: dict, rows: dict[str, dict], args) -> dict[str, dict]:
         tables[budget_label(run_budget(args))] = {"results": {}, "runs": {}, "commands": []}
     for t in tables.values():
         t["results"] = {**untrained, **t["results"]}
+        t["commands"] += [c for c in untrained_cmds if c not in t["commands"]]
     return dict(sorted(tables.items(), key=lambda kv: budget_order(kv[0])))
 
 
