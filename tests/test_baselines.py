@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 import cellssl.methods.simclr as simclr_mod
-from cellssl.config import MethodConfig, ModelConfig
+from cellssl.config import MethodConfig, ModelConfig, recipe_to_dict
 from cellssl.methods import METHODS, build_method
 from cellssl.methods.barlow import barlow_loss, barlow_terms, cross_correlation
 from cellssl.methods.byol import byol_loss
@@ -347,8 +347,28 @@ ABLATIONS = {  # what each overlay switches, on top of the recipe (other values 
 }
 
 
+VIEW_OVERLAYS = {  # view ablations beside the forces: what each switches on top of the recipe
+    "strong_colour": dict(hed_jitter=0.04, brightness=0.25, contrast=0.25, saturation=0.2, hue=0.04),
+}
+
+
 def test_ablation_recipes_are_the_rows():
-    assert sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")) == sorted(ABLATIONS)
+    assert sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")) == sorted({**ABLATIONS, **VIEW_OVERLAYS})
+
+
+@pytest.mark.parametrize("row", sorted(VIEW_OVERLAYS))
+def test_view_overlay_switches_only_its_view_fields(row):
+    from cellssl.config import load_recipe
+
+    path = ABLATION_DIR / f"{row}.yaml"
+    assert path.read_text().lstrip().startswith("#")
+    assert set(yaml.safe_load(path.read_text())) == {"views"}
+    base, recipe = load_recipe("blood_smear"), load_recipe("blood_smear", overlays=[str(path)])
+    assert {k: getattr(recipe.views, k) for k in VIEW_OVERLAYS[row]} == VIEW_OVERLAYS[row]
+    assert {k: getattr(base.views, k) for k in VIEW_OVERLAYS[row]} != VIEW_OVERLAYS[row]  # it changes something
+    untouched = {k: v for k, v in vars(base.views).items() if k not in VIEW_OVERLAYS[row]}
+    assert {k: getattr(recipe.views, k) for k in untouched} == untouched
+    assert recipe_to_dict(recipe)["method"] == recipe_to_dict(base)["method"]
 
 
 @pytest.mark.parametrize("row", sorted(ABLATIONS))
