@@ -19,7 +19,6 @@ import pytest
 import torch
 from test_export import make_ckpt
 
-import cellssl.errors as errors_module
 from cellssl.config import ModelConfig
 from cellssl.engine.checkpoint import FORMAT, load_checkpoint, save_atomic
 from cellssl.errors import CheckpointError, ConfigError, DiskFullError
@@ -64,8 +63,7 @@ def _leftovers(folder: Path) -> list[str]:
 def _small_free_space(monkeypatch, free: int = 3_000_000) -> None:
     """Make the disk look nearly full to the disk-full check (the write itself is faked separately)."""
     real = shutil.disk_usage
-    monkeypatch.setattr(errors_module.shutil, "disk_usage",
-                        lambda p: real(p)._replace(free=free))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +188,7 @@ def test_export_refuses_a_folder_with_files_and_overwrite_replaces_an_earlier_ex
     msg = _one_line(*_main(capsys, "export", "--checkpoint", str(ck), "--out", str(mine))[::2])
     assert "already holds files (README.md)" in msg and "--overwrite" in msg
     msg = _one_line(*_main(capsys, "export", "--checkpoint", str(ck), "--out", str(mine), "--overwrite")[::2])
-    assert "has no config.json" in msg and "replaces only an earlier export" in msg
+    assert "has no config.json, so it is not an earlier `cellssl export` output: --overwrite replaces only" in msg
     assert (mine / "README.md").read_text() == "my notes" and sorted(os.listdir(mine)) == ["README.md"]
 
     out = tmp_path / "m"

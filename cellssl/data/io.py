@@ -107,9 +107,10 @@ def check_output_folder(out: str | Path, *, overwrite: bool, command: str, own_f
                           f"`cellssl {command}` output with --overwrite, or choose another --out")
     foreign = [n for n in present if n not in set(own_files)]
     if foreign or marker not in present:
-        what = f"holds {foreign[0]}, which" if foreign else f"has no {marker}: it is not an earlier output that"
-        raise ConfigError(f"--out {out} {what} `cellssl {command}` does not write: --overwrite replaces only an "
-                          f"earlier {command} output; move it or choose another --out")
+        what = (f"holds {foreign[0]}, which `cellssl {command}` does not write" if foreign
+                else f"has no {marker}, so it is not an earlier `cellssl {command}` output")
+        raise ConfigError(f"--out {out} {what}: --overwrite replaces only an earlier {command} output; move "
+                          f"{'it' if foreign else 'its files'} or choose another --out")
 
 
 @contextlib.contextmanager
