@@ -53,11 +53,13 @@ _DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceede
 
 def format_bytes(n: float) -> str:
     """``26.1 MB``-style size (powers of 1000, as ``df -H`` shows them)."""
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    if abs(n) < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("kB", "MB"):
         n /= 1000
-    return f"{n:.1f} GB"
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
 
 
 def mount_point(path: str | Path) -> Path:
@@ -89,8 +91,8 @@ def disk_full_as_error(target: str | Path, needed_bytes: int | None, kept: str |
     """Turn a write of ``target`` that fails on a full disk into one :class:`DiskFullError` line naming
     the disk, the space the write needs (``needed_bytes``, an estimate), the space free and what was
     kept (``kept``, e.g. "the previous checkpoint is kept", or a function that says it, called only
-    on a failure); other errors pass unchanged. Wrap the
-    whole write, its clean-up of temporary files included, so that the free space is measured after it."""
+    on a failure); other errors pass unchanged. Wrap the whole write, its clean-up of temporary files
+    included, so that the free space is measured after it."""
     try:
         yield
     except CellSSLError:
