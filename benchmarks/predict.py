@@ -109,12 +109,13 @@ def main() -> None:
     t_lin = time.monotonic() - t0
     classifier = Path(lin["classifier"])
     t1 = time.monotonic()
-    rep = predict(classifier, parts["test"], work / "predict", device=args.device, sheet=48, progress=False)
+    rep = predict(classifier, parts["test"], work / "predict", device=args.device, sheet=48, progress=False,
+                  overwrite=True)
     t_pred = time.monotonic() - t1
     ev = rep["evaluation"]
     unsure = torch.load(classifier, weights_only=True)["unsure"]
     cur = curve(work / "predict" / "predictions.csv", unsure, rep["classes"])
-    cfg = export(classifier, work / "export", fmt="both")
+    cfg = export(classifier, work / "export", fmt="both", overwrite=True)
     onnx_random = cfg["cellssl"]["onnx"]["max_abs_diff_vs_torch"]
     onnx_real = onnx_on_images(classifier, work / "export" / "model.onnx", parts["test"])
 

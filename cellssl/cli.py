@@ -259,14 +259,15 @@ def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image
 @click.option("--image-size", type=RecipeValue("data.image_size"), default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
+@click.option("--overwrite", is_flag=True, help="Replace the finetune run already in --out (refused otherwise).")
 def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_class, freeze_backbone, lr,
-             batch_size, image_size, device, seed):
+             batch_size, image_size, device, seed, overwrite):
     """Fine-tune on a lab's labelled folder (class-balanced, early stopping, best model saved)."""
     from cellssl.eval.finetune import finetune as run
 
     report = run(checkpoint, data, out, val_fraction=val_fraction, test=test_dir, epochs=epochs,
                  labels_per_class=labels_per_class, freeze_backbone=freeze_backbone, lr=lr, batch_size=batch_size,
-                 device=device, seed=seed, image_size=image_size)
+                 device=device, seed=seed, image_size=image_size, overwrite=overwrite)
     _print_summary(report)
 
 
@@ -282,9 +283,10 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--ood-quantile", type=float, default=None,
               help="Flag cells farther from every class than this quantile of validation cells (default 0.99).")
 @click.option("--sheet", type=int, default=48, show_default=True, help="Least certain cells in the contact sheet.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=RecipeValue("eval.batch_size"), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier prediction folder in --out as a whole.")
+def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, overwrite):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
     from cellssl.eval.predict import format_predict_summary
     from cellssl.eval.predict import predict as run
@@ -294,7 +296,7 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
     if ood_quantile is not None and not 0 < ood_quantile <= 1:
         raise CellSSLError(f"--ood-quantile must be in (0, 1] (e.g. 0.99), got {ood_quantile}")
     report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
-                 batch_size=batch_size, device=device)
+                 batch_size=batch_size, device=device, overwrite=overwrite)
     click.echo(format_predict_summary(report))
 
 
@@ -307,11 +309,12 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
 @click.option("--report", "reports", multiple=True, type=click.Path(),
               help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint "
                    "are found).")
-def export(checkpoint, out, fmt, reports):
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out as a whole (refused otherwise).")
+def export(checkpoint, out, fmt, reports, overwrite):
     """Hand a model on: safetensors loadable by timm, ONNX, config.json with the preprocessing, a model card."""
     from cellssl.eval.export import export as run
 
-    config = run(checkpoint, out, fmt=fmt, reports=list(reports))
+    config = run(checkpoint, out, fmt=fmt, reports=list(reports), overwrite=overwrite)
     onnx = config["cellssl"]["onnx"]
     diff = f"; ONNX vs torch max abs difference {onnx['max_abs_diff_vs_torch']:.2e}" if onnx and \
         onnx.get("max_abs_diff_vs_torch") is not None else ""

@@ -17,6 +17,7 @@ import torch
 from cellssl.config import load_recipe
 from cellssl.engine.checkpoint import load_checkpoint, save_atomic
 from cellssl.engine.fit import fit
+from cellssl.errors import DiskFullError
 from conftest import REPO, tiny_recipe_yaml
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -95,7 +96,7 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="the previous last.pt \\(step 1\\) is kept"):  # one line, exit 2
         save_atomic({"format": "cellssl-1", "step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +88,38 @@ def folder_to_folder_images(src: str | Path, out: str | Path) -> tuple[Path, Pat
     return src, out, files
 
 
+def check_output_folder(out: str | Path, *, overwrite: bool, command: str, own_files: Iterable[str],
+                        marker: str) -> None:
+    """Refuse an ``--out`` that already holds files (nothing is overwritten silently). With
+    ``overwrite`` an earlier output of ``command`` may be replaced: a folder that holds ``marker``
+    and only files the command writes (``own_files``); a folder of the user's never is."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: choose a folder")
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    listed = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+    if not overwrite:
+        raise ConfigError(f"--out {out} already holds files ({listed}): nothing is overwritten; replace an earlier "
+                          f"`cellssl {command}` output with --overwrite, or choose another --out")
+    foreign = [n for n in present if n not in set(own_files)]
+    if foreign or marker not in present:
+        what = (f"holds {foreign[0]}, which `cellssl {command}` does not write" if foreign
+                else f"has no {marker}, so it is not an earlier `cellssl {command}` output")
+        raise ConfigError(f"--out {out} {what}: --overwrite replaces only an earlier {command} output; move "
+                          f"{'it' if foreign else 'its files'} or choose another --out")
+
+
 @contextlib.contextmanager
-def output_folder(out: str | Path) -> Iterator[Path]:
+def output_folder(out: str | Path, replace: bool = False) -> Iterator[Path]:
     """Write a folder atomically: yields a hidden temporary sibling ``.<name>.partial-*`` that is
     renamed to ``out`` only when the block completes; on any error (or Ctrl-C) it is removed, so
-    an interrupted command never leaves a half-written ``out`` that looks finished."""
+    an interrupted command never leaves a half-written ``out`` that looks finished. ``replace``:
+    an ``out`` that holds files (checked by :func:`check_output_folder`) is swapped out whole at
+    the end, so no file of it stays beside the new ones."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -100,7 +127,16 @@ def output_folder(out: str | Path) -> Iterator[Path]:
         yield tmp
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder made beforehand (nothing is lost)
-        os.replace(tmp, out)
+        old = tmp.with_name(tmp.name.replace(".partial-", ".old-"))
+        if replace and out.is_dir():
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old.is_dir():
+                os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,6 +160,8 @@ def _read_pil(path: Path) -> np.ndarray:
             arr = np.asarray(im)
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image Pillow can identify (wrong suffix or corrupt file)") from None
+    except Image.DecompressionBombError as exc:  # a small file that declares a giant image
+        raise ImageReadError(path, f"declares an image too large to decode safely ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, f"corrupt or truncated file ({exc})") from None
     if arr.ndim == 3 and arr.shape[2] == 4:  # RGBA: drop alpha

@@ -23,7 +23,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
 from cellssl.config import ModelConfig, Recipe, migrate_checkpoint_config, recipe_from_dict, recipe_to_dict
-from cellssl.errors import CheckpointError, ConfigError, DataError
+from cellssl.errors import CheckpointError, ConfigError, DataError, disk_full_as_error
 from cellssl.models import build_backbone, ema_update
 from cellssl.models.backbone import PixelFeatures
 
@@ -36,25 +36,28 @@ def nonfinite_tensors(state: dict) -> list[str]:
             if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def check_new_run(out: str | Path, *, what: str = "a run", overwrite: bool = False) -> None:
-    """Refuse to start a fresh run in ``out`` when it already holds ``checkpoints/last.pt``
-    (nothing is overwritten silently); ``overwrite=True`` allows it."""
-    last = Path(out) / "checkpoints" / "last.pt"
+def check_new_run(out: str | Path, *, what: str = "a run", overwrite: bool = False,
+                  checkpoint: str = "checkpoints/last.pt", resumable: bool = True) -> None:
+    """Refuse to start a fresh run in ``out`` when it already holds ``checkpoint`` (nothing is
+    overwritten silently); ``overwrite=True`` allows it. ``resumable``: the message offers ``--resume``."""
+    last = Path(out) / checkpoint
     if overwrite or not last.exists():
         return
     try:
-        step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("step")
+        held = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        step = None
-    at = f" at step {step}" if isinstance(step, int) else ""
-    raise ConfigError(f"{out} already holds {what} (checkpoints/last.pt{at}): continue it with --resume, "
-                      "replace it with --overwrite, or choose another --out")
+        held = {}
+    step = held.get("step") if isinstance(held, dict) else None
+    at = f" at {'epoch' if held.get('kind') == 'finetune' else 'step'} {step}" if isinstance(step, int) else ""
+    how = "continue it with --resume, replace it with --overwrite" if resumable else "replace it with --overwrite"
+    raise ConfigError(f"{out} already holds {what} ({checkpoint}{at}): {how}, or choose another --out")
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a partial file. A
+    A crash at any point leaves either the old file or the new one, never a partial file; a full
+    disk is a one-line :class:`~cellssl.errors.DiskFullError` (the space needed, what is kept). A
     checkpoint whose ``model`` weights are not all finite is refused (CheckpointError): the
     file already at ``path`` is kept.
     """
@@ -65,17 +68,40 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
         raise CheckpointError(f"refusing to write {path}: {len(bad)} weight tensor(s) are non-finite "
                               f"(e.g. {bad[0]}); the previous file is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_full_as_error(path, tensor_bytes(obj), lambda: _kept(path)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about the size of its file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _kept(path: Path) -> str:
+    """What a failed write of the checkpoint ``path`` leaves: the previous file (its step), or nothing."""
+    if not path.is_file():
+        return f"no earlier {path.name} was there, nothing was written"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:
+        step = None
+    return f"the previous {path.name}{f' (step {step})' if isinstance(step, int) else ''} is kept"
 
 
 def rng_state() -> dict:
@@ -122,6 +148,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cellssl checkpoint (no '{FORMAT}' format tag)")
+    if ckpt.get("incomplete"):
+        raise CheckpointError(
+            f"checkpoint {path} is from a {ckpt.get('kind', 'training')} run that did not finish (best epoch so far: "
+            f"{ckpt.get('epoch', '?')}; its unsure calibration was never made): run `cellssl {ckpt.get('kind', '')}` "
+            "to the end again (with --overwrite) and use the best.pt it writes"
+        )
     bad = nonfinite_tensors(ckpt.get("model") or {})
     if bad:
         raise CheckpointError(

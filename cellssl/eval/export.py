@@ -38,14 +38,16 @@ from torch import nn
 from cellssl import __version__
 from cellssl.augment.views import channel_stats
 from cellssl.config import recipe_from_dict
-from cellssl.engine.checkpoint import load_backbone, load_checkpoint
-from cellssl.errors import CellSSLError
+from cellssl.data.io import check_output_folder, output_folder
+from cellssl.engine.checkpoint import load_backbone, load_checkpoint, tensor_bytes
+from cellssl.errors import CellSSLError, disk_full_as_error
 from cellssl.eval.predict import load_predictor
 from cellssl.eval.report import format_summary
 
-__all__ = ["export", "FORMATS", "find_reports"]
+__all__ = ["export", "FORMATS", "EXPORT_FILES", "find_reports"]
 
 FORMATS = ("safetensors", "onnx", "both")
+EXPORT_FILES = ("model.safetensors", "head.safetensors", "model.onnx", "config.json", "README.md")
 REPORT_KINDS = ("fewshot", "linear", "knn", "finetune")
 
 
@@ -119,37 +121,53 @@ def export(
     fmt: str = "safetensors",
     reports: list[str | Path] = (),
     opset: int = 17,
+    overwrite: bool = False,
 ) -> dict:
-    """Export ``checkpoint`` to the folder ``out`` (see the module docstring); returns config.json's dict."""
+    """Export ``checkpoint`` to the folder ``out`` (see the module docstring); returns config.json's dict.
+
+    The files are written to a hidden temporary folder renamed to ``out`` when all are written, so an
+    interrupted export leaves no ``out`` (or the earlier one, whole). An ``out`` that holds files is
+    refused; ``overwrite`` replaces an earlier export as a whole (no file of it stays). A full disk is
+    a one-line :class:`~cellssl.errors.DiskFullError` (the space needed, what is kept)."""
     if fmt not in FORMATS:
         raise CellSSLError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    if out.suffix:
+        raise CellSSLError(f"--out {out} must be a folder (model.safetensors, config.json and README.md go in it)")
+    check_output_folder(out, overwrite=overwrite, command="export", own_files=EXPORT_FILES, marker="config.json")
     checkpoint = Path(checkpoint)
     ck = load_checkpoint(checkpoint)
     recipe = recipe_from_dict(ck["config"])
     in_chans, size = int(ck["in_chans"]), int(recipe.data.image_size)
     is_classifier = bool(ck.get("classes")) and "head.weight" in (ck.get("model") or {})
-    if is_classifier:
-        pred = load_predictor(checkpoint, device="cpu")
-        classifier, backbone = pred.model, pred.model.backbone
-    else:
-        backbone, _ = load_backbone(checkpoint)
-        classifier = None
+    pred = load_predictor(checkpoint, device="cpu") if is_classifier else None
+    backbone = pred.model.backbone if pred is not None else load_backbone(checkpoint)[0]
     backbone.eval()
     name = recipe.model.backbone
-    out = Path(out)
-    if out.suffix:
-        raise CellSSLError(f"--out {out} must be a folder (model.safetensors, config.json and README.md go in it)")
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     placeholder = _placeholder_head(name, in_chans, state) if recipe.model.stem == "default" else {}
     with torch.no_grad():
         n_features = int(backbone(torch.zeros(1, in_chans, size, size)).shape[1])
+    needed = tensor_bytes(state) * (2 if fmt == "both" else 1) + tensor_bytes(placeholder)
+    kept = f"{out} is unchanged" if out.is_dir() and any(out.iterdir()) else f"nothing was written to {out}"
+    with disk_full_as_error(out, needed, kept), output_folder(out, replace=overwrite) as tmp:
+        config = _write_export(tmp, out, checkpoint, ck, fmt, state, placeholder, n_features, backbone, pred,
+                               reports, opset)
+    return config
 
+
+def _write_export(tmp: Path, out: Path, checkpoint: Path, ck: dict, fmt: str, state: dict, placeholder: dict,
+                  n_features: int, backbone: nn.Module, pred: Any, reports: list[str | Path], opset: int) -> dict:
+    """Write the export's files into ``tmp`` (renamed to ``out`` by the caller): the backbone's ``state``
+    (+ timm's ``placeholder`` head), a classifier's head when ``pred`` is one; returns config.json's dict."""
+    recipe = recipe_from_dict(ck["config"])
+    name, in_chans, size = recipe.model.backbone, int(ck["in_chans"]), int(recipe.data.image_size)
+    classifier = pred.model if pred is not None else None
     files = []
     if fmt in ("safetensors", "both"):
         meta = {"format": "pt", "producer": f"cellssl {__version__}", "architecture": name,
                 "placeholder_keys": ",".join(sorted(placeholder))}
-        save_file({**state, **placeholder}, str(out / "model.safetensors"), metadata=meta)
+        save_file({**state, **placeholder}, str(tmp / "model.safetensors"), metadata=meta)
         files.append("model.safetensors")
     head = None
     if classifier is not None:
@@ -157,12 +175,12 @@ def export(
                 "math": "logits = weight @ (f / ||f||_2 if normalize else f) + bias; probabilities = softmax(logits)"}
         save_file({"weight": classifier.head.weight.detach().contiguous(),
                    "bias": classifier.head.bias.detach().contiguous()},
-                  str(out / "head.safetensors"), metadata={"classes": json.dumps(list(pred.classes))})
+                  str(tmp / "head.safetensors"), metadata={"classes": json.dumps(list(pred.classes))})
         files.append("head.safetensors")
     onnx_info = None
     if fmt in ("onnx", "both"):
         target = classifier if classifier is not None else backbone
-        onnx_info = _onnx(target, out / "model.onnx", in_chans, size,
+        onnx_info = _onnx(target, tmp / "model.onnx", in_chans, size,
                           "logits" if classifier is not None else "features",
                           opset)
         onnx_info["model"] = "classifier (backbone + head)" if classifier is not None else "backbone"
@@ -216,8 +234,8 @@ def export(
             "files": files,
         },
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "README.md").write_text(_card(config, ck, out))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "README.md").write_text(_card(config, ck, out))
     return config
 
 

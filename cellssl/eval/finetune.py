@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from cellssl.augment.views import build_eval_transform, build_view_transform
 from cellssl.data.datasets import TransformedDataset, split_indices
-from cellssl.engine.checkpoint import FORMAT, save_atomic
+from cellssl.engine.checkpoint import FORMAT, check_new_run, save_atomic
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, class_lut
 from cellssl.eval.metrics import classification_metrics
-from cellssl.eval.report import write_report
+from cellssl.eval.report import report_paths, write_report
 from cellssl.eval.unsure import calibrate, native_size
 
 __all__ = ["finetune", "Classifier", "select_low_label", "logits_and_features", "softmax"]
@@ -160,6 +160,7 @@ def finetune(
     num_workers: int = 0,
     weight_decay: float = 1e-4,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune ``checkpoint`` + a linear head on the labelled folder ``data``.
 
@@ -169,6 +170,9 @@ def finetune(
     validation comes from the remaining images. ``lr`` sets the head's learning rate (backbone:
     ``lr / 10``); default 1e-3 / 1e-4. Stops after ``patience`` epochs without a better
     validation accuracy; the best model goes to ``out_dir/best.pt`` and is evaluated on the test set.
+    ``best.pt`` is marked incomplete (refused by every command) until the run has ended. An ``out_dir``
+    that holds a finetune run (``best.pt``) is refused unless ``overwrite`` (its files are then removed
+    when training starts).
 
     Returns the report (also written to ``out_dir/report.json`` + ``report.md`` + confusion plot):
     ``history`` [{epoch, train_loss, train_accuracy, val_accuracy, lr}], ``best_epoch``,
@@ -178,6 +182,7 @@ def finetune(
     out_dir = Path(out_dir).parent if Path(out_dir).suffix == ".json" else Path(out_dir)
     if epochs < 1:
         raise DataError(f"--epochs must be at least 1, got {epochs}")
+    check_new_run(out_dir, what="a finetune run", overwrite=overwrite, checkpoint="best.pt", resumable=False)
     t0 = time.monotonic()
     torch.manual_seed(seed)
     ex = FeatureExtractor(checkpoint, image_size=image_size, batch_size=batch_size, device=device, seed=seed,
@@ -192,11 +197,14 @@ def finetune(
     val_ds = TransformedDataset(base, eval_t, splits.val_idx) if len(splits.val_idx) else None
     best_path = out_dir / "best.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [best_path, *report_paths(out_dir).values()] if overwrite else []:
+        old.unlink(missing_ok=True)  # the replaced run's files must not stand beside the new ones
     ev = {"device": ex.device, "batch_size": max(batch_size, 128), "num_workers": num_workers}  # evaluation passes
     fitted = _train_epochs(model, optimizer, loader, val_ds, _best_saver(ex, base, checkpoint, best_path), ev,
                            epochs=epochs, patience=patience, freeze_backbone=freeze_backbone, progress=progress)
     model.load_state_dict(fitted.best_state)
-    _calibrate_unsure(model, best_path, base, TransformedDataset(base, eval_t, splits.train_idx), val_ds, ev)
+    best_ckpt = _calibrate_unsure(model, best_path, base, TransformedDataset(base, eval_t, splits.train_idx), val_ds,
+                                  ev)
     report = _report(model, fitted, base.classes, val_ds, splits.test, ev, epochs)
     report["best_checkpoint"] = str(best_path)
     report["checkpoint"] = {**ex.describe(data), "test_data": splits.test_data}
@@ -212,6 +220,7 @@ def finetune(
         "minutes": round((time.monotonic() - t0) / 60, 2),
     }
     write_report(report, out_dir / "report.json", "finetune")
+    save_atomic(best_ckpt, best_path)  # complete: calibrated, reported
     return report
 
 
@@ -298,14 +307,15 @@ def _balanced_loader(ex: FeatureExtractor, base: Any, train_idx: np.ndarray, bat
 
 def _best_saver(ex: FeatureExtractor, base: Any, checkpoint: str | Path, path: Path):
     """A callable (epoch, val_accuracy, state) writing ``best.pt``: a weights-only checkpoint whose
-    ``backbone.*`` keys :func:`~cellssl.engine.checkpoint.load_backbone` reads."""
+    ``backbone.*`` keys :func:`~cellssl.engine.checkpoint.load_backbone` reads. It is marked
+    ``incomplete`` (every command refuses it) until the run ends with its calibration."""
     config = copy.deepcopy(ex.info["config"])
     config.setdefault("data", {})["image_size"] = int(ex.data_cfg.image_size)
 
     def save(epoch: int, val_acc: float | None, state: dict) -> None:
         save_atomic({"format": FORMAT, "kind": "finetune", "method": "finetune", "step": epoch, "epoch": epoch,
                      "config": config, "in_chans": int(base.channels), "classes": list(base.classes),
-                     "val_accuracy": val_acc, "source": str(checkpoint), "model": state}, path)
+                     "val_accuracy": val_acc, "source": str(checkpoint), "model": state, "incomplete": True}, path)
 
     return save
 
@@ -380,9 +390,10 @@ def _train_epoch(model: Classifier, loader: DataLoader, optimizer: torch.optim.O
 
 
 def _calibrate_unsure(model: Classifier, best_path: Path, base: Any, train_ds: Dataset, val_ds: Dataset | None,
-                      ev: dict) -> None:
-    """Add the ``unsure`` thresholds for ``cellssl predict`` (calibrated on the validation cells; the
-    training cells without a split) and the training images' size to ``best.pt``."""
+                      ev: dict) -> dict:
+    """``best.pt`` with the ``unsure`` thresholds for ``cellssl predict`` (calibrated on the validation
+    cells; the training cells without a split) and the training images' size, no longer marked
+    ``incomplete``; the caller writes it when the run's report is written."""
     l_tr, f_tr, y_tr = logits_and_features(model, train_ds, ev["device"], ev["batch_size"], ev["num_workers"])
     if val_ds is not None:
         l_va, f_va, y_va = logits_and_features(model, val_ds, ev["device"], ev["batch_size"], ev["num_workers"])
@@ -392,7 +403,8 @@ def _calibrate_unsure(model: Classifier, best_path: Path, base: Any, train_ds: D
     best_ckpt["unsure"] = calibrate(softmax(l_va) if len(l_va) else l_va, y_va, f_tr, y_tr, f_va,
                                     train_proba=softmax(l_tr))
     best_ckpt["native_size"] = native_size(base)
-    save_atomic(best_ckpt, best_path)
+    best_ckpt.pop("incomplete", None)
+    return best_ckpt
 
 
 def _report(model: Classifier, fitted: _Fitted, classes: list[str], val_ds: Dataset | None, test_ds: Dataset | None,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import build_dataset
-from cellssl.data.io import ImageReadError, relative_path
+from cellssl.data.io import ImageReadError, check_output_folder, output_folder, relative_path
 from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
 from cellssl.engine.distributed import resolve_device
 from cellssl.errors import CheckpointError, DataError
@@ -47,6 +47,7 @@ __all__ = ["Predictor", "load_predictor", "resolve_model_path", "predict", "form
 
 SIZE_TOLERANCE = 2.0  # flag images whose height or width differs from the training median by more than this factor
 CSV_NAME, SHEET_NAME = "predictions.csv", "least_certain.png"
+PREDICT_FILES = (CSV_NAME, SHEET_NAME, "report.md", "report.json")  # what --overwrite may replace
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _size_reason(h: int, w: int, native: list[int]) -> str:
 
 def predict(model: str | Path, data: str | Path, out: str | Path, *, target_error: float | None = None,
             ood_quantile: float | None = None, batch_size: int = 128, device: str = "auto", num_workers: int = 0,
-            sheet: int = 48, progress: bool = True) -> dict:
+            sheet: int = 48, progress: bool = True, overwrite: bool = False) -> dict:
     """Classify every image below ``data`` with the predictor ``model``; write ``out``.
 
     Writes ``out/predictions.csv`` (one row per image: path, predicted class, its probability,
@@ -158,13 +159,16 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
     confident ones; the unsure rule; accuracy when labels are known) and ``out/least_certain.png``
     (the ``sheet`` least certain cells). ``target_error`` / ``ood_quantile`` re-choose the
     ``unsure`` thresholds from the saved validation scores (default: the ones chosen at fit time).
-    Returns the report dict.
+    The files are written to a hidden temporary folder renamed to ``out`` at the end (an interrupted
+    run leaves no ``out``, or the earlier one whole); an ``out`` that holds files is refused, and
+    ``overwrite`` replaces an earlier prediction folder as a whole. Returns the report dict.
     """
     t0 = time.monotonic()
-    pred = load_predictor(model, device)
     out = Path(out)
     if out.suffix:
         raise DataError(f"--out {out} must be a folder (predictions.csv, report.md and {SHEET_NAME} go in it)")
+    check_output_folder(out, overwrite=overwrite, command="predict", own_files=PREDICT_FILES, marker=CSV_NAME)
+    pred = load_predictor(model, device)
     convert = pred.data_cfg.channels is not None  # the recipe asked for a fixed channel count: convert as in training
     ds = build_dataset(pred.data_cfg, data, labelled=None)
     if not convert and ds.channels != pred.in_chans:
@@ -236,18 +240,17 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
         lut = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in ds.classes], dtype=np.int64)
         truth = np.where(ds.labels >= 0, lut[np.maximum(ds.labels, 0)], -1)
 
-    out.mkdir(parents=True, exist_ok=True)
     root = Path(ds.root)
     rel = [p.name if root.is_file() else relative_path(p, root) for p, _ in ds.samples]
     predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
-    _write_csv(out / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
     report = _summary(pred, data, predicted, used, unsure, flags, truth, th)
     report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"), "json": str(out / "report.json")}
-    sheet_path = _contact_sheet(ds, out / SHEET_NAME, pred.classes, predicted, conf, unsure, flags, used, sheet)
-    if sheet_path:
-        report["files"]["contact_sheet"] = str(sheet_path)
-    report["seconds"] = round(time.monotonic() - t0, 1)
-    _write_report(report, out)
+    with output_folder(out, replace=overwrite) as tmp:  # all files or none: renamed to out at the end
+        _write_csv(tmp / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
+        if _contact_sheet(ds, tmp / SHEET_NAME, pred.classes, predicted, conf, unsure, flags, used, sheet):
+            report["files"]["contact_sheet"] = str(out / SHEET_NAME)
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        _write_report(report, tmp)
     return report
 
 

@@ -24,6 +24,9 @@ from cellssl.config import ModelConfig
 from cellssl.errors import ConfigError, did_you_mean
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+ACCEPTED_WEIGHTS = ("model.pretrained takes a .safetensors file, a weights-only state dict (.pth, .pt, .bin, .ckpt), "
+                    "a cellssl checkpoint (RUN/checkpoints/last.pt), a `cellssl export` folder or a timm tag "
+                    "(e.g. resnet18.a1_in1k)")
 # model.pretrained values that mean "timm's default weights for model.backbone"
 _DEFAULT_TAG_WORDS = ("true", "yes", "default", "timm", "imagenet")
 
@@ -65,10 +68,13 @@ def pretrained_source(cfg: ModelConfig) -> tuple[str, str] | None:
         if path.is_dir():
             found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
             if not found:
-                raise ConfigError(f"model.pretrained: folder {path} holds no model.safetensors or pytorch_model.bin")
+                raise ConfigError(f"model.pretrained: folder {path} holds no model.safetensors or pytorch_model.bin; "
+                                  f"{ACCEPTED_WEIGHTS}")
             path = found[0]
         if not path.is_file():
             raise ConfigError(f"model.pretrained: weights file {path} does not exist")
+        if path.suffix and path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise ConfigError(f"model.pretrained: {path} is not a weights file ({path.suffix}); {ACCEPTED_WEIGHTS}")
         return "file", str(path)
 
     if value.lower() in _DEFAULT_TAG_WORDS:
@@ -140,8 +146,10 @@ def load_weights_file(model: nn.Module, path: str | Path, name: str = "the backb
     try:
         state = load_state_dict(str(path), use_ema=False)
     except Exception as exc:
-        raise ConfigError(f"cannot read pretrained weights {path}: {_first_line(exc)} "
-                          "(expected a .safetensors file or a weights-only .pth state dict)") from None
+        why = ("it is not a file of plain tensors (another format, or pickled Python objects, which are never "
+               "loaded)" if "weights_only" in str(exc)
+               else _first_line(exc))  # torch's advice (weights_only=False) is nothing a user of the CLI can do
+        raise ConfigError(f"cannot read pretrained weights {path}: {why}; {ACCEPTED_WEIGHTS}") from None
     own = model.state_dict()
     if not any(k in own for k in state) and any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
