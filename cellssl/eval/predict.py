@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import build_dataset
-from cellssl.data.io import ImageReadError, relative_path
+from cellssl.data.io import ImageReadError, mark_output_folder, relative_path
 from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
 from cellssl.engine.distributed import resolve_device
 from cellssl.errors import CheckpointError, DataError
@@ -237,8 +237,9 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
         truth = np.where(ds.labels >= 0, lut[np.maximum(ds.labels, 0)], -1)
 
     out.mkdir(parents=True, exist_ok=True)
+    mark_output_folder(out, "predict")  # a later predict on a folder holding `out` skips its images
     root = Path(ds.root)
-    rel = [p.name if root.is_file() else relative_path(p, root) for p, _ in ds.samples]
+    rel = _row_paths(ds.samples, root)
     predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
     _write_csv(out / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
     report = _summary(pred, data, predicted, used, unsure, flags, truth, th)
@@ -249,6 +250,14 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
     report["seconds"] = round(time.monotonic() - t0, 1)
     _write_report(report, out)
     return report
+
+
+def _row_paths(samples: list, root: Path) -> list[str]:
+    """The ``path`` column: relative to the folder, to a CSV manifest's folder (the path as the CSV
+    gives it, so ``a/same.jpg`` and ``b/same.jpg`` stay apart), or the file name of a single image."""
+    if root.is_file():
+        return [relative_path(p, root.parent) if root.suffix.lower() == ".csv" else p.name for p, _ in samples]
+    return [relative_path(p, root) for p, _ in samples]
 
 
 def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.ndarray, conf: np.ndarray,
