@@ -264,11 +264,12 @@ def test_predict_and_select_outputs_inside_the_data_are_not_read_as_cells(tmp_pa
 
 
 # ---- item 10: predict on a CSV writes the path as given --------------------------------------
-def test_predict_on_a_csv_keeps_paths_apart(tmp_path, classifier):
+def test_predict_on_a_csv_keeps_paths_apart(tmp_path, classifier, monkeypatch):
     _rgb(tmp_path / "a" / "same.png", 1)
     _rgb(tmp_path / "b" / "same.png", 2)
-    manifest = _write_csv(tmp_path / "m.csv", [["path"], ["a/same.png"], ["b/same.png"]])
-    predict(classifier, manifest, tmp_path / "pred", device="cpu", progress=False)
+    _write_csv(tmp_path / "m.csv", [["path"], ["a/same.png"], ["b/same.png"]])
+    monkeypatch.chdir(tmp_path)  # --data given relative to the working folder, as on the command line
+    predict(classifier, Path("m.csv"), tmp_path / "pred", device="cpu", progress=False)
     assert [r["path"] for r in _rows(tmp_path / "pred" / "predictions.csv")] == ["a/same.png", "b/same.png"]
 
 

@@ -42,7 +42,7 @@ from cellssl.errors import DataError
 
 BLOODMNIST_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 _SUFFIX_TEXT = ".png .jpg .tif ..."
-_PROBE = 32  # files read at build time (evenly spaced) to decide the channel count / fail fast on an unreadable folder
+_PROBE = 16  # files read at build time (evenly spaced) to decide the channel count / fail fast on an unreadable folder
 PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "file_name", "image", "image_path", "img",
                 "source")
 LABEL_COLUMNS = ("label", "class", "labels", "class_name", "classname", "cell_type", "celltype", "category", "target")

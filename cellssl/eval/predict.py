@@ -256,7 +256,8 @@ def _row_paths(samples: list, root: Path) -> list[str]:
     """The ``path`` column: relative to the folder, to a CSV manifest's folder (the path as the CSV
     gives it, so ``a/same.jpg`` and ``b/same.jpg`` stay apart), or the file name of a single image."""
     if root.is_file():
-        return [relative_path(p, root.parent) if root.suffix.lower() == ".csv" else p.name for p, _ in samples]
+        return [relative_path(p, root.resolve().parent) if root.suffix.lower() == ".csv" else p.name
+                for p, _ in samples]
     return [relative_path(p, root) for p, _ in samples]
 
 
