@@ -2,22 +2,26 @@
 
 :class:`ImageDataset` yields ``(image, label)`` with ``image`` a float32 (H, W, C) array in
 [0, 1] (or ``transform(image)``); :class:`MultiViewDataset` turns it into the multi-view
-batches a self-supervised method trains on. Unreadable files never stop a long run: they are
-skipped with one warning each and replaced by the next readable sample; only when more than
-``DataConfig.max_bad_fraction`` of the files is unreadable does a :class:`DataError` stop it.
+batches a self-supervised method trains on. Unreadable files (and, unless the recipe fixes
+``data.channels``, files with another channel count than most of the folder's) never stop a long
+run: they are skipped with one warning each and left out (features: no row; training:
+:func:`collate_readable` drops them from their batch); only when more than
+``DataConfig.max_bad_fraction`` of the files is bad does a :class:`DataError` stop it.
 """
 
 from __future__ import annotations
 
 import csv
 import warnings
+import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from cellssl.config import DataConfig
 from cellssl.data import stain
@@ -28,6 +32,8 @@ from cellssl.data.io import (
     channel_range,
     convert_channels,
     is_hidden_name,
+    is_image_file,
+    is_output_folder,
     list_images,
     read_image,
     read_raw_image,
@@ -36,11 +42,18 @@ from cellssl.errors import DataError
 
 BLOODMNIST_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 _SUFFIX_TEXT = ".png .jpg .tif ..."
-_PROBE = 16  # files read at build time to detect channels / fail fast on an unreadable folder
+_PROBE = 16  # files read at build time (evenly spaced) to decide the channel count / fail fast on an unreadable folder
+PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "file_name", "image", "image_path", "img",
+                "source")
+LABEL_COLUMNS = ("label", "class", "labels", "class_name", "classname", "cell_type", "celltype", "category", "target")
 
 
 class DataWarning(UserWarning):
-    """An unreadable file that was skipped."""
+    """An unreadable file that was skipped, or a doubtful manifest row."""
+
+
+class OddChannelsError(ImageReadError):
+    """A readable image whose channel count differs from the dataset's (most of its images')."""
 
 
 class ImageDataset(Dataset):
@@ -49,6 +62,8 @@ class ImageDataset(Dataset):
     Attributes: ``root``, ``samples`` (list of (path, label)), ``classes`` (empty when
     unlabelled), ``channels``, ``labelled``, ``bad_files`` (paths found unreadable so far in this
     process). ``pre_transform`` (e.g. stain normalisation) runs on the array before ``transform``.
+    ``channels`` given (the recipe's ``data.channels``) converts 1 <-> 3 channels; otherwise the
+    channel count of most images decides and an image with another count is a bad file.
     """
 
     def __init__(
@@ -72,6 +87,7 @@ class ImageDataset(Dataset):
         self.pre_transform = pre_transform
         self.value_range = value_range
         self.bad_files: set[Path] = set()
+        self.fixed_channels = bool(channels)
         self.channels = int(channels) if channels else self._detect_channels()
 
     # --- reading -------------------------------------------------------------------------
@@ -90,31 +106,37 @@ class ImageDataset(Dataset):
         )
 
     def _detect_channels(self) -> int:
-        """Channel count of the first readable image among the first few; DataError if none is."""
+        """The channel count of most of up to ``_PROBE`` evenly spaced images (ties: the larger
+        count), so that one odd file cannot decide it; DataError if none of them is readable."""
+        idx = np.unique(np.linspace(0, len(self.samples) - 1, min(_PROBE, len(self.samples))).astype(int))
+        counts: Counter[int] = Counter()
         errors = []
-        for i in range(min(_PROBE, len(self.samples))):
+        for i in idx:
             try:
-                return int(self._read(i, None).shape[2])
+                counts[int(self._read(int(i), None).shape[2])] += 1
             except ImageReadError as exc:
                 errors.append(exc)
-                self._mark_bad(i, exc)
+                self.mark_bad(int(i), exc)
+        if counts:
+            return majority_count(counts)
         raise DataError(
-            f"none of the first {len(errors)} images in {self.root} could be read "
+            f"none of {len(errors)} images probed in {self.root} could be read "
             f"(e.g. {errors[0] if errors else 'no files'}); run 'cellssl datasets check {self.root}'"
         )
 
-    def _mark_bad(self, i: int, exc: ImageReadError) -> None:
-        """Record and warn (once per file) about an unreadable sample."""
+    def mark_bad(self, i: int, exc: ImageReadError) -> None:
+        """Record and warn (once per file) about a sample that is left out."""
         path = self.samples[i][0]
         if path in self.bad_files:
             return
         self.bad_files.add(path)
-        warnings.warn(f"skipping unreadable image {path}: {exc.reason}", DataWarning, stacklevel=3)
+        what = "image" if isinstance(exc, OddChannelsError) else "unreadable image"
+        warnings.warn(f"skipping {what} {path}: {exc.reason}", DataWarning, stacklevel=3)
         limit = self.cfg.max_bad_fraction * len(self.samples)
         if len(self.bad_files) > limit:
             raise DataError(
-                f"{len(self.bad_files)} of {len(self.samples)} images in {self.root} are unreadable "
-                f"(more than data.max_bad_fraction={self.cfg.max_bad_fraction}); "
+                f"{len(self.bad_files)} of {len(self.samples)} images in {self.root} are unreadable or have "
+                f"another channel count than most (more than data.max_bad_fraction={self.cfg.max_bad_fraction}); "
                 f"run 'cellssl datasets check {self.root}' to list them"
             )
 
@@ -122,15 +144,26 @@ class ImageDataset(Dataset):
         """Sample ``i`` as float32 (H, W, C) without ``transform``; unlike :meth:`load`, an
         unreadable file raises :class:`ImageReadError` instead of being replaced (for a row that
         must stay that file's, e.g. a prediction). ``convert=False`` keeps the file's own channel
-        count (no 1 <-> 3 conversion); ``pre_transform`` runs only on ``channels``-channel images."""
-        img = self._read(i, self.channels if convert else None)
+        count (no 1 <-> 3 conversion); ``pre_transform`` runs only on ``channels``-channel images.
+        Without ``data.channels`` in the recipe an image whose count differs from the dataset's
+        raises :class:`OddChannelsError` (a bad file, never silently converted)."""
+        img = self._read(i, self.channels if convert and self.fixed_channels else None)
+        if convert and img.shape[2] != self.channels:
+            raise OddChannelsError(
+                self.samples[i][0], f"has {img.shape[2]} channel(s) but most images of {self.root} have "
+                f"{self.channels} (set data.channels={self.channels} to convert such files instead)")
         if self.pre_transform is not None and img.shape[2] == self.channels:
             img = self.pre_transform(img)
         return img
 
     def load(self, i: int) -> tuple[np.ndarray, int]:
-        """Sample ``i`` as (float32 (H, W, C), label) without ``transform``; an unreadable file is
-        replaced by the next readable index (deterministic)."""
+        """Sample ``i`` as (float32 (H, W, C), label) without ``transform``; a bad file is
+        replaced by the next readable index (deterministic; :meth:`load_checked` says when)."""
+        return self.load_checked(i)[:2]
+
+    def load_checked(self, i: int) -> tuple[np.ndarray, int, bool]:
+        """(image, label, ok) as :meth:`load`; ``ok`` is False when sample ``i`` itself was bad and
+        the image and label are the next readable sample's (callers that must leave ``i`` out)."""
         n = len(self.samples)
         for k in range(n):
             j = (i + k) % n
@@ -139,9 +172,9 @@ class ImageDataset(Dataset):
             try:
                 img = self.read(j)
             except ImageReadError as exc:
-                self._mark_bad(j, exc)
+                self.mark_bad(j, exc)
                 continue
-            return img, self.samples[j][1]
+            return img, self.samples[j][1], j == i
         raise DataError(f"no readable image left in {self.root}")
 
     # --- Dataset protocol ----------------------------------------------------------------
@@ -187,8 +220,9 @@ class ArrayImageDataset(ImageDataset):
 class MultiViewDataset(Dataset):
     """Wraps an :class:`ImageDataset` and a multi-view transform.
 
-    Item: ``{"views": Tensor (M, C, S, S) float32, "label": int, "index": int}`` plus
-    ``"local": Tensor (L, C, s, s)`` when the transform makes local views.
+    Item: ``{"views": Tensor (M, C, S, S) float32, "label": int, "index": int, "readable": bool}``
+    plus ``"local": Tensor (L, C, s, s)`` when the transform makes local views. ``readable`` is
+    False when image ``index`` was bad and a neighbour stands in; :func:`collate_readable` drops it.
     """
 
     def __init__(self, base: ImageDataset, transform: Callable[[np.ndarray], dict[str, torch.Tensor]]):
@@ -199,9 +233,12 @@ class MultiViewDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        img, label = self.base.load(int(i))
+        if hasattr(self.base, "load_checked"):
+            img, label, ok = self.base.load_checked(int(i))
+        else:  # a dataset of other datasets (e.g. adapt's mixture): its own load decides
+            (img, label), ok = self.base.load(int(i)), True
         out = self.transform(img)
-        item: dict[str, Any] = {"views": out["views"], "label": int(label), "index": int(i)}
+        item: dict[str, Any] = {"views": out["views"], "label": int(label), "index": int(i), "readable": ok}
         if out.get("local") is not None:
             item["local"] = out["local"]
         return item
@@ -228,6 +265,19 @@ class TransformedDataset(Dataset):
         return self.transform(img), int(label)
 
 
+def collate_readable(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate :class:`MultiViewDataset` items, leaving out those whose own image was bad (their
+    ``readable`` is False: a neighbour stood in), so no image is seen twice in an epoch. A batch
+    with no readable item keeps the stand-ins (a step is never empty). The ``readable`` key is dropped."""
+    keep = [it for it in items if it.get("readable", True)] or items
+    return default_collate([{k: v for k, v in it.items() if k != "readable"} for it in keep])
+
+
+def majority_count(counts: Counter[int]) -> int:
+    """The most common channel count of ``counts`` (ties: the larger count, i.e. colour over grey)."""
+    return max(counts, key=lambda c: (counts[c], c))
+
+
 def batch_images(batch: Any) -> torch.Tensor:
     """The image tensor of a DataLoader batch of these datasets: ``(x, y)`` (:class:`TransformedDataset`),
     ``{"views": x}`` (:class:`MultiViewDataset`, first view), ``{"image": x}``, or ``x`` itself."""
@@ -244,7 +294,7 @@ def batch_images(batch: Any) -> torch.Tensor:
 # --- layouts -------------------------------------------------------------------------------
 def _class_folders(root: Path) -> list[Path]:
     """Immediate sub-folders of ``root`` that contain images (directly or below)."""
-    subs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name) and not is_output_folder(p))
     return [p for p in subs if list_images(p, recursive=True)]
 
 
@@ -271,23 +321,87 @@ def _folder_samples(root: Path, labelled: bool | None) -> tuple[list[tuple[Path,
     return samples, []
 
 
+def read_manifest(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header (lower-case column names; ``[]`` when the first row is data) and the data rows
+    ``(line number, cells)`` of a CSV manifest. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is
+    accepted; a first row that is neither an image path nor a header with a path column
+    (:data:`PATH_COLUMNS`) is refused in one line, never read as an image."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, [x.strip() for x in r]) for r in reader if r and any(x.strip() for x in r)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}; save it as CSV (UTF-8)") from None
+    if not rows or any(is_image_file(x) for x in rows[0][1]):
+        return [], rows
+    header = [h.lower() for h in rows[0][1]]
+    if not any(h in PATH_COLUMNS for h in header):
+        raise DataError(f"manifest {path}: first row '{','.join(rows[0][1])}' is neither an image path nor a "
+                        f"known header: name the image column path (or {', '.join(PATH_COLUMNS[1:4])}, image) and "
+                        "the label column label (or class)")
+    return header, rows[1:]
+
+
+def manifest_columns(header: Sequence[str], n_cols: int) -> tuple[int, int | None]:
+    """(path column, label column or None) of a manifest with ``header`` (``[]``: none) whose
+    first row has ``n_cols`` cells: known names first (:data:`PATH_COLUMNS`, :data:`LABEL_COLUMNS`),
+    else path then label by position."""
+    if not header:
+        return 0, (1 if n_cols > 1 else None)
+    p_col = next(header.index(n) for n in PATH_COLUMNS if n in header)
+    l_col = next((header.index(n) for n in LABEL_COLUMNS if n in header), None)
+    if l_col is None and len(header) == 2:
+        l_col = 1 - p_col
+    return p_col, l_col
+
+
+def _check_manifest_labels(path: Path, files: list[Path], names: list[str], lines: list[int]) -> list[int]:
+    """Rows of a manifest to keep: one per image. An image listed twice with the same (or a
+    missing) label is kept once with a warning (a duplicate would leak across a train/test split);
+    an image given two different labels is a DataError naming it; labels that differ only in
+    case are warned about."""
+    first: dict[Path, int] = {}
+    keep, dups = [], []
+    for k, (f, n) in enumerate(zip(files, names)):
+        if f not in first:
+            first[f] = k
+            keep.append(k)
+            continue
+        j = first[f]
+        if n and names[j] and n != names[j]:
+            raise DataError(f"manifest {path} gives {f} two labels: '{names[j]}' (line {lines[j]}) and '{n}' "
+                            f"(line {lines[k]}): keep the right one")
+        if n and not names[j]:
+            names[j] = n
+        dups.append(k)
+    if dups:
+        k = dups[0]
+        warnings.warn(f"manifest {path} lists {len(dups)} image(s) more than once (e.g. {files[k]} on lines "
+                      f"{lines[first[files[k]]]} and {lines[k]}): each image is used once", DataWarning, stacklevel=3)
+    by_case: dict[str, set[str]] = {}
+    for n in names:
+        if n:
+            by_case.setdefault(n.casefold(), set()).add(n)
+    for variants in by_case.values():
+        if len(variants) > 1:
+            shown = " and ".join(f"'{v}'" for v in sorted(variants))
+            warnings.warn(f"manifest {path}: labels {shown} differ only in case and are read as {len(variants)} "
+                          "classes: write them the same way if they are one", DataWarning, stacklevel=3)
+    return keep
+
+
 def _csv_samples(path: Path, labelled: bool | None) -> tuple[list[tuple[Path, int]], list[str]]:
-    """Samples of a CSV manifest with columns ``path[,label]`` (paths relative to the CSV)."""
-    with path.open(newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
-    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
-        header = [h.strip().lower() for h in rows[0]]
-        rows = rows[1:]
-        p_col = 0
-        l_col = header.index("label") if "label" in header else (1 if len(header) > 1 else None)
-    else:
-        p_col, l_col = 0, (1 if rows and len(rows[0]) > 1 else None)
+    """Samples of a CSV manifest (:func:`read_manifest`; paths relative to the CSV), one per image."""
+    header, rows = read_manifest(path)
     if not rows:
         raise DataError(f"manifest {path} lists no images: expected rows 'path,label' (paths relative to the CSV)")
-    files = [(path.parent / r[p_col].strip()).resolve() for r in rows]
+    p_col, l_col = manifest_columns(header, len(rows[0][1]))
+    files = [(path.parent / (r[p_col] if len(r) > p_col else "")).resolve() for _, r in rows]
+    names = ["" if l_col is None or labelled is False else (r[l_col] if len(r) > l_col else "") for _, r in rows]
+    keep = _check_manifest_labels(path, files, names, [n for n, _ in rows])
+    files, names = [files[k] for k in keep], [names[k] for k in keep]
     if l_col is None or labelled is False:
         return [(p, -1) for p in files], []
-    names = [r[l_col].strip() if len(r) > l_col else "" for r in rows]
     blank = sum(n == "" for n in names)
     if blank == len(names):
         if labelled:
@@ -320,8 +434,8 @@ def _npz_dataset(spec: str, cfg: DataConfig, labelled: bool | None, transform: A
                 raise DataError(f"{file} has no split '{split}': use {file}:<split> with one of {', '.join(splits) or '(none)'}")
             images = z[f"{split}_images"]
             labels = z[f"{split}_labels"].reshape(len(images), -1)[:, 0] if f"{split}_labels" in keys else None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {file}: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a truncated .npz: BadZipFile
+        raise DataError(f"cannot read {file}: {exc} (a truncated or damaged .npz?)") from None
     if len(images) == 0:
         raise DataError(f"{file}:{split} holds no images")
     if labels is None or labelled is False:

@@ -50,13 +50,36 @@ def is_hidden_name(part: str) -> bool:
     return part.startswith(".") or part == "__MACOSX"
 
 
+OUTPUT_MARKER = ".cellssl-output"  # written into the folders a command fills (predict, select)
+
+
+def is_output_folder(folder: str | Path) -> bool:
+    """True for a folder that a cellssl command wrote its results into (it holds :data:`OUTPUT_MARKER`)."""
+    return (Path(folder) / OUTPUT_MARKER).is_file()
+
+
+def mark_output_folder(folder: str | Path, command: str) -> Path:
+    """Mark ``folder`` as the output of ``cellssl COMMAND``: :func:`list_images` then never reads its
+    pictures (contact sheets, copies of cells) back as data when it lies inside a data folder."""
+    marker = Path(folder) / OUTPUT_MARKER
+    marker.write_text(f"written by 'cellssl {command}': cellssl commands do not read the images below this folder "
+                      "as data when it lies inside a data folder\n")
+    return marker
+
+
 def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """The image files of ``folder`` (sorted), as every command sees them: files with an image
-    suffix, skipping hidden files and folders (``.x``, macOS ``._x`` copies, ``__MACOSX``)."""
+    suffix, skipping hidden files and folders (``.x``, macOS ``._x`` copies, ``__MACOSX``) and the
+    output folders of cellssl commands below ``folder`` (:func:`is_output_folder`: e.g.
+    ``predict --out DATA/predictions``, whose contact sheet is no cell)."""
     folder = Path(folder)
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if is_image_file(p) and p.is_file()
-                  and not any(is_hidden_name(part) for part in p.relative_to(folder).parts))
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if is_image_file(p) and not is_hidden_name(p.name) and p.is_file())
+    found = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not is_hidden_name(d) and not is_output_folder(Path(here, d))]
+        found += [Path(here, f) for f in files if is_image_file(f) and not is_hidden_name(f)]
+    return sorted(p for p in found if p.is_file())
 
 
 def relative_path(path: str | Path, root: str | Path) -> str:
@@ -139,6 +162,24 @@ def output_folder(out: str | Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def output_file(path: str | Path) -> Iterator[Path]:
+    """Write one file atomically: yields a hidden temporary sibling ``.<stem>.partial-*<suffix>``
+    (same suffix, so e.g. ``np.savez`` keeps the name) that replaces ``path`` only when the block
+    completes; on any error it is removed. A killed command leaves no ``path`` that looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

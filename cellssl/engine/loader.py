@@ -16,7 +16,7 @@ import torch
 
 from cellssl.augment.views import build_view_transform
 from cellssl.config import Recipe
-from cellssl.data.datasets import MultiViewDataset, build_dataset
+from cellssl.data.datasets import MultiViewDataset, build_dataset, collate_readable
 from cellssl.engine.distributed import ResumableSampler
 
 
@@ -80,6 +80,7 @@ def training_loader(recipe: Recipe, views_ds, sampler: ResumableSampler, pin_mem
     return torch.utils.data.DataLoader(
         EpochSeededViews(views_ds, sampler.n, recipe.train.seed), batch_size=recipe.train.batch_size,
         sampler=sampler, num_workers=workers, pin_memory=pin_memory, drop_last=False, worker_init_fn=_worker_init,
+        collate_fn=collate_readable,
         **extra)
 
 

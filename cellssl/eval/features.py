@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +27,8 @@ from tqdm.auto import tqdm
 
 from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
-from cellssl.data.datasets import TransformedDataset, batch_images, build_dataset
-from cellssl.data.io import relative_path
+from cellssl.data.datasets import DataWarning, TransformedDataset, batch_images, build_dataset
+from cellssl.data.io import ImageReadError, output_file, relative_path
 from cellssl.engine.checkpoint import describe, load_backbone
 from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
@@ -36,6 +39,8 @@ __all__ = [
     "FeatureOptions",
     "feature_options",
     "save_embeddings",
+    "read_embeddings",
+    "source_mismatch",
     "adapt_batchnorm_folder",
     "extract_features",
     "load_features",
@@ -57,8 +62,10 @@ class FeatureSet:
         classes: class names (empty when unlabelled).
         info: what produced the features: ``spec`` (checkpoint path or ``random:...``),
             ``description``, ``method``, ``step``, ``backbone``, ``in_chans``, ``image_size``,
-            ``config`` (recipe dict), ``adapt_bn`` (folder or None), ``data`` (folder).
+            ``config`` (recipe dict), ``adapt_bn`` (folder or None), ``data`` (folder),
+            ``skipped_images`` (bad files left out, no row).
         root: the data folder.
+        rows: the dataset rows (indices into the folder's samples) of these features, or None.
     """
 
     features: np.ndarray
@@ -67,6 +74,7 @@ class FeatureSet:
     classes: list[str]
     info: dict = field(default_factory=dict)
     root: str = ""
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -86,6 +94,7 @@ class FeatureSet:
             classes=list(self.classes),
             info=dict(self.info),
             root=self.root,
+            rows=None if self.rows is None else self.rows[idx],
         )
 
 
@@ -120,7 +129,6 @@ def feature_options(options: FeatureOptions | None = None, **fields: Any) -> Fea
     return dataclasses.replace(options or FeatureOptions(), **fields)
 
 
-@torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 256,
                      num_workers: int = 0, progress: bool = True) -> np.ndarray:
     """Backbone features of every item of ``dataset``, in order.
@@ -134,6 +142,35 @@ def extract_features(backbone: nn.Module, dataset: Dataset, device: str | torch.
         float32 array (N, F), row i = ``backbone(dataset[i][0])``, computed in eval mode without
         gradients (the module's previous train/eval mode is restored afterwards).
     """
+    return _extract(backbone, dataset, device, batch_size, num_workers, progress)[0]
+
+
+class _ReadableRows(Dataset):
+    """Item k: ``{"image": eval-transformed row keep[k] of ``ds``, "readable": True}``, or zeros and
+    ``readable`` False when that file is bad (warned once by the dataset, which also enforces
+    ``data.max_bad_fraction``): the row is then left out, never replaced by a neighbour."""
+
+    def __init__(self, ds: Any, transform: Any, keep: np.ndarray, size: int):
+        self.ds, self.transform, self.keep = ds, transform, keep
+        self.blank = torch.zeros(ds.channels, size, size)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        j = int(self.keep[k])
+        try:
+            return {"image": self.transform(self.ds.read(j)), "readable": True}
+        except ImageReadError as exc:
+            self.ds.mark_bad(j, exc)
+            return {"image": self.blank, "readable": False}
+
+
+@torch.no_grad()
+def _extract(backbone: nn.Module, dataset: Dataset, device: str | torch.device, batch_size: int, num_workers: int,
+             progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, F) float32, readable (N,) bool) of every item of ``dataset`` (see
+    :func:`extract_features`); ``readable`` is the items' ``"readable"`` flag, all True without it."""
     device = resolve_device(device)
     was_training = backbone.training
     backbone.eval()
@@ -146,6 +183,7 @@ def extract_features(backbone: nn.Module, dataset: Dataset, device: str | torch.
         persistent_workers=False,
     )
     out: list[np.ndarray] = []
+    ok: list[np.ndarray] = []
     iterator: Any = loader
     if progress and len(loader) > 4:
 
@@ -157,11 +195,13 @@ def extract_features(backbone: nn.Module, dataset: Dataset, device: str | torch.
             if f.ndim != 2:
                 f = f.flatten(1)
             out.append(f.float().cpu().numpy())
+            flags = batch.get("readable") if isinstance(batch, dict) else None
+            ok.append(np.ones(len(x), bool) if flags is None else np.asarray(flags, dtype=bool))
     finally:
         backbone.train(was_training)
     if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, bool)
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32), np.concatenate(ok)
 
 
 def adapt_batchnorm_folder(backbone: nn.Module, folder: str | Path, data_cfg: Any, device: str | torch.device = "cpu",
@@ -224,6 +264,7 @@ class FeatureExtractor:
         if self.options.image_size:
             self.data_cfg.image_size = int(self.options.image_size)
         self.data_cfg.path = None
+        self.skipped: list[str] = []  # bad files left out of every folder extracted so far
         self._ready = False
 
     def prepare(self, channels: int) -> None:
@@ -263,19 +304,37 @@ class FeatureExtractor:
         """Features of the folder (or csv / npz) ``data`` as a :class:`FeatureSet` (at most
         ``max_per_class`` images per class; None: the options' ``max_per_class``)."""
         ds, keep = self.build(data, labelled, max_per_class or self.options.max_per_class)
+        return self.dataset_features(ds, data, keep)
+
+    def dataset_features(self, ds: Any, data: str | Path, keep: np.ndarray | None = None) -> FeatureSet:
+        """Features of the rows ``keep`` (default all) of the built dataset ``ds`` of ``data``. A bad
+        file (unreadable, or another channel count than most) has no row: it is warned about by
+        name, counted in :attr:`skipped` (and in :meth:`describe`), and ``FeatureSet.rows`` tells
+        which dataset rows the features are."""
+        keep = np.arange(len(ds)) if keep is None else np.asarray(keep, dtype=np.int64)
         self.prepare(ds.channels)
         transform = build_eval_transform(self.data_cfg, ds.channels)
         opts = self.options
-        feats = extract_features(self.backbone, TransformedDataset(ds, transform, keep), self.device,
-                                 opts.batch_size, opts.num_workers, opts.progress)
+        feats, ok = _extract(self.backbone, _ReadableRows(ds, transform, keep, int(self.data_cfg.image_size)),
+                             self.device, opts.batch_size, opts.num_workers, opts.progress)
+        bad = keep[~ok]
+        if len(bad):
+            self.skipped += [str(ds.samples[i][0]) for i in bad]
+            warnings.warn(f"{len(bad)} of {len(keep)} images of {data} left out (unreadable or another channel "
+                          "count than most, named above)", DataWarning, stacklevel=2)
+        keep, feats = keep[ok], feats[ok]
+        if not len(keep):
+            raise DataError(f"no image of {data} could be read: run 'cellssl datasets check {data}'")
         root = Path(ds.root)
+        classes, labels = _drop_empty_classes(list(ds.classes), ds.labels[keep], data)
         return FeatureSet(
             features=feats,
-            labels=ds.labels[keep],
+            labels=labels,
             paths=[relative_path(ds.samples[i][0], root) for i in keep],
-            classes=list(ds.classes),
+            classes=classes,
             info=self.describe(data),
             root=str(root),
+            rows=keep,
         )
 
     def describe(self, data: str | Path | None = None) -> dict:
@@ -293,7 +352,21 @@ class FeatureExtractor:
             "config": cfg,
             "adapt_bn": self.adapt_bn,
             "data": str(data) if data is not None else None,
+            "skipped_images": list(self.skipped),
         }
+
+
+def _drop_empty_classes(classes: list[str], labels: np.ndarray, data: Any) -> tuple[list[str], np.ndarray]:
+    """Classes (and re-numbered labels (N,)) without those left with no image once bad files are
+    left out (a class made only of unreadable files is no class), with a warning naming them."""
+    used = np.unique(labels[labels >= 0])
+    if not classes or len(used) == len(classes):
+        return classes, labels
+    gone = [c for k, c in enumerate(classes) if k not in set(used.tolist())]
+    warnings.warn(f"class(es) {gone} of {data} have no readable image and are left out", DataWarning, stacklevel=3)
+    lut = np.full(len(classes), -1, dtype=np.int64)
+    lut[used] = np.arange(len(used))
+    return [classes[k] for k in used], np.where(labels >= 0, lut[np.maximum(labels, 0)], -1)
 
 
 def load_features(checkpoint: str | Path, data: str | Path, *, labelled: bool | None = True,
@@ -313,25 +386,73 @@ def load_features(checkpoint: str | Path, data: str | Path, *, labelled: bool | 
     return FeatureExtractor(checkpoint, options, **fields).features(data, labelled=labelled)
 
 
+def _spec_key(spec: Any) -> str | None:
+    """A backbone spec or folder as compared between runs: an existing path resolved, else the text."""
+    if spec is None:
+        return None
+    p = Path(str(spec)).expanduser()
+    return str(p.resolve()) if p.exists() else str(spec)
+
+
+def feature_source(info: dict) -> dict:
+    """What made a FeatureSet (from its ``info``): backbone ``spec`` (a resolved path or
+    ``random:...``), training ``step``, ``image_size``, ``adapt_bn`` folder, ``description``."""
+    return {"spec": _spec_key(info.get("spec")), "step": info.get("step"), "image_size": info.get("image_size"),
+            "adapt_bn": _spec_key(info.get("adapt_bn")), "description": info.get("description")}
+
+
+def source_mismatch(recorded: dict, current: dict) -> list[str]:
+    """The ways two :func:`feature_source` records differ, e.g. ``["backbone random:resnet18 vs
+    runs/a/last.pt"]`` (empty when the features could have come from ``current``)."""
+    names = {"spec": "backbone", "step": "training step", "image_size": "image size", "adapt_bn": "AdaBN folder"}
+    return [f"{names[k]} {recorded.get(k)} vs {current.get(k)}" for k in names if recorded.get(k) != current.get(k)]
+
+
 def save_embeddings(fs: FeatureSet, path: str | Path) -> Path:
-    """``fs`` as an ``.npz``: ``features`` (N, D) float32, ``paths`` (N,) str; when labelled also
-    ``labels`` (N,) int64 and ``classes`` (K,) str (what ``embed`` writes and ``select --features`` reads)."""
+    """``fs`` as an ``.npz``: ``features`` (N, D) float32, ``paths`` (N,) str, ``source`` (JSON of
+    :func:`feature_source`: what made them), ``skipped`` (bad files left out, relative paths);
+    when labelled also ``labels`` (N,) int64 and ``classes`` (K,) str (what ``embed`` writes and
+    ``select --features`` reads). Written under a temporary name renamed at the end, so a killed
+    run leaves no ``.npz`` that looks complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"features": fs.features.astype(np.float32),
-                                     "paths": np.asarray(fs.paths, dtype=str)}
+                                     "paths": np.asarray(fs.paths, dtype=str),
+                                     "source": np.asarray(json.dumps(feature_source(fs.info))),
+                                     "skipped": np.asarray([relative_path(p, fs.root) for p in
+                                                            fs.info.get("skipped_images") or []], dtype=str)}
     if fs.labelled:
         arrays["labels"] = fs.labels.astype(np.int64)
         arrays["classes"] = np.asarray(fs.classes, dtype=str)
-    np.savez(path, **arrays)
+    with output_file(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
+
+
+def read_embeddings(path: str | Path, what: str = "--features") -> dict[str, Any]:
+    """The arrays of an ``embed``/``select`` ``.npz`` as a dict (``features`` float32 (N, D),
+    ``paths`` list, ``skipped`` list, ``source`` dict or None for files written before it was
+    recorded); a missing, truncated or foreign file is a one-line DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist: pass an embeddings.npz written by 'cellssl embed' or "
+                        "'cellssl select' for this folder, or leave it out")
+    try:
+        with np.load(path) as f:
+            if "features" not in f or "paths" not in f:
+                raise DataError(f"{what} {path} has no 'features'/'paths' arrays: use a .npz from 'cellssl embed'")
+            return {"features": np.asarray(f["features"], np.float32), "paths": [str(x) for x in f["paths"]],
+                    "skipped": [str(x) for x in f["skipped"]] if "skipped" in f else [],
+                    "source": json.loads(str(f["source"])) if "source" in f else None}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{what} {path} cannot be read ({type(exc).__name__}: {exc}): a truncated or damaged "
+                        "file; embed the folder again (leave out --features)") from None
 
 
 def embed(checkpoint: str | Path, data: str | Path, out: str | Path, *, options: FeatureOptions | None = None,
           **fields: Any) -> Path:
     """Write the features of ``data`` to ``out`` (``.npz``; a folder gets ``embeddings.npz``) with
-    :func:`save_embeddings` (paths relative to ``data``). Settings: :class:`FeatureOptions`.
-    Returns the written path."""
+    :func:`save_embeddings` (paths relative to ``data``; bad files are left out and listed in
+    ``skipped``). Settings: :class:`FeatureOptions`. Returns the written path."""
     out = Path(out)
     if out.suffix != ".npz":
         out = out / "embeddings.npz" if (out.is_dir() or not out.suffix) else out.with_suffix(".npz")

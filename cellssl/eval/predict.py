@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import build_dataset
-from cellssl.data.io import ImageReadError, check_output_folder, output_folder, relative_path
+from cellssl.data.io import (
+    OUTPUT_MARKER,
+    ImageReadError,
+    check_output_folder,
+    mark_output_folder,
+    output_folder,
+    relative_path,
+)
 from cellssl.engine.checkpoint import describe, load_checkpoint, load_state_checked
 from cellssl.engine.distributed import resolve_device
 from cellssl.errors import CheckpointError, DataError
@@ -47,7 +54,7 @@ __all__ = ["Predictor", "load_predictor", "resolve_model_path", "predict", "form
 
 SIZE_TOLERANCE = 2.0  # flag images whose height or width differs from the training median by more than this factor
 CSV_NAME, SHEET_NAME = "predictions.csv", "least_certain.png"
-PREDICT_FILES = (CSV_NAME, SHEET_NAME, "report.md", "report.json")  # what --overwrite may replace
+PREDICT_FILES = (CSV_NAME, SHEET_NAME, "report.md", "report.json", OUTPUT_MARKER)  # what --overwrite may replace
 
 
 @dataclass
@@ -241,17 +248,27 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
         truth = np.where(ds.labels >= 0, lut[np.maximum(ds.labels, 0)], -1)
 
     root = Path(ds.root)
-    rel = [p.name if root.is_file() else relative_path(p, root) for p, _ in ds.samples]
+    rel = _row_paths(ds.samples, root)
     predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
     report = _summary(pred, data, predicted, used, unsure, flags, truth, th)
     report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"), "json": str(out / "report.json")}
     with output_folder(out, replace=overwrite) as tmp:  # all files or none: renamed to out at the end
+        mark_output_folder(tmp, "predict")  # a later predict on a folder holding `out` skips its images
         _write_csv(tmp / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
         if _contact_sheet(ds, tmp / SHEET_NAME, pred.classes, predicted, conf, unsure, flags, used, sheet):
             report["files"]["contact_sheet"] = str(out / SHEET_NAME)
         report["seconds"] = round(time.monotonic() - t0, 1)
         _write_report(report, tmp)
     return report
+
+
+def _row_paths(samples: list, root: Path) -> list[str]:
+    """The ``path`` column: relative to the folder, to a CSV manifest's folder (the path as the CSV
+    gives it, so ``a/same.jpg`` and ``b/same.jpg`` stay apart), or the file name of a single image."""
+    if root.is_file():
+        return [relative_path(p, root.resolve().parent) if root.suffix.lower() == ".csv" else p.name
+                for p, _ in samples]
+    return [relative_path(p, root) for p, _ in samples]
 
 
 def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.ndarray, conf: np.ndarray,

@@ -379,6 +379,9 @@ def format_summary(report: dict) -> str:
                 f"  {where} accuracy {pct(m.get('accuracy'))} %, balanced {pct(m.get('balanced_accuracy'))} %, "
                 f"macro-F1 {pct(m.get('macro_f1'))} %{extra}"
             )
+    skipped = ck.get("skipped_images") or []
+    if skipped:
+        lines.append(f"  left out {len(skipped)} unreadable image(s) or of another channel count (e.g. {skipped[0]})")
     files = report.get("files") or {}
     if files.get("markdown"):
         lines.append(f"report: {files['markdown']}")

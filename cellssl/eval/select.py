@@ -43,10 +43,18 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cellssl.config import DataConfig
-from cellssl.data.datasets import build_dataset
-from cellssl.data.io import relative_path
+from cellssl.data.datasets import DataWarning, build_dataset, manifest_columns, read_manifest
+from cellssl.data.io import is_output_folder, mark_output_folder, output_folder, relative_path
 from cellssl.errors import ConfigError, DataError, did_you_mean
-from cellssl.eval.features import FeatureExtractor, FeatureOptions, FeatureSet, save_embeddings
+from cellssl.eval.features import (
+    FeatureExtractor,
+    FeatureOptions,
+    FeatureSet,
+    feature_source,
+    read_embeddings,
+    save_embeddings,
+    source_mismatch,
+)
 from cellssl.eval.metrics import l2_normalize
 from cellssl.eval.report import MIN_EMBED_POINTS, embedding_2d, write_json
 from cellssl.plots import image_sheet, pyplot
@@ -73,7 +81,6 @@ STRATEGIES = ("typiclust", "probcover", "coreset", "random")
 TYPICALITY_K = 20  # neighbours for typicality (TypiClust paper: 20)
 PROBCOVER_ALPHA = 0.95  # purity the ProbCover radius must keep (paper: 0.95)
 SHEET_MAX = 100  # cells per contact-sheet page
-_PATH_HEADERS = ("path", "file", "filename", "image")
 
 
 @dataclass
@@ -344,20 +351,14 @@ def select_indices(
 
 # --- reading the pool and the labelled cells ------------------------------------------------------
 def _manifest_rows(path: Path) -> list[str]:
-    """Image paths of a CSV manifest: its ``source`` column when it has one (``to_label.csv``,
-    whose ``path`` may point at copies), else the first column. Relative to the CSV's folder."""
-    with path.open(newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(x.strip() for x in r)]
-    col = 0
-    if rows and rows[0][0].strip().lower() in _PATH_HEADERS:
-        header = [h.strip().lower() for h in rows.pop(0)]
-        if "source" in header:
-            col = header.index("source")
-    out = []
-    for r in rows:
-        value = r[col].strip() if len(r) > col and r[col].strip() else r[0].strip()
-        out.append(value)
-    return out
+    """Image paths of a CSV manifest (:func:`~cellssl.data.datasets.read_manifest`: BOM and the
+    common column names accepted): its ``source`` column when it has one (``to_label.csv``, whose
+    ``path`` may point at copies), else the path column. Relative to the CSV's folder."""
+    header, rows = read_manifest(path)
+    if not rows:
+        return []
+    col = header.index("source") if "source" in header else manifest_columns(header, len(rows[0][1]))[0]
+    return [r[col] if len(r) > col and r[col] else r[0] for _, r in rows]
 
 
 def read_labelled_paths(spec: str | Path, data_cfg: Any = None) -> list[Path]:
@@ -395,31 +396,53 @@ def _labelled_rows(specs: Sequence[str | Path], pool_files: Sequence[Path], data
 
 
 def _pool_features(ex: Any, ds: Any, data: Any, features: str | Path | None, out: Path) -> tuple[Any, bool]:
-    """The pool's FeatureSet: from ``features`` (an ``embed``/``select`` .npz of the same folder,
+    """The pool's FeatureSet (``rows``: the dataset rows it holds; bad files have none): from
+    ``features`` (an ``embed``/``select`` .npz of the same folder made with the same backbone,
     re-ordered to the pool) or computed now and cached as ``out/embeddings.npz``."""
     root = Path(ds.root)
     rel = [relative_path(p, root) for p, _ in ds.samples]
-    if features is not None:
-        fpath = Path(features)
-        if not fpath.is_file():
-            raise DataError(f"--features {features} does not exist: pass an embeddings.npz written by "
-                            "'cellssl embed' or 'cellssl select' for this folder, or leave it out")
-        with np.load(fpath) as f:
-            if "features" not in f or "paths" not in f:
-                raise DataError(f"--features {features} has no 'features'/'paths' arrays: "
-                                "use a .npz from 'cellssl embed'")
-            feats, paths = np.asarray(f["features"], np.float32), [str(x) for x in f["paths"]]
-        where = {p: i for i, p in enumerate(paths)}
-        missing = [p for p in rel if p not in where]
-        if missing:
-            raise DataError(f"--features {features} has no features for {len(missing)} of the {len(rel)} images "
-                            f"of {data} (e.g. {missing[0]}): embed this folder again (leave out --features)")
-        order = np.asarray([where[p] for p in rel], dtype=np.int64)
-        fs = FeatureSet(feats[order], ds.labels, rel, list(ds.classes), ex.describe(data), str(root))
-        return fs, False
-    fs = ex.features(data, labelled=None)
-    save_embeddings(fs, out / "embeddings.npz")  # what 'cellssl embed' writes: reusable with --features
-    return fs, True
+    if features is None:
+        fs = ex.dataset_features(ds, data)
+        save_embeddings(fs, out / "embeddings.npz")  # what 'cellssl embed' writes: reusable with --features
+        return fs, True
+    npz = read_embeddings(features)
+    current = feature_source(ex.describe(data))
+    if npz["source"] is None:
+        warnings.warn(f"--features {features} does not record which backbone made it (written by an older cellssl): "
+                      f"it is taken to be {ex.spec}", DataWarning, stacklevel=2)
+    elif source_mismatch(npz["source"], current):
+        raise ConfigError(f"--features {features} was computed with another model than --checkpoint {ex.spec} "
+                          f"({'; '.join(source_mismatch(npz['source'], current))}): pass the checkpoint that made "
+                          "them, or leave out --features to embed the pool again")
+    where = {p: i for i, p in enumerate(npz["paths"])}
+    skipped = set(npz["skipped"])
+    missing = [p for p in rel if p not in where and p not in skipped]
+    if missing:
+        raise DataError(f"--features {features} has no features for {len(missing)} of the {len(rel)} images "
+                        f"of {data} (e.g. {missing[0]}): embed this folder again (leave out --features)")
+    rows = np.asarray([k for k, p in enumerate(rel) if p in where], dtype=np.int64)
+    if len(rows) < len(rel):
+        ex.skipped += [str(ds.samples[k][0]) for k, p in enumerate(rel) if p not in where]
+        warnings.warn(f"{len(rel) - len(rows)} of {len(rel)} images of {data} are left out: unreadable when "
+                      f"{features} was made", DataWarning, stacklevel=2)
+    order = np.asarray([where[rel[k]] for k in rows], dtype=np.int64)
+    fs = FeatureSet(npz["features"][order], ds.labels[rows], [rel[k] for k in rows], list(ds.classes),
+                    ex.describe(data), str(root), rows=rows)
+    return fs, False
+
+
+def _check_out(out: Path) -> None:
+    """``select --out``: a new or empty folder, or an earlier selection (replaced) whose
+    ``to_label.csv`` has no labels yet; one-line errors otherwise."""
+    csv_path = out / "to_label.csv"
+    if csv_path.exists() and _filled_labels(csv_path):
+        raise DataError(f"{csv_path} already has {_filled_labels(csv_path)} labels filled in: choose another --out "
+                        f"(and pass --labelled {csv_path} to select the next cells)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (is_output_folder(out) or (out / "selection.json").is_file()):
+        raise ConfigError(f"--out {out} already holds other files: nothing is overwritten; choose a new or empty "
+                          "folder")
 
 
 # --- outputs ---------------------------------------------------------------------------------------
@@ -428,7 +451,7 @@ def save_contact_sheet(ds: Any, rows: Sequence[int], numbers: Sequence[int], pat
     """A PNG grid of the images ``rows`` of ``ds`` (an ImageDataset), each headed by its number
     (the ``row`` of to_label.csv) in large type, so an expert can label from one picture."""
     cols = int(min(10, max(4, math.ceil(math.sqrt(len(rows))))))
-    return image_sheet([ds.load(int(i))[0] for i in rows], [str(num) for num in numbers], path, cols=cols,
+    return image_sheet([ds.read(int(i)) for i in rows], [str(num) for num in numbers], path, cols=cols,
                        title=title or "cells to label — the number is the 'row' of to_label.csv", title_size=15,
                        bold=True, dpi=100)
 
@@ -536,6 +559,8 @@ def _fmt_report(rep: dict, table: list[dict]) -> str:
     lines += [
         f"- pool: `{rep['data']}` ({rep['pool_size']:,} images); already labelled: {rep['n_labelled']}"
         + (f" (from {', '.join(f'`{s}`' for s in rep['labelled_from'])})" if rep["labelled_from"] else ""),
+        *([f"- left out: {len(rep['skipped_images'])} unreadable image(s) or of another channel count "
+           f"(e.g. `{rep['skipped_images'][0]}`)"] if rep.get("skipped_images") else []),
         f"- features: `{ck.get('spec', '?')}` — {ck.get('description', '')}"
         + (" (read from `" + str(rep["features_from"]) + "`)" if rep.get("features_from") else ""),
         f"- strategy: **{rep['strategy']}**, seed {rep['seed']}; selection took {rep['seconds']:.1f} s "
@@ -597,88 +622,106 @@ def select(checkpoint: str | Path, data: str | Path, out: str | Path, *, budget:
     ``selection.json`` and ``embeddings.npz`` (the pool's features; pass it back as ``features``
     to skip embedding in the next round). ``labelled``: CSVs / folders of cells already
     labelled. ``map_points=0`` skips the map (its t-SNE is the slowest part after embedding).
-    Refuses to overwrite a ``to_label.csv`` that already has labels. Feature settings:
+    Everything is written into a hidden temporary folder renamed to ``out`` at the end (a killed run
+    leaves no ``out`` that looks complete); ``out`` is marked as an output folder, so a later
+    round on a pool that holds it does not read its images as cells. Refuses to overwrite a
+    ``to_label.csv`` that already has labels, or an ``out`` holding other files. Bad files of the
+    pool are left out and counted (``skipped_images``). Feature settings:
     :class:`~cellssl.eval.features.FeatureOptions` (its ``seed`` also seeds the strategy). Returns the report.
     """
     out = Path(out)
     csv_path = out / "to_label.csv"
-    if csv_path.exists() and _filled_labels(csv_path):
-        raise DataError(f"{csv_path} already has {_filled_labels(csv_path)} labels filled in: choose another --out "
-                        f"(and pass --labelled {csv_path} to select the next cells)")
+    _check_out(out)
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown --strategy '{strategy}'{did_you_mean(strategy, STRATEGIES)}: "
                           f"use one of {', '.join(STRATEGIES)}")
     ex = FeatureExtractor(checkpoint, options, **fields)
     seed = ex.options.seed
     ds = build_dataset(ex.data_cfg, data, labelled=None)
-    pool_files = [Path(p) for p in ds.paths]
-    lab_rows = _labelled_rows(labelled, pool_files, data, ex.data_cfg)
-    free = len(ds) - len(lab_rows)
-    if budget > free:
-        extra = f" ({len(ds)} images, {len(lab_rows)} already labelled)" if len(lab_rows) else ""
-        raise DataError(f"--budget {budget} is more than the {free} unlabelled cells in {data}{extra}: "
-                        f"use --budget {free} or fewer")
-    fs, embedded = _pool_features(ex, ds, data, features, out)
-    sel = select_indices(fs.features, budget, strategy, labelled=lab_rows, seed=seed, n_classes=n_classes)
+    lab_ds_rows = _labelled_rows(labelled, ds.paths, data, ex.data_cfg)
+    _check_budget(budget, len(ds), len(lab_ds_rows), data)
+    with output_folder(out, replace=True) as tmp:
+        if features is not None and out.resolve() in Path(features).resolve().parents:  # kept in the new folder
+            kept = tmp / Path(features).resolve().relative_to(out.resolve())
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(features, kept)
+        fs, embedded = _pool_features(ex, ds, data, features, tmp)
+        # from here on rows are positions in fs (bad files left out); fs.rows maps them to ds rows
+        pos = {int(r): k for k, r in enumerate(fs.rows)}
+        lab_rows = np.asarray([pos[int(r)] for r in lab_ds_rows if int(r) in pos], dtype=np.int64)
+        _check_budget(budget, len(fs), len(lab_rows), data)
+        pool_files = [Path(ds.paths[int(r)]) for r in fs.rows]
+        sel = select_indices(fs.features, budget, strategy, labelled=lab_rows, seed=seed, n_classes=n_classes)
 
-    # clusters and typicality for the table (TypiClust's own clustering when it made one)
-    z = l2_normalize(fs.features)
-    clusters = sel.clusters if sel.clusters is not None else kmeans_labels(z, len(lab_rows) + budget, seed)
-    typ = typicality(z, clusters)
-    rows = sel.indices
-    numbers = list(range(1, budget + 1))
+        # clusters and typicality for the table (TypiClust's own clustering when it made one)
+        z = l2_normalize(fs.features)
+        clusters = sel.clusters if sel.clusters is not None else kmeans_labels(z, len(lab_rows) + budget, seed)
+        typ = typicality(z, clusters)
+        rows = sel.indices
+        ds_rows = fs.rows[rows]
+        numbers = list(range(1, budget + 1))
 
-    out.mkdir(parents=True, exist_ok=True)
-    copies = _place_images(ds, rows, numbers, out / "images", link)
-    table = []
-    for num, i, cp in zip(numbers, rows, copies):
-        table.append({"row": num, "path": _rel(cp, out), "label": "", "cluster": int(clusters[i]),
-                      "typicality": float(typ[i]), "source": _rel(pool_files[i], out)})
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "label", "row", "cluster", "typicality", "source"])
-        w.writeheader()
-        for t in table:
-            w.writerow({**t, "typicality": f"{t['typicality']:.4f}"})
+        mark_output_folder(tmp, "select")
+        copies = _place_images(ds, ds_rows, numbers, tmp / "images", link)
+        table = []
+        for num, i, cp in zip(numbers, rows, copies):
+            table.append({"row": num, "path": _rel(cp, tmp), "label": "", "cluster": int(clusters[i]),
+                          "typicality": float(typ[i]), "source": _rel(pool_files[i], out)})
+        with (tmp / csv_path.name).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["path", "label", "row", "cluster", "typicality", "source"])
+            w.writeheader()
+            for t in table:
+                w.writerow({**t, "typicality": f"{t['typicality']:.4f}"})
 
-    sheets = []
-    for page, start in enumerate(range(0, budget, SHEET_MAX)):
-        name = "contact_sheet.png" if page == 0 else f"contact_sheet_{page + 1}.png"
-        sheets.append(str(save_contact_sheet(ds, rows[start:start + SHEET_MAX], numbers[start:start + SHEET_MAX],
-                                             out / name)))
-    map_path = (plot_selection_map(fs, rows, lab_rows, out / "map.png", numbers, max_points=map_points, seed=seed)
-                if map_points > 0 else None)
+        sheets = []
+        for page, start in enumerate(range(0, budget, SHEET_MAX)):
+            name = "contact_sheet.png" if page == 0 else f"contact_sheet_{page + 1}.png"
+            save_contact_sheet(ds, ds_rows[start:start + SHEET_MAX], numbers[start:start + SHEET_MAX], tmp / name)
+            sheets.append(str(out / name))
+        map_path = (plot_selection_map(fs, rows, lab_rows, tmp / "map.png", numbers, max_points=map_points, seed=seed)
+                    if map_points > 0 else None)
 
-    covered_regions = np.unique(clusters[np.concatenate([rows, lab_rows])])
-    report: dict[str, Any] = {
-        "kind": "select",
-        "data": str(data),
-        "out": str(out),
-        "pool_size": len(ds),
-        "budget": int(budget),
-        "strategy": strategy,
-        "seed": int(seed),
-        "n_classes": int(n_classes),
-        "seconds": float(sel.seconds),
-        "n_labelled": int(len(lab_rows)),
-        "labelled_from": [str(s) for s in labelled],
-        "features_from": str(features) if features is not None else None,
-        "checkpoint": {k: v for k, v in fs.info.items() if k != "config"},
-        "n_regions": int(len(np.unique(clusters))),
-        "regions_covered": int(len(covered_regions)),
-        "info": {k: v for k, v in sel.info.items()},
-        "selected": table,
-        "files": {"csv": str(csv_path), "sheets": sheets, "map": str(map_path) if map_path else None,
-                  "images": str(out / "images"),
-                  "embeddings": str(features if features is not None else out / "embeddings.npz"),
-                  "markdown": str(out / "report.md"), "json": str(out / "selection.json")},
-    }
-    if ds.classes and (ds.labels[rows] >= 0).all():
-        report["classes_in_pool"] = list(ds.classes)
-        report["classes_covered"] = int(len(np.unique(ds.labels[rows])))
-    (out / "report.md").write_text(_fmt_report(report, table))
-    write_json(report, out / "selection.json")
+        covered_regions = np.unique(clusters[np.concatenate([rows, lab_rows])])
+        report: dict[str, Any] = {
+            "kind": "select",
+            "data": str(data),
+            "out": str(out),
+            "pool_size": len(fs),
+            "skipped_images": list(ex.skipped),
+            "budget": int(budget),
+            "strategy": strategy,
+            "seed": int(seed),
+            "n_classes": int(n_classes),
+            "seconds": float(sel.seconds),
+            "n_labelled": int(len(lab_rows)),
+            "labelled_from": [str(s) for s in labelled],
+            "features_from": str(features) if features is not None else None,
+            "checkpoint": {k: v for k, v in fs.info.items() if k != "config"},
+            "n_regions": int(len(np.unique(clusters))),
+            "regions_covered": int(len(covered_regions)),
+            "info": {k: v for k, v in sel.info.items()},
+            "selected": table,
+            "files": {"csv": str(csv_path), "sheets": sheets, "map": str(out / "map.png") if map_path else None,
+                      "images": str(out / "images"),
+                      "embeddings": str(features if features is not None else out / "embeddings.npz"),
+                      "markdown": str(out / "report.md"), "json": str(out / "selection.json")},
+        }
+        if ds.classes and (ds.labels[ds_rows] >= 0).all():
+            report["classes_in_pool"] = list(ds.classes)
+            report["classes_covered"] = int(len(np.unique(ds.labels[ds_rows])))
+        (tmp / "report.md").write_text(_fmt_report(report, table))
+        write_json(report, tmp / "selection.json")
     report["embedded"] = embedded
     return report
+
+
+def _check_budget(budget: int, pool: int, n_labelled: int, data: Any) -> None:
+    """DataError when ``budget`` exceeds the ``pool - n_labelled`` unlabelled cells of ``data``."""
+    free = pool - n_labelled
+    if budget > free:
+        extra = f" ({pool} images, {n_labelled} already labelled)" if n_labelled else ""
+        raise DataError(f"--budget {budget} is more than the {free} unlabelled cells in {data}{extra}: "
+                        f"use --budget {free} or fewer")
 
 
 def format_selection(report: dict) -> str:
@@ -688,6 +731,8 @@ def format_selection(report: dict) -> str:
     lines = [
         f"selected {report['budget']} of {report['pool_size']:,} cells ({report['strategy']}, "
         f"{report['seconds']:.1f} s){avoid}",
+        *([f"  left out {len(report['skipped_images'])} unreadable image(s) (e.g. {report['skipped_images'][0]})"]
+          if report.get("skipped_images") else []),
         f"  label them: {f['sheets'][0]} (numbers = 'row'), fill in the 'label' column of {f['csv']}",
     ]
     if report.get("classes_in_pool"):
