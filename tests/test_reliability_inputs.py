@@ -253,7 +253,7 @@ def test_predict_and_select_outputs_inside_the_data_are_not_read_as_cells(tmp_pa
     for i in range(12):
         _rgb(pool / f"c{i:02d}.png", i)
     first = predict(classifier, pool, pool / "predictions", device="cpu", progress=False)
-    again = predict(classifier, pool, pool / "predictions", device="cpu", progress=False)
+    again = predict(classifier, pool, pool / "predictions", device="cpu", progress=False, overwrite=True)
     assert first["n_images"] == again["n_images"] == 12
     assert not any("least_certain" in r["path"] for r in _rows(pool / "predictions" / "predictions.csv"))
     r1 = select("random:resnet18", pool, pool / "round1", budget=3, map_points=0, **FAST)

@@ -290,7 +290,7 @@ def test_predict_writes_a_whole_folder_refuses_files_and_replaces_an_earlier_one
     out = tmp_path / "pred"
     predict(classifier, new, out, device="cpu", progress=False, sheet=4)
     before = {p.name: _sha(p) for p in out.iterdir()}
-    assert set(before) == {"predictions.csv", "report.md", "report.json", "least_certain.png"}
+    assert set(before) == {"predictions.csv", "report.md", "report.json", "least_certain.png", ".cellssl-output"}
     # killed after the csv, before the report: the folder still agrees with itself (the earlier one, whole)
     monkeypatch.setattr(predict_module, "_write_report", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     more = make_image_folder(tmp_path / "more", n_per_class=5, size=20, seed=3)
@@ -307,7 +307,7 @@ def test_predict_writes_a_whole_folder_refuses_files_and_replaces_an_earlier_one
     code, shown, _ = _main(capsys, "predict", "--model", str(classifier), "--data", str(more), "--out", str(out),
                            "--device", "cpu", "--sheet", "0", "--overwrite")
     assert code == 0 and "classified 15/15" in shown
-    assert sorted(os.listdir(out)) == ["predictions.csv", "report.json", "report.md"]  # no stale contact sheet
+    assert sorted(os.listdir(out)) == [".cellssl-output", "predictions.csv", "report.json", "report.md"]  # no old sheet
     assert len((out / "predictions.csv").read_text().splitlines()) == 16
     assert json.loads((out / "report.json").read_text())["files"]["csv"] == str(out / "predictions.csv")
 
