@@ -175,13 +175,34 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
 @cli.command(context_settings=CONTEXT)
 @_eval_options
 @click.option("--data", required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="Output .npz")
-def embed(checkpoint, data, out, image_size, batch_size, device, adapt_bn):
-    """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels)."""
-    from cellssl.eval.features import embed as run
+@click.option("--out", required=True, type=click.Path(),
+              help="Output file (.npz, .h5ad, .parquet) or folder (embeddings.<format>).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "npz", "h5ad", "parquet"]), default="auto",
+              show_default=True, help="npz (cellssl), h5ad (AnnData/scanpy: obsm['X_cellssl']), parquet "
+                                      "(pandas/Arrow); auto: from the --out suffix, else npz.")
+@click.option("--lab", default=None, help="Lab / batch name written to the h5ad/parquet 'lab' column "
+                                          "(default: the data folder's name).")
+@click.option("--plot", is_flag=True, help="Also draw a 2-D map (UMAP, or t-SNE without umap-learn) coloured by "
+                                           "class and by folder: <out stem>_map.png.")
+def embed(checkpoint, data, out, fmt, lab, plot, image_size, batch_size, device, adapt_bn):
+    """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels),
+    .h5ad (AnnData) or .parquet."""
+    from cellssl.eval.tables import check_writable, embed_outputs, resolve_output
 
-    path = run(checkpoint, data, out, image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn)
-    click.echo(f"features written to {path}")
+    path, kind = resolve_output(out, fmt)
+    check_writable(path.parent)
+    if kind == "npz" and not plot:
+        from cellssl.eval.features import embed as run
+
+        path = run(checkpoint, data, out, image_size=image_size, batch_size=batch_size, device=device,
+                   adapt_bn=adapt_bn)
+        click.echo(f"features written to {path}")
+        return
+    files = embed_outputs(checkpoint, data, out, fmt=fmt, lab=lab, plot=plot, image_size=image_size,
+                          batch_size=batch_size, device=device, adapt_bn=adapt_bn)
+    click.echo(f"features written to {files['features']}")
+    if "plot" in files:
+        click.echo(f"map: {files['plot']}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -284,7 +305,9 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--sheet", type=int, default=48, show_default=True, help="Least certain cells in the contact sheet.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device):
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
+              help="parquet: also predictions.parquet (same columns, typed: probability/distance float, unsure bool).")
+def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, fmt):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
     from cellssl.eval.predict import format_predict_summary
     from cellssl.eval.predict import predict as run
@@ -293,8 +316,14 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
         raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")
     if ood_quantile is not None and not 0 < ood_quantile <= 1:
         raise CellSSLError(f"--ood-quantile must be in (0, 1] (e.g. 0.99), got {ood_quantile}")
+    if fmt == "parquet":
+        from cellssl.eval.tables import check_writable, csv_to_parquet
+
+        check_writable(out)
     report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
                  batch_size=batch_size, device=device)
+    if fmt == "parquet":
+        click.echo(f"table: {csv_to_parquet(report['files']['csv'])}")
     click.echo(format_predict_summary(report))
 
 

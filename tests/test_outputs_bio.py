@@ -1,0 +1,171 @@
+"""Outputs biologists open (AnnData .h5ad, Parquet), lab-effect scores, UMAP, physical scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellssl.cli import main
+from cellssl.errors import DataError
+from cellssl.eval.features import FeatureSet
+from cellssl.eval.tables import csv_to_parquet, resolve_output
+from conftest import make_image_folder
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI in-process: (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bio")
+    make_image_folder(root / "cells", n_per_class=6, size=16, classes=("red", "green"))
+    (root / "cells" / "green" / "plate2").mkdir()
+    make_image_folder(root / "tmp", n_per_class=2, size=20, classes=("x",))
+    for i, p in enumerate(sorted((root / "tmp" / "x").iterdir())):
+        p.rename(root / "cells" / "green" / "plate2" / f"big_{i}.png")
+    return root / "cells"
+
+
+# ---- 1. AnnData -----------------------------------------------------------------------------
+def test_embed_h5ad_opens_in_anndata(cells, tmp_path, capsys):
+    code, out, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                              str(tmp_path / "o"), "--format", "h5ad", "--image-size", "16", "--device", "cpu",
+                              "--lab", "lab A"], capsys)
+    assert code == 0, err
+    path = tmp_path / "o" / "embeddings.h5ad"
+    assert path.is_file() and str(path) in out
+    ad = anndata.read_h5ad(path)
+    assert ad.n_obs == 14 and ad.obsm["X_cellssl"].shape == (14, 48) and ad.obsm["X_cellssl"].dtype == np.float32
+    obs = ad.obs
+    assert list(obs.columns) == ["path", "label", "folder", "lab", "height", "width", "channels"]
+    # sub-folders below a class belong to the class (label) and show as the folder (batch / plate)
+    big = obs[obs["path"].str.contains("big_")]
+    assert len(big) == 2 and set(big["label"]) == {"green"} and set(big["folder"]) == {"green/plate2"}
+    assert set(big["height"]) == {20} and set(obs.loc[~obs.index.isin(big.index), "height"]) == {16}
+    assert set(obs["channels"]) == {3} and set(obs["lab"]) == {"lab A"}
+    assert set(obs["label"].cat.categories) == {"red", "green"}
+    info = ad.uns["cellssl"]
+    assert info["checkpoint"] == "pixels:4" and info["cellssl_version"] and info["image_size"] == 16
+    assert isinstance(json.loads(info["recipe"]), dict)
+    # the same rows as the npz
+    code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                            str(tmp_path / "f.npz"), "--image-size", "16", "--device", "cpu"], capsys)
+    assert code == 0, err
+    z = np.load(tmp_path / "f.npz")
+    np.testing.assert_allclose(z["features"], ad.obsm["X_cellssl"])
+    assert list(z["paths"]) == list(obs["path"])
+
+
+def test_h5ad_scanpy_neighbours(cells, tmp_path, capsys):
+    sc = pytest.importorskip("scanpy")
+    code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                            str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu"], capsys)
+    assert code == 0, err
+    ad = anndata.read_h5ad(tmp_path / "e.h5ad")
+    sc.pp.neighbors(ad, use_rep="X_cellssl", n_neighbors=5)
+    assert ad.obsp["connectivities"].shape == (14, 14)
+
+
+# ---- 2. Parquet ------------------------------------------------------------------------------
+def test_embed_parquet_round_trip(cells, tmp_path, capsys):
+    code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                            str(tmp_path / "t.parquet"), "--image-size", "16", "--device", "cpu"], capsys)
+    assert code == 0, err
+    df = pd.read_parquet(tmp_path / "t.parquet")
+    assert list(df.columns) == ["path", "label", "folder", "lab", "height", "width", "channels", "features"]
+    assert df["height"].dtype == np.int32 and len(df) == 14
+    feats = np.stack(df["features"].to_numpy())
+    assert feats.shape == (14, 48) and feats.dtype == np.float32
+    ad_code, _, _ = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                             str(tmp_path / "t.npz"), "--image-size", "16", "--device", "cpu"], capsys)
+    z = np.load(tmp_path / "t.npz")
+    np.testing.assert_array_equal(feats, z["features"])
+    assert list(df["path"]) == list(z["paths"]) and df["label"].tolist()[0] in {"red", "green"}
+
+
+def test_prediction_csv_to_parquet_types(tmp_path):
+    csv = tmp_path / "predictions.csv"
+    csv.write_text("path,predicted,probability,top3,unsure,reason,distance,true_class\n"
+                   "a.png,red,0.9500,red 0.950; green 0.050,no,,1.25,red\n"
+                   "b.png,,,,yes,cannot read image,,\n")
+    df = pd.read_parquet(csv_to_parquet(csv))
+    assert list(df.columns) == list(pd.read_csv(csv).columns)
+    assert df["probability"].dtype == np.float64 and df["probability"][0] == 0.95 and np.isnan(df["probability"][1])
+    assert df["unsure"].dtype == bool and df["unsure"].tolist() == [False, True]
+    assert df["distance"][0] == 1.25 and df["predicted"].tolist() == ["red", ""]
+
+
+def test_predict_writes_parquet(tmp_path, capsys):
+    from cellssl.eval.linear import linear
+
+    train = make_image_folder(tmp_path / "train", n_per_class=10, size=16, classes=("red", "green"))
+    rep = linear("random:resnet18", train, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=16,
+                 device="cpu", plots=False)
+    code, out, err = run_cli(["predict", "--model", rep["classifier"], "--data", str(train), "--out",
+                              str(tmp_path / "pred"), "--device", "cpu", "--format", "parquet", "--sheet", "0"], capsys)
+    assert code == 0, err
+    df = pd.read_parquet(tmp_path / "pred" / "predictions.parquet")
+    csv = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False, dtype=str)
+    assert list(df.columns) == list(csv.columns) and len(df) == len(csv) == 20
+    assert df["unsure"].dtype == bool and df["probability"].dtype == np.float64
+
+
+# ---- bad output options ---------------------------------------------------------------------------
+def test_resolve_output_formats(tmp_path):
+    assert resolve_output(tmp_path / "x.h5ad") == (tmp_path / "x.h5ad", "h5ad")
+    assert resolve_output(tmp_path / "x.pq") == (tmp_path / "x.pq", "parquet")
+    assert resolve_output(tmp_path / "dir", "parquet") == (tmp_path / "dir" / "embeddings.parquet", "parquet")
+    assert resolve_output(tmp_path / "x.csv") == (tmp_path / "x.npz", "npz")
+    with pytest.raises(DataError, match="unknown output format 'xlsx'"):
+        resolve_output(tmp_path / "x", "xlsx")
+
+
+def test_unknown_format_is_an_error(cells, tmp_path, capsys):
+    code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                            str(tmp_path / "o"), "--format", "xlsx"], capsys)
+    assert code == 2 and "xlsx" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_unwritable_out_is_one_line_and_writes_nothing(cells, tmp_path, capsys, monkeypatch):
+    from cellssl.eval import tables
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                            str(afile / "sub" / "e.h5ad"), "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is a file" in err and "--out" in err
+    # no write permission (faked: the tests may run as root, for whom chmod does not bind)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(tables.os, "access", lambda p, mode: Path(p) != locked)
+    code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                            str(locked / "new" / "e.parquet"), "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no write permission" in err
+    assert list(locked.iterdir()) == []
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from cellssl.eval import tables
+
+    fs = FeatureSet(np.zeros((3, 2), np.float32), np.array([0, 1, 0]), ["a.png", "b.png", "c.png"], ["u", "v"])
+
+    def boom(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", boom)
+    with pytest.raises(OSError):
+        tables.write_h5ad(fs, tmp_path / "x.h5ad")
+    assert list(tmp_path.iterdir()) == []
