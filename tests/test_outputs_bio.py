@@ -169,3 +169,81 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         tables.write_h5ad(fs, tmp_path / "x.h5ad")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- 3. lab-effect scores ----------------------------------------------------------------------
+def _two_labs(shift: float, type_sep: float = 6.0, n: int = 60, seed: int = 0):
+    """3 cell types (centres ``type_sep`` apart) in 2 labs; lab 1 is moved by ``shift`` along a
+    direction orthogonal to the type centres."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((3, 8))
+    centres[np.arange(3), np.arange(3)] = type_sep
+    centres += 10.0  # away from the origin: cosine distances stay meaningful
+    x, lab, typ = [], [], []
+    for b in (0, 1):
+        for t in range(3):
+            p = centres[t] + rng.normal(size=(n, 8))
+            p[:, 7] += shift * b
+            x.append(p)
+            lab += [b] * n
+            typ += [f"t{t}"] * n
+    return np.concatenate(x), np.array(lab), np.array(typ)
+
+
+def test_lab_mixing_hand_computed():
+    from cellssl.eval.labmix import lab_mixing
+
+    # one type, labs A A B B on a line: each cell's 1 neighbour is from its own lab -> 0
+    x = np.array([[0.0, 1], [0.1, 1], [10, 1], [10.1, 1]])
+    assert lab_mixing(x, np.array([0, 0, 1, 1]), np.array(["t"] * 4), k=1)["score"] == 0.0
+    # pairs A B | A B: each cell's neighbour is from the other lab: f = 1, expected 2/3 -> 1.5
+    x = np.array([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.05, 1.0]])
+    r = lab_mixing(x, np.array([0, 1, 0, 1]), np.array(["t"] * 4), k=1)
+    assert r["score"] == pytest.approx(1.5) and r["per_type"] == {"t": pytest.approx(1.5)}
+    # a type seen in one lab only does not count
+    r = lab_mixing(np.vstack([x, x + 5]), np.array([0, 1, 0, 1, 0, 0, 0, 0]), np.array(["t"] * 4 + ["u"] * 4), k=1)
+    assert set(r["per_type"]) == {"t"}
+
+
+def test_lab_effect_scores_mixed_vs_separated():
+    from cellssl.eval.labmix import cross_lab_knn_accuracy, ilisi, lab_effect_scores, lab_mixing, type_silhouette
+
+    x, lab, typ = _two_labs(shift=0.0)
+    assert lab_mixing(x, lab, typ)["score"] == pytest.approx(1.0, abs=0.15)
+    assert ilisi(x, lab)["score"] == pytest.approx(1.0, abs=0.1)
+    assert cross_lab_knn_accuracy(x, lab, typ) > 0.95
+    assert type_silhouette(x, typ) > 0.3
+    x, lab, typ = _two_labs(shift=25.0)  # each lab a cluster of its own: labs apart, types still apart
+    assert lab_mixing(x, lab, typ)["score"] < 0.05
+    assert ilisi(x, lab)["score"] < 0.05
+    x, lab, typ = _two_labs(shift=0.0, type_sep=0.0)  # types on top of each other
+    assert abs(type_silhouette(x, typ)) < 0.05
+    assert cross_lab_knn_accuracy(x, lab, typ) < 0.5  # chance = 1/3
+    # the wrapper: only the types both labs have
+    xs, ys = x[lab == 0], typ[lab == 0]
+    r = lab_effect_scores(xs, ys, x[lab == 1][:60], typ[lab == 1][:60], max_per_type=50)
+    assert r["types"] == ["t0"] and r["n_source"] == 50 and r["n_target"] == 50 and np.isnan(r["type_silhouette"])
+
+
+def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path):
+    import warnings
+
+    from cellssl.adapt.report import transfer_report
+    from cellssl.adapt.shift import shift_folder
+
+    source = make_image_folder(tmp_path / "source", n_per_class=8, size=24)
+    shift_folder(source, tmp_path / "target", preset="scanner_b", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = transfer_report("random:resnet18", source, tmp_path / "target", tmp_path / "rep", episodes=5,
+                             device="cpu", shots=(1,), embedding_max=60, stain_method="reinhard")
+    rep = json.loads((tmp_path / "rep" / "transfer.json").read_text())
+    assert set(rep["lab_effect"]) == {"source", "adabn", "stain"}
+    for scores in rep["lab_effect"].values():
+        assert scores["types"] == ["blue", "green", "red"] and scores["n_source"] == scores["n_target"] == 24
+        assert 0 <= scores["lab_mixing"] < 3 and 0 <= scores["cross_lab_knn_acc"] <= 1
+        assert -1 <= scores["type_silhouette"] <= 1 and np.isfinite(scores["ilisi"])
+    text = md.read_text()
+    assert "## Lab effect" in text and "iLISI" in text and "transfer_scores.png" in text
+    assert (tmp_path / "rep" / "transfer_scores.png").stat().st_size > 0
+    assert (tmp_path / "rep" / "transfer_embedding.png").stat().st_size > 0
