@@ -247,3 +247,36 @@ def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path):
     assert "## Lab effect" in text and "iLISI" in text and "transfer_scores.png" in text
     assert (tmp_path / "rep" / "transfer_scores.png").stat().st_size > 0
     assert (tmp_path / "rep" / "transfer_embedding.png").stat().st_size > 0
+
+
+# ---- 4. UMAP (t-SNE without umap-learn) -------------------------------------------------------
+def test_embed_plot_draws_class_and_folder_map(cells, tmp_path, capsys):
+    code, out, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                              str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu", "--plot"], capsys)
+    assert code == 0, err
+    png = tmp_path / "e_map.png"
+    assert png.stat().st_size > 0 and str(png) in out
+    from PIL import Image
+
+    w, h = Image.open(png).size
+    assert w > 1.8 * h  # two panels side by side: by class, by folder
+
+
+def test_embedding_2d_falls_back_to_tsne_without_umap(monkeypatch):
+    import sys
+
+    from cellssl.eval.report import embedding_2d
+
+    monkeypatch.setitem(sys.modules, "umap", None)  # `import umap` now raises ImportError
+    xy, method = embedding_2d(np.random.default_rng(0).normal(size=(30, 8)), seed=0)
+    assert method == "t-SNE" and xy.shape == (30, 2)
+
+
+def test_umap_2d_is_seeded():
+    pytest.importorskip("umap")  # optional (pip install cellssl[bio]); slow to import (numba)
+    from cellssl.eval.report import embedding_2d, umap_2d
+
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    a, b = umap_2d(x, seed=3), umap_2d(x, seed=3)
+    assert a.shape == (40, 2) and np.allclose(a, b)
+    assert embedding_2d(x, seed=3)[1] == "UMAP"
