@@ -184,14 +184,16 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
                                           "(default: the data folder's name).")
 @click.option("--plot", is_flag=True, help="Also draw a 2-D map (UMAP, or t-SNE without umap-learn) coloured by "
                                            "class and by folder: <out stem>_map.png.")
-def embed(checkpoint, data, out, fmt, lab, plot, image_size, batch_size, device, adapt_bn):
+@click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of --data: resampled to the checkpoint's data.um_per_px when it has one.")
+def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, image_size, batch_size, device, adapt_bn):
     """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels),
     .h5ad (AnnData) or .parquet."""
     from cellssl.eval.tables import check_writable, embed_outputs, resolve_output
 
     path, kind = resolve_output(out, fmt)
     check_writable(path.parent)
-    if kind == "npz" and not plot:
+    if kind == "npz" and not plot and um_per_px is None:
         from cellssl.eval.features import embed as run
 
         path = run(checkpoint, data, out, image_size=image_size, batch_size=batch_size, device=device,
@@ -199,7 +201,7 @@ def embed(checkpoint, data, out, fmt, lab, plot, image_size, batch_size, device,
         click.echo(f"features written to {path}")
         return
     files = embed_outputs(checkpoint, data, out, fmt=fmt, lab=lab, plot=plot, image_size=image_size,
-                          batch_size=batch_size, device=device, adapt_bn=adapt_bn)
+                          batch_size=batch_size, device=device, adapt_bn=adapt_bn, um_per_px=um_per_px)
     click.echo(f"features written to {files['features']}")
     if "plot" in files:
         click.echo(f"map: {files['plot']}")
@@ -393,11 +395,13 @@ def datasets():
 
 @datasets.command("check", context_settings=CONTEXT)
 @click.argument("folder", type=click.Path())
-def datasets_check(folder):
-    """Counts per class, sizes, channels, dtypes, duplicates and unreadable files."""
+@click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of these images: the cell size is also given in µm.")
+def datasets_check(folder, um_per_px):
+    """Counts per class, sizes, channels, dtypes, the apparent cell size, duplicates and unreadable files."""
     from cellssl.data.check import check_dataset, format_check_report
 
-    report = check_dataset(folder)
+    report = check_dataset(folder, um_per_px=um_per_px)
     click.echo(format_check_report(report))
     if report.get("unreadable"):
         sys.exit(1)

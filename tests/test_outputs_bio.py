@@ -280,3 +280,81 @@ def test_umap_2d_is_seeded():
     a, b = umap_2d(x, seed=3), umap_2d(x, seed=3)
     assert a.shape == (40, 2) and np.allclose(a, b)
     assert embedding_2d(x, seed=3)[1] == "UMAP"
+
+
+# ---- 5. physical scale -------------------------------------------------------------------------
+def _disk_image(size: int, radius: float, dark_on_bright: bool = True) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    disk = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= radius**2
+    img = np.where(disk, 0.2, 0.9) if dark_on_bright else np.where(disk, 0.8, 0.05)
+    return np.repeat(img[:, :, None], 3, axis=2).astype(np.float32)
+
+
+def test_scale_factor_and_resample_hand_computed():
+    from cellssl.data.scale import resample_to_scale, scale_factor
+    from cellssl.errors import ConfigError
+
+    assert scale_factor(0.5, 0.25) == 2.0 and scale_factor(None, 0.25) == 1.0 and scale_factor(0.3, None) == 1.0
+    with pytest.raises(ConfigError, match="> 0"):
+        scale_factor(0.0, 0.25)
+    img = np.zeros((8, 8, 1), np.float32)
+    img[2:6, 2:6] = 1.0  # a 4x4 square in the middle
+    half = resample_to_scale(img, 0.5)  # pixels twice as large in the model: content shrinks, padded
+    assert half.shape == (8, 8, 1) and half.sum() == pytest.approx(4.0) and half[3:5, 3:5].min() == 1.0
+    double = resample_to_scale(img, 2.0)  # centre crop of the enlarged image: the square fills it
+    assert double.shape == (8, 8, 1) and double[1:7, 1:7].min() == 1.0 and double.mean() > 0.8
+    assert resample_to_scale(img, 1.0) is img
+
+
+@pytest.mark.parametrize("dark_on_bright", [True, False])
+def test_object_diameter_of_a_disk(dark_on_bright):
+    from cellssl.data.scale import object_diameter
+
+    assert object_diameter(_disk_image(64, 10, dark_on_bright)) == pytest.approx(20.0, abs=1.0)
+    assert np.isnan(object_diameter(np.ones((16, 16, 3), np.float32)))
+
+
+def test_datasets_check_reports_the_apparent_cell_size(tmp_path, capsys):
+    from PIL import Image
+
+    for lab, radius in (("small", 8), ("large", 12)):
+        d = tmp_path / lab / "cells"
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((_disk_image(48, radius) * 255).astype(np.uint8)).save(d / f"c{i}.png")
+    code, out, err = run_cli(["datasets", "check", str(tmp_path / "small"), "--um-per-px", "0.5"], capsys)
+    assert code == 0, err
+    assert "apparent cell size" in out and "median 16.3 px = 8.1 µm at 0.5 µm/px" in out
+    code, out, _ = run_cli(["datasets", "check", str(tmp_path / "large")], capsys)
+    assert "median 23.9 px (give --um-per-px for µm)" in out  # 1.5x the small cells: the mismatch shows
+
+
+def test_um_per_px_must_be_positive(tmp_path, capsys):
+    from cellssl.config import load_recipe
+    from cellssl.errors import ConfigError
+
+    make_image_folder(tmp_path / "c", n_per_class=2, size=16, classes=("a",))
+    for bad in ("0", "-0.3"):
+        code, _, err = run_cli(["datasets", "check", str(tmp_path / "c"), "--um-per-px", bad], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--um-per-px" in err and "> 0" in err
+        code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(tmp_path / "c"), "--out",
+                                str(tmp_path / "e.h5ad"), "--um-per-px", bad], capsys)
+        assert code == 2 and "> 0" in err and not (tmp_path / "e.h5ad").exists()
+    with pytest.raises(ConfigError, match="data.um_per_px"):
+        load_recipe("blood_smear", ["data.um_per_px=0"])
+
+
+def test_features_are_resampled_to_the_model_scale(tmp_path):
+    from cellssl.data.scale import ScaleMatcher
+    from cellssl.eval.features import FeatureExtractor
+
+    folder = make_image_folder(tmp_path / "c", n_per_class=3, size=16, classes=("a", "b"))
+    plain = FeatureExtractor("pixels:4", device="cpu", image_size=16, progress=False)
+    scaled = FeatureExtractor("pixels:4", device="cpu", image_size=16, progress=False, um_per_px=0.25)
+    plain.data_cfg.um_per_px = scaled.data_cfg.um_per_px = 0.5  # the model's (recipe's) scale
+    ds, _ = scaled.build(folder)
+    assert isinstance(ds.pre_transform, ScaleMatcher) and ds.pre_transform.factor == 0.5
+    assert plain.build(folder)[0].pre_transform is None
+    assert not np.allclose(plain.features(folder).features, scaled.features(folder).features)
+    with pytest.warns(UserWarning, match="no data.um_per_px"):
+        FeatureExtractor("pixels:4", device="cpu", image_size=16, progress=False, um_per_px=0.25).build(folder)

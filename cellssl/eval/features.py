@@ -26,6 +26,7 @@ from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import TransformedDataset, batch_images, build_dataset
 from cellssl.data.io import relative_path
+from cellssl.data.scale import match_scale
 from cellssl.engine.checkpoint import describe, load_backbone
 from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
@@ -103,6 +104,8 @@ class FeatureOptions:
         max_per_class: keep at most this many random images per class (quick runs), drawn with ``seed``.
         seed: for that subsample and the command's own randomness (episodes, splits, AdaBN sample).
         progress: show a progress bar on long extractions.
+        um_per_px: micrometres per pixel of the folders read; with the checkpoint recipe's
+            ``data.um_per_px`` the images are resampled to the model's scale (:mod:`cellssl.data.scale`).
     """
 
     image_size: int | None = None
@@ -113,6 +116,7 @@ class FeatureOptions:
     num_workers: int = 0
     seed: int = 0
     progress: bool = True
+    um_per_px: float | None = None
 
 
 def feature_options(options: FeatureOptions | None = None, **fields: Any) -> FeatureOptions:
@@ -257,6 +261,7 @@ class FeatureExtractor:
         if labelled and not ds.classes:
             raise DataError(f"{data} has no class sub-folders: labelled evaluation needs one folder per class")
         keep = subsample_per_class(ds.labels, max_per_class, self.seed)
+        ds.pre_transform = match_scale(ds.pre_transform, self.options.um_per_px, self.data_cfg.um_per_px)
         return ds, keep
 
     def features(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> FeatureSet:
