@@ -531,12 +531,20 @@ def stain_normalize(src, out, reference, method):
 @click.option("--stain-method", type=click.Choice(["macenko", "reinhard"]), default="macenko", show_default=True,
               help="Stain normalisation of the '+ stain normalisation' row.")
 @click.option("--device", default="auto", show_default=True)
-def transfer_report(checkpoint, adapted, source, target, out, episodes, stain_method, device):
-    """What each adaptation step buys on the target lab: few-shot and linear accuracy with CIs."""
+@click.option("--source-um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of --source (with --target-um-per-px: adds a scale-matched row).")
+@click.option("--target-um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of --target: resampled to the source's scale in the scale-matched row.")
+def transfer_report(checkpoint, adapted, source, target, out, episodes, stain_method, device, source_um_per_px,
+                    target_um_per_px):
+    """What each adaptation step buys on the target lab: few-shot and linear accuracy with CIs, and
+    the lab effect (labs mixed within a cell type? types apart?) with a map per variant."""
     from cellssl.adapt.report import transfer_report as run
 
+    if (source_um_per_px is None) != (target_um_per_px is None):
+        raise CellSSLError("give both --source-um-per-px and --target-um-per-px (the scale of each folder), or neither")
     path = run(checkpoint, source, target, out, adapted=adapted, episodes=episodes, device=device,
-               stain_method=stain_method)
+               stain_method=stain_method, source_um_per_px=source_um_per_px, target_um_per_px=target_um_per_px)
     click.echo(f"transfer report: {path}")
 
 

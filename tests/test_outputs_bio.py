@@ -203,6 +203,8 @@ def test_lab_mixing_hand_computed():
     # a type seen in one lab only does not count
     r = lab_mixing(np.vstack([x, x + 5]), np.array([0, 1, 0, 1, 0, 0, 0, 0]), np.array(["t"] * 4 + ["u"] * 4), k=1)
     assert set(r["per_type"]) == {"t"}
+    # k + 1 cells or fewer: every cell is every other's neighbour (1 by construction): undefined
+    assert np.isnan(lab_mixing(x, np.array([0, 1, 0, 1]), np.array(["t"] * 4), k=3)["score"])
 
 
 def test_lab_effect_scores_mixed_vs_separated():
@@ -231,16 +233,20 @@ def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path):
     from cellssl.adapt.report import transfer_report
     from cellssl.adapt.shift import shift_folder
 
-    source = make_image_folder(tmp_path / "source", n_per_class=8, size=24)
+    source = make_image_folder(tmp_path / "source", n_per_class=12, size=24)
     shift_folder(source, tmp_path / "target", preset="scanner_b", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         md = transfer_report("random:resnet18", source, tmp_path / "target", tmp_path / "rep", episodes=5,
-                             device="cpu", shots=(1,), embedding_max=60, stain_method="reinhard")
+                             device="cpu", shots=(1,), embedding_max=60, stain_method="reinhard",
+                             source_um_per_px=2.0, target_um_per_px=1.0)
     rep = json.loads((tmp_path / "rep" / "transfer.json").read_text())
-    assert set(rep["lab_effect"]) == {"source", "adabn", "stain"}
+    assert set(rep["lab_effect"]) == {"source", "adabn", "stain", "scale"}
+    scale = next(r for r in rep["rows"] if r["key"] == "scale")
+    assert scale["label"] == "+ scale matched (target x0.50)"
+    assert rep["lab_effect"]["scale"]["type_silhouette"] != rep["lab_effect"]["source"]["type_silhouette"]
     for scores in rep["lab_effect"].values():
-        assert scores["types"] == ["blue", "green", "red"] and scores["n_source"] == scores["n_target"] == 24
+        assert scores["types"] == ["blue", "green", "red"] and scores["n_source"] == scores["n_target"] == 36
         assert 0 <= scores["lab_mixing"] < 3 and 0 <= scores["cross_lab_knn_acc"] <= 1
         assert -1 <= scores["type_silhouette"] <= 1 and np.isfinite(scores["ilisi"])
     text = md.read_text()
@@ -358,3 +364,10 @@ def test_features_are_resampled_to_the_model_scale(tmp_path):
     assert not np.allclose(plain.features(folder).features, scaled.features(folder).features)
     with pytest.warns(UserWarning, match="no data.um_per_px"):
         FeatureExtractor("pixels:4", device="cpu", image_size=16, progress=False, um_per_px=0.25).build(folder)
+
+
+def test_transfer_report_needs_both_scales(tmp_path, capsys):
+    code, _, err = run_cli(["transfer-report", "--checkpoint", "random:resnet18", "--source", str(tmp_path),
+                            "--target", str(tmp_path), "--out", str(tmp_path / "r"), "--target-um-per-px", "0.5"],
+                           capsys)
+    assert code == 2 and "give both --source-um-per-px and --target-um-per-px" in err

@@ -8,6 +8,8 @@ Rows (all on the labelled *target* folder unless said otherwise):
 * ``adabn`` — + AdaBN: BatchNorm statistics re-estimated on the target images;
 * ``stain`` — + stain normalisation: target images normalised to the source folder's stain
   (``stain_method``: Macenko by default, or Reinhard; the row label names the one used);
+* ``scale`` — + scale matched: with ``source_um_per_px`` and ``target_um_per_px`` (µm per pixel of
+  each folder), the target images resampled to the source's scale (:mod:`cellssl.data.scale`);
 * ``continued`` — + continued SSL: the ``adapted`` checkpoint from ``cellssl adapt`` (when given).
 
 For each: few-shot accuracy (all-way SimpleShot, K in ``shots``, ``episodes`` episodes, mean ±
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cellssl.data.datasets import split_indices
+from cellssl.data.scale import scale_factor
 from cellssl.data.stain import normalize_folder
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, FeatureOptions, subsample_per_class
@@ -50,6 +53,7 @@ ROW_LABELS = {
     "source": "source model",
     "adabn": "+ AdaBN",
     "stain": "+ stain normalisation ({method})",  # the method actually used, e.g. Macenko / Reinhard
+    "scale": "+ scale matched (target x{factor:.2f})",
     "continued": "+ continued SSL",
 }
 
@@ -335,6 +339,8 @@ def transfer_report(
     queries: int = 15,
     max_per_class: int | None = None,
     stain_method: str = "macenko",
+    source_um_per_px: float | None = None,
+    target_um_per_px: float | None = None,
     batch_size: int = 256,
     embedding_max: int = 1200,
     progress: bool = False,
@@ -342,7 +348,9 @@ def transfer_report(
     """Write the transfer report (see module docstring) to ``out``; returns ``out/transfer.md``.
 
     ``source`` and ``target`` are labelled folders (one sub-folder per class, same class names);
-    ``max_per_class`` caps the images per class read from each (quick runs).
+    ``max_per_class`` caps the images per class read from each (quick runs). With both
+    ``source_um_per_px`` and ``target_um_per_px`` a ``scale`` row is added: the target images
+    resampled by target/source µm per pixel (the declared source scale is the model's here).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,11 +359,20 @@ def transfer_report(
                              progress=progress)
     base = FeatureExtractor(checkpoint, options)
     features = variant_features(base, checkpoint, source, target, adapted, stain_method, options)
+    scale = scale_factor(target_um_per_px, source_um_per_px)
+    if source_um_per_px and target_um_per_px:  # the target resampled to the source's scale
+        matched = FeatureExtractor(checkpoint, options, um_per_px=target_um_per_px)
+        matched.data_cfg.um_per_px = source_um_per_px
+        features = dict(features)
+        features["scale"] = (features["source"][0], matched.features(target, labelled=True))
+        if "continued" in features:
+            features["continued"] = features.pop("continued")
     f_src, f_tgt = features["source"]
     rows = [{"key": "source_domain", "label": ROW_LABELS["source_domain"], "data": "source",
              **evaluate_features(f_src, shots, episodes, queries, seed), "domain_gap": None}]
     for key, (fs, ft) in features.items():
-        rows.append({"key": key, "label": ROW_LABELS[key].format(method=stain_method.capitalize()), "data": "target",
+        rows.append({"key": key, "label": ROW_LABELS[key].format(method=stain_method.capitalize(), factor=scale),
+                     "data": "target",
                      **evaluate_features(ft, shots, episodes, queries, seed),
                      "domain_gap": domain_gap(fs.features, ft.features, seed),
                      "lab_effect": lab_effect(fs, ft, seed)})
@@ -373,6 +390,7 @@ def transfer_report(
         "settings": {"shots": shots, "episodes": int(episodes), "queries": rows[1].get("queries", queries),
                      "ways": "all", "classifier": "prototype (SimpleShot, CL2N)", "linear_split": [0.5, 0.5],
                      "seed": int(seed), "stain_method": stain_method, "max_per_class": max_per_class,
+                     "source_um_per_px": source_um_per_px, "target_um_per_px": target_um_per_px,
                      "n_source": len(f_src), "n_target": len(f_tgt), "feature_dim": int(f_src.features.shape[1])},
     }
     report["files"] = {"json": str(out / "transfer.json"), "markdown": str(out / "transfer.md"),
@@ -421,7 +439,7 @@ def _plots(rows: list[dict], shots: list[int], features: dict[str, tuple], out: 
         if p:
             files["bars"] = str(p)
         titles = {"source": "source model", "stain": "+ stain normalisation", "adabn": "+ AdaBN",
-                  "continued": "+ continued SSL"}
+                  "scale": "+ scale matched", "continued": "+ continued SSL"}
         p = _plot_scores(rows, out / "transfer_scores.png")
         if p:
             files["scores"] = str(p)

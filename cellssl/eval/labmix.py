@@ -58,10 +58,11 @@ def neighbours(x: np.ndarray, k: int) -> np.ndarray:
 def lab_mixing(x: np.ndarray, lab: np.ndarray, cell_type: np.ndarray, k: int = 15) -> dict[str, Any]:
     """kNN lab mixing within cell types.
 
-    For every type t present in at least two labs, take its n_t cells alone; for cell i (lab b_i)
-    with its k_t = min(k, n_t - 1) nearest neighbours among them:
+    For every type t present in at least two labs and with more than k + 1 cells (fewer: every
+    cell would be every other's neighbour and the score 1 by construction), take its n_t cells
+    alone; for cell i (lab b_i) with its k nearest neighbours among them:
 
-        f_i = |{j in kNN(i): b_j != b_i}| / k_t          (observed other-lab fraction)
+        f_i = |{j in kNN(i): b_j != b_i}| / k            (observed other-lab fraction)
         e_i = (n_t - n_{t, b_i}) / (n_t - 1)            (its mean when labs are mixed at random)
         s_t = mean_i f_i / mean_i e_i
 
@@ -74,7 +75,7 @@ def lab_mixing(x: np.ndarray, lab: np.ndarray, cell_type: np.ndarray, k: int = 1
     for t in np.unique(cell_type):
         m = np.flatnonzero(cell_type == t)
         labs_t = lab[m]
-        if len(np.unique(labs_t)) < 2 or len(m) < 3:
+        if len(np.unique(labs_t)) < 2 or len(m) <= k + 1:  # every cell a neighbour of every cell: 1 by construction
             continue
         nn = neighbours(x[m], k)
         observed = (labs_t[nn] != labs_t[:, None]).mean(axis=1)
@@ -103,10 +104,10 @@ def ilisi(x: np.ndarray, lab: np.ndarray, k: int = 15, permutations: int = 5, se
         score = (L - 1) / (L_mix - 1)
 
     1 = mixed as well as random labels, 0 = every neighbourhood holds one lab. Returns
-    ``{"score", "ilisi", "ilisi_mixed", "k"}`` (NaN with fewer than two labs)."""
+    ``{"score", "ilisi", "ilisi_mixed", "k"}`` (NaN with fewer than two labs or k + 1 cells)."""
     _, codes = np.unique(np.asarray(lab), return_inverse=True)
     n_labs = int(codes.max()) + 1 if len(codes) else 0
-    if n_labs < 2 or len(codes) < 3:
+    if n_labs < 2 or len(codes) <= k + 1:
         return {"score": float("nan"), "ilisi": float("nan"), "ilisi_mixed": float("nan"), "k": int(k)}
     nn = neighbours(x, k)
     observed = float(_inverse_simpson(codes, nn, n_labs).mean())
