@@ -366,10 +366,12 @@ def export(checkpoint, out, fmt, reports):
               help="Expected number of cell types (sets probcover's ball radius).")
 @click.option("--link", is_flag=True, help="Symlink the selected images into OUT/images instead of copying them.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D map of the pool in report.md (t-SNE: ~10-20 s).")
+@click.option("--format", "fmt", type=click.Choice(["npz", "h5ad"]), default="npz", show_default=True,
+              help="h5ad: also the pool's embeddings as OUT/embeddings.h5ad (AnnData, obsm['X_cellssl']).")
 @click.option("--seed", type=int, default=0)
 @click.option("--out", required=True, type=click.Path(),
               help="Folder for to_label.csv, contact_sheet.png, images/, map.png, report.md.")
-def select(checkpoint, data, budget, strategy, labelled, features, n_classes, link, no_map, seed, out, image_size,
+def select(checkpoint, data, budget, strategy, labelled, features, n_classes, link, no_map, fmt, seed, out, image_size,
            batch_size, device, adapt_bn):
     """Which cells should the expert label first? Embed the pool and choose --budget cells.
 
@@ -385,6 +387,12 @@ def select(checkpoint, data, budget, strategy, labelled, features, n_classes, li
                  seed=seed, n_classes=n_classes, link=link, image_size=image_size, batch_size=batch_size,
                  device=device, adapt_bn=adapt_bn, map_points=0 if no_map else 2000)
     click.echo(format_selection(report))
+    if fmt == "h5ad":
+        from cellssl.eval.tables import npz_to_h5ad
+
+        h5ad = npz_to_h5ad(report["files"]["embeddings"], data, Path(out) / "embeddings.h5ad",
+                           info={"spec": checkpoint})
+        click.echo(f"embeddings: {h5ad}")
 
 
 # ---- data --------------------------------------------------------------------------------

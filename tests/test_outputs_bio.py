@@ -371,3 +371,15 @@ def test_transfer_report_needs_both_scales(tmp_path, capsys):
                             "--target", str(tmp_path), "--out", str(tmp_path / "r"), "--target-um-per-px", "0.5"],
                            capsys)
     assert code == 2 and "give both --source-um-per-px and --target-um-per-px" in err
+
+
+def test_select_writes_the_pool_as_h5ad(cells, tmp_path, capsys):
+    code, out, err = run_cli(["select", "--checkpoint", "pixels:4", "--data", str(cells), "--budget", "3",
+                              "--no-map", "--image-size", "16", "--device", "cpu", "--format", "h5ad", "--out",
+                              str(tmp_path / "sel")], capsys)
+    assert code == 0, err
+    ad = anndata.read_h5ad(tmp_path / "sel" / "embeddings.h5ad")
+    z = np.load(tmp_path / "sel" / "embeddings.npz")
+    np.testing.assert_array_equal(ad.obsm["X_cellssl"], z["features"])
+    assert list(ad.obs["path"]) == list(z["paths"]) and set(ad.obs["height"]) == {16, 20}
+    assert ad.uns["cellssl"]["checkpoint"] == "pixels:4"

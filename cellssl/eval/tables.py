@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 from cellssl import __version__
 from cellssl.data.io import ImageReadError, read_raw_image
 from cellssl.errors import DataError
-from cellssl.eval.features import load_features, save_embeddings
+from cellssl.eval.features import FeatureSet, load_features, save_embeddings
 from cellssl.eval.report import plot_embedding_groups
 
 __all__ = ["EMBED_FORMATS", "PREDICT_FORMATS", "SUFFIXES", "FEATURES_KEY", "resolve_output", "check_writable",
            "obs_frame", "uns_info", "write_h5ad", "write_parquet_features", "csv_to_parquet", "PREDICTION_TYPES",
-           "embed_outputs"]
+           "embed_outputs", "npz_to_h5ad"]
 
 EMBED_FORMATS = ("npz", "h5ad", "parquet")
 PREDICT_FORMATS = ("csv", "parquet")
@@ -226,3 +226,20 @@ def embed_outputs(checkpoint: str | Path, data: str | Path, out: str | Path, *, 
         if drawn:
             files["plot"] = drawn
     return files
+
+
+def npz_to_h5ad(npz: str | Path, data: str | Path, path: str | Path | None = None, *, lab: str | None = None,
+                info: dict | None = None) -> Path:
+    """An embeddings ``.npz`` (what ``embed`` and ``select`` write: ``features``, ``paths``, and when
+    labelled ``labels`` + ``classes``) of the images of ``data`` as an ``.h5ad`` (default: same
+    name, ``.h5ad``) with :func:`write_h5ad`; ``info`` (e.g. ``{"spec": checkpoint}``) fills ``uns``."""
+    npz = Path(npz)
+    with np.load(npz) as z:
+        feats, paths = z["features"], [str(p) for p in z["paths"]]
+        labelled = "labels" in z.files and "classes" in z.files
+        labels = z["labels"] if labelled else np.full(len(paths), -1, dtype=np.int64)
+        classes = [str(c) for c in z["classes"]] if labelled else []
+    root = Path(data)
+    fs = FeatureSet(features=feats, labels=labels, paths=paths, classes=classes,
+                    info={"data": str(data), **(info or {})}, root=str(root if root.is_dir() else root.parent))
+    return write_h5ad(fs, Path(path) if path is not None else npz.with_suffix(".h5ad"), lab)
