@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from cellssl.config import OPTIONS, parse_value, value_range, value_type
-from cellssl.errors import CellSSLError, ConfigError
+from cellssl.errors import CellSSLError, ConfigError, did_you_mean
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -46,6 +46,27 @@ class RecipeValue(click.ParamType):
             words = " or ".join(repr(a) for a in self.allow)
             raise ConfigError(f"{label} must be {words} or a whole number {value_range(self.key).describe()}, "
                               f"got {value!r}") from None
+
+
+class OneOf(click.ParamType):
+    """A word from ``choices`` (case-insensitive); anything else is a one-line ``error:`` (exit 2)
+    naming the option, the choices and the closest one (click.Choice would print a usage block)."""
+
+    name = "choice"
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.choices) + "]"
+
+    def convert(self, value, param, ctx):
+        word = str(value).strip().lower()
+        if word in self.choices:
+            return word
+        opt = param.opts[0] if param is not None else "the value"
+        raise ConfigError(f"{opt} must be one of {', '.join(self.choices)}, got {value!r}"
+                          f"{did_you_mean(word, self.choices)}")
 
 
 # ---- shared options ----------------------------------------------------------------------
@@ -177,7 +198,7 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
 @click.option("--data", required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(),
               help="Output file (.npz, .h5ad, .parquet) or folder (embeddings.<format>).")
-@click.option("--format", "fmt", type=click.Choice(["auto", "npz", "h5ad", "parquet"]), default="auto",
+@click.option("--format", "fmt", type=OneOf("auto", "npz", "h5ad", "parquet"), default="auto",
               show_default=True, help="npz (cellssl), h5ad (AnnData/scanpy: obsm['X_cellssl']), parquet "
                                       "(pandas/Arrow); auto: from the --out suffix, else npz.")
 @click.option("--lab", default=None, help="Lab / batch name written to the h5ad/parquet 'lab' column "
@@ -307,7 +328,7 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--sheet", type=int, default=48, show_default=True, help="Least certain cells in the contact sheet.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
+@click.option("--format", "fmt", type=OneOf("csv", "parquet"), default="csv", show_default=True,
               help="parquet: also predictions.parquet (same columns, typed: probability/distance float, unsure bool).")
 def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, fmt):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
@@ -366,7 +387,7 @@ def export(checkpoint, out, fmt, reports):
               help="Expected number of cell types (sets probcover's ball radius).")
 @click.option("--link", is_flag=True, help="Symlink the selected images into OUT/images instead of copying them.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D map of the pool in report.md (t-SNE: ~10-20 s).")
-@click.option("--format", "fmt", type=click.Choice(["npz", "h5ad"]), default="npz", show_default=True,
+@click.option("--format", "fmt", type=OneOf("npz", "h5ad"), default="npz", show_default=True,
               help="h5ad: also the pool's embeddings as OUT/embeddings.h5ad (AnnData, obsm['X_cellssl']).")
 @click.option("--seed", type=int, default=0)
 @click.option("--out", required=True, type=click.Path(),

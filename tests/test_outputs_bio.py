@@ -136,7 +136,11 @@ def test_resolve_output_formats(tmp_path):
 def test_unknown_format_is_an_error(cells, tmp_path, capsys):
     code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
                             str(tmp_path / "o"), "--format", "xlsx"], capsys)
-    assert code == 2 and "xlsx" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert "--format must be one of auto, npz, h5ad, parquet, got 'xlsx'" in err
+    code, _, err = run_cli(["predict", "--model", "m.pt", "--data", str(cells), "--out", str(tmp_path / "p"),
+                            "--format", "parque"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "did you mean 'parquet'" in err
 
 
 def test_unwritable_out_is_one_line_and_writes_nothing(cells, tmp_path, capsys, monkeypatch):
