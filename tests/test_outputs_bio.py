@@ -387,3 +387,13 @@ def test_select_writes_the_pool_as_h5ad(cells, tmp_path, capsys):
     np.testing.assert_array_equal(ad.obsm["X_cellssl"], z["features"])
     assert list(ad.obs["path"]) == list(z["paths"]) and set(ad.obs["height"]) == {16, 20}
     assert ad.uns["cellssl"]["checkpoint"] == "pixels:4"
+
+
+def test_embed_um_per_px_is_recorded(cells, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="not resampled"):  # pixels: baselines have no recipe scale
+        code, _, err = run_cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                                str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu",
+                                "--um-per-px", "0.35"], capsys)
+    assert code == 0, err
+    info = anndata.read_h5ad(tmp_path / "e.h5ad").uns["cellssl"]
+    assert info["um_per_px"] == 0.35 and "model_um_per_px" not in info

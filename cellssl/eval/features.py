@@ -298,6 +298,8 @@ class FeatureExtractor:
             "config": cfg,
             "adapt_bn": self.adapt_bn,
             "data": str(data) if data is not None else None,
+            "um_per_px": self.options.um_per_px,  # of the data read (None: not declared)
+            "model_um_per_px": self.data_cfg.um_per_px,  # the checkpoint recipe's scale
         }
 
 

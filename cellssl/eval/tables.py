@@ -133,7 +133,8 @@ def obs_frame(fs: Any, lab: str | None = None, shapes: bool = True) -> pd.DataFr
 def uns_info(fs: Any) -> dict[str, str | int]:
     """What produced the features, as h5ad-storable scalars: ``checkpoint``, ``description``,
     ``method``, ``backbone``, ``recipe`` (the resolved recipe as JSON), ``recipe_name``,
-    ``image_size``, ``in_chans``, ``adapt_bn``, ``data``, ``cellssl_version`` (None -> "")."""
+    ``image_size``, ``in_chans``, ``adapt_bn``, ``data``, ``cellssl_version`` (None -> ""), and when
+    known ``um_per_px`` (of the images) and ``model_um_per_px`` (the checkpoint's scale)."""
     info = fs.info or {}
     out: dict[str, str | int] = {
         "checkpoint": str(info.get("spec") or ""),
@@ -149,6 +150,9 @@ def uns_info(fs: Any) -> dict[str, str | int]:
     for key in ("image_size", "in_chans", "step"):
         if info.get(key) is not None:
             out[key] = int(info[key])
+    for key in ("um_per_px", "model_um_per_px"):
+        if info.get(key) is not None:
+            out[key] = float(info[key])
     return out
 
 
