@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from cellssl.config import OPTIONS, parse_value, value_range, value_type
-from cellssl.errors import CellSSLError, ConfigError
+from cellssl.errors import CellSSLError, ConfigError, did_you_mean
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -46,6 +46,27 @@ class RecipeValue(click.ParamType):
             words = " or ".join(repr(a) for a in self.allow)
             raise ConfigError(f"{label} must be {words} or a whole number {value_range(self.key).describe()}, "
                               f"got {value!r}") from None
+
+
+class OneOf(click.ParamType):
+    """A word from ``choices`` (case-insensitive); anything else is a one-line ``error:`` (exit 2)
+    naming the option, the choices and the closest one (click.Choice would print a usage block)."""
+
+    name = "choice"
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.choices) + "]"
+
+    def convert(self, value, param, ctx):
+        word = str(value).strip().lower()
+        if word in self.choices:
+            return word
+        opt = param.opts[0] if param is not None else "the value"
+        raise ConfigError(f"{opt} must be one of {', '.join(self.choices)}, got {value!r}"
+                          f"{did_you_mean(word, self.choices)}")
 
 
 # ---- shared options ----------------------------------------------------------------------
@@ -175,13 +196,36 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
 @cli.command(context_settings=CONTEXT)
 @_eval_options
 @click.option("--data", required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(), help="Output .npz")
-def embed(checkpoint, data, out, image_size, batch_size, device, adapt_bn):
-    """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels)."""
-    from cellssl.eval.features import embed as run
+@click.option("--out", required=True, type=click.Path(),
+              help="Output file (.npz, .h5ad, .parquet) or folder (embeddings.<format>).")
+@click.option("--format", "fmt", type=OneOf("auto", "npz", "h5ad", "parquet"), default="auto",
+              show_default=True, help="npz (cellssl), h5ad (AnnData/scanpy: obsm['X_cellssl']), parquet "
+                                      "(pandas/Arrow); auto: from the --out suffix, else npz.")
+@click.option("--lab", default=None, help="Lab / batch name written to the h5ad/parquet 'lab' column "
+                                          "(default: the data folder's name).")
+@click.option("--plot", is_flag=True, help="Also draw a 2-D map (UMAP, or t-SNE without umap-learn) coloured by "
+                                           "class and by folder: <out stem>_map.png.")
+@click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of --data: resampled to the checkpoint's data.um_per_px when it has one.")
+def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, image_size, batch_size, device, adapt_bn):
+    """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels),
+    .h5ad (AnnData) or .parquet."""
+    from cellssl.eval.tables import check_writable, embed_outputs, resolve_output
 
-    path = run(checkpoint, data, out, image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn)
-    click.echo(f"features written to {path}")
+    path, kind = resolve_output(out, fmt)
+    check_writable(path.parent)
+    if kind == "npz" and not plot and um_per_px is None:
+        from cellssl.eval.features import embed as run
+
+        path = run(checkpoint, data, out, image_size=image_size, batch_size=batch_size, device=device,
+                   adapt_bn=adapt_bn)
+        click.echo(f"features written to {path}")
+        return
+    files = embed_outputs(checkpoint, data, out, fmt=fmt, lab=lab, plot=plot, image_size=image_size,
+                          batch_size=batch_size, device=device, adapt_bn=adapt_bn, um_per_px=um_per_px)
+    click.echo(f"features written to {files['features']}")
+    if "plot" in files:
+        click.echo(f"map: {files['plot']}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -286,7 +330,9 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--batch-size", type=RecipeValue("eval.batch_size"), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier prediction folder in --out as a whole.")
-def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, overwrite):
+@click.option("--format", "fmt", type=OneOf("csv", "parquet"), default="csv", show_default=True,
+              help="parquet: also predictions.parquet (same columns, typed: probability/distance float, unsure bool).")
+def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, overwrite, fmt):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
     from cellssl.eval.predict import format_predict_summary
     from cellssl.eval.predict import predict as run
@@ -295,8 +341,14 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
         raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")
     if ood_quantile is not None and not 0 < ood_quantile <= 1:
         raise CellSSLError(f"--ood-quantile must be in (0, 1] (e.g. 0.99), got {ood_quantile}")
+    if fmt == "parquet":
+        from cellssl.eval.tables import check_writable, csv_to_parquet
+
+        check_writable(out)
     report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
                  batch_size=batch_size, device=device, overwrite=overwrite)
+    if fmt == "parquet":
+        click.echo(f"table: {csv_to_parquet(report['files']['csv'])}")
     click.echo(format_predict_summary(report))
 
 
@@ -338,10 +390,12 @@ def export(checkpoint, out, fmt, reports, overwrite):
               help="Expected number of cell types (sets probcover's ball radius).")
 @click.option("--link", is_flag=True, help="Symlink the selected images into OUT/images instead of copying them.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D map of the pool in report.md (t-SNE: ~10-20 s).")
+@click.option("--format", "fmt", type=OneOf("npz", "h5ad"), default="npz", show_default=True,
+              help="h5ad: also the pool's embeddings as OUT/embeddings.h5ad (AnnData, obsm['X_cellssl']).")
 @click.option("--seed", type=int, default=0)
 @click.option("--out", required=True, type=click.Path(),
               help="Folder for to_label.csv, contact_sheet.png, images/, map.png, report.md.")
-def select(checkpoint, data, budget, strategy, labelled, features, n_classes, link, no_map, seed, out, image_size,
+def select(checkpoint, data, budget, strategy, labelled, features, n_classes, link, no_map, fmt, seed, out, image_size,
            batch_size, device, adapt_bn):
     """Which cells should the expert label first? Embed the pool and choose --budget cells.
 
@@ -357,6 +411,12 @@ def select(checkpoint, data, budget, strategy, labelled, features, n_classes, li
                  seed=seed, n_classes=n_classes, link=link, image_size=image_size, batch_size=batch_size,
                  device=device, adapt_bn=adapt_bn, map_points=0 if no_map else 2000)
     click.echo(format_selection(report))
+    if fmt == "h5ad":
+        from cellssl.eval.tables import npz_to_h5ad
+
+        h5ad = npz_to_h5ad(report["files"]["embeddings"], data, Path(out) / "embeddings.h5ad",
+                           info={"spec": checkpoint})
+        click.echo(f"embeddings: {h5ad}")
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -367,11 +427,13 @@ def datasets():
 
 @datasets.command("check", context_settings=CONTEXT)
 @click.argument("folder", type=click.Path())
-def datasets_check(folder):
-    """Counts per class, sizes, channels, dtypes, duplicates and unreadable files."""
+@click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of these images: the cell size is also given in µm.")
+def datasets_check(folder, um_per_px):
+    """Counts per class, sizes, channels, dtypes, the apparent cell size, duplicates and unreadable files."""
     from cellssl.data.check import check_dataset, format_check_report
 
-    report = check_dataset(folder)
+    report = check_dataset(folder, um_per_px=um_per_px)
     click.echo(format_check_report(report))
     if report.get("unreadable"):
         sys.exit(1)
@@ -501,12 +563,20 @@ def stain_normalize(src, out, reference, method):
 @click.option("--stain-method", type=click.Choice(["macenko", "reinhard"]), default="macenko", show_default=True,
               help="Stain normalisation of the '+ stain normalisation' row.")
 @click.option("--device", default="auto", show_default=True)
-def transfer_report(checkpoint, adapted, source, target, out, episodes, stain_method, device):
-    """What each adaptation step buys on the target lab: few-shot and linear accuracy with CIs."""
+@click.option("--source-um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of --source (with --target-um-per-px: adds a scale-matched row).")
+@click.option("--target-um-per-px", type=RecipeValue("data.um_per_px"), default=None,
+              help="Micrometres per pixel of --target: resampled to the source's scale in the scale-matched row.")
+def transfer_report(checkpoint, adapted, source, target, out, episodes, stain_method, device, source_um_per_px,
+                    target_um_per_px):
+    """What each adaptation step buys on the target lab: few-shot and linear accuracy with CIs, and
+    the lab effect (labs mixed within a cell type? types apart?) with a map per variant."""
     from cellssl.adapt.report import transfer_report as run
 
+    if (source_um_per_px is None) != (target_um_per_px is None):
+        raise CellSSLError("give both --source-um-per-px and --target-um-per-px (the scale of each folder), or neither")
     path = run(checkpoint, source, target, out, adapted=adapted, episodes=episodes, device=device,
-               stain_method=stain_method)
+               stain_method=stain_method, source_um_per_px=source_um_per_px, target_um_per_px=target_um_per_px)
     click.echo(f"transfer report: {path}")
 
 

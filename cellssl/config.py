@@ -70,6 +70,9 @@ class DataConfig:
     max_bad_fraction: float = 0.5  # stop when more than this fraction of files is unreadable
     stain_normalize: str = "none"  # none | reinhard | macenko (bright-field only)
     stain_reference: Optional[str] = None  # image or folder the stain normaliser is fitted on
+    # micrometres per pixel of these images (None = unknown); a checkpoint keeps it as the model's
+    # scale, and a folder read with another declared scale (--um-per-px) is resampled to it
+    um_per_px: Optional[float] = None
     synth_n: int = 800  # images in the built-in synthetic set
     synth_seed: int = 0
 
@@ -291,7 +294,7 @@ _SEED = Range(0, 2**32 - 1)  # what NumPy accepts
 _RANGES: dict[str, Range] = {
     "data.channels": Range(1), "data.image_size": Range(8), "data.percentiles": Range(0, 100),
     "data.std": _POS, "data.num_workers": _NONNEG, "data.max_bad_fraction": _PROB, "data.synth_n": Range(1),
-    "data.synth_seed": _SEED,
+    "data.synth_seed": _SEED, "data.um_per_px": _POS,
     "views.n_views": Range(2), "views.crop_scale": Range(0, 1, lo_open=True), "views.crop_ratio": _POS,
     "views.hed_jitter": _NONNEG, "views.brightness": _NONNEG, "views.contrast": _NONNEG,
     "views.saturation": _NONNEG, "views.hue": Range(0, 0.5), "views.color_jitter_prob": _PROB,

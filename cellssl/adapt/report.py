@@ -8,6 +8,8 @@ Rows (all on the labelled *target* folder unless said otherwise):
 * ``adabn`` — + AdaBN: BatchNorm statistics re-estimated on the target images;
 * ``stain`` — + stain normalisation: target images normalised to the source folder's stain
   (``stain_method``: Macenko by default, or Reinhard; the row label names the one used);
+* ``scale`` — + scale matched: with ``source_um_per_px`` and ``target_um_per_px`` (µm per pixel of
+  each folder), the target images resampled to the source's scale (:mod:`cellssl.data.scale`);
 * ``continued`` — + continued SSL: the ``adapted`` checkpoint from ``cellssl adapt`` (when given).
 
 For each: few-shot accuracy (all-way SimpleShot, K in ``shots``, ``episodes`` episodes, mean ±
@@ -33,22 +35,25 @@ from typing import Any
 import numpy as np
 
 from cellssl.data.datasets import split_indices
+from cellssl.data.scale import scale_factor
 from cellssl.data.stain import normalize_folder
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, FeatureOptions, subsample_per_class
 from cellssl.eval.fewshot import run_fewshot
+from cellssl.eval.labmix import SCORE_NAMES, lab_effect_scores
 from cellssl.eval.linear import linear_probe
 from cellssl.eval.metrics import l2_normalize
-from cellssl.eval.report import tsne_2d, write_json
+from cellssl.eval.report import embedding_2d, write_json
 from cellssl.plots import pyplot
 
-__all__ = ["transfer_report", "domain_gap", "domain_classifier_accuracy", "mmd2_rbf", "ROW_LABELS"]
+__all__ = ["transfer_report", "domain_gap", "domain_classifier_accuracy", "mmd2_rbf", "lab_effect", "ROW_LABELS"]
 
 ROW_LABELS = {
     "source_domain": "source model on the source lab (reference)",
     "source": "source model",
     "adabn": "+ AdaBN",
     "stain": "+ stain normalisation ({method})",  # the method actually used, e.g. Macenko / Reinhard
+    "scale": "+ scale matched (target x{factor:.2f})",
     "continued": "+ continued SSL",
 }
 
@@ -106,6 +111,14 @@ def domain_gap(xs: np.ndarray, xt: np.ndarray, seed: int = 0) -> dict:
     mmd2, sigma = mmd2_rbf(xs, xt, seed)
     return {"domain_classifier_acc": domain_classifier_accuracy(xs, xt, seed), "mmd2": mmd2, "mmd_sigma": sigma,
             "n_per_domain": int(min(len(xs), len(xt)))}
+
+
+def lab_effect(fs: Any, ft: Any, seed: int = 0, k: int = 15, max_per_type: int = 300) -> dict:
+    """:func:`~cellssl.eval.labmix.lab_effect_scores` of a source and a target FeatureSet (types
+    matched by class name; only the classes both folders have)."""
+    names_s = np.array([fs.classes[y] for y in fs.labels], dtype=str)
+    names_t = np.array([ft.classes[y] for y in ft.labels], dtype=str)
+    return lab_effect_scores(fs.features, names_s, ft.features, names_t, k=k, max_per_type=max_per_type, seed=seed)
 
 
 # ---- accuracy ---------------------------------------------------------------------------------
@@ -167,8 +180,37 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     return path
 
 
+def _plot_scores(rows: list[dict], path: Path) -> Path | None:
+    """The lab-effect scores of every variant on the same axes: one group of bars per score, one
+    bar per variant."""
+    rows = [r for r in rows if r.get("lab_effect")]
+    if not rows:
+        return None
+    plt = pyplot()
+    keys = list(SCORE_NAMES)
+    fig, ax = plt.subplots(figsize=(8.0, 4.2))
+    width = 0.8 / len(rows)
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(rows):
+        vals = [float(r["lab_effect"].get(k) if r["lab_effect"].get(k) is not None else np.nan) for k in keys]
+        xs = np.arange(len(keys)) + (i - (len(rows) - 1) / 2) * width
+        ax.bar(xs, vals, width, color=cmap(i % 10), label=r["label"])
+    ax.set_xticks(np.arange(len(keys)), [SCORE_NAMES[k] for k in keys], fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_ylim(min(-0.2, ax.get_ylim()[0]), max(1.1, ax.get_ylim()[1]))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", frameon=True)
+    ax.set_title("lab effect: mixing of the labs within a type (left), separation of types (right); 1 = ideal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, max_points: int) -> Path | None:
-    """One row per (title, source FeatureSet, target FeatureSet): t-SNE coloured by domain | by class."""
+    """One row per variant (title, source FeatureSet, target FeatureSet): a 2-D map (UMAP when
+    umap-learn is installed, else t-SNE) coloured by lab | by class."""
     plt = pyplot()
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.8 * len(panels)), squeeze=False)
     for row, (title, s, t) in enumerate(panels):
@@ -184,7 +226,7 @@ def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, m
                        + [names.index(t.classes[c]) for c in t.labels[kt]])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            xy = tsne_2d(l2_normalize(x, dtype=np.float64), seed)
+            xy, method = embedding_2d(x, seed)
         a, b = axes[row]
         for d, (lab, col) in enumerate([("source lab", "tab:blue"), ("target lab", "tab:orange")]):
             m = dom == d
@@ -198,13 +240,13 @@ def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, m
                               label=name if d == 0 else None)
         a.legend(markerscale=3, fontsize=8, frameon=False)
         b.legend(markerscale=3, fontsize=7, frameon=False, ncol=2)
-        a.set_title(f"{title}: by domain")
+        a.set_title(f"{title}: by lab ({method})")
         b.set_title(f"{title}: by class (o source, ^ target)")
         for ax in (a, b):
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("t-SNE of source + target features")
-    fig.tight_layout()
+    fig.suptitle("source + target features, one row per variant")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / (4.8 * len(panels))))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -235,6 +277,20 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_lab_effect(report: dict) -> str:
+    """The markdown table of the lab-effect scores, one row per variant."""
+    head = ["model", *SCORE_NAMES.values(), "types", "cells (source / target)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "|".join(["---:"] * (len(head) - 1)) + "|"]
+    for r in report["rows"]:
+        le = r.get("lab_effect")
+        if not le:
+            continue
+        cells = [r["label"]] + [_num(le.get(k), ".3f") for k in SCORE_NAMES]
+        cells += [str(len(le["types"])), f"{le['n_source']} / {le['n_target']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _markdown(report: dict) -> str:
     s = report["settings"]
     lines = ["# Transfer report", "",
@@ -253,8 +309,16 @@ def _markdown(report: dict) -> str:
              "cross-validated accuracy of a linear source-vs-target classifier on balanced samples "
              "(0.5 = indistinguishable, 1.0 = separable); *MMD²* = unbiased RBF-kernel MMD² on "
              "L2-normalised features, bandwidth = median pairwise distance (0 = same distribution).", ""]
+    if report.get("lab_effect"):
+        lines += ["## Lab effect", "", format_lab_effect(report), "",
+                  "Lab mixing: within each cell type, the fraction of a cell's k nearest neighbours from the other "
+                  "lab over its value under random mixing (1 = mixed, 0 = apart). iLISI: inverse Simpson index of the "
+                  "labs among the k nearest neighbours, rescaled to 0 (one lab) .. 1 (shuffled lab labels). Type "
+                  "silhouette: cosine silhouette of the cell types, both labs pooled (1 = compact and apart, 0 = "
+                  "overlapping). Cross-lab kNN: type accuracy of a kNN vote fitted on one lab, tested on the other "
+                  "(both ways). Formulas: docs/adaptation.md.", ""]
     files = report.get("files", {})
-    for key in ("bars", "embedding"):
+    for key in ("bars", "scores", "embedding"):
         if files.get(key):
             lines += [f"![{key}]({Path(files[key]).name})", ""]
     return "\n".join(lines)
@@ -275,6 +339,8 @@ def transfer_report(
     queries: int = 15,
     max_per_class: int | None = None,
     stain_method: str = "macenko",
+    source_um_per_px: float | None = None,
+    target_um_per_px: float | None = None,
     batch_size: int = 256,
     embedding_max: int = 1200,
     progress: bool = False,
@@ -282,7 +348,9 @@ def transfer_report(
     """Write the transfer report (see module docstring) to ``out``; returns ``out/transfer.md``.
 
     ``source`` and ``target`` are labelled folders (one sub-folder per class, same class names);
-    ``max_per_class`` caps the images per class read from each (quick runs).
+    ``max_per_class`` caps the images per class read from each (quick runs). With both
+    ``source_um_per_px`` and ``target_um_per_px`` a ``scale`` row is added: the target images
+    resampled by target/source µm per pixel (the declared source scale is the model's here).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,13 +359,23 @@ def transfer_report(
                              progress=progress)
     base = FeatureExtractor(checkpoint, options)
     features = variant_features(base, checkpoint, source, target, adapted, stain_method, options)
+    scale = scale_factor(target_um_per_px, source_um_per_px)
+    if source_um_per_px and target_um_per_px:  # the target resampled to the source's scale
+        matched = FeatureExtractor(checkpoint, options, um_per_px=target_um_per_px)
+        matched.data_cfg.um_per_px = source_um_per_px
+        features = dict(features)
+        features["scale"] = (features["source"][0], matched.features(target, labelled=True))
+        if "continued" in features:
+            features["continued"] = features.pop("continued")
     f_src, f_tgt = features["source"]
     rows = [{"key": "source_domain", "label": ROW_LABELS["source_domain"], "data": "source",
              **evaluate_features(f_src, shots, episodes, queries, seed), "domain_gap": None}]
     for key, (fs, ft) in features.items():
-        rows.append({"key": key, "label": ROW_LABELS[key].format(method=stain_method.capitalize()), "data": "target",
+        rows.append({"key": key, "label": ROW_LABELS[key].format(method=stain_method.capitalize(), factor=scale),
+                     "data": "target",
                      **evaluate_features(ft, shots, episodes, queries, seed),
-                     "domain_gap": domain_gap(fs.features, ft.features, seed)})
+                     "domain_gap": domain_gap(fs.features, ft.features, seed),
+                     "lab_effect": lab_effect(fs, ft, seed)})
     report: dict[str, Any] = {
         "kind": "transfer",
         "checkpoint": str(checkpoint),
@@ -308,9 +386,11 @@ def transfer_report(
         "classes": list(f_tgt.classes),
         "rows": rows,
         "domain_gap": {r["key"]: r["domain_gap"] for r in rows if r["domain_gap"]},
+        "lab_effect": {r["key"]: r["lab_effect"] for r in rows if r.get("lab_effect")},
         "settings": {"shots": shots, "episodes": int(episodes), "queries": rows[1].get("queries", queries),
                      "ways": "all", "classifier": "prototype (SimpleShot, CL2N)", "linear_split": [0.5, 0.5],
                      "seed": int(seed), "stain_method": stain_method, "max_per_class": max_per_class,
+                     "source_um_per_px": source_um_per_px, "target_um_per_px": target_um_per_px,
                      "n_source": len(f_src), "n_target": len(f_tgt), "feature_dim": int(f_src.features.shape[1])},
     }
     report["files"] = {"json": str(out / "transfer.json"), "markdown": str(out / "transfer.md"),
@@ -349,17 +429,22 @@ def variant_features(base: FeatureExtractor, checkpoint: str | Path, source: str
 
 def _plots(rows: list[dict], shots: list[int], features: dict[str, tuple], out: Path, seed: int,
            embedding_max: int) -> dict[str, str]:
-    """The accuracy bars and the t-SNE panels (source model, and continued SSL or AdaBN); a plot
-    never fails the report (a warning instead). Returns ``{"bars": path, "embedding": path}`` as made."""
+    """The accuracy bars, the lab-effect scores of every variant on the same axes, and the 2-D
+    maps (one row per variant: source model, stain normalisation, AdaBN, continued SSL); a plot
+    never fails the report (a warning instead). Returns ``{"bars", "scores", "embedding"}`` paths as made."""
     files: dict[str, str] = {}
     try:
         p = _plot_bars(rows, [k for k in shots if any(str(k) in r["fewshot"] for r in rows)],
                        out / "transfer_accuracy.png")
         if p:
             files["bars"] = str(p)
-        second = ("continued SSL", *features["continued"]) if "continued" in features else ("AdaBN", *features["adabn"])
-        p = _plot_embedding([("source model", *features["source"]), second], out / "transfer_embedding.png", seed,
-                            embedding_max)
+        titles = {"source": "source model", "stain": "+ stain normalisation", "adabn": "+ AdaBN",
+                  "scale": "+ scale matched", "continued": "+ continued SSL"}
+        p = _plot_scores(rows, out / "transfer_scores.png")
+        if p:
+            files["scores"] = str(p)
+        p = _plot_embedding([(titles[key], *features[key]) for key in titles if key in features],
+                            out / "transfer_embedding.png", seed, embedding_max)
         if p:
             files["embedding"] = str(p)
     except Exception as exc:  # a plot must never fail the report

@@ -7,8 +7,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cellssl.data.io import ImageReadError, list_images, read_raw_image
+from cellssl.data.scale import object_diameter, summarise_sizes
 from cellssl.errors import DataError
+
+SIZE_SAMPLE = 200  # images whose cell size is measured (evenly spaced over the folder)
 
 
 def _sha1(path: Path) -> str:
@@ -25,7 +30,7 @@ def _class_of(root: Path, path: Path) -> str:
     return parts[0] if len(parts) > 1 else "(unlabelled)"
 
 
-def check_dataset(path: str | Path) -> dict[str, Any]:
+def check_dataset(path: str | Path, um_per_px: float | None = None) -> dict[str, Any]:
     """Read every image below ``path`` (listed as training lists them: :func:`~cellssl.data.io.list_images`,
     hidden files such as macOS ``._x.png`` copies skipped) and summarise it. A folder without
     images raises DataError.
@@ -33,7 +38,9 @@ def check_dataset(path: str | Path) -> dict[str, Any]:
     Returns a dict: ``root``, ``n_files``, ``n_readable``, ``classes`` {name: count} (first-level
     sub-folder, "(unlabelled)" for top-level files), ``min_size``/``max_size`` as (H, W),
     ``channels`` {C: count}, ``dtypes`` {dtype: count}, ``duplicates`` (groups of paths with the
-    same SHA1) and ``unreadable`` (list of (path, reason)).
+    same SHA1), ``unreadable`` (list of (path, reason)) and ``cell_size``: the apparent cell size
+    (:func:`~cellssl.data.scale.object_diameter`, median over up to 200 evenly spaced images;
+    in µm too when ``um_per_px`` is given), so that a scale mismatch between two labs is visible.
     """
     root = Path(path)
     if not root.is_dir():
@@ -48,7 +55,9 @@ def check_dataset(path: str | Path) -> dict[str, Any]:
     hashes: dict[str, list[str]] = defaultdict(list)
     unreadable: list[tuple[str, str]] = []
     min_hw, max_hw = None, None
-    for f in files:
+    measure = set(np.linspace(0, len(files) - 1, min(SIZE_SAMPLE, len(files))).round().astype(int).tolist())
+    diameters: list[float] = []
+    for i, f in enumerate(files):
         rel = str(f.relative_to(root))
         classes[_class_of(root, f)] += 1
         try:
@@ -61,6 +70,8 @@ def check_dataset(path: str | Path) -> dict[str, Any]:
             unreadable.append((rel, str(exc)))
             continue
         h, w, c = arr.shape
+        if i in measure:
+            diameters.append(object_diameter(arr))
         channels[c] += 1
         dtypes[str(arr.dtype)] += 1
         min_hw = (h, w) if min_hw is None else (min(min_hw[0], h), min(min_hw[1], w))
@@ -76,6 +87,7 @@ def check_dataset(path: str | Path) -> dict[str, Any]:
         "dtypes": dict(sorted(dtypes.items())),
         "duplicates": [sorted(v) for v in hashes.values() if len(v) > 1],
         "unreadable": unreadable,
+        "cell_size": summarise_sizes(diameters, um_per_px),
     }
 
 
@@ -91,6 +103,12 @@ def format_check_report(report: dict[str, Any]) -> str:
         lines.append(f"  size (HxW): min {h0}x{w0}, max {h1}x{w1}")
         lines.append("  channels: " + ", ".join(f"{k}: {v}" for k, v in report["channels"].items()))
         lines.append("  dtypes: " + ", ".join(f"{k}: {v}" for k, v in report["dtypes"].items()))
+    size = report.get("cell_size") or {}
+    if size.get("n_measured"):
+        um = f" = {size['median_um']:.1f} µm at {size['um_per_px']:g} µm/px" if size.get("median_um") else \
+            " (give --um-per-px for µm)"
+        lines.append(f"  apparent cell size (diameter of the centre object): median {size['median_px']:.1f} px{um}, "
+                     f"IQR {size['q25_px']:.1f}-{size['q75_px']:.1f} px over {size['n_measured']} images")
     dups = report["duplicates"]
     lines.append(f"  duplicate files (same SHA1): {len(dups)} group(s)")
     for group in dups[:20]:

@@ -6,5 +6,7 @@
 - :mod:`cellssl.eval.linear` — logistic-regression linear probe
 - :mod:`cellssl.eval.knn` — weighted kNN (and the online kNN monitor used during pretraining)
 - :mod:`cellssl.eval.finetune` — supervised fine-tuning with early stopping
-- :mod:`cellssl.eval.report` — report.json / report.md / plots
+- :mod:`cellssl.eval.report` — report.json / report.md / plots (t-SNE, UMAP)
+- :mod:`cellssl.eval.tables` — AnnData ``.h5ad`` and Parquet outputs (``embed --format``, ``predict --format``)
+- :mod:`cellssl.eval.labmix` — lab-effect scores: lab mixing within types, iLISI, type separation
 """

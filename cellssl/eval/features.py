@@ -29,6 +29,7 @@ from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import DataWarning, TransformedDataset, batch_images, build_dataset
 from cellssl.data.io import ImageReadError, output_file, relative_path
+from cellssl.data.scale import match_scale
 from cellssl.engine.checkpoint import describe, load_backbone
 from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
@@ -112,6 +113,8 @@ class FeatureOptions:
         max_per_class: keep at most this many random images per class (quick runs), drawn with ``seed``.
         seed: for that subsample and the command's own randomness (episodes, splits, AdaBN sample).
         progress: show a progress bar on long extractions.
+        um_per_px: micrometres per pixel of the folders read; with the checkpoint recipe's
+            ``data.um_per_px`` the images are resampled to the model's scale (:mod:`cellssl.data.scale`).
     """
 
     image_size: int | None = None
@@ -122,6 +125,7 @@ class FeatureOptions:
     num_workers: int = 0
     seed: int = 0
     progress: bool = True
+    um_per_px: float | None = None
 
 
 def feature_options(options: FeatureOptions | None = None, **fields: Any) -> FeatureOptions:
@@ -298,6 +302,7 @@ class FeatureExtractor:
         if labelled and not ds.classes:
             raise DataError(f"{data} has no class sub-folders: labelled evaluation needs one folder per class")
         keep = subsample_per_class(ds.labels, max_per_class, self.seed)
+        ds.pre_transform = match_scale(ds.pre_transform, self.options.um_per_px, self.data_cfg.um_per_px)
         return ds, keep
 
     def features(self, data: str | Path, labelled: bool | None = True, max_per_class: int | None = None) -> FeatureSet:
@@ -353,6 +358,8 @@ class FeatureExtractor:
             "adapt_bn": self.adapt_bn,
             "data": str(data) if data is not None else None,
             "skipped_images": list(self.skipped),
+            "um_per_px": self.options.um_per_px,  # of the data read (None: not declared)
+            "model_um_per_px": self.data_cfg.um_per_px,  # the checkpoint recipe's scale
         }
 
 

@@ -54,7 +54,8 @@ __all__ = ["Predictor", "load_predictor", "resolve_model_path", "predict", "form
 
 SIZE_TOLERANCE = 2.0  # flag images whose height or width differs from the training median by more than this factor
 CSV_NAME, SHEET_NAME = "predictions.csv", "least_certain.png"
-PREDICT_FILES = (CSV_NAME, SHEET_NAME, "report.md", "report.json", OUTPUT_MARKER)  # what --overwrite may replace
+# what --overwrite may replace
+PREDICT_FILES = (CSV_NAME, SHEET_NAME, "report.md", "report.json", "predictions.parquet", OUTPUT_MARKER)
 
 
 @dataclass

@@ -23,7 +23,8 @@ from cellssl.eval.metrics import l2_normalize
 from cellssl.plots import pyplot
 
 __all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
-           "markdown_table", "pct", "jsonable", "write_json", "tsne_2d"]
+           "markdown_table", "pct", "jsonable", "write_json", "tsne_2d", "umap_2d",
+           "embedding_2d", "plot_embedding_groups"]
 
 _TITLES = {
     "fewshot": "Few-shot evaluation",
@@ -135,15 +136,30 @@ def plot_shots(results: dict, path: Path, title: str = "") -> Path | None:
     return path
 
 
+def umap_2d(x: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """UMAP (umap-learn, optional: ``pip install cellssl[bio]``) of (N, F) features -> (N, 2):
+    cosine metric, ``n_neighbors`` = min(15, N - 1), ``random_state=seed`` (which also makes
+    umap-learn run single-threaded: reproducible), under one OpenMP/BLAS thread (the same
+    thread-pool clash as :func:`tsne_2d`). ImportError when umap-learn is not installed."""
+    import umap  # optional (umap-learn) and slow to import (numba): imported when used
+
+    x = np.asarray(x, dtype=np.float32)
+    with threadpool_limits(1):
+        reducer = umap.UMAP(n_components=2, n_neighbors=int(max(2, min(n_neighbors, len(x) - 1))),
+                            metric="cosine", random_state=seed, n_jobs=1)
+        return np.asarray(reducer.fit_transform(x))
+
+
 def embedding_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D map of (N, F) features: UMAP when installed, else PCA(50) + t-SNE. Returns (N, 2), method."""
+    """2-D map of (N, F) features: :func:`umap_2d` when umap-learn is installed, else PCA(50) +
+    t-SNE (:func:`tsne_2d`). Returns ((N, 2), "UMAP" | "t-SNE")."""
     x = l2_normalize(features)
     try:
-        import umap  # type: ignore  # optional (umap-learn)
-
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(x), "UMAP"
-    except Exception:
+        return umap_2d(x, seed), "UMAP"
+    except ImportError:
         pass
+    except Exception as exc:  # UMAP failing (e.g. on a handful of points) falls back to t-SNE
+        warnings.warn(f"UMAP failed ({type(exc).__name__}: {exc}); using t-SNE", UserWarning, stacklevel=2)
     return tsne_2d(x, seed), "t-SNE"
 
 
@@ -200,6 +216,46 @@ def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int 
     ax.set_title(title or f"{method} of {len(keep)} image features")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_embedding_groups(features: np.ndarray, groups: dict[str, np.ndarray], path: Path, max_points: int = 2000,
+                          seed: int = 0, title: str = "") -> Path | None:
+    """One 2-D map (:func:`embedding_2d`) of (N, F) ``features``, drawn once per entry of
+    ``groups`` ({panel name: (N,) names, e.g. class, folder, lab}) with the points coloured by
+    that grouping; at most ``max_points`` random points. None (and a warning) when there are
+    fewer than 10 points or the map fails: a plot never fails a command."""
+    x = np.asarray(features)
+    if len(x) < MIN_EMBED_POINTS or x.ndim != 2 or not groups:
+        return None
+    keep = np.arange(len(x))
+    if len(keep) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), size=max_points, replace=False))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xy, method = embedding_2d(x[keep], seed)
+    except Exception as exc:  # a plot must never fail a command
+        warnings.warn(f"skipping the embedding plot: {exc}", UserWarning, stacklevel=2)
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.0 * len(groups), 5.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], groups.items()):
+        values = np.asarray(values)[keep]
+        names = sorted(set(values.tolist()))
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        for c, v in enumerate(names):
+            m = values == v
+            ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(c % cmap.N), label=str(v))
+        if len(names) <= 20:
+            ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"by {name}")
+    fig.suptitle(title or f"{method} of {len(keep)} image features")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
