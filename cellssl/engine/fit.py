@@ -179,11 +179,11 @@ class Training:
                     self.update(outputs["loss"], found_inf=skip if isinstance(skip, Tensor) else None)
                     self.next_step()
                     if self.step % tc.log_every == 0 or self.step in (self.total_steps, self.start_step + 1):
-                        watch.stage("logging and monitors", self.step)
+                        watch.stage("logging and monitors", self.step - 1)
                         self.log(outputs, lr, t_step)
                     self.fit_schedule_to_budget()
                     if self.step % tc.checkpoint_every == 0 and self.step < self.total_steps and self.applied():
-                        watch.stage("checkpoint", self.step)
+                        watch.stage("checkpoint", self.step - 1)
                         self.save()
                     if self.out_of_time():
                         return "max_minutes"
@@ -382,6 +382,11 @@ class Training:
         if self.progress is not None:
             self.progress.close()
         self.logger.close()
+        # persistent loader workers end now, not whenever the loader is garbage-collected (torch has
+        # no public call for it; a stuck worker is terminated after torch's 5 s join)
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
         if self.worker_stacks is not None:
             self.worker_stacks.close()
 

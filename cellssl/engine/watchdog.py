@@ -4,7 +4,7 @@
   batch"``, ``"forward"``, ...). When one stage lasts longer than ``train.stall_timeout_s`` it
   writes a ``faulthandler`` stack dump of every thread of the main process (and, through
   ``SIGUSR1``, of each data-loader worker) to ``OUT/stall-step<N>.txt`` and interrupts the main
-  thread, which stops with a one-line error naming the stage and the dump. A main thread that
+  thread (a SIGINT sent to it), which stops with a one-line error naming the stage and the dump. A main thread that
   does not answer within a grace period (stuck in C code) is ended by the watchdog with the
   same line on stderr.
 - :func:`deferred_stop_signals`: SIGINT (Ctrl-C) and SIGTERM (schedulers, ``docker stop``) only
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import faulthandler
 import os
@@ -101,12 +100,16 @@ class StallWatchdog:
         self.last_line = ""
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._owner = threading.main_thread()
 
     def stage(self, name: str, step: int, factor: float = 1.0) -> None:
         """The loop enters stage ``name`` of (0-based) ``step``."""
+        if self.fired is not None:  # fired while the loop ran outside the main thread (no signal reaches it)
+            raise KeyboardInterrupt
         self.name, self.step, self.factor, self.since = name, step, factor, time.monotonic()
 
     def __enter__(self) -> StallWatchdog:
+        self._owner = threading.current_thread()
         if self.timeout_s > 0:
             self.since = time.monotonic()
             self._thread = threading.Thread(target=self._watch, name="cellssl-stall-watchdog", daemon=True)
@@ -126,7 +129,8 @@ class StallWatchdog:
                 continue
             self.fired = (self.name, waited)
             self.dump(f"no progress for {waited:.0f} s in stage '{self.name}' of step {self.step + 1}")
-            _thread.interrupt_main()
+            if self._owner is threading.main_thread():  # a real SIGINT: it also ends a blocking wait (EINTR)
+                signal.pthread_kill(self._owner.ident, signal.SIGINT)
             if not self._done.wait(self.grace_s):  # the main thread did not answer: stuck in C code
                 sys.stderr.write(f"error: {self.message()} (the process did not answer; ended)\n")
                 sys.stderr.flush()
@@ -158,3 +162,21 @@ class StallWatchdog:
         name, waited = self.fired or (self.name, time.monotonic() - self.since)
         return (f"training stalled: no progress for {waited:.0f} s in stage '{name}' of step {self.step + 1} "
                 f"(train.stall_timeout_s={self.timeout_s:g}); stack dump of all threads: {self.dump_path}")
+
+
+class RunStopped(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after writing its checkpoint: ``message`` says where and how
+    to go on, ``exit_code`` is 130 (SIGINT) or 143 (SIGTERM). Raised by commands that return a path
+    (``adapt``), so that a stopped run is never taken for a finished one."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+
+
+def stopped_message(stopped_early: str, step: int, total_steps: int, checkpoint: Path) -> str:
+    """``"interrupted (SIGINT) at step 24 of 100: checkpoint RUN/checkpoints/last.pt (step 24); continue
+    with --resume"``."""
+    sig = {why: name for name, why, _ in STOP_SIGNALS.values()}.get(stopped_early, stopped_early)
+    return (f"{stopped_early} ({sig}) at step {step} of {total_steps}: checkpoint {checkpoint} (step {step}); "
+            "continue with --resume")
