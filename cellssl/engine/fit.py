@@ -228,7 +228,6 @@ class Training:
             "cause: a thread-pool call (OpenCV, OpenMP) in a worker forked from a parent that used threads, a slow "
             "or unreachable file system, or too heavy augmentations (data.num_workers=0 shows it in the main process)")
 
-    # ---- the pieces of a step --------------------------------------------------------------
     def forward(self, views: Tensor, local: Tensor | None) -> dict[str, Tensor]:
         """The method's losses under autocast. With ``train.compile`` the step's random inputs (MSBReg's
         Brownian directions) are drawn outside the compiled graph and passed in."""
