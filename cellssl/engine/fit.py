@@ -169,7 +169,8 @@ class Training:
                 for views, local in self.batches():
                     t_step = time.perf_counter()
                     lr = set_lr(self.optimizer, self.step, self.total_steps, self.recipe.optim)
-                    watch.stage("forward", self.step)
+                    first_compiled = tc.compile and self.step == self.start_step  # torch.compile builds the graph
+                    watch.stage("forward", self.step, factor=3.0 if first_compiled else 1.0)
                     outputs = self.forward(views, local)
                     skip = self.guard.skip(self.step, outputs)  # a non-finite loss is never applied (engine.guard)
                     if skip is True:
