@@ -227,6 +227,19 @@ def test_adapt_resume_with_more_steps_continues(tmp_path, tiny_folder, capsys):
 
 
 # ---- §3 and §4.11: signals -------------------------------------------------------------------
+SLOW_STEPS = """
+import sys, time
+from cellssl.cli import main
+from cellssl.methods.msbreg import MSBReg
+original = MSBReg.forward
+def slow(self, *args, **kw):  # >= 0.1 s a step: the signal always comes mid-run, even on a fast machine
+    time.sleep(0.1)
+    return original(self, *args, **kw)
+MSBReg.forward = slow
+main(sys.argv[1:])
+"""
+
+
 @pytest.mark.timeout(400)
 def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, tiny_folder, capsys):
     """SIGTERM to the whole process group (as a scheduler sends it; the loader worker gets it too)
@@ -234,7 +247,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, tiny
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=24, checkpoint_every=100)
     common = ["pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--workers", "1"]
     out = tmp_path / "stopped"
-    proc = _start(["-m", "cellssl", *common, "--out", str(out)])
+    proc = _start(["-c", SLOW_STEPS, *common, "--out", str(out)])
     try:
         _wait_for_steps(proc, out, 3)
         os.killpg(proc.pid, signal.SIGTERM)
