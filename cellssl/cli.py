@@ -7,8 +7,12 @@ option answer without loading torch).
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -157,18 +161,36 @@ def pretrain(recipe, overlays, overrides, resume, overwrite, **flags):
     """
     from cellssl.config import load_recipe
     from cellssl.engine.fit import fit
+    from cellssl.engine.watchdog import exit_code_for, stopped_message
     from cellssl.eval.knn import knn_monitor
 
-    r = load_recipe(recipe, list(overrides) + _flag_overrides(**flags), list(overlays))
+    given = list(overrides) + _flag_overrides(**flags)
+    r = load_recipe(recipe, given, list(overlays))
     if resume and not r.train.out:
         raise CellSSLError("--resume needs --out (the run folder to continue)")
     if resume and overwrite:
         raise CellSSLError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    own = _resume_recipe(recipe, r.train.out) if resume else recipe
+    if own != recipe:
+        r = load_recipe(own, given, list(overlays))
     result = fit(r, resume=resume, overwrite=overwrite, knn_monitor=knn_monitor(r))
     note = f" (stopped early: {result.stopped_early})" if result.stopped_early else ""
     if result.skipped_steps:
         note += f" ({result.skipped_steps} step(s) skipped: non-finite loss)"
     click.echo(f"pretrained {result.step}/{result.total_steps} steps{note}; checkpoint: {result.checkpoint}")
+    code = exit_code_for(result.stopped_early)
+    if code:  # a stopped run is not a success: `pretrain && linear` must not go on
+        click.echo(stopped_message(result.stopped_early, result.step, result.total_steps, result.checkpoint), err=True)
+        sys.exit(code)
+
+
+def _resume_recipe(recipe: str, out: str) -> str:
+    """The recipe a ``--resume`` starts from: the run's own ``OUT/config.yaml`` unless ``--recipe`` is
+    given (the options given now change it; an unchanged length continues the run exactly)."""
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source("recipe") not in (click.core.ParameterSource.DEFAULT, None)
+    own = Path(out) / "config.yaml"
+    return str(own) if not given and own.is_file() else recipe
 
 
 @cli.command(context_settings=CONTEXT)
@@ -531,12 +553,17 @@ def adapt(checkpoint, data, out, max_steps, max_minutes, method, source, source_
           device, overrides):
     """Carry a model to a new lab: continued SSL on its unlabelled images, or AdaBN (--bn-only)."""
     from cellssl.adapt.continued import adapt as run
+    from cellssl.engine.watchdog import RunStopped
 
     if resume and overwrite:
         raise CellSSLError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-    path = run(checkpoint, data, out, max_steps=max_steps, max_minutes=max_minutes, method=method, source=source,
-               source_fraction=source_fraction, bn_only=bn_only, resume=resume, device=device,
-               overrides=list(overrides), overwrite=overwrite)
+    try:
+        path = run(checkpoint, data, out, max_steps=max_steps, max_minutes=max_minutes, method=method, source=source,
+                   source_fraction=source_fraction, bn_only=bn_only, resume=resume, device=device,
+                   overrides=list(overrides), overwrite=overwrite)
+    except RunStopped as stop:  # checkpoint written; not a finished adaptation
+        click.echo(stop.message, err=True)
+        sys.exit(stop.exit_code)
     click.echo(f"adapted checkpoint: {path}")
 
 
@@ -602,12 +629,53 @@ def list_(what, pattern):
             click.echo(f"{name:8s} {(cls.__doc__ or '').strip().splitlines()[0]}")
 
 
+class Terminated(SystemExit):
+    """SIGTERM (schedulers, ``docker stop``, ``kill``) raised in the main thread, so that every command
+    cleans up as after Ctrl-C (temporary output folders are removed) and exits 143."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(143)
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked child (a DataLoader worker) takes the default SIGTERM again: it dies when ended."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_FORK_HOOK = {"registered": False}
+
+
+def handle_sigterm() -> Callable | int | None:
+    """SIGTERM raises :class:`Terminated` in this process (not in its forked children); returns the
+    previous handler (``main`` puts it back)."""
+    if not _FORK_HOOK["registered"]:
+        os.register_at_fork(after_in_child=_default_sigterm_in_child)
+        _FORK_HOOK["registered"] = True
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI; user errors -> one line + exit 2; ``--debug`` -> traceback."""
+    """Entry point: run the CLI; user errors -> one line + exit 2; ``--debug`` -> traceback; Ctrl-C -> exit
+    130, SIGTERM -> exit 143 (``pretrain`` and ``adapt`` first write a checkpoint of the current step)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = handle_sigterm() if in_main_thread else None
+    try:
+        _run(argv, debug)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(argv: list[str], debug: bool) -> None:
+    """Run the command line; every outcome as ``main`` describes it."""
     try:
         cli.main(args=argv, prog_name="cellssl", standalone_mode=False)
+    except Terminated:
+        click.echo("terminated (SIGTERM)", err=True)
+        sys.exit(143)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -198,6 +198,9 @@ class TrainConfig:
     collapse_std_fraction: float = 0.1  # warn when mean per-dim std < this / sqrt(D)
     stop_on_collapse: bool = False
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    # A stage of a step (waiting for a batch, forward, update, logging, checkpoint) that lasts longer
+    # stops the run with a one-line error and a stack dump in the run folder (engine.watchdog); 0 = off.
+    stall_timeout_s: float = 600.0
     progress: bool = True
 
 
@@ -314,6 +317,7 @@ _RANGES: dict[str, Range] = {
     "train.budget_probe_steps": Range(1), "train.seed": _SEED, "train.threads": Range(1),
     "train.checkpoint_every": Range(1), "train.log_every": Range(1), "train.monitor_every": Range(1),
     "train.collapse_rank_fraction": _NONNEG, "train.collapse_std_fraction": _NONNEG, "train.max_nonfinite": Range(1),
+    "train.stall_timeout_s": _NONNEG,
     "eval.knn_every": _NONNEG, "eval.knn_k": Range(1), "eval.knn_temperature": _POS, "eval.ways": Range(2),
     "eval.shots": Range(1), "eval.queries": Range(1), "eval.episodes": Range(1), "eval.batch_size": Range(1),
     "adapt.lr_scale": _POS, "adapt.momentum_base": _PROB, "adapt.max_steps": Range(1),

@@ -33,6 +33,7 @@ from cellssl.engine.checkpoint import (
 )
 from cellssl.engine.distributed import resolve_device
 from cellssl.engine.fit import fit
+from cellssl.engine.watchdog import RunStopped, exit_code_for, stopped_message
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.knn import knn_monitor
 from cellssl.methods import build_method
@@ -232,6 +233,10 @@ def adapt(
         device: auto | cpu | cuda | cuda:N (default: the recipe's).
         overrides: ``section.key=value`` recipe overrides (e.g. ``train.batch_size=64``).
         overwrite: replace a run already in ``out`` (otherwise refused, unless ``resume``).
+
+    A run stopped by SIGINT or SIGTERM writes the checkpoint of its current step and raises
+    :class:`~cellssl.engine.watchdog.RunStopped` (``--resume`` continues it). With ``resume`` and
+    another length than the run was planned with, the rest of the schedule is re-planned (``engine.fit``).
     """
     out = Path(out)
     overrides = list(overrides or ())
@@ -285,4 +290,8 @@ def adapt(
                  log_prefix="adapt", overwrite=overwrite, knn_monitor=knn_monitor(recipe))
     extra = {"source_fraction": float(fraction) if dataset is not None else 0.0}
     _tag_checkpoint(result.checkpoint, "continued", source_checkpoint, **extra)
+    code = exit_code_for(result.stopped_early)
+    if code:  # SIGINT / SIGTERM: the checkpoint of the current step is written, the run is not finished
+        raise RunStopped(stopped_message(result.stopped_early, result.step, result.total_steps, result.checkpoint),
+                         code)
     return result.checkpoint

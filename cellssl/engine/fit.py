@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,9 +41,10 @@ from cellssl.engine.distributed import (
     init_distributed,
 )
 from cellssl.engine.guard import NonFiniteGuard
-from cellssl.engine.loader import build_training_data, step_batches, training_loader
+from cellssl.engine.loader import build_training_data, step_batches, training_loader, worker_pids
 from cellssl.engine.logger import MetricsLogger
-from cellssl.engine.optim import build_optimizer, set_lr
+from cellssl.engine.optim import build_optimizer, lr_at, set_lr, warmup_steps_for
+from cellssl.engine.watchdog import StallWatchdog, StopRequest, deferred_stop_signals
 from cellssl.errors import ConfigError, DataError, TrainingError
 from cellssl.methods import build_method
 from cellssl.methods.base import effective_rank
@@ -59,7 +61,7 @@ class FitResult:
     checkpoint: Path
     step: int
     total_steps: int
-    stopped_early: str | None = None  # "max_minutes", "interrupted", "collapse" or None
+    stopped_early: str | None = None  # "max_minutes", "interrupted" (SIGINT), "terminated" (SIGTERM) or None
     last_metrics: dict = field(default_factory=dict)
     method: nn.Module | None = None  # the trained (unwrapped) method, for programmatic use
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss)
@@ -122,6 +124,8 @@ class Training:
         if self.dist.is_main:
             _check_writable(self.out)
         self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        # the workers' stack dumps on a stall (engine.watchdog): an unnamed file, nothing is left behind
+        self.worker_stacks = tempfile.TemporaryFile() if recipe.data.num_workers > 0 else None
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
@@ -149,48 +153,81 @@ class Training:
         self.last: dict = {}
         self.epoch, self.data_time, self.collapse_warned = -1, 0.0, False
         self.start_time, self.t_probe, self.probe_from = 0.0, None, self.start_step
+        self.watch = StallWatchdog(tc.stall_timeout_s, self.out, lambda: worker_pids(self.loader), self.worker_stacks)
+        self.stop = StopRequest()
 
     # ---- the loop -------------------------------------------------------------------------
     def loop(self) -> str | None:
         """Train to the end of the schedule; returns why it stopped early (``"max_minutes"``,
-        ``"interrupted"``) or None."""
-        tc = self.tc
+        ``"interrupted"`` by SIGINT or ``"terminated"`` by SIGTERM: at the end of the step the signal
+        came in, engine.watchdog) or None. A stage that stalls is a TrainingError (engine.watchdog)."""
+        tc, watch = self.tc, self.watch
         self.method.train()
         self.start_time = time.monotonic()
         try:
-            for views, local in self.batches():
-                t_step = time.perf_counter()
-                lr = set_lr(self.optimizer, self.step, self.total_steps, self.recipe.optim)
-                outputs = self.forward(views, local)
-                skip = self.guard.skip(self.step, outputs)  # a non-finite loss is never applied (engine.guard)
-                if skip is True:
+            with watch, deferred_stop_signals(lambda: watch.fired is not None) as self.stop:
+                for views, local in self.batches():
+                    t_step = time.perf_counter()
+                    lr = set_lr(self.optimizer, self.step, self.total_steps, self.recipe.optim)
+                    first_compiled = tc.compile and self.step == self.start_step  # torch.compile builds the graph
+                    watch.stage("forward", self.step, factor=3.0 if first_compiled else 1.0)
+                    outputs = self.forward(views, local)
+                    skip = self.guard.skip(self.step, outputs)  # a non-finite loss is never applied (engine.guard)
+                    if skip is True:
+                        self.next_step()
+                        continue
+                    watch.stage("backward and update", self.step)
+                    self.update(outputs["loss"], found_inf=skip if isinstance(skip, Tensor) else None)
                     self.next_step()
-                    continue
-                self.update(outputs["loss"], found_inf=skip if isinstance(skip, Tensor) else None)
-                self.next_step()
-                if self.step % tc.log_every == 0 or self.step == self.total_steps or self.step == self.start_step + 1:
-                    self.log(outputs, lr, t_step)
-                self.fit_schedule_to_budget()
-                if self.step % tc.checkpoint_every == 0 and self.step < self.total_steps and self.applied():
-                    self.save()
-                if self.out_of_time():
-                    return "max_minutes"
+                    if self.step % tc.log_every == 0 or self.step in (self.total_steps, self.start_step + 1):
+                        watch.stage("logging and monitors", self.step - 1)
+                        self.log(outputs, lr, t_step)
+                    self.fit_schedule_to_budget()
+                    if self.step % tc.checkpoint_every == 0 and self.step < self.total_steps and self.applied():
+                        watch.stage("checkpoint", self.step - 1)
+                        self.save()
+                    if self.out_of_time():
+                        return "max_minutes"
         except KeyboardInterrupt:
-            return "interrupted"
-        return None
+            if watch.fired is not None:
+                raise TrainingError(f"{watch.message()}; {self.checkpoint_state()}") from None
+            return self.stop.reason or "interrupted"
+        return self.stop.reason
 
     # ---- the pieces of a step --------------------------------------------------------------
     def batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """(global views, local crops or None) on the device for every step left; ``data_time``
-        is the wait for each (the loader's order is tied to the step: engine.loader)."""
+        """(global views, local crops or None) on the device for every step left, until a stop signal;
+        ``data_time`` is the wait for each (the loader's order is tied to the step: engine.loader).
+        A batch the workers do not deliver within ``train.stall_timeout_s`` is a TrainingError."""
         stream = step_batches(self.loader, self.sampler, self.step)
-        while self.step < self.total_steps:
+        workers = self.recipe.data.num_workers
+        while self.step < self.total_steps and self.stop.signal is None:
             t_data = time.perf_counter()
-            self.epoch, batch = next(stream)
+            # with workers the DataLoader's own timeout comes first (its message names the cause)
+            self.watch.stage("waiting for a batch" + (f" from the {workers} loader workers" if workers else ""),
+                             self.step, factor=2.0 if workers else 1.0)
+            try:
+                self.epoch, batch = next(stream)
+            except RuntimeError as exc:
+                if self.stop.signal is not None and "DataLoader worker" in str(exc):
+                    return  # the workers got the same stop signal
+                if "DataLoader timed out" in str(exc):
+                    raise self.loader_timeout() from None
+                raise
             views = batch["views"].to(self.device, non_blocking=True)
             local = batch["local"].to(self.device, non_blocking=True) if "local" in batch else None
             self.data_time = time.perf_counter() - t_data
             yield views, local
+
+    def loader_timeout(self) -> TrainingError:
+        """The error for a batch that did not come within ``train.stall_timeout_s`` (stacks dumped)."""
+        t, n = self.tc.stall_timeout_s, self.recipe.data.num_workers
+        dump = self.watch.dump(f"DataLoader timed out after {t:g} s at step {self.step + 1}")
+        return TrainingError(
+            f"no batch from the {n} data-loader worker(s) for {t:g} s (train.stall_timeout_s) at step {self.step + 1}: "
+            f"a worker is stuck or far too slow; stack dump of all threads: {dump}; {self.checkpoint_state()}; likely "
+            "cause: a thread-pool call (OpenCV, OpenMP) in a worker forked from a parent that used threads, a slow "
+            "or unreachable file system, or too heavy augmentations (data.num_workers=0 shows it in the main process)")
 
     def forward(self, views: Tensor, local: Tensor | None) -> dict[str, Tensor]:
         """The method's losses under autocast. With ``train.compile`` the step's random inputs (MSBReg's
@@ -345,6 +382,13 @@ class Training:
         if self.progress is not None:
             self.progress.close()
         self.logger.close()
+        # persistent loader workers end now, not whenever the loader is garbage-collected (torch has
+        # no public call for it; a stuck worker is terminated after torch's 5 s join)
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if self.worker_stacks is not None:
+            self.worker_stacks.close()
 
     # ---- building the run ---------------------------------------------------------------------
     def _build_data(self, dataset) -> None:
@@ -361,7 +405,8 @@ class Training:
         self.sampler = ResumableSampler(n, tc.batch_size, tc.seed, dist.rank, dist.world_size)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = tc.max_steps if tc.max_steps else (tc.epochs or 1) * self.steps_per_epoch
-        self.loader = training_loader(self.recipe, views_ds, self.sampler, pin_memory=self.device.type == "cuda")
+        self.loader = training_loader(self.recipe, views_ds, self.sampler, pin_memory=self.device.type == "cuda",
+                                      stack_fd=self.worker_stacks.fileno() if self.worker_stacks else None)
 
     def _build_model(self, load_pretrained: bool, init_from: str | Path | None) -> None:
         recipe, device = self.recipe, self.device
@@ -391,11 +436,52 @@ class Training:
         self.method, self.model = method, torch.compile(model) if self.tc.compile else model
 
     def _resume(self) -> None:
+        """Continue from the checkpoint: exactly, when the run's length (``train.max_steps``, ``epochs``,
+        ``max_minutes``) is the one it was planned with; re-planned from the current step (said in one
+        line) when it was changed on ``--resume``; a ConfigError when the new length is already done."""
         ckpt = restore_training(self.ckpt_path, self.recipe, self.method, self.optimizer, self.scaler)
         self.step = self.start_step = int(ckpt["step"])
+        planned, stored = self.total_steps, int(ckpt.get("total_steps", self.total_steps))
         self.schedule_fixed = bool(ckpt.get("schedule_fixed", False))
-        if self.schedule_fixed or not self.tc.max_steps:
-            self.total_steps = int(ckpt.get("total_steps", self.total_steps))
+        asked = run_length(vars(self.tc))
+        if asked == run_length((ckpt.get("config") or {}).get("train") or {}):
+            if self.schedule_fixed or not self.tc.max_steps:
+                self.total_steps = stored
+            if self.step >= self.total_steps:
+                warnings.warn(f"--resume: the run in {self.out} is already complete (step {self.step} of "
+                              f"{self.total_steps}): nothing to train; to train longer, give a larger --max-steps "
+                              "(or --epochs) with --resume", stacklevel=1)
+            return
+        self.total_steps = replanned_total(self.step, planned, self.tc.max_minutes, self.out)
+        self.schedule_fixed = not self.tc.max_minutes
+        cfg, base_lr = self.recipe.optim, self.optimizer.param_groups[0]["base_lr"]
+        old_lr = lr_at(self.step, stored, base_lr, warmup_steps_for(cfg, stored), cfg.min_lr_ratio)
+        if self.schedule_fixed:
+            new_lr = lr_at(self.step, planned, base_lr, warmup_steps_for(cfg, planned), cfg.min_lr_ratio)
+            plan = f"re-planned for {planned} steps (LR at step {self.step}: {old_lr:.3g} -> {new_lr:.3g})"
+        else:
+            plan = (f"re-planned for the steps that fit in --max-minutes {self.tc.max_minutes:g} (at most {planned}), "
+                    f"sized after {self.tc.budget_probe_steps} timed steps")
+        warnings.warn(f"--resume: the run was planned for {stored} steps and is at step {self.step}; the rest of "
+                      f"its LR and EMA schedule is {plan}", stacklevel=1)
+
+
+def run_length(train: dict) -> tuple:
+    """What decides a run's length in a recipe's ``train`` section: ``(max_steps, epochs, max_minutes)``,
+    with a missing or zero value as None (``--resume`` compares the checkpoint's with the one asked)."""
+    return tuple((train.get(k) or None) for k in ("max_steps", "epochs", "max_minutes"))
+
+
+def replanned_total(step: int, planned: int, max_minutes: float | None, out: Path) -> int:
+    """The new length of a run resumed at ``step`` with another length: the recipe's ``planned`` steps
+    (a time budget sizes it later, capped there). ConfigError when ``planned`` leaves nothing to train."""
+    if planned > step:
+        return planned
+    how = (f"give a larger --max-steps (e.g. --max-steps {2 * step}) with --max-minutes {max_minutes:g}: the budget "
+           "never lengthens the recipe's plan" if max_minutes else
+           f"give --max-steps (or --epochs) above {step} to train longer")
+    raise ConfigError(f"--resume: the run in {out} is already at step {step} and the recipe now plans {planned} "
+                      f"steps: nothing to train; {how}, or use {out / 'checkpoints' / 'last.pt'} as it is")
 
 
 def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds_left: float,

@@ -7,10 +7,10 @@ views at every step: the sampler (:class:`~cellssl.engine.distributed.ResumableS
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator
 
-import cv2
 import numpy as np
 import torch
 
@@ -18,6 +18,7 @@ from cellssl.augment.views import build_view_transform
 from cellssl.config import Recipe
 from cellssl.data.datasets import MultiViewDataset, build_dataset, collate_readable
 from cellssl.engine.distributed import ResumableSampler
+from cellssl.engine.watchdog import register_worker_stack_dump
 
 
 class EpochSeededViews(torch.utils.data.Dataset):
@@ -60,11 +61,6 @@ def reseed_transforms(obj, seed: int, _depth: int = 0) -> None:
             reseed_transforms(child, seed + 101 * (j + 1), _depth + 1)
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
 def build_training_data(recipe: Recipe, dataset=None):
     """(image dataset, multi-view dataset) for the recipe's data and views sections."""
     base = dataset if dataset is not None else build_dataset(recipe.data, labelled=False)
@@ -72,16 +68,31 @@ def build_training_data(recipe: Recipe, dataset=None):
     return base, MultiViewDataset(base, transform)
 
 
-def training_loader(recipe: Recipe, views_ds, sampler: ResumableSampler, pin_memory: bool):
+def training_loader(recipe: Recipe, views_ds, sampler: ResumableSampler, pin_memory: bool, stack_fd: int | None = None):
     """The DataLoader of the multi-view batches ``{"views": (B, M, C, S, S)[, "local": ...]}`` in
-    the sampler's order (``data.num_workers`` processes, 4 batches prefetched each)."""
+    the sampler's order (``data.num_workers`` processes, 4 batches prefetched each).
+
+    The workers are forked without OpenCV's thread pool (``cellssl.data.forksafe``) and make no
+    thread-pool call; each ignores SIGINT and dumps its stacks to ``stack_fd`` on SIGUSR1
+    (``engine.watchdog``). A batch that takes longer than ``train.stall_timeout_s`` raises torch's
+    ``DataLoader timed out`` (``engine.fit`` turns it into a one-line error)."""
     workers = recipe.data.num_workers
-    extra = {"prefetch_factor": 4, "persistent_workers": True} if workers > 0 else {}
+    extra = {"prefetch_factor": 4, "persistent_workers": True, "timeout": recipe.train.stall_timeout_s or 0,
+             "worker_init_fn": functools.partial(_worker_init, stack_fd=stack_fd)} if workers > 0 else {}
     return torch.utils.data.DataLoader(
         EpochSeededViews(views_ds, sampler.n, recipe.train.seed), batch_size=recipe.train.batch_size,
-        sampler=sampler, num_workers=workers, pin_memory=pin_memory, drop_last=False, worker_init_fn=_worker_init,
-        collate_fn=collate_readable,
+        sampler=sampler, num_workers=workers, pin_memory=pin_memory, drop_last=False, collate_fn=collate_readable,
         **extra)
+
+
+def _worker_init(_: int, stack_fd: int | None = None) -> None:
+    register_worker_stack_dump(stack_fd)
+
+
+def worker_pids(loader) -> list[int]:
+    """The process ids of a DataLoader's running workers (none before its first batch)."""
+    it = getattr(loader, "_iterator", None)
+    return [w.pid for w in getattr(it, "_workers", []) if w.pid is not None and w.is_alive()]
 
 
 def step_batches(loader, sampler: ResumableSampler, first_step: int) -> Iterator[tuple[int, dict]]:
