@@ -89,6 +89,16 @@ class ViewsConfig:
     saturation: float = 0.15
     hue: float = 0.03
     color_jitter_prob: float = 0.8
+    # Views that survive a change of lab (all off by default; bright-field RGB only, refused otherwise):
+    grayscale_p: float = 0.0  # probability of a greyscale view (luminance in all three channels)
+    # RandStainNA-style stain augmentation: with probability randstain_p, re-stain the view to a style
+    # sampled in LAB around randstain_mean (typical per-image mean L, a, b, then std L, a, b) with spread
+    # randstain_std x randstain_sigma. Defaults: 300 pbc128 Wright-Giemsa smears (augment.views.lab_stain_stats
+    # measures them for another training set).
+    randstain_p: float = 0.0
+    randstain_std: float = 1.0
+    randstain_mean: list[float] = field(default_factory=lambda: [79.4, 10.8, 7.2, 15.6, 8.2, 13.2])
+    randstain_sigma: list[float] = field(default_factory=lambda: [3.2, 1.7, 4.0, 2.8, 1.7, 2.9])
     channel_intensity: float = 0.25  # fluorescence: per-channel gain jitter
     gamma: list[float] = field(default_factory=lambda: [0.8, 1.25])
     blur_prob: float = 0.3
@@ -97,6 +107,10 @@ class ViewsConfig:
     noise_std: float = 0.02
     poisson_prob: float = 0.0
     elastic_prob: float = 0.0
+    # zoom out: with probability zoom_out_p a view shows the whole image shrunk by z, log z ~ U(0, log
+    # zoom_out_max), on the background colour (scale jitter below 1x: another lab's cells are ~1.5x smaller)
+    zoom_out_p: float = 0.0
+    zoom_out_max: float = 1.5
     local_views: int = 0
     local_size: int = 32
     local_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
@@ -295,6 +309,9 @@ _RANGES: dict[str, Range] = {
     "views.n_views": Range(2), "views.crop_scale": Range(0, 1, lo_open=True), "views.crop_ratio": _POS,
     "views.hed_jitter": _NONNEG, "views.brightness": _NONNEG, "views.contrast": _NONNEG,
     "views.saturation": _NONNEG, "views.hue": Range(0, 0.5), "views.color_jitter_prob": _PROB,
+    "views.grayscale_p": _PROB, "views.randstain_p": _PROB, "views.randstain_std": _NONNEG,
+    "views.randstain_mean": Range(-128, 128), "views.randstain_sigma": _NONNEG, "views.zoom_out_p": _PROB,
+    "views.zoom_out_max": Range(1),
     "views.channel_intensity": _NONNEG, "views.gamma": _POS, "views.blur_prob": _PROB, "views.blur_sigma": _NONNEG,
     "views.noise_prob": _PROB, "views.noise_std": _NONNEG, "views.poisson_prob": _PROB, "views.elastic_prob": _PROB,
     "views.local_views": _NONNEG, "views.local_size": Range(8), "views.local_scale": Range(0, 1, lo_open=True),
@@ -503,6 +520,13 @@ def validate(recipe: Recipe) -> None:
         pair = getattr(getattr(recipe, section), name)
         if len(pair) != 2 or pair[0] > pair[1]:
             raise ConfigError(f"{key} must be [low, high] with low <= high, got {pair}")
+    for key, n in (("randstain_mean", 6), ("randstain_sigma", 6)):
+        if len(getattr(recipe.views, key)) != n:
+            raise ConfigError(f"views.{key} must hold {n} numbers (L, a, b means, then L, a, b stds), "
+                              f"got {getattr(recipe.views, key)}")
+    if recipe.views.randstain_mean[3:] and min(recipe.views.randstain_mean[3:]) <= 0:
+        raise ConfigError(f"views.randstain_mean: the last three values are LAB stds and must be > 0, "
+                          f"got {recipe.views.randstain_mean}")
     if recipe.method.centroid_variant == "halves" and recipe.views.n_views % 2:
         raise ConfigError(
             f"method.centroid_variant=halves splits the views into two equal halves: views.n_views must be even, "

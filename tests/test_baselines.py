@@ -349,6 +349,9 @@ ABLATIONS = {  # what each overlay switches, on top of the recipe (other values 
 
 VIEW_OVERLAYS = {  # view ablations beside the forces: what each switches on top of the recipe
     "strong_colour": dict(hed_jitter=0.04, brightness=0.25, contrast=0.25, saturation=0.2, hue=0.04),
+    "grayscale": dict(grayscale_p=0.2),
+    "zoom_out": dict(zoom_out_p=0.5, zoom_out_max=1.5),
+    "randstain": dict(randstain_p=0.5, randstain_std=3.0),
 }
 
 
