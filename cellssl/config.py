@@ -127,7 +127,8 @@ class ModelConfig:
     proj_dim: int = 256
     pred_hidden: int = 1024
     sync_bn: bool = False
-    channels_last: bool = True
+    channels_last: bool = True  # channels-last memory format on CUDA
+    channels_last_cpu: bool = False  # the same on the CPU (benchmarks/cpu_speed.py measures it)
     drop_path: float = 0.0
     # starting weights: a timm tag (resnet50.a1_in1k) or a .safetensors/.pth file; None = random
     pretrained: Optional[str] = None
@@ -199,8 +200,10 @@ class TrainConfig:
     budget_probe_steps: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: bool = False
+    # auto (bf16 on CUDA, fp32 on CPU) | fast (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32)
+    # | bf16 | fp16 | fp32 (cellssl.engine.hardware)
+    precision: str = "auto"
+    compile: bool = False  # torch.compile (inductor) the training step, on any device
     threads: Optional[int] = None  # torch CPU threads; None = torch default
     checkpoint_every: int = 100
     log_every: int = 10
@@ -265,7 +268,7 @@ _CHOICES = {
     "optim.predictor_lr_schedule": ("cosine", "constant"),
     "method.sv_variant": ("logdet", "flat"),
     "optim.name": ("adamw", "lars", "sgd"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.precision": ("auto", "fast", "bf16", "fp16", "fp32"),
 }
 
 
