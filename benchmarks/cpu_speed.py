@@ -19,7 +19,7 @@ reads ``RUN/metrics.jsonl`` (one row per step):
 
 Also printed: MSBReg's step time over VICReg's per setting and shape (target: ≤ 1.15×), and the
 CPU's native-bf16 flags (``cellssl.engine.hardware``). Run it alone on the machine: other processes
-change the timings. The whole grid (10 settings × 5 methods × 2 shapes × 25 steps of ~3 s) takes
+change the timings. The whole grid (11 settings × 5 methods × 2 shapes × 25 steps of ~3 s) takes
 about 2 hours on 2 cores; ``--settings`` / ``--methods`` / ``--shapes`` choose a part.
 
     python benchmarks/cpu_speed.py --json /tmp/cpu_speed.json           # everything
@@ -65,6 +65,10 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "w0": ("no loader worker: views made in the training process (fp32)", ["train.precision=fp32",
                                                                           "data.num_workers=0"]),
     "t1": ("2 loader workers, 1 compute thread (fp32)", ["train.precision=fp32", "train.threads=1"]),
+    # not a speed-only setting: the target is the online network (SimSiam's stop-gradient), so its loss
+    # differs from fp32's by design; only quality.py at equal minutes can say whether it trains as well
+    "tau0": ("EMA momentum 0 (MSBReg, BYOL): no target forward; a different target, fp32",
+             ["train.precision=fp32", "method.momentum_base=0", "method.momentum_end=0"]),
 }
 METHODS = ("msbreg", "vicreg", "simclr", "barlow", "byol")
 SHAPES = ("64x4", "128x2")
