@@ -268,8 +268,9 @@ class RandStainLAB(A.ImageOnlyTransform):
     target stain style and re-normalise the image to it in CIE LAB (Reinhard's transfer).
 
     Per view, target ``t = mean + randstain_std * sigma * N(0, I)`` over the 6 statistics (LAB means,
-    LAB stds; stds kept >= 0.5), then per channel k of L, a, b: ``x_k' = (x_k - mu_k) / sd_k * t_std_k
-    + t_mean_k`` with ``mu, sd`` the image's own statistics, and back to RGB, clipped to [0, 1].
+    LAB stds; each std kept at least half its typical value, so that no view loses its contrast),
+    then per channel k of L, a, b: ``x_k' = (x_k - mu_k) / sd_k * t_std_k + t_mean_k`` with
+    ``mu, sd`` the image's own statistics, and back to RGB, clipped to [0, 1].
     ``mean`` and ``sigma`` describe the per-image statistics of a typical training set (what
     :func:`lab_stain_stats` measures); ``std`` > 1 reaches stain styles further from it, as a
     second lab's. Written with cv2.cvtColor (float32 LAB) rather than torchstain's Reinhard
@@ -284,7 +285,7 @@ class RandStainLAB(A.ImageOnlyTransform):
 
     def get_params(self) -> dict[str, Any]:
         target = self.mean + self.std * self.sigma * self.random_generator.standard_normal(6)
-        target[3:] = np.maximum(target[3:], 0.5)
+        target[3:] = np.maximum(target[3:], 0.5 * self.mean[3:])  # never a view without contrast
         return {"target": target}
 
     def apply(self, img: np.ndarray, target: np.ndarray, **_: Any) -> np.ndarray:
