@@ -239,3 +239,9 @@ def test_rgb_only_views_are_refused_for_fluorescence(key: str) -> None:
     with pytest.raises(ConfigError, match=f"views.{key}=0.5 applies to bright-field RGB images only.*views.{key}=0"):
         build_view_transform(ViewsConfig(**{key: 0.5}), DataConfig(modality="fluorescence"), 2)
     build_view_transform(ViewsConfig(zoom_out_p=0.5), DataConfig(modality="fluorescence"), 2)  # zoom: any channels
+
+
+def test_local_crops_never_zoom_out() -> None:
+    views = ViewsConfig(zoom_out_p=1.0, local_views=2, local_size=16, local_scale=[0.2, 0.2])
+    t = build_view_transform(views, DataConfig(image_size=32), 3, seed=0)
+    assert t.global_t.transforms[0].zoom_out_p == 1.0 and t.local_t.transforms[0].zoom_out_p == 0.0

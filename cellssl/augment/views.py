@@ -374,12 +374,14 @@ def check_rgb_only(views: ViewsConfig, data: DataConfig, channels: int) -> None:
                           f"{data.modality} with {channels} channel(s): set {on[0].split('=')[0]}=0")
 
 
-def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: int, scale: Sequence[float]) -> A.Compose:
-    """albumentations pipeline for one view at ``size`` px (geometry at output size, then appearance)."""
+def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: int, scale: Sequence[float],
+                   zoom_out: bool = True) -> A.Compose:
+    """albumentations pipeline for one view at ``size`` px (geometry at output size, then appearance);
+    ``zoom_out=False`` (local crops: small parts of the cell by definition) never zooms out."""
     reflect = cv2.BORDER_REFLECT_101
     t: list[A.BasicTransform] = [
         RandomResizedCropRotateFlip(size, scale, views.crop_ratio, rotate=views.rotate, flip=views.flip,
-                                    zoom_out_p=views.zoom_out_p, zoom_out_max=views.zoom_out_max),
+                                    zoom_out_p=views.zoom_out_p if zoom_out else 0.0, zoom_out_max=views.zoom_out_max),
     ]
     if views.elastic_prob > 0:
         t.append(A.ElasticTransform(alpha=size * 0.5, sigma=size * 0.08, border_mode=reflect, p=views.elastic_prob))
@@ -422,7 +424,7 @@ class MultiViewTransform:
         check_rgb_only(views, data, self.channels)
         self.global_t = _view_pipeline(views, data, self.channels, self.size, views.crop_scale)
         self.local_t = (
-            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale)
+            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale, zoom_out=False)
             if self.n_local else None
         )
         self.seed = seed
