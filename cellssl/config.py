@@ -92,6 +92,16 @@ class ViewsConfig:
     saturation: float = 0.15
     hue: float = 0.03
     color_jitter_prob: float = 0.8
+    # Views that survive a change of lab (all off by default; bright-field RGB only, refused otherwise):
+    grayscale_p: float = 0.0  # probability of a greyscale view (luminance in all three channels)
+    # RandStainNA-style stain augmentation: with probability randstain_p, re-stain the view to a style
+    # sampled in LAB around randstain_mean (typical per-image mean L, a, b, then std L, a, b) with spread
+    # randstain_std x randstain_sigma. Defaults: 300 pbc128 Wright-Giemsa smears (augment.views.lab_stain_stats
+    # measures them for another training set).
+    randstain_p: float = 0.0
+    randstain_std: float = 1.0
+    randstain_mean: list[float] = field(default_factory=lambda: [79.4, 10.8, 7.2, 15.6, 8.2, 13.2])
+    randstain_sigma: list[float] = field(default_factory=lambda: [3.2, 1.7, 4.0, 2.8, 1.7, 2.9])
     channel_intensity: float = 0.25  # fluorescence: per-channel gain jitter
     gamma: list[float] = field(default_factory=lambda: [0.8, 1.25])
     blur_prob: float = 0.3
@@ -100,6 +110,10 @@ class ViewsConfig:
     noise_std: float = 0.02
     poisson_prob: float = 0.0
     elastic_prob: float = 0.0
+    # zoom out: with probability zoom_out_p a view shows the whole image shrunk by z, log z ~ U(0, log
+    # zoom_out_max), on the background colour (scale jitter below 1x: another lab's cells are ~1.5x smaller)
+    zoom_out_p: float = 0.0
+    zoom_out_max: float = 1.5
     local_views: int = 0
     local_size: int = 32
     local_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
@@ -116,7 +130,8 @@ class ModelConfig:
     proj_dim: int = 256
     pred_hidden: int = 1024
     sync_bn: bool = False
-    channels_last: bool = True
+    channels_last: bool = True  # channels-last memory format on CUDA
+    channels_last_cpu: bool = False  # the same on the CPU (benchmarks/cpu_speed.py measures it)
     drop_path: float = 0.0
     # starting weights: a timm tag (resnet50.a1_in1k) or a .safetensors/.pth file; None = random
     pretrained: Optional[str] = None
@@ -188,8 +203,10 @@ class TrainConfig:
     budget_probe_steps: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    compile: bool = False
+    # auto (bf16 on CUDA, fp32 on CPU) | fast (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32)
+    # | bf16 | fp16 | fp32 (cellssl.engine.hardware)
+    precision: str = "auto"
+    compile: bool = False  # torch.compile (inductor) the training step, on any device
     threads: Optional[int] = None  # torch CPU threads; None = torch default
     checkpoint_every: int = 100
     log_every: int = 10
@@ -257,7 +274,7 @@ _CHOICES = {
     "optim.predictor_lr_schedule": ("cosine", "constant"),
     "method.sv_variant": ("logdet", "flat"),
     "optim.name": ("adamw", "lars", "sgd"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.precision": ("auto", "fast", "bf16", "fp16", "fp32"),
 }
 
 
@@ -301,6 +318,9 @@ _RANGES: dict[str, Range] = {
     "views.n_views": Range(2), "views.crop_scale": Range(0, 1, lo_open=True), "views.crop_ratio": _POS,
     "views.hed_jitter": _NONNEG, "views.brightness": _NONNEG, "views.contrast": _NONNEG,
     "views.saturation": _NONNEG, "views.hue": Range(0, 0.5), "views.color_jitter_prob": _PROB,
+    "views.grayscale_p": _PROB, "views.randstain_p": _PROB, "views.randstain_std": _NONNEG,
+    "views.randstain_mean": Range(-128, 128), "views.randstain_sigma": _NONNEG, "views.zoom_out_p": _PROB,
+    "views.zoom_out_max": Range(1),
     "views.channel_intensity": _NONNEG, "views.gamma": _POS, "views.blur_prob": _PROB, "views.blur_sigma": _NONNEG,
     "views.noise_prob": _PROB, "views.noise_std": _NONNEG, "views.poisson_prob": _PROB, "views.elastic_prob": _PROB,
     "views.local_views": _NONNEG, "views.local_size": Range(8), "views.local_scale": Range(0, 1, lo_open=True),
@@ -510,6 +530,13 @@ def validate(recipe: Recipe) -> None:
         pair = getattr(getattr(recipe, section), name)
         if len(pair) != 2 or pair[0] > pair[1]:
             raise ConfigError(f"{key} must be [low, high] with low <= high, got {pair}")
+    for key, n in (("randstain_mean", 6), ("randstain_sigma", 6)):
+        if len(getattr(recipe.views, key)) != n:
+            raise ConfigError(f"views.{key} must hold {n} numbers (L, a, b means, then L, a, b stds), "
+                              f"got {getattr(recipe.views, key)}")
+    if recipe.views.randstain_mean[3:] and min(recipe.views.randstain_mean[3:]) <= 0:
+        raise ConfigError(f"views.randstain_mean: the last three values are LAB stds and must be > 0, "
+                          f"got {recipe.views.randstain_mean}")
     if recipe.method.centroid_variant == "halves" and recipe.views.n_views % 2:
         raise ConfigError(
             f"method.centroid_variant=halves splits the views into two equal halves: views.n_views must be even, "

@@ -9,14 +9,17 @@ import torch
 from cellssl.augment.views import (
     ChannelIntensityJitter,
     HEDJitter,
+    RandStainLAB,
     RGBColorJitter,
     build_eval_transform,
     build_view_transform,
     denormalize,
+    lab_stain_stats,
+    lab_stats,
 )
 from cellssl.config import DataConfig, ViewsConfig
 from cellssl.data.io import scale_intensity
-from cellssl.errors import DataError
+from cellssl.errors import ConfigError, DataError
 
 
 def _img(c: int, h: int = 48, w: int = 40, seed: int = 0) -> np.ndarray:
@@ -155,3 +158,90 @@ def test_poisson_noise_scales_with_signal() -> None:
     y = pn(image=x)["image"]
     assert (y[:, :, 0] == 0).all()  # no photons, no noise
     assert abs(y[:, :, 1].mean() - 0.5) < 0.02 and 0.05 < y[:, :, 1].std() < 0.1  # sqrt(50)/100
+
+
+# ----- views that survive a change of lab (issue 20 §4) -----------------------------------------
+def _smear(size: int = 48, radius: int = 10) -> np.ndarray:
+    """A pink-purple cell (disc) centred on a light background, float32 RGB."""
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = (0.92, 0.86, 0.88)
+    yy, xx = np.mgrid[:size, :size]
+    img[(yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= radius**2] = (0.45, 0.25, 0.55)
+    return img
+
+
+def _geometry_only(**kw) -> ViewsConfig:
+    return ViewsConfig(hed_jitter=0.0, color_jitter_prob=0.0, blur_prob=0.0, noise_prob=0.0, **kw)
+
+
+def test_grayscale_view_has_equal_channels() -> None:
+    t = build_view_transform(_geometry_only(grayscale_p=1.0), DataConfig(image_size=32), 3, seed=0)
+    v = t.view(_smear())
+    np.testing.assert_allclose(v[:, :, 0], v[:, :, 1], atol=1e-6)
+    np.testing.assert_allclose(v[:, :, 0], v[:, :, 2], atol=1e-6)
+    off = build_view_transform(_geometry_only(), DataConfig(image_size=32), 3, seed=0).view(_smear())
+    assert np.abs(off[:, :, 0] - off[:, :, 2]).max() > 0.05  # default: colour kept
+
+
+def test_zoom_out_shrinks_the_cell_and_keeps_it_inside() -> None:
+    img = _smear(48, 10)
+    size = 48
+    base = _geometry_only(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], rotate=False, flip=False)
+    zoom = _geometry_only(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], rotate=True, flip=True,
+                          zoom_out_p=1.0, zoom_out_max=2.0)
+    area0 = (build_view_transform(base, DataConfig(image_size=size), 3, seed=0).view(img)[:, :, 1] < 0.5).sum()
+    t = build_view_transform(zoom, DataConfig(image_size=size), 3, seed=0)
+    areas = []
+    for _ in range(20):
+        cell = t.view(img)[:, :, 1] < 0.5
+        areas.append(cell.sum())
+        edge = np.concatenate([cell[0], cell[-1], cell[:, 0], cell[:, -1]])
+        assert cell.sum() > 0 and not edge.any()  # the whole cell is in the view
+        v = t.view(img)
+        assert np.abs(v[0, 0] - img[0, 0]).max() < 0.02  # the margin is the background, not a mirrored cell
+    assert max(areas) < area0 and min(areas) > area0 / 2.0**2 * 0.8  # shrunk by 1..2x in side
+    assert np.mean(areas) < 0.8 * area0
+
+
+def test_zoom_out_off_keeps_the_random_stream() -> None:
+    a = build_view_transform(ViewsConfig(), DataConfig(image_size=32), 3, seed=3)
+    b = build_view_transform(ViewsConfig(zoom_out_max=3.0), DataConfig(image_size=32), 3, seed=3)
+    img = _img(3)
+    assert torch.equal(a(img)["views"], b(img)["views"])  # p = 0: the same views as before the option
+
+
+def test_randstain_moves_lab_statistics_to_the_sampled_target() -> None:
+    img = _smear(48, 12)
+    mean, sigma = lab_stain_stats([img, _smear(48, 8)])
+    assert len(mean) == len(sigma) == 6
+    target_mean = [70.0, 25.0, -10.0, 20.0, 12.0, 10.0]
+    t = RandStainLAB(target_mean, [0.0] * 6, std=1.0, p=1.0)  # no spread: the target itself
+    out = t(image=img)["image"]
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    before, after = lab_stats(img), lab_stats(out)
+    assert np.all(np.abs(after - target_mean) < np.abs(before - target_mean))
+    np.testing.assert_allclose(after[:3], target_mean[:3], atol=3.0)  # means reached (up to RGB clipping)
+    spread = RandStainLAB(target_mean, [2.0] * 6, std=1.0, p=1.0)
+    spread.set_random_seed(0)
+    outs = [lab_stats(spread(image=img)["image"]) for _ in range(30)]
+    assert np.std([o[0] for o in outs]) > 0.5  # a different style per view
+
+
+def test_lab_options_inside_the_multi_view_transform() -> None:
+    views = ViewsConfig(n_views=4, grayscale_p=0.5, randstain_p=0.5, zoom_out_p=0.5, randstain_std=2.0)
+    t = build_view_transform(views, DataConfig(image_size=32), 3, seed=0)
+    out = t(_smear())
+    assert out["views"].shape == (4, 3, 32, 32) and torch.isfinite(out["views"]).all()
+
+
+@pytest.mark.parametrize("key", ["grayscale_p", "randstain_p"])
+def test_rgb_only_views_are_refused_for_fluorescence(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"views.{key}=0.5 applies to bright-field RGB images only.*views.{key}=0"):
+        build_view_transform(ViewsConfig(**{key: 0.5}), DataConfig(modality="fluorescence"), 2)
+    build_view_transform(ViewsConfig(zoom_out_p=0.5), DataConfig(modality="fluorescence"), 2)  # zoom: any channels
+
+
+def test_local_crops_never_zoom_out() -> None:
+    views = ViewsConfig(zoom_out_p=1.0, local_views=2, local_size=16, local_scale=[0.2, 0.2])
+    t = build_view_transform(views, DataConfig(image_size=32), 3, seed=0)
+    assert t.global_t.transforms[0].zoom_out_p == 1.0 and t.local_t.transforms[0].zoom_out_p == 0.0

@@ -349,6 +349,9 @@ ABLATIONS = {  # what each overlay switches, on top of the recipe (other values 
 
 VIEW_OVERLAYS = {  # view ablations beside the forces: what each switches on top of the recipe
     "strong_colour": dict(hed_jitter=0.04, brightness=0.25, contrast=0.25, saturation=0.2, hue=0.04),
+    "grayscale": dict(grayscale_p=0.2),
+    "zoom_out": dict(zoom_out_p=0.5, zoom_out_max=1.5),
+    "randstain": dict(randstain_p=0.5, randstain_std=3.0),
 }
 
 
@@ -389,3 +392,40 @@ def test_ablation_overlay_switches_only_its_forces(row):
     assert {k: getattr(recipe.method, k) for k in untouched} == untouched
     if row != "old_forms":  # the ablation rows use the default (non-trivial) loss forms
         assert (recipe.method.centroid_variant, recipe.method.sv_on) == ("per_view", "per_view")
+
+
+# ----- EMA momentum 0: the target is the online network, without a second forward -------------------
+
+@pytest.mark.parametrize("name", ["msbreg", "byol"])
+def test_momentum_zero_reuses_the_online_embedding_and_trains_the_same(name):
+    """τ = 0 throughout: the target's forward is skipped (its output would equal the online's), and
+    three training steps give the same losses and weights as with the target's own forward."""
+    model_cfg = ModelConfig(backbone="test_resnet", proj_hidden=32, proj_dim=16, pred_hidden=32)
+    cfg = MethodConfig(name=name, momentum_base=0.0, momentum_end=0.0)
+    torch.manual_seed(0)
+    fast = build_method(cfg, model_cfg, build_backbone(model_cfg, 3, 32))
+    slow = build_method(cfg, model_cfg, build_backbone(model_cfg, 3, 32))
+    slow.load_state_dict(fast.state_dict())
+    slow.target_embedding = lambda x, z: slow.target(x)  # the forward the shortcut replaces
+    calls = []
+    fast.target_backbone.register_forward_hook(lambda *a: calls.append(1))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (fast, slow)]
+    views = torch.randn(8, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for step in range(3):
+        losses = []
+        for method, opt in zip((fast, slow), opts):
+            extra = method.step_inputs(8, torch.device("cpu"))
+            extra = {"directions": torch.randn(8, 16, generator=torch.Generator().manual_seed(step))} if extra else {}
+            out = method(views, **extra)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            method.after_step(step + 1, 3)
+            losses.append(out["loss"].item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    assert calls == []
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    fast.eval()
+    fast(views)
+    assert calls  # in eval mode (no training step) the target still runs its own forward

@@ -147,3 +147,16 @@ def test_variants_and_shipped_baseline_recipes_become_rows(tmp_path):
     assert quality.row_recipe(rows["MSBReg"], args).views.hed_jitter == 0.02  # the shipped recipe is untouched
     assert len({quality.row_key(n, s, args) for n, s in rows.items() if "method" in s}) == 3
     np.testing.assert_equal(quality.budget_order("20 min") < quality.budget_order("5 steps"), True)
+
+
+def test_tuning_c_grid_tries_each_lab_view_switch_for_msbreg_and_vicreg() -> None:
+    args = quality.parse_args(["--eval-on", "val", "--minutes", "10"])
+    rows = quality.load_grid(str(REPO / "benchmarks" / "tuning_C_views.yaml"))
+    switched = {}
+    for name, spec in rows.items():
+        r = quality.row_recipe(spec, args)
+        assert r.method.name == spec["method"], name
+        for key in ("grayscale_p", "zoom_out_p", "randstain_p"):
+            if getattr(r.views, key) > 0:
+                switched.setdefault(key, set()).add(r.method.name)
+    assert switched == {k: {"msbreg", "vicreg"} for k in ("grayscale_p", "zoom_out_p", "randstain_p")}

@@ -167,3 +167,18 @@ def test_any_value_gives_a_recipe_or_a_one_line_config_error(key, value):
         assert "\n" not in str(exc)
         return
     assert isinstance(r, Recipe)
+
+
+def test_lab_view_values_are_checked() -> None:
+    from cellssl.config import load_recipe
+
+    r = load_recipe("blood_smear")
+    assert (r.views.grayscale_p, r.views.zoom_out_p, r.views.randstain_p) == (0.0, 0.0, 0.0)  # off by default
+    with pytest.raises(ConfigError, match="views.randstain_mean must hold 6 numbers"):
+        load_recipe("blood_smear", overrides=["views.randstain_mean=[80, 10, 7]"])
+    with pytest.raises(ConfigError, match="LAB stds and must be > 0"):
+        load_recipe("blood_smear", overrides=["views.randstain_mean=[80, 10, 7, 0, 8, 13]"])
+    with pytest.raises(ConfigError, match="views.zoom_out_max must be at least 1"):
+        load_recipe("blood_smear", overrides=["views.zoom_out_max=0.5"])
+    with pytest.raises(ConfigError, match="views.grayscale_p must be in \\[0, 1\\]"):
+        load_recipe("blood_smear", overrides=["views.grayscale_p=1.5"])

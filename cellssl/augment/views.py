@@ -2,9 +2,10 @@
 
 A view is: a random resized crop that keeps most of the cell, rotation by any angle with
 reflected borders and flips (cells have no "up"), then appearance changes that depend on the
-modality. Bright-field RGB (Wright-Giemsa, H&E): stain jitter in HED optical-density space and a
-colour jitter. Fluorescence or any non-RGB channel count: an independent gain and gamma per
-channel, never mixing channels. Then blur, Gaussian / Poisson noise, optional elastic warping,
+modality. Bright-field RGB (Wright-Giemsa, H&E): stain jitter in HED optical-density space, a
+colour jitter, and (off by default) RandStainNA-style re-staining in LAB and random greyscale.
+Fluorescence or any non-RGB channel count: an independent gain and gamma per channel, never mixing
+channels. Then blur, Gaussian / Poisson noise, optional elastic warping,
 and per-channel normalisation to a (C, S, S) float32 tensor.
 
 Input everywhere: float32 (H, W, C) arrays in [0, 1] (what :func:`cellssl.data.io.read_image`
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from cellssl.config import DataConfig, ViewsConfig
-from cellssl.errors import DataError
+from cellssl.errors import ConfigError, DataError
 
 # --- HED colour deconvolution (the matrices of skimage.color) --------------------------------
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
@@ -122,62 +123,90 @@ class AdditiveGaussianNoise(A.ImageOnlyTransform):
         return ("std",)
 
 
-def _warp(img: np.ndarray, mat: np.ndarray, size: tuple[int, int], flags: int) -> np.ndarray:
-    """cv2.warpAffine with reflected borders for any channel count; (H, W, C) -> (h, w, C)."""
+def _warp(img: np.ndarray, mat: np.ndarray, size: tuple[int, int], flags: int,
+          border: np.ndarray | None = None) -> np.ndarray:
+    """cv2.warpAffine for any channel count; (H, W, C) -> (h, w, C). Outside the image the borders
+    are reflected, or filled with the per-channel colour ``border`` (C,) when it is given."""
 
-    def one(x: np.ndarray) -> np.ndarray:
-        y = cv2.warpAffine(np.ascontiguousarray(x), mat, size, flags=flags, borderMode=cv2.BORDER_REFLECT_101)
+    def one(x: np.ndarray, k: int) -> np.ndarray:
+        extra: dict[str, Any] = {"borderMode": cv2.BORDER_REFLECT_101}
+        if border is not None:
+            extra = {"borderMode": cv2.BORDER_CONSTANT,
+                     "borderValue": tuple(float(v) for v in border[k : k + x.shape[2]]) + (0.0,) * (4 - x.shape[2])}
+        y = cv2.warpAffine(np.ascontiguousarray(x), mat, size, flags=flags, **extra)
         return y[:, :, None] if y.ndim == 2 else y
 
     c = img.shape[2]
     if c <= 4:
-        return one(img)
-    return np.concatenate([one(img[:, :, k : k + 4]) for k in range(0, c, 4)], axis=2)
+        return one(img, 0)
+    return np.concatenate([one(img[:, :, k : k + 4], k) for k in range(0, c, 4)], axis=2)
+
+
+def border_colour(img: np.ndarray) -> np.ndarray:
+    """The background colour of a crop: the per-channel median of its outermost pixels, (C,) float32
+    (the slide around a centred cell)."""
+    edge = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]], axis=0)  # (n, C)
+    return np.median(edge, axis=0).astype(np.float32)
 
 
 class RandomResizedCropRotateFlip(A.ImageOnlyTransform):
     """Random resized crop (area fraction ``scale``, aspect ``ratio``, as torchvision) rotated by
     a uniform angle about its centre and optionally mirrored, resampled in ONE bilinear warp to
     (size, size); outside the image the borders are reflected. Input (H, W, C) -> (size, size, C).
-    Doing crop, resize, rotation and flips in one warp is ~4x faster than four separate steps."""
+    Doing crop, resize, rotation and flips in one warp is ~4x faster than four separate steps.
+
+    Zoom out (scale jitter below 1x): with probability ``zoom_out_p`` the crop is instead a square
+    ``z`` times the image's longer side, ``log z ~ U(0, log zoom_out_max)``, placed at random so that
+    the whole (unrotated) image lies inside it: the cell shrinks to 1/z of its size and stays in the
+    view (a centred cell also after rotation), and the margin is filled with the background colour
+    (:func:`border_colour`), never with mirrored copies of the cell."""
 
     def __init__(self, size: int, scale: Sequence[float] = (0.5, 1.0), ratio: Sequence[float] = (0.8, 1.25),
-                 rotate: bool = True, flip: bool = True, p: float = 1.0):
+                 rotate: bool = True, flip: bool = True, zoom_out_p: float = 0.0, zoom_out_max: float = 1.5,
+                 p: float = 1.0):
         super().__init__(p=p)
         self.size = int(size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.rotate, self.flip = bool(rotate), bool(flip)
+        self.zoom_out_p, self.zoom_out_max = float(zoom_out_p), float(zoom_out_max)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = data["image"].shape[:2]
         rng = self.random_generator
         ch = cw = float(min(h, w))  # fallback: the largest centred square
-        for _ in range(10):
+        zoom_out = self.zoom_out_p > 0 and rng.random() < self.zoom_out_p
+        if zoom_out:
+            ch = cw = float(max(h, w)) * float(np.exp(rng.uniform(0.0, np.log(max(self.zoom_out_max, 1.0)))))
+        for _ in range(0 if zoom_out else 10):
             area = h * w * rng.uniform(*self.scale)
             r = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
             tw, th = np.sqrt(area * r), np.sqrt(area / r)
             if tw <= w and th <= h:
                 cw, ch = tw, th
                 break
-        cx = rng.uniform(cw / 2, w - cw / 2) if w > cw else w / 2
-        cy = rng.uniform(ch / 2, h - ch / 2) if h > ch else h / 2
+        if zoom_out:  # the image lies inside the crop
+            cx, cy = rng.uniform(w - cw / 2, cw / 2), rng.uniform(h - ch / 2, ch / 2)
+        else:  # the crop lies inside the image
+            cx = rng.uniform(cw / 2, w - cw / 2) if w > cw else w / 2
+            cy = rng.uniform(ch / 2, h - ch / 2) if h > ch else h / 2
         angle = rng.uniform(-np.pi, np.pi) if self.rotate else 0.0
         fx = -1.0 if self.flip and rng.random() < 0.5 else 1.0
         fy = -1.0 if self.flip and not self.rotate and rng.random() < 0.5 else 1.0  # rotation covers the other flip
-        return {"cx": cx, "cy": cy, "cw": cw, "ch": ch, "angle": angle, "fx": fx, "fy": fy}
+        return {"cx": cx, "cy": cy, "cw": cw, "ch": ch, "angle": angle, "fx": fx, "fy": fy, "zoom_out": zoom_out}
 
     def apply(self, img: np.ndarray, cx: float, cy: float, cw: float, ch: float, angle: float, fx: float, fy: float,
-              **_: Any) -> np.ndarray:
+              zoom_out: bool = False, **_: Any) -> np.ndarray:
         s = self.size
         c, si = np.cos(angle), np.sin(angle)
         lin = np.array([[c, -si], [si, c]]) @ np.diag([cw / s * fx, ch / s * fy])  # output offset -> source offset
         shift = np.array([cx - 0.5, cy - 0.5]) - lin @ np.array([s / 2 - 0.5, s / 2 - 0.5])
         mat = np.concatenate([lin, shift[:, None]], axis=1)
-        return _warp(img, mat, (s, s), cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        return _warp(img, mat, (s, s), cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                     border=border_colour(img) if zoom_out else None)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("size", "scale", "ratio", "rotate", "flip")
+        return ("size", "scale", "ratio", "rotate", "flip", "zoom_out_p", "zoom_out_max")
 
 
 class RGBColorJitter(A.ImageOnlyTransform):
@@ -216,6 +245,62 @@ class RGBColorJitter(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("brightness", "contrast", "saturation", "hue")
+
+
+def lab_stats(img: np.ndarray) -> np.ndarray:
+    """Per-channel mean and std of an RGB image in CIE LAB (OpenCV's float scale: L in [0, 100],
+    a and b about [-127, 127]): float64 (6,) = (mean L, a, b, std L, a, b). Input float32 (H, W, 3) in [0, 1]."""
+    lab = cv2.cvtColor(np.ascontiguousarray(img, dtype=np.float32), cv2.COLOR_RGB2Lab)
+    mean, std = cv2.meanStdDev(lab)
+    return np.concatenate([mean.ravel(), std.ravel()])
+
+
+def lab_stain_stats(images: Sequence[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Dataset-typical stain statistics for :class:`RandStainLAB`: the mean over ``images`` of
+    :func:`lab_stats` and its spread (std over images), two lists of 6 floats: what
+    ``views.randstain_mean`` and ``views.randstain_sigma`` hold. Images: float32 RGB (H, W, 3) in [0, 1]."""
+    st = np.stack([lab_stats(im) for im in images])
+    return [round(float(v), 2) for v in st.mean(axis=0)], [round(float(v), 2) for v in st.std(axis=0)]
+
+
+class RandStainLAB(A.ImageOnlyTransform):
+    """RandStainNA-style stain augmentation (Shen et al., MICCAI 2022, arXiv:2206.12694): sample a
+    target stain style and re-normalise the image to it in CIE LAB (Reinhard's transfer).
+
+    Per view, target ``t = mean + randstain_std * sigma * N(0, I)`` over the 6 statistics (LAB means,
+    LAB stds; each std kept at least half its typical value, so that no view loses its contrast),
+    then per channel k of L, a, b: ``x_k' = (x_k - mu_k) / sd_k * t_std_k + t_mean_k`` with
+    ``mu, sd`` the image's own statistics, and back to RGB, clipped to [0, 1].
+    ``mean`` and ``sigma`` describe the per-image statistics of a typical training set (what
+    :func:`lab_stain_stats` measures); ``std`` > 1 reaches stain styles further from it, as a
+    second lab's. Written with cv2.cvtColor (float32 LAB) rather than torchstain's Reinhard
+    normaliser, which quantises to uint8, fits one fixed target and converts in slow NumPy.
+    Input/output float32 RGB (H, W, 3) in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], sigma: Sequence[float], std: float = 1.0, p: float = 0.5):
+        super().__init__(p=p)
+        self.mean = np.asarray(mean, np.float64).reshape(6)
+        self.sigma = np.asarray(sigma, np.float64).reshape(6)
+        self.std = float(std)
+
+    def get_params(self) -> dict[str, Any]:
+        target = self.mean + self.std * self.sigma * self.random_generator.standard_normal(6)
+        target[3:] = np.maximum(target[3:], 0.5 * self.mean[3:])  # never a view without contrast
+        return {"target": target}
+
+    def apply(self, img: np.ndarray, target: np.ndarray, **_: Any) -> np.ndarray:
+        lab = cv2.cvtColor(np.ascontiguousarray(img, dtype=np.float32), cv2.COLOR_RGB2Lab)
+        mu, sd = (v.ravel() for v in cv2.meanStdDev(lab))
+        gain = target[3:] / np.maximum(sd, 1e-3)
+        # x' = x * gain + (t_mean - mu * gain) per channel: one 3x4 affine map, rows = output channels
+        affine = np.concatenate([np.diag(gain), (target[:3] - mu * gain)[:, None]], axis=1).astype(np.float32)
+        lab = cv2.transform(lab, affine)
+        np.clip(lab[:, :, 0], 0.0, 100.0, out=lab[:, :, 0])
+        out = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("mean", "sigma", "std")
 
 
 class PoissonNoise(A.ImageOnlyTransform):
@@ -275,20 +360,42 @@ def is_brightfield_rgb(data: DataConfig, channels: int) -> bool:
     return data.modality == "brightfield" and channels == 3
 
 
-def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: int, scale: Sequence[float]) -> A.Compose:
-    """albumentations pipeline for one view at ``size`` px (geometry at output size, then appearance)."""
+RGB_ONLY = ("grayscale_p", "randstain_p")  # views values that only bright-field RGB images can use
+
+
+def check_rgb_only(views: ViewsConfig, data: DataConfig, channels: int) -> None:
+    """ConfigError when a colour-only augmentation (:data:`RGB_ONLY`) is switched on for images that
+    are not bright-field RGB (fluorescence, greyscale, multi-channel): it has no meaning there."""
+    if is_brightfield_rgb(data, channels):
+        return
+    on = [f"views.{k}={getattr(views, k):g}" for k in RGB_ONLY if getattr(views, k) > 0]
+    if on:
+        raise ConfigError(f"{', '.join(on)} applies to bright-field RGB images only, but these are "
+                          f"{data.modality} with {channels} channel(s): set {on[0].split('=')[0]}=0")
+
+
+def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: int, scale: Sequence[float],
+                   zoom_out: bool = True) -> A.Compose:
+    """albumentations pipeline for one view at ``size`` px (geometry at output size, then appearance);
+    ``zoom_out=False`` (local crops: small parts of the cell by definition) never zooms out."""
     reflect = cv2.BORDER_REFLECT_101
     t: list[A.BasicTransform] = [
-        RandomResizedCropRotateFlip(size, scale, views.crop_ratio, rotate=views.rotate, flip=views.flip),
+        RandomResizedCropRotateFlip(size, scale, views.crop_ratio, rotate=views.rotate, flip=views.flip,
+                                    zoom_out_p=views.zoom_out_p if zoom_out else 0.0, zoom_out_max=views.zoom_out_max),
     ]
     if views.elastic_prob > 0:
         t.append(A.ElasticTransform(alpha=size * 0.5, sigma=size * 0.08, border_mode=reflect, p=views.elastic_prob))
     if is_brightfield_rgb(data, channels):
+        if views.randstain_p > 0:
+            t.append(RandStainLAB(views.randstain_mean, views.randstain_sigma, views.randstain_std,
+                                  p=views.randstain_p))
         if views.hed_jitter > 0:
             t.append(HEDJitter(views.hed_jitter, p=1.0))
         if views.color_jitter_prob > 0:
             t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue,
                                     p=views.color_jitter_prob))
+        if views.grayscale_p > 0:  # luminance (0.299 R + 0.587 G + 0.114 B) in all three channels
+            t.append(A.ToGray(num_output_channels=3, method="weighted_average", p=views.grayscale_p))
     elif views.channel_intensity > 0 or tuple(views.gamma) != (1.0, 1.0):
         t.append(ChannelIntensityJitter(views.channel_intensity, views.gamma, p=1.0))
     if views.blur_prob > 0:
@@ -314,9 +421,10 @@ class MultiViewTransform:
         self.n_views = int(views.n_views)
         self.n_local = int(views.local_views)
         self.mean, self.std = channel_stats(data, self.channels)
+        check_rgb_only(views, data, self.channels)
         self.global_t = _view_pipeline(views, data, self.channels, self.size, views.crop_scale)
         self.local_t = (
-            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale)
+            _view_pipeline(views, data, self.channels, int(views.local_size), views.local_scale, zoom_out=False)
             if self.n_local else None
         )
         self.seed = seed

@@ -41,6 +41,7 @@ from cellssl.engine.distributed import (
     init_distributed,
 )
 from cellssl.engine.guard import NonFiniteGuard
+from cellssl.engine.hardware import resolve_precision, use_channels_last
 from cellssl.engine.loader import build_training_data, step_batches, training_loader, worker_pids
 from cellssl.engine.logger import MetricsLogger
 from cellssl.engine.optim import build_optimizer, lr_at, set_lr, warmup_steps_for
@@ -424,7 +425,7 @@ class Training:
         if init_from is not None:
             init_weights_from(method, init_from, self.in_chans, recipe.model.backbone)
         method.to(device)
-        if recipe.model.channels_last and device.type == "cuda":
+        if use_channels_last(device, recipe.model.channels_last, recipe.model.channels_last_cpu):
             method.use_channels_last()
         model: nn.Module = method
         if self.dist.distributed:
@@ -494,9 +495,10 @@ def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds
 
 
 def autocast_for(device: torch.device, precision: str):
-    """Autocast context: bf16 on CUDA by default, none (fp32) on CPU unless asked."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    """(autocast context, precision used) for ``train.precision`` on ``device``: bf16 on CUDA by
+    default, none (fp32) on the CPU unless asked; ``fast`` picks bf16 on a CPU with native bf16
+    (:func:`cellssl.engine.hardware.resolve_precision`)."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext(), precision
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -173,6 +173,16 @@ class SSLMethod(nn.Module):
         """Target embedding z' = g'(f'(x)), no gradient: (N, C, H, W) -> (N, D)."""
         return self.target_projector(self.target_backbone(x))
 
+    def target_embedding(self, x: Tensor, z_online: Tensor) -> Tensor:
+        """The target's embedding of ``x`` (no gradient), given the online one ``z_online`` of the same
+        batch. With EMA momentum 0 throughout (``method.momentum_base = momentum_end = 0``) the target's
+        weights equal the online's at every step (τ = 0 copies them) and, in training mode (BatchNorm
+        on the same batch), so does its output: ``z_online`` is returned detached, without the second
+        forward (SimSiam's stop-gradient target; with ``model.drop_path`` it shares the online's drop pattern)."""
+        if self.training and self.cfg.momentum_base == 0 and self.cfg.momentum_end == 0:
+            return z_online.detach()
+        return self.target(x)
+
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA update of the target with τ on BYOL's cosine schedule (no-op without target)."""
         if not self.uses_target:

@@ -74,6 +74,6 @@ class BYOL(SSLMethod):
         x, b, m = self.flatten_views(views)
         z_flat = self.online(x)
         p_flat = self.predictor(z_flat)
-        zt_flat = self.target(x)
+        zt_flat = self.target_embedding(x, z_flat)
         loss = byol_loss(self.unflatten(p_flat, b, m), self.unflatten(zt_flat, b, m))
         return {"loss": loss, "loss_byol": loss.detach(), "z": z_flat.detach()}

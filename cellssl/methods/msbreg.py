@@ -239,7 +239,7 @@ class MSBReg(SSLMethod):
         x, b, m = self.flatten_views(views)
         z_flat = self.online(x)
         p_flat = self.predictor(z_flat)
-        zt_flat = self.target(x)
+        zt_flat = self.target_embedding(x, z_flat)
         z = self.unflatten(z_flat, b, m)
         p_local = None
         if local is not None and local.shape[1] > 0:

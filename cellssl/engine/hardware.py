@@ -1,0 +1,63 @@
+"""What the machine a run trains on does fast, and the settings that follow from it.
+
+bf16 on the CPU: with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16 (Cooper Lake,
+AMD Zen 4 and later) oneDNN runs bf16 convolutions and matrix products in hardware, so bf16
+autocast is faster than fp32; without them bf16 is emulated and slower, so such a CPU keeps
+float32. The flags come from ``/proc/cpuinfo`` (Linux); elsewhere none are found and fp32 stays.
+
+``train.precision``:
+- ``auto``: bf16 on CUDA; on the CPU fp32, or, once :data:`AUTO_FAST_ON_CPU` is set, what ``fast`` picks;
+- ``fast``: bf16 on CUDA and on a CPU with native bf16 (:func:`cpu_has_fast_bf16`), else fp32;
+- ``bf16`` / ``fp16`` / ``fp32``: exactly that, on any device.
+
+``model.channels_last`` (CUDA) and ``model.channels_last_cpu`` (the CPU): the channels-last memory
+format for the weights and every batch the backbone sees.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix arithmetic
+# TODO(issue 20 §3): set True (``auto`` = ``fast`` on the CPU) once benchmarks/cpu_speed.py and
+# benchmarks/quality.py have shown that bf16 on the CPU trains as well as fp32 at equal steps.
+AUTO_FAST_ON_CPU = False
+
+
+@lru_cache(maxsize=1)
+def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags (the ``flags`` line of ``/proc/cpuinfo``); empty where unreadable."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU does bf16 matrix arithmetic in hardware (AMX-BF16 or AVX512-BF16)."""
+    return any(flag in cpu_flags() for flag in BF16_FLAGS)
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``train.precision`` on ``device`` -> the precision used: ``bf16``, ``fp16`` or ``fp32``
+    (``auto`` and ``fast`` as in the module docstring)."""
+    if precision == "auto":
+        precision = "fast" if device.type == "cuda" or AUTO_FAST_ON_CPU else "fp32"
+    if precision == "fast":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
+    return precision
+
+
+def use_channels_last(device: torch.device, on_cuda: bool, on_cpu: bool) -> bool:
+    """Whether the run trains in the channels-last memory format: ``model.channels_last`` on CUDA,
+    ``model.channels_last_cpu`` on the CPU, never elsewhere."""
+    return (device.type == "cuda" and on_cuda) or (device.type == "cpu" and on_cpu)
