@@ -400,6 +400,24 @@ def datasets_tile(image, mask, out, size):
     click.echo(f"wrote {len(paths)} crops of {size} px to {out}")
 
 
+@datasets.command("shard", context_settings=CONTEXT)
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--shard-size", type=RecipeValue("datasets shard --shard-size"), default=10000, show_default=True,
+              help="Cells per tar shard.")
+def datasets_shard(src, out, shard_size):
+    """Write a folder, CSV manifest, .npz or tile set as tar shards with an index (for millions of
+    cells): pixels lossless (any bit depth and channel count), labels and original paths kept."""
+    from cellssl.config import DataConfig
+    from cellssl.data.datasets import build_dataset
+    from cellssl.data.shards import write_shards
+
+    ds = build_dataset(DataConfig(), src)
+    index = write_shards(ds, out, shard_size)
+    skipped = f", {len(index['skipped'])} unreadable file(s) skipped (named above)" if index["skipped"] else ""
+    click.echo(f"wrote {index['count']} cells in {len(index['shards'])} shard(s) to {out}{skipped}")
+
+
 @datasets.command("download", context_settings=CONTEXT)
 @click.argument("name", type=click.Choice(["pbc", "bloodmnist"]))
 @click.option("--root", type=click.Path(), default="data", show_default=True)
