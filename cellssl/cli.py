@@ -365,9 +365,15 @@ def datasets():
 @datasets.command("check", context_settings=CONTEXT)
 @click.argument("folder", type=click.Path())
 def datasets_check(folder):
-    """Counts per class, sizes, channels, dtypes, duplicates and unreadable files."""
+    """Counts per class, sizes, channels, dtypes, duplicates and unreadable files (a shard folder:
+    every shard's size and sha256 against its index)."""
     from cellssl.data.check import check_dataset, format_check_report
+    from cellssl.data.shards import is_shard_folder, verify_shards
 
+    if is_shard_folder(folder):
+        problems, summary = verify_shards(folder)
+        click.echo("\n".join([summary, *problems]))
+        sys.exit(1 if problems else 0)
     report = check_dataset(folder)
     click.echo(format_check_report(report))
     if report.get("unreadable"):

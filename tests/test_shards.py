@@ -3,7 +3,6 @@ bad shards named and refused or skipped."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import webdataset as wds
 
 from cellssl.cli import main
 from cellssl.config import DataConfig, load_recipe
-from cellssl.data.datasets import ShardDataset, build_dataset
+from cellssl.data.datasets import ShardDataset, TransformedDataset, build_dataset
 from cellssl.data.io import read_raw_image
 from cellssl.data.shards import CELLS_NAME, INDEX_NAME, ShardReader, sha256_file, write_shards
 from cellssl.engine.checkpoint import load_checkpoint
@@ -83,6 +82,9 @@ def test_cli_shard_and_its_one_line_refusals(tmp_path, capsys):
     src = make_image_folder(tmp_path / "src", n_per_class=2, size=16)
     main(["datasets", "shard", str(src), str(tmp_path / "sh"), "--shard-size", "4"])
     assert "wrote 6 cells in 2 shard(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["datasets", "check", str(tmp_path / "sh")])
+    assert exc.value.code == 0 and "6 cells in 2 shard(s), 3 classes" in capsys.readouterr().out
     for args, said in (([str(tmp_path / "sh")], "already exists: nothing is overwritten"),
                        ([str(tmp_path / "x"), "--shard-size", "0"], "--shard-size")):
         with pytest.raises(SystemExit) as exc:
@@ -98,13 +100,12 @@ def test_pretrain_from_shards_equals_the_folder_and_embed_reads_shards(tmp_path)
     weights = []
     for name, data in (("folder", src), ("shards", tmp_path / "sh")):
         r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=3, batch_size=4, checkpoint_every=3)),
-                        [f"data.path={data}", f"train.out={tmp_path / name}",
-                         f"data.num_workers={1 if name == 'shards' else 0}"])  # a forked worker reads shards
+                        [f"data.path={data}", f"train.out={tmp_path / name}"])
         res = fit(r)
         assert res.step == 3
         weights.append(load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"])
     # same cells in the same order: the same sampler, views and weights, bit for bit (so the
-    # folder path's exact resume carries over)
+    # folder path's exact resume carries over; a forked worker reading shards: the next test)
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
     ckpt = tmp_path / "shards" / "checkpoints" / "last.pt"
@@ -113,6 +114,22 @@ def test_pretrain_from_shards_equals_the_folder_and_embed_reads_shards(tmp_path)
     assert list(a["paths"]) == list(b["paths"]) and "red/red_000.png" in list(b["paths"])
     assert np.array_equal(a["labels"], b["labels"])
     np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_forked_loader_workers_read_shards_in_any_order(tmp_path):
+    """pread has no shared file position: workers forked after the parent opened a shard read the
+    right cells (a seek + read on a shared descriptor would mix them up)."""
+    src = make_image_folder(tmp_path / "src", n_per_class=4, size=16)
+    shard(src, tmp_path / "sh", 3)
+    ds = build_dataset(DataConfig(), tmp_path / "sh")
+    expected = [ds.load(i)[0] for i in range(len(ds))]  # the parent holds open shard files now
+    order = list(np.random.default_rng(0).permutation(len(ds)))
+    data = TransformedDataset(ds, torch.from_numpy, order)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, timeout=60,
+                                         multiprocessing_context="fork")
+    got = torch.cat([x for x, _ in loader])
+    for k, i in enumerate(order):
+        assert np.array_equal(got[k].numpy(), expected[i])
 
 
 @pytest.fixture
@@ -144,7 +161,7 @@ def test_missing_cell_table_is_one_line(shards):
         build_dataset(DataConfig(), shards)
 
 
-def test_corrupt_member_is_named_and_skipped(shards):
+def test_corrupt_member_is_named_and_skipped(shards, capsys):
     reader = ShardReader(shards)
     rec = reader.cells[4]
     tar = shards / "shard-000001.tar"
@@ -158,4 +175,9 @@ def test_corrupt_member_is_named_and_skipped(shards):
     assert np.array_equal(img, ds.load(5)[0]) and label == ds.labels[5]
     msg = [str(w.message) for w in caught]
     assert any("shard-000001.tar:000000004.npy" in m and "corrupt shard member" in m for m in msg), msg
-    json.loads((shards / INDEX_NAME).read_text())  # the index itself is untouched
+    # datasets check reads every shard against its sha256 and names the damaged one (exit 1)
+    with pytest.raises(SystemExit) as exc:
+        main(["datasets", "check", str(shards)])
+    out = capsys.readouterr().out
+    assert exc.value.code == 1 and "1 shard(s) damaged" in out
+    assert "shard-000001.tar does not match its sha256" in out and "shard-000000.tar" not in out

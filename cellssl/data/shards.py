@@ -198,6 +198,17 @@ def check_shard_files(root: str | Path, index: dict[str, Any], checksums: bool =
     return problems
 
 
+def verify_shards(root: str | Path) -> tuple[list[str], str]:
+    """Every shard of ``root`` read in full and checked against its size and sha256 in the index
+    (``cellssl datasets check``). Returns (problems, one line each; a one-line summary)."""
+    index = load_index(root)
+    problems = check_shard_files(root, index, checksums=True)
+    summary = (f"{root}: {index['count']} cells in {len(index['shards'])} shard(s), "
+               f"{len(index['classes'])} classes, channels {index['channels']}, dtypes {index['dtypes']}; "
+               + (f"{len(problems)} shard(s) damaged" if problems else "every shard matches its sha256"))
+    return problems, summary
+
+
 class ShardReader:
     """Map-style access to the cells of a shard folder: ``raw(i)`` is one ``pread`` + ``np.load``.
 
