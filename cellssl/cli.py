@@ -452,9 +452,15 @@ def datasets():
 @click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
               help="Micrometres per pixel of these images: the cell size is also given in µm.")
 def datasets_check(folder, um_per_px):
-    """Counts per class, sizes, channels, dtypes, the apparent cell size, duplicates and unreadable files."""
+    """Counts per class, sizes, channels, dtypes, the apparent cell size, duplicates and unreadable files
+    (a shard folder: every shard's size and sha256 against its index)."""
     from cellssl.data.check import check_dataset, format_check_report
+    from cellssl.data.shards import is_shard_folder, verify_shards
 
+    if is_shard_folder(folder):
+        problems, summary = verify_shards(folder)
+        click.echo("\n".join([summary, *problems]))
+        sys.exit(1 if problems else 0)
     report = check_dataset(folder, um_per_px=um_per_px)
     click.echo(format_check_report(report))
     if report.get("unreadable"):
@@ -485,6 +491,24 @@ def datasets_tile(image, mask, out, size):
 
     paths = tile_image_to_folder(image, mask, out, size)
     click.echo(f"wrote {len(paths)} crops of {size} px to {out}")
+
+
+@datasets.command("shard", context_settings=CONTEXT)
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--shard-size", type=RecipeValue("datasets shard --shard-size"), default=10000, show_default=True,
+              help="Cells per tar shard.")
+def datasets_shard(src, out, shard_size):
+    """Write a folder, CSV manifest, .npz or tile set as tar shards with an index (for millions of
+    cells): pixels lossless (any bit depth and channel count), labels and original paths kept."""
+    from cellssl.config import DataConfig
+    from cellssl.data.datasets import build_dataset
+    from cellssl.data.shards import write_shards
+
+    ds = build_dataset(DataConfig(), src)
+    index = write_shards(ds, out, shard_size)
+    skipped = f", {len(index['skipped'])} unreadable file(s) skipped (named above)" if index["skipped"] else ""
+    click.echo(f"wrote {index['count']} cells in {len(index['shards'])} shard(s) to {out}{skipped}")
 
 
 @datasets.command("download", context_settings=CONTEXT)

@@ -351,6 +351,7 @@ OPTIONS: dict[str, tuple[type, Range]] = {
     "finetune --val-fraction": (float, _FRACTION),
     "--split": (float, Range(0, 1, lo_open=True, hi_open=True)),
     "datasets tile --size": (int, Range(8)),
+    "datasets shard --shard-size": (int, Range(1)),
 }
 
 

@@ -1,4 +1,5 @@
-"""Datasets of single-cell images: folders (labelled or not), CSV manifests, MedMNIST ``.npz``.
+"""Datasets of single-cell images: folders (labelled or not), CSV manifests, MedMNIST ``.npz``,
+shard folders (``cellssl datasets shard``, :mod:`cellssl.data.shards`).
 
 :class:`ImageDataset` yields ``(image, label)`` with ``image`` a float32 (H, W, C) array in
 [0, 1] (or ``transform(image)``); :class:`MultiViewDataset` turns it into the multi-view
@@ -37,8 +38,10 @@ from cellssl.data.io import (
     list_images,
     read_image,
     read_raw_image,
+    scale_intensity,
 )
-from cellssl.errors import DataError
+from cellssl.data.shards import ShardReader, has_loose_shards, is_shard_folder
+from cellssl.errors import ConfigError, DataError
 
 BLOODMNIST_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 _SUFFIX_TEXT = ".png .jpg .tif ..."
@@ -140,6 +143,12 @@ class ImageDataset(Dataset):
                 f"run 'cellssl datasets check {self.root}' to list them"
             )
 
+    def raw(self, i: int) -> np.ndarray:
+        """The stored pixels of sample ``i`` as (H, W, C) in the file's dtype (no scaling, no channel
+        conversion); raises :class:`ImageReadError`. What ``datasets shard`` stores."""
+        c = self.cfg
+        return read_raw_image(self.samples[i][0], tiff_page=c.tiff_page, tiff_projection=c.tiff_projection)
+
     def read(self, i: int, convert: bool = True) -> np.ndarray:
         """Sample ``i`` as float32 (H, W, C) without ``transform``; unlike :meth:`load`, an
         unreadable file raises :class:`ImageReadError` instead of being replaced (for a row that
@@ -215,6 +224,102 @@ class ArrayImageDataset(ImageDataset):
         c = self.cfg
         img = array_to_float(self.images[i], c.intensity, tuple(c.percentiles))
         return convert_channels(img, channels, self.samples[i][0]) if channels else img
+
+    def raw(self, i: int) -> np.ndarray:
+        img = np.asarray(self.images[i])
+        return img[:, :, None] if img.ndim == 2 else img
+
+
+class _ShardSamples(Sequence):
+    """``(path, label)`` of each cell of a shard folder, made on access (no list of N tuples)."""
+
+    def __init__(self, root: Path, reader: ShardReader):
+        self.root, self.reader = root, reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> tuple[Path, int]:  # type: ignore[override]
+        return self.root / self.reader.paths[i], int(self.reader.cells[i]["label"])
+
+
+class ShardDataset(ImageDataset):
+    """An :class:`ImageDataset` over a shard folder (``cellssl datasets shard``), map-style: cell i is
+    read at its byte offset in its tar, so the training loop's sampler, rank sharding and exact
+    resume work as for a folder. Memory: 20 bytes a cell (the offsets), plus the original paths
+    (``samples``, ``paths``) only when a command asks for them (e.g. ``embed``).
+
+    A corrupt member is skipped like an unreadable file (warning naming the shard and member);
+    a missing index, a missing or truncated shard is refused when the dataset is built.
+    """
+
+    def __init__(self, root: str | Path, *, cfg: DataConfig | None = None, channels: int | None = None,
+                 transform: Callable[[np.ndarray], Any] | None = None, labelled: bool | None = None):
+        # ImageDataset.__init__ would list every sample; the reader holds them as offsets instead.
+        self.root = Path(root)
+        self.reader = ShardReader(self.root)
+        self.classes = [] if labelled is False else list(self.reader.classes)
+        self.labelled = bool(self.classes)
+        if labelled and not self.labelled:
+            raise DataError(f"shard folder {self.root} holds no labels: shard a labelled folder or manifest")
+        self.cfg = cfg or DataConfig()
+        self.transform, self.pre_transform, self.value_range = transform, None, None
+        self.bad_files: set[Path] = set()
+        self._bad: set[int] = set()
+        self.channels = int(channels) if channels else self._detect_channels()
+
+    @property
+    def samples(self) -> Sequence[tuple[Path, int]]:  # type: ignore[override]
+        return _ShardSamples(self.root, self.reader)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.reader.labels if self.labelled else np.full(len(self.reader), -1, dtype=np.int64)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.root / p for p in self.reader.paths]
+
+    def raw(self, i: int) -> np.ndarray:
+        return self.reader.raw(i)
+
+    def _read(self, i: int, channels: int | None) -> np.ndarray:
+        c = self.cfg
+        img = np.ascontiguousarray(scale_intensity(self.reader.raw(i), c.intensity, tuple(c.percentiles),
+                                                   self.value_range), dtype=np.float32)
+        return convert_channels(img, channels, self.reader.member(i)) if channels else img
+
+    def _mark_bad(self, i: int, exc: ImageReadError) -> None:
+        """Record and warn (once per cell) about a corrupt member, named by shard and member."""
+        if i in self._bad:
+            return
+        self._bad.add(i)
+        self.bad_files.add(Path(self.reader.member(i)))
+        warnings.warn(f"skipping unreadable cell {exc.path}: {exc.reason}", DataWarning, stacklevel=3)
+        if len(self._bad) > self.cfg.max_bad_fraction * len(self):
+            raise DataError(
+                f"{len(self._bad)} of {len(self)} cells in {self.root} are unreadable "
+                f"(more than data.max_bad_fraction={self.cfg.max_bad_fraction}); re-create the shards with "
+                "'cellssl datasets shard'"
+            )
+
+    def load(self, i: int) -> tuple[np.ndarray, int]:
+        """Cell ``i`` as (float32 (H, W, C), label); a corrupt member is replaced by the next readable cell."""
+        n = len(self)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self._bad:
+                continue
+            try:
+                img = self.read(j)
+            except ImageReadError as exc:
+                self._mark_bad(j, exc)
+                continue
+            return img, int(self.reader.cells[j]["label"]) if self.labelled else -1
+        raise DataError(f"no readable cell left in {self.root}")
 
 
 class MultiViewDataset(Dataset):
@@ -498,6 +603,11 @@ def build_dataset(
         spec = str(default_synthetic_path(cfg))
     if ".npz" in Path(spec).name:
         ds: ImageDataset = _npz_dataset(spec, cfg, labelled, transform)
+    elif is_shard_folder(Path(spec).expanduser()):
+        if cfg.percentile_scope == "dataset":
+            raise ConfigError("data.percentile_scope=dataset is not supported for a shard folder yet; "
+                              "use data.percentile_scope=image")
+        ds = ShardDataset(Path(spec).expanduser(), cfg=cfg, channels=cfg.channels, transform=transform, labelled=labelled)
     else:
         root = Path(spec).expanduser()
         if not root.exists():
@@ -507,7 +617,13 @@ def build_dataset(
         elif root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES:
             samples, classes = [(root, -1)], []
         elif root.is_dir():
-            samples, classes = _folder_samples(root, labelled)
+            try:
+                samples, classes = _folder_samples(root, labelled)
+            except DataError:
+                if has_loose_shards(root):
+                    raise DataError(f"{root} holds .tar shards but no index.json: re-create it with 'cellssl datasets "
+                                    "shard SRC OUT' (the index lists the shards, their checksums and classes)") from None
+                raise
         else:
             raise DataError(f"data path {root} is not a folder, .csv manifest or .npz file")
         ds = ImageDataset(root, samples, classes, cfg=cfg, channels=cfg.channels, transform=transform)

@@ -3,6 +3,16 @@
 A method is a loss plus its heads. The engine calls ``method(views)`` for a batch of views
 ``(B, M, C, H, W)`` and gets a dict of scalar losses (``"loss"`` is the one to minimise, the
 others are logged), then ``method.after_step(step, total_steps)`` (the EMA update).
+
+Under DDP (W ranks, equal local batches of B/W images) every method is exact, not per rank:
+each batch-wide statistic (MSBReg's singular-value spectrum, VICReg's std and covariance, Barlow
+Twins' cross-correlation, SimCLR's negatives, the BatchNorm of the heads) is taken over the batch
+gathered with ``gather_with_grad`` (gradient kept), and each rank returns a ``loss`` whose mean
+over ranks is the single-process loss of the whole batch (a term of a statistic of the gathered
+batch is the same on every rank; a per-image term is the mean over the rank's own images). DDP
+averages the parameter gradients over ranks, so a step on 2 ranks equals a step on 1 process
+(``tests/test_ddp_gradients.py`` checks it for every method). Random inputs (MSBReg's Brownian
+directions) are drawn per rank from a per-rank seed: the same distribution, not the same draws.
 """
 
 from __future__ import annotations
@@ -10,13 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cellssl.config import MethodConfig, ModelConfig
 from cellssl.errors import ConfigError, did_you_mean
-from cellssl.models import cosine_momentum, ema_update, make_target, mlp
+from cellssl.models import cosine_momentum, ema_update, gather_with_grad, make_target, mlp  # noqa: F401 (re-exported)
 
 METHODS: dict[str, type["SSLMethod"]] = {}
 
@@ -40,18 +49,6 @@ def build_method(method_cfg: MethodConfig, model_cfg: ModelConfig, backbone: nn.
             f"available: {', '.join(sorted(METHODS))}"
         )
     return METHODS[method_cfg.name](backbone, model_cfg, method_cfg)
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (B, D) from all DDP ranks along dim 0, keeping the local gradient.
-
-    Returns ``x`` itself when not distributed.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather  # only under DDP
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def off_diagonal(x: Tensor) -> Tensor:
