@@ -294,6 +294,8 @@ def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> t
     t0 = time.monotonic()
     res = fit(recipe, resume=ckpt.exists())
     seconds = time.monotonic() - t0
+    if res.stopped_early in ("interrupted", "terminated"):  # Ctrl-C / SIGTERM: the run is not done; rerun resumes
+        raise SystemExit(f"{res.stopped_early} at step {res.step}: checkpoint {ckpt}; rerun the command to continue")
     info = {"steps": res.step, "minutes": seconds / 60, "stopped": res.stopped_early,
             "batch": recipe.train.batch_size, "n_views": recipe.views.n_views, "image_views": res.step * per_step,
             "views_per_s": res.step * per_step / max(seconds, 1e-9)}
