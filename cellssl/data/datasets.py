@@ -266,6 +266,7 @@ class ShardDataset(ImageDataset):
         self.transform, self.pre_transform, self.value_range = transform, None, None
         self.bad_files: set[Path] = set()
         self._bad: set[int] = set()
+        self.fixed_channels = bool(channels)  # as ImageDataset: a recipe's count converts, else odd files are bad
         self.channels = int(channels) if channels else self._detect_channels()
 
     @property
