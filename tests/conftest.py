@@ -61,3 +61,26 @@ def tiny_recipe_yaml(path: Path, **train) -> Path:
     }
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in-process, as a user runs it (``cellssl.cli.main``): (exit code, stdout, stderr)."""
+    from cellssl.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(code: int, err: str, alone: bool = True) -> str:
+    """The one ``error:`` line of a user-fault exit: code 2, no traceback, no "internal error";
+    ``alone``: nothing else on stderr (else warnings may come before it)."""
+    assert code == 2 and "Traceback" not in err, err
+    lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "internal error" not in lines[0], err
+    assert not alone or len(err.strip().splitlines()) == 1, err
+    return lines[0]

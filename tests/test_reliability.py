@@ -15,7 +15,7 @@ from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.engine.fit import fit
 from cellssl.errors import TrainingError
 from cellssl.methods.msbreg import MSBReg
-from conftest import REPO, tiny_recipe_yaml
+from conftest import REPO, one_error_line, run_cli, tiny_recipe_yaml
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -93,7 +93,7 @@ def test_unknown_key_names_nearest():
     assert "train.batchsize" in msg and "train.batch_size" in msg
 
 
-def test_wrong_type_is_one_line():
+def test_wrong_type_isone_error_line():
     assert "expected an integer" in one_line_error(cli("pretrain", "--set", "train.batch_size=many"))
 
 
@@ -193,7 +193,7 @@ def test_messy_folder_trains_and_names_bad_files(tmp_path):
     assert "gray.png" not in check.stdout.split("unreadable", 1)[-1]
 
 
-def test_fewshot_class_too_small_is_one_line(tmp_path):
+def test_fewshot_class_too_small_isone_error_line(tmp_path):
     from conftest import make_image_folder
 
     folder = make_image_folder(tmp_path / "cells", n_per_class=12, size=24)
@@ -204,7 +204,7 @@ def test_fewshot_class_too_small_is_one_line(tmp_path):
     assert "blue" in msg
 
 
-def test_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
+def test_disk_full_isone_error_line(tmp_path, monkeypatch, capsys):
     import cellssl.engine.fit as fit_module
     from cellssl.cli import main
 
@@ -220,40 +220,23 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 # ---- round two (issue 14): work is never lost ----------------------------------------------
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; (exit code, stdout, stderr)."""
-    from cellssl.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def _one_line(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and len(err.strip().splitlines()) == 1, err
-    return lines[0]
 
 
 def test_rerun_into_a_run_folder_is_refused_resume_and_overwrite_still_work(tmp_path, tiny_folder, capsys):
     recipe = str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=4, checkpoint_every=2))
     run = tmp_path / "run"
     args = ["pretrain", "--recipe", recipe, "--data", str(tiny_folder), "--out", str(run)]
-    assert _main(capsys, *args)[0] == 0
+    assert run_cli(capsys, *args)[0] == 0
     last, metrics = run / "checkpoints" / "last.pt", run / "metrics.jsonl"
     before = (last.read_bytes(), metrics.read_text())
-    msg = _one_line(*_main(capsys, *args)[::2])
+    msg = one_error_line(*run_cli(capsys, *args)[::2])
     assert "already holds a run" in msg and "step 4" in msg and "--resume" in msg and "--overwrite" in msg
     assert (last.read_bytes(), metrics.read_text()) == before  # nothing touched
-    code, out, _ = _main(capsys, *args, "--resume")
+    code, out, _ = run_cli(capsys, *args, "--resume")
     assert code == 0 and "4/4 steps" in out
-    code, out, _ = _main(capsys, *args, "--overwrite", "--max-steps", "3")
+    code, out, _ = run_cli(capsys, *args, "--overwrite", "--max-steps", "3")
     assert code == 0 and "3/3 steps" in out
     assert load_checkpoint(last)["step"] == 3 and len(metrics.read_text().splitlines()) == 3
 
@@ -317,7 +300,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_command(tmp_pa
     for args in (["fewshot", "--checkpoint", str(bad), "--data", str(tiny_folder), "--out", str(tmp_path / "f.json")],
                  ["embed", "--checkpoint", str(bad), "--data", str(tiny_folder), "--out", str(tmp_path / "e.npz")],
                  ["adapt", "--checkpoint", str(bad), "--data", str(tiny_folder), "--out", str(tmp_path / "a")]):
-        msg = _one_line(*_main(capsys, *args)[::2])
+        msg = one_error_line(*run_cli(capsys, *args)[::2])
         assert str(bad) in msg and "non-finite weights" in msg
 
 
@@ -326,9 +309,9 @@ def test_all_steps_non_finite_is_not_a_success_and_says_there_is_no_checkpoint(t
     _nan_after(monkeypatch, set(range(1, 100)))
     recipe = str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2))
     with pytest.warns(UserWarning, match="non-finite loss"):
-        code, _, err = _main(capsys, "pretrain", "--recipe", recipe, "--data", str(tiny_folder), "--out",
+        code, _, err = run_cli(capsys, "pretrain", "--recipe", recipe, "--data", str(tiny_folder), "--out",
                              str(tmp_path / "run"))
-    msg = _one_line(code, err)
+    msg = one_error_line(code, err)
     assert "no update was made" in msg and "all 2 steps" in msg and "no checkpoint was written" in msg
     assert "loss_sv" in msg and "method.sv_weight=0.1" in msg and "method.sv_eps=" in msg
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
@@ -369,7 +352,7 @@ def test_a_non_finite_streak_names_the_real_state_and_the_cause(tmp_path, tiny_f
     (["linear", "--split", "1"], "--split must be in (0, 1), got 1.0"),
 ])
 def test_every_bad_value_is_one_line_naming_value_and_range(args, fragment, capsys):
-    msg = _one_line(*_main(capsys, *args)[::2])
+    msg = one_error_line(*run_cli(capsys, *args)[::2])
     assert fragment in msg, msg
 
 
@@ -395,7 +378,7 @@ def test_every_checked_option_rejects_a_value_outside_its_range(capsys):
                 continue
             rng = value_range(p.type.key)
             bad = (rng.lo if rng.lo_open else rng.lo - 1) if rng.lo is not None else rng.hi + 1
-            msg = _one_line(*_main(capsys, *path, p.opts[0], str(bad))[::2])
+            msg = one_error_line(*run_cli(capsys, *path, p.opts[0], str(bad))[::2])
             assert p.opts[0] in msg and rng.describe() in msg, (path, msg)
             checked += 1
     assert checked >= 30
@@ -409,21 +392,21 @@ def test_subprocess_bad_value_is_one_line_without_traceback():
 # ---- messages that said the wrong thing -----------------------------------------------------
 def test_datasets_check_empty_folder_views_suffix_and_folders_given_as_files(tmp_path, tiny_folder, capsys):
     (tmp_path / "empty").mkdir()
-    msg = _one_line(*_main(capsys, "datasets", "check", str(tmp_path / "empty"))[::2])
+    msg = one_error_line(*run_cli(capsys, "datasets", "check", str(tmp_path / "empty"))[::2])
     assert "no images found in" in msg
 
     recipe = str(tiny_recipe_yaml(tmp_path / "r.yaml"))
-    code, out, _ = _main(capsys, "views", "--recipe", recipe, "--data", str(tiny_folder), "--n", "2",
+    code, out, _ = run_cli(capsys, "views", "--recipe", recipe, "--data", str(tiny_folder), "--n", "2",
                          "--out", str(tmp_path / "o" / "v"))
     assert code == 0 and out.strip() == f"views written to {tmp_path / 'o' / 'v.png'}"
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["v.png"]
 
-    msg = _one_line(*_main(capsys, "pretrain", "--recipe", str(tiny_folder))[::2])
+    msg = one_error_line(*run_cli(capsys, "pretrain", "--recipe", str(tiny_folder))[::2])
     assert "is a folder" in msg and "does not exist" not in msg
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({}, run / "checkpoints" / "last.pt")
-    msg = _one_line(*_main(capsys, "embed", "--checkpoint", str(run), "--data", str(tiny_folder),
+    msg = one_error_line(*run_cli(capsys, "embed", "--checkpoint", str(run), "--data", str(tiny_folder),
                            "--out", str(tmp_path / "e.npz"))[::2])
     assert "is a folder" in msg and str(run / "checkpoints" / "last.pt") in msg
 
@@ -441,7 +424,7 @@ def test_datasets_check_lists_images_as_training_does(tmp_path, capsys):
     (folder / "__MACOSX" / "red" / "._red_001.png").write_bytes(b"\x00\x05\x16\x07")
     (folder / ".thumbs").mkdir()
     (folder / ".thumbs" / "t.png").write_bytes(b"")
-    code, out, _ = _main(capsys, "datasets", "check", str(folder))
+    code, out, _ = run_cli(capsys, "datasets", "check", str(folder))
     assert code == 0, out
     assert "12 image files, 12 readable" in out and "unreadable: 0" in out
     assert len(build_dataset(DataConfig(), folder)) == 12

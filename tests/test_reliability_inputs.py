@@ -5,6 +5,7 @@ truncated files. Each case is listed in docs/reliability.md."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -13,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellssl.cli import main
 from cellssl.config import DataConfig
 from cellssl.data.datasets import DataWarning, MultiViewDataset, build_dataset, collate_readable
 from cellssl.data.io import list_images
@@ -23,7 +23,9 @@ from cellssl.eval.features import embed, load_features
 from cellssl.eval.linear import linear
 from cellssl.eval.predict import predict
 from cellssl.eval.select import read_labelled_paths, select
-from conftest import make_image_folder, tiny_recipe_yaml
+from conftest import make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
+
+_one_line = functools.partial(one_error_line, alone=False)  # warnings naming bad files may come first
 
 FAST = {"device": "cpu", "progress": False, "image_size": 16}
 
@@ -62,21 +64,13 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+
+
+
+
 def _run(capsys, *args: str) -> tuple[int, str]:
     """The CLI in-process: (exit code, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
-def _one_line(code: int, err: str) -> str:
-    assert code == 2 and "Traceback" not in err, err
-    lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+    return run_cli(capsys, *args)[::2]
 
 
 @pytest.fixture(scope="module")

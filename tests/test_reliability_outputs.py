@@ -25,30 +25,13 @@ from cellssl.errors import CheckpointError, ConfigError, DiskFullError
 from cellssl.eval.linear import linear
 from cellssl.eval.predict import load_predictor, predict
 from cellssl.models import build_backbone
-from conftest import REPO, make_image_folder, tiny_recipe_yaml
+from conftest import REPO, make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
 
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 25932736 vs 25932632"
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; (exit code, stdout, stderr)."""
-    from cellssl.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def _one_line(code: int, err: str) -> str:
-    """The one ``error:`` line of a user-fault exit (code 2, no traceback)."""
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "internal error" not in lines[0], err
-    return lines[0]
 
 
 def _sha(path: Path) -> str:
@@ -118,7 +101,7 @@ def test_full_disk_in_pretrain_is_one_line_exit_2(tmp_path, tiny_folder, monkeyp
     _small_free_space(monkeypatch)
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2, checkpoint_every=2)
     run = tmp_path / "run"
-    msg = _one_line(*_main(capsys, "pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--out",
+    msg = one_error_line(*run_cli(capsys, "pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--out",
                            str(run))[::2])
     assert "is full: writing" in msg and "last.pt needs about" in msg and "MB free" in msg
     assert "no earlier last.pt was there, nothing was written" in msg
@@ -135,7 +118,7 @@ def test_full_disk_in_export_is_one_line_exit_2_and_writes_nothing(tmp_path, mon
 
     monkeypatch.setattr(export_module, "save_file", full)
     ck = make_ckpt(tmp_path / "last.pt", image_size=16)
-    msg = _one_line(*_main(capsys, "export", "--checkpoint", str(ck), "--out", str(tmp_path / "m"))[::2])
+    msg = one_error_line(*run_cli(capsys, "export", "--checkpoint", str(ck), "--out", str(tmp_path / "m"))[::2])
     assert "is full: writing" in msg and "needs about 46." in msg and f"nothing was written to {tmp_path / 'm'}" in msg
     assert not (tmp_path / "m").exists() and _leftovers(tmp_path) == []
 
@@ -185,23 +168,23 @@ def test_export_refuses_a_folder_with_files_and_overwrite_replaces_an_earlier_ex
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes")
-    msg = _one_line(*_main(capsys, "export", "--checkpoint", str(ck), "--out", str(mine))[::2])
+    msg = one_error_line(*run_cli(capsys, "export", "--checkpoint", str(ck), "--out", str(mine))[::2])
     assert "already holds files (README.md)" in msg and "--overwrite" in msg
-    msg = _one_line(*_main(capsys, "export", "--checkpoint", str(ck), "--out", str(mine), "--overwrite")[::2])
+    msg = one_error_line(*run_cli(capsys, "export", "--checkpoint", str(ck), "--out", str(mine), "--overwrite")[::2])
     assert "has no config.json, so it is not an earlier `cellssl export` output: --overwrite replaces only" in msg
     assert (mine / "README.md").read_text() == "my notes" and sorted(os.listdir(mine)) == ["README.md"]
 
     out = tmp_path / "m"
-    assert _main(capsys, "export", "--checkpoint", str(ck), "--out", str(out))[0] == 0
+    assert run_cli(capsys, "export", "--checkpoint", str(ck), "--out", str(out))[0] == 0
     (out / "model.onnx").write_bytes(b"an earlier export's onnx")  # as `--format both` would have left
-    msg = _one_line(*_main(capsys, "export", "--checkpoint", str(ck), "--out", str(out))[::2])
+    msg = one_error_line(*run_cli(capsys, "export", "--checkpoint", str(ck), "--out", str(out))[::2])
     assert "already holds files" in msg
-    assert _main(capsys, "export", "--checkpoint", str(ck), "--out", str(out), "--overwrite")[0] == 0
+    assert run_cli(capsys, "export", "--checkpoint", str(ck), "--out", str(out), "--overwrite")[0] == 0
     config = json.loads((out / "config.json").read_text())
     assert sorted(os.listdir(out)) == sorted(config["cellssl"]["files"] + ["config.json", "README.md"])
     assert _leftovers(tmp_path) == []
     (out / "notes.txt").write_text("mine")
-    msg = _one_line(*_main(capsys, "export", "--checkpoint", str(ck), "--out", str(out), "--overwrite")[::2])
+    msg = one_error_line(*run_cli(capsys, "export", "--checkpoint", str(ck), "--out", str(out), "--overwrite")[::2])
     assert "holds notes.txt, which `cellssl export` does not write" in msg
 
 
@@ -211,7 +194,7 @@ def test_kill_9_mid_export_leaves_the_earlier_export_whole(tmp_path, monkeypatch
     first = make_ckpt(tmp_path / "a" / "last.pt", image_size=16, step=3)
     second = make_ckpt(tmp_path / "b" / "last.pt", image_size=16, step=9)
     out = tmp_path / "m"
-    assert _main(capsys, "export", "--checkpoint", str(first), "--out", str(out))[0] == 0
+    assert run_cli(capsys, "export", "--checkpoint", str(first), "--out", str(out))[0] == 0
     before = {p.name: _sha(p) for p in out.iterdir()}
     script = textwrap.dedent(f"""
         import os, signal
@@ -239,9 +222,9 @@ def test_kill_9_mid_export_leaves_the_earlier_export_whole(tmp_path, monkeypatch
 
     monkeypatch.setattr(export_module, "save_file", save_then_stop)
     fresh = tmp_path / "fresh"
-    assert _main(capsys, "export", "--checkpoint", str(second), "--out", str(fresh))[0] == 130
+    assert run_cli(capsys, "export", "--checkpoint", str(second), "--out", str(fresh))[0] == 130
     assert not fresh.exists() and not [n for n in _leftovers(tmp_path) if n.startswith(".fresh")]
-    code, _, err = _main(capsys, "embed", "--checkpoint", str(fresh), "--data", str(tmp_path), "--out",
+    code, _, err = run_cli(capsys, "embed", "--checkpoint", str(fresh), "--data", str(tmp_path), "--out",
                          str(tmp_path / "e.npz"))
     assert code == 2 and "does not exist" in err
 
@@ -263,20 +246,21 @@ def test_interrupted_finetune_leaves_a_best_pt_that_every_command_refuses(tmp_pa
         return real_epoch(*a, **k)
 
     monkeypatch.setattr(ft, "_train_epoch", ctrl_c_in_epoch_2)
-    code, _, err = _main(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert code == 130 and (run / "best.pt").is_file()  # epoch 1's best weights are there ...
     with pytest.raises(CheckpointError, match="did not finish .*best epoch so far: 1.*run `cellssl finetune`"):
         load_predictor(run / "best.pt")  # ... but nothing trusts them
-    msg = _one_line(*_main(capsys, "predict", "--model", str(run), "--data", str(data), "--out",
+    msg = one_error_line(*run_cli(capsys, "predict", "--model", str(run), "--data", str(data), "--out",
                            str(tmp_path / "p"), "--device", "cpu")[::2])
     assert "did not finish" in msg and "--overwrite" in msg
-    msg = _one_line(*_main(capsys, "export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "x"))[::2])
+    msg = one_error_line(*run_cli(capsys, "export", "--checkpoint", str(run / "best.pt"), "--out",
+                                  str(tmp_path / "x"))[::2])
     assert "did not finish" in msg and not (tmp_path / "x").exists()
     monkeypatch.undo()
     # a finetune into a run folder is refused, as pretrain does; --overwrite replaces it
-    msg = _one_line(*_main(capsys, *args)[::2])
+    msg = one_error_line(*run_cli(capsys, *args)[::2])
     assert "already holds a finetune run (best.pt at epoch 1): replace it with --overwrite" in msg
-    assert _main(capsys, *args, "--overwrite")[0] == 0
+    assert run_cli(capsys, *args, "--overwrite")[0] == 0
     pred = load_predictor(run / "best.pt")
     assert pred.unsure is not None and "incomplete" not in torch.load(run / "best.pt", weights_only=True)
 
@@ -301,10 +285,10 @@ def test_predict_writes_a_whole_folder_refuses_files_and_replaces_an_earlier_one
         predict(classifier, more, tmp_path / "fresh", device="cpu", progress=False)
     assert not (tmp_path / "fresh").exists()
     monkeypatch.undo()
-    msg = _one_line(*_main(capsys, "predict", "--model", str(classifier), "--data", str(more), "--out", str(out),
+    msg = one_error_line(*run_cli(capsys, "predict", "--model", str(classifier), "--data", str(more), "--out", str(out),
                            "--device", "cpu")[::2])
     assert "already holds files" in msg and "--overwrite" in msg
-    code, shown, _ = _main(capsys, "predict", "--model", str(classifier), "--data", str(more), "--out", str(out),
+    code, shown, _ = run_cli(capsys, "predict", "--model", str(classifier), "--data", str(more), "--out", str(out),
                            "--device", "cpu", "--sheet", "0", "--overwrite")
     assert code == 0 and "classified 15/15" in shown
     assert sorted(os.listdir(out)) == [".cellssl-output", "predictions.csv", "report.json", "report.md"]  # no old sheet
@@ -327,10 +311,10 @@ def _bomb_png(path: Path, side: int = 20000) -> Path:
 def test_a_png_declaring_a_giant_image_is_a_bad_file_in_predict_and_datasets_check(classifier, tmp_path, capsys):
     new = make_image_folder(tmp_path / "new", n_per_class=2, size=20, seed=2)
     _bomb_png(new / "red" / "aaa_bomb.png")
-    code, shown, err = _main(capsys, "datasets", "check", str(new))
+    code, shown, err = run_cli(capsys, "datasets", "check", str(new))
     assert code == 1 and "error" not in err
     assert "red/aaa_bomb.png: declares an image too large to decode safely" in shown and "unreadable: 1" in shown
-    code, shown, err = _main(capsys, "predict", "--model", str(classifier), "--data", str(new), "--out",
+    code, shown, err = run_cli(capsys, "predict", "--model", str(classifier), "--data", str(new), "--out",
                              str(tmp_path / "p"), "--device", "cpu")
     assert code == 0 and "classified 6/7 images" in shown, err
     rows = (tmp_path / "p" / "predictions.csv").read_text().splitlines()
@@ -339,7 +323,7 @@ def test_a_png_declaring_a_giant_image_is_a_bad_file_in_predict_and_datasets_che
 
 
 def test_predict_batch_size_is_range_checked(classifier, tmp_path, capsys):
-    msg = _one_line(*_main(capsys, "predict", "--model", str(classifier), "--data", str(tmp_path), "--out",
+    msg = one_error_line(*run_cli(capsys, "predict", "--model", str(classifier), "--data", str(tmp_path), "--out",
                            str(tmp_path / "p"), "--batch-size", "0")[::2])
     assert msg == "error: --batch-size (eval.batch_size) must be at least 1, got 0"
 
@@ -357,6 +341,6 @@ def test_model_pretrained_that_is_not_weights_says_which_files_are_accepted(tmp_
         build_backbone(ModelConfig(backbone="resnet18", pretrained=str(junk)), 3, 32, load_pretrained=True)
     assert "weights_only" not in str(exc.value) and "a `cellssl export` folder" in str(exc.value)
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=1)
-    msg = _one_line(*_main(capsys, "pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--out",
+    msg = one_error_line(*run_cli(capsys, "pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--out",
                            str(tmp_path / "run"), "--set", f"model.pretrained={onnx}")[::2])
     assert "is not a weights file" in msg and "RUN/checkpoints/last.pt" in msg and "weights_only" not in msg

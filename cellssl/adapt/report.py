@@ -162,12 +162,9 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) * len(rows) / 2.5), 4.2))
     width = 0.8 / len(rows)
-    cmap = plt.get_cmap("tab10")
-    for i, r in enumerate(rows):
-        means = [100 * (get(r).get("mean", get(r).get("accuracy")) or np.nan) for _, get in metrics]
-        cis = [100 * (get(r).get("ci95") or 0.0) for _, get in metrics]
-        xs = np.arange(len(metrics)) + (i - (len(rows) - 1) / 2) * width
-        ax.bar(xs, means, width, yerr=cis, capsize=3, color=cmap(i % 10), label=r["label"])
+    means = [[100 * (get(r).get("mean", get(r).get("accuracy")) or np.nan) for _, get in metrics] for r in rows]
+    cis = [[100 * (get(r).get("ci95") or 0.0) for _, get in metrics] for r in rows]
+    _grouped_bars(ax, plt, [r["label"] for r in rows], means, width, cis)
     ax.set_xticks(np.arange(len(metrics)), [m for m, _ in metrics])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -180,6 +177,17 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     return path
 
 
+def _grouped_bars(ax, plt, labels: list[str], values: list[list[float]], width: float,
+                  errors: list[list[float]] | None = None) -> None:
+    """One bar per variant (``labels[i]``, ``values[i]``: one value per group, optional ``errors``)
+    in each group of bars, the variants side by side (``width`` each), one colour per variant."""
+    cmap = plt.get_cmap("tab10")
+    for i, (label, vals) in enumerate(zip(labels, values)):
+        xs = np.arange(len(vals)) + (i - (len(labels) - 1) / 2) * width
+        extra = {"yerr": errors[i], "capsize": 3} if errors is not None else {}
+        ax.bar(xs, vals, width, color=cmap(i % 10), label=label, **extra)
+
+
 def _plot_scores(rows: list[dict], path: Path) -> Path | None:
     """The lab-effect scores of every variant on the same axes: one group of bars per score, one
     bar per variant."""
@@ -190,11 +198,9 @@ def _plot_scores(rows: list[dict], path: Path) -> Path | None:
     keys = list(SCORE_NAMES)
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
     width = 0.8 / len(rows)
-    cmap = plt.get_cmap("tab10")
-    for i, r in enumerate(rows):
-        vals = [float(r["lab_effect"].get(k) if r["lab_effect"].get(k) is not None else np.nan) for k in keys]
-        xs = np.arange(len(keys)) + (i - (len(rows) - 1) / 2) * width
-        ax.bar(xs, vals, width, color=cmap(i % 10), label=r["label"])
+    vals = [[float(r["lab_effect"].get(k) if r["lab_effect"].get(k) is not None else np.nan) for k in keys]
+            for r in rows]
+    _grouped_bars(ax, plt, [r["label"] for r in rows], vals, width)
     ax.set_xticks(np.arange(len(keys)), [SCORE_NAMES[k] for k in keys], fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axhline(0.0, color="black", lw=0.8)

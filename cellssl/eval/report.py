@@ -192,13 +192,10 @@ def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int 
     keep = subsample_per_class(y, int(np.ceil(max_points / n_cls)), seed)
     if len(keep) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(keep, size=max_points, replace=False))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            xy, method = embedding_2d(x[keep], seed)
-    except Exception as exc:  # a plot must never fail an evaluation
-        warnings.warn(f"skipping the embedding plot: {exc}", UserWarning, stacklevel=2)
+    drawn = _quiet_embedding_2d(x[keep], seed)
+    if drawn is None:
         return None
+    xy, method = drawn
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -220,6 +217,18 @@ def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int 
     return path
 
 
+def _quiet_embedding_2d(x: np.ndarray, seed: int) -> tuple[np.ndarray, str] | None:
+    """:func:`embedding_2d` of (N, F) ``x`` for a plot: its library warnings silenced, and None (with
+    one warning) when it fails, since a plot must never fail an evaluation or a command."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return embedding_2d(x, seed)
+    except Exception as exc:
+        warnings.warn(f"skipping the embedding plot: {exc}", UserWarning, stacklevel=3)
+        return None
+
+
 def plot_embedding_groups(features: np.ndarray, groups: dict[str, np.ndarray], path: Path, max_points: int = 2000,
                           seed: int = 0, title: str = "") -> Path | None:
     """One 2-D map (:func:`embedding_2d`) of (N, F) ``features``, drawn once per entry of
@@ -232,13 +241,10 @@ def plot_embedding_groups(features: np.ndarray, groups: dict[str, np.ndarray], p
     keep = np.arange(len(x))
     if len(keep) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(x), size=max_points, replace=False))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            xy, method = embedding_2d(x[keep], seed)
-    except Exception as exc:  # a plot must never fail a command
-        warnings.warn(f"skipping the embedding plot: {exc}", UserWarning, stacklevel=2)
+    drawn = _quiet_embedding_2d(x[keep], seed)
+    if drawn is None:
         return None
+    xy, method = drawn
     plt = pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(6.0 * len(groups), 5.2), squeeze=False)
     for ax, (name, values) in zip(axes[0], groups.items()):
