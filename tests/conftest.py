@@ -84,3 +84,16 @@ def one_error_line(code: int, err: str, alone: bool = True) -> str:
     assert len(lines) == 1 and "internal error" not in lines[0], err
     assert not alone or len(err.strip().splitlines()) == 1, err
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Path:
+    """A linear probe's ``classifier.pt`` on random-init resnet18 features of the colour classes at
+    16 px (any features separate them; seconds on a CPU), for the commands that take a model."""
+    from cellssl.eval.linear import linear
+
+    root = tmp_path_factory.mktemp("clf")
+    train = make_image_folder(root / "train", n_per_class=10, size=20, seed=0)
+    report = linear("random:resnet18", train, None, root / "eval" / "linear.json", split=0.3, image_size=16,
+                    device="cpu", plots=False)
+    return Path(report["classifier"])

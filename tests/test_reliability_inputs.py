@@ -73,14 +73,6 @@ def _run(capsys, *args: str) -> tuple[int, str]:
     return run_cli(capsys, *args)[::2]
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Path:
-    """A linear probe on random-init resnet18 features of the colour classes (any features separate them)."""
-    root = tmp_path_factory.mktemp("probe")
-    train = make_image_folder(root / "train", n_per_class=8, size=24, seed=0)
-    report = linear("random:resnet18", train, None, root / "eval" / "linear.json", split=0.25, image_size=16,
-                    device="cpu", plots=False)
-    return Path(report["classifier"])
 
 
 # ---- item 1: one odd file decides the folder's channel count ---------------------------------

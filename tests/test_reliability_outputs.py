@@ -22,7 +22,6 @@ from test_export import make_ckpt
 from cellssl.config import ModelConfig
 from cellssl.engine.checkpoint import FORMAT, load_checkpoint, save_atomic
 from cellssl.errors import CheckpointError, ConfigError, DiskFullError
-from cellssl.eval.linear import linear
 from cellssl.eval.predict import load_predictor, predict
 from cellssl.models import build_backbone
 from conftest import REPO, make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
@@ -49,14 +48,6 @@ def _small_free_space(monkeypatch, free: int = 3_000_000) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Path:
-    """A linear probe's classifier.pt on a random-init resnet18 at 16 px (seconds on a CPU)."""
-    root = tmp_path_factory.mktemp("clf")
-    train = make_image_folder(root / "train", n_per_class=10, size=20, seed=0)
-    report = linear("random:resnet18", train, None, root / "eval" / "linear.json", split=0.3, image_size=16,
-                    device="cpu", plots=False)
-    return Path(report["classifier"])
 
 
 # ---- item 4: a full disk -------------------------------------------------------------------
