@@ -203,7 +203,7 @@ class TrainConfig:
     budget_probe_steps: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # auto (bf16 on CUDA, fp32 on CPU) | fast (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32)
+    # auto (bf16 on CUDA, fp32 on CPU) | fast (bf16 on CUDA and on CPUs with AMX-BF16, else fp32)
     # | bf16 | fp16 | fp32 (cellssl.engine.hardware)
     precision: str = "auto"
     compile: bool = False  # torch.compile (inductor) the training step, on any device

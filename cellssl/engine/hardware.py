@@ -1,9 +1,11 @@
 """What the machine a run trains on does fast, and the settings that follow from it.
 
-bf16 on the CPU: with AMX-BF16 (Intel Sapphire Rapids and later) or AVX512-BF16 (Cooper Lake,
-AMD Zen 4 and later) oneDNN runs bf16 convolutions and matrix products in hardware, so bf16
-autocast is faster than fp32; without them bf16 is emulated and slower, so such a CPU keeps
-float32. The flags come from ``/proc/cpuinfo`` (Linux); elsewhere none are found and fp32 stays.
+bf16 on the CPU: with AMX-BF16 (Intel Sapphire Rapids and later) oneDNN runs bf16 convolutions
+and matrix products on the tile unit, so bf16 autocast can beat fp32. AVX512-BF16 alone (Cooper
+Lake, AMD Zen 4; the 2-core development machine reports it without AMX) is not enough: there,
+``benchmarks/cpu_speed.py`` measured bf16 autocast 13 % slower than fp32 for an MSBReg step
+(2.91 vs 2.57 s, 64 × 4 views at 64 px) and 12 % for VICReg, so such a CPU keeps float32. The
+flags come from ``/proc/cpuinfo`` (Linux); elsewhere none are found and fp32 stays.
 
 ``train.precision``:
 - ``auto``: bf16 on CUDA; on the CPU fp32, or, once :data:`AUTO_FAST_ON_CPU` is set, what ``fast`` picks;
@@ -22,9 +24,9 @@ from pathlib import Path
 import torch
 
 CPUINFO = Path("/proc/cpuinfo")
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix arithmetic
-# TODO(issue 20 §3): set True (``auto`` = ``fast`` on the CPU) once benchmarks/cpu_speed.py and
-# benchmarks/quality.py have shown that bf16 on the CPU trains as well as fp32 at equal steps.
+BF16_FLAGS = ("amx_bf16",)  # /proc/cpuinfo flag of bf16 matrix arithmetic that beats fp32 (see above)
+# ``auto`` stays fp32 on the CPU: no AMX machine was at hand to show bf16 trains as well and faster
+# (benchmarks/cpu_speed.py, then benchmarks/quality.py at equal minutes); set True once one has.
 AUTO_FAST_ON_CPU = False
 
 
@@ -43,7 +45,7 @@ def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether the CPU does bf16 matrix arithmetic in hardware (AMX-BF16 or AVX512-BF16)."""
+    """Whether the CPU does bf16 matrix arithmetic fast enough for bf16 autocast to pay (AMX-BF16)."""
     return any(flag in cpu_flags() for flag in BF16_FLAGS)
 
 
