@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cellssl import __version__
-from cellssl.data.io import ImageReadError, read_raw_image
+from cellssl.data.io import ImageReadError, output_file, read_raw_image
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureSet, load_features, save_embeddings
 from cellssl.eval.report import plot_embedding_groups
@@ -82,21 +80,6 @@ def check_writable(folder: str | Path, option: str = "--out") -> Path:
         raise DataError(f"cannot write to {folder}: no write permission on {probe}; choose a writable folder "
                         f"for {option}")
     return folder
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` when the block completes,
-    remove it on any error (nothing half-written is left under the final name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _image_shape(path: Path) -> tuple[int, int, int]:
@@ -163,7 +146,7 @@ def write_h5ad(fs: Any, path: str | Path, lab: str | None = None) -> Path:
     path = Path(path)
     adata = anndata.AnnData(obs=obs_frame(fs, lab), obsm={FEATURES_KEY: np.asarray(fs.features, dtype=np.float32)},
                             uns={"cellssl": uns_info(fs)})
-    with _atomic(path) as tmp:
+    with output_file(path) as tmp:
         adata.write_h5ad(tmp)
     return path
 
@@ -179,7 +162,7 @@ def write_parquet_features(fs: Any, path: str | Path, lab: str | None = None) ->
     table = table.append_column("features", pa.FixedSizeListArray.from_arrays(flat, int(feats.shape[1])))
     meta = dict(table.schema.metadata or {})
     meta[b"cellssl"] = json.dumps(uns_info(fs)).encode()
-    with _atomic(path) as tmp:
+    with output_file(path) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
     return path
 
@@ -196,7 +179,7 @@ def csv_to_parquet(csv_path: str | Path, path: str | Path | None = None,
     for col, conv in (PREDICTION_TYPES if types is None else types).items():
         if col in df.columns:
             df[col] = conv(df[col])
-    with _atomic(path) as tmp:
+    with output_file(path) as tmp:
         df.to_parquet(tmp, index=False, engine="pyarrow")
     return path
 
