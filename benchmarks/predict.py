@@ -67,9 +67,9 @@ def onnx_on_images(classifier: Path, onnx_path: Path, folder: Path, n: int = 64)
     import onnxruntime as ort
     import torch
 
+    from cellssl.apply.model import load_predictor
     from cellssl.augment.views import build_eval_transform
     from cellssl.data.datasets import build_dataset
-    from cellssl.eval.predict import load_predictor
 
     pred = load_predictor(classifier, device="cpu")
     ds = build_dataset(pred.data_cfg, folder, labelled=None)
@@ -97,9 +97,9 @@ def main() -> None:
 
     import torch
 
-    from cellssl.eval.export import export
+    from cellssl.apply.export import export
+    from cellssl.apply.predict import predict
     from cellssl.eval.linear import linear
-    from cellssl.eval.predict import predict
 
     work = Path(args.work)
     parts = make_split(data, Path(REPO / "runs" / "quality" / "split"))

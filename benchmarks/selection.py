@@ -119,7 +119,7 @@ def probe_accuracy(pool, test, idx: np.ndarray, C: float) -> float:
 
 def run_row(pool, test, args) -> dict:
     """{strategy: {budget: [{"acc", "classes", "seconds"} per seed]}} for one feature set."""
-    from cellssl.eval.select import select_indices
+    from cellssl.apply.select import select_indices
 
     budgets = sorted(args.budgets)
     out: dict = {}
@@ -239,7 +239,7 @@ def timing(features: np.ndarray, n_classes: int, budget: int = 80, n: int = 10_0
     """Seconds to select ``budget`` of ``n`` rows (after embedding: features given) per strategy,
     and of scikit-activeml's dense ProbCover; then, in a second (traced, slower) run, the peak
     memory of the two ProbCover implementations (tracemalloc counts numpy's arrays)."""
-    from cellssl.eval.select import select_indices
+    from cellssl.apply.select import select_indices
 
     x = np.ascontiguousarray(features[:n], dtype=np.float32)
     dense = "probcover (scikit-activeml, dense)"

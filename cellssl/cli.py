@@ -356,8 +356,8 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
               help="parquet: also predictions.parquet (same columns, typed: probability/distance float, unsure bool).")
 def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, overwrite, fmt):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
-    from cellssl.eval.predict import format_predict_summary
-    from cellssl.eval.predict import predict as run
+    from cellssl.apply.predict import format_predict_summary
+    from cellssl.apply.predict import predict as run
 
     if target_error is not None and not 0 < target_error < 1:
         raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")
@@ -386,7 +386,7 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out as a whole (refused otherwise).")
 def export(checkpoint, out, fmt, reports, overwrite):
     """Hand a model on: safetensors loadable by timm, ONNX, config.json with the preprocessing, a model card."""
-    from cellssl.eval.export import export as run
+    from cellssl.apply.export import export as run
 
     config = run(checkpoint, out, fmt=fmt, reports=list(reports), overwrite=overwrite)
     onnx = config["cellssl"]["onnx"]
@@ -426,8 +426,8 @@ def select(checkpoint, data, budget, strategy, labelled, features, n_classes, li
     OUT/contact_sheet.png) -> linear / knn / fewshot / finetune with the CSV as labelled data
     -> next round with --labelled OUT/to_label.csv.
     """
-    from cellssl.eval.select import format_selection
-    from cellssl.eval.select import select as run
+    from cellssl.apply.select import format_selection
+    from cellssl.apply.select import select as run
 
     report = run(checkpoint, data, out, budget=budget, strategy=strategy, labelled=labelled, features=features,
                  seed=seed, n_classes=n_classes, link=link, image_size=image_size, batch_size=batch_size,

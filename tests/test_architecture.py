@@ -161,3 +161,41 @@ def test_the_checker_catches_a_back_edge_a_hidden_import_and_a_cycle():
     assert target_unit(imports("from cellssl import __version__\n", "cellssl.eval.x")[0][1]) == "cellssl"
     assert find_cycle({"eval": {"adapt"}, "adapt": {"eval"}}) == ["adapt", "eval", "adapt"]
     assert find_cycle({"eval": {"engine"}, "engine": {"data"}}) is None
+
+
+# ---- command modules do not import each other ------------------------------------------------
+SHARED_HOMES = {"cellssl.eval.features"}  # `embed`'s module, and the one home of what every evaluation command does
+COMMAND_PACKAGES = ("eval", "apply")
+
+
+def command_modules(cli_source: str) -> set[str]:
+    """The modules ``cli.py`` runs as a command: ``from cellssl.X.Y import NAME as run``."""
+    return {node.module for node in ast.walk(ast.parse(cli_source))
+            if isinstance(node, ast.ImportFrom) and node.module and any(a.asname == "run" for a in node.names)}
+
+
+def command_cross_imports(commands: set[str], sources: dict[str, str]) -> list[str]:
+    """``"A imports B"`` for every command module A of ``eval``/``apply`` (``sources``: dotted name ->
+    source) that imports another command module B (the shared homes excepted)."""
+    ours = {m for m in commands if m.split(".")[1] in COMMAND_PACKAGES} - SHARED_HOMES
+    return [f"{module} imports {name}" for module in sorted(ours & set(sources))
+            for _, name, _, _ in imports(sources[module], module) if name in ours - {module}]
+
+
+def test_command_modules_do_not_import_each_other():
+    """A piece two commands share lives in one home beside them (docs/architecture.md), not in one command's module."""
+    commands = command_modules((PACKAGE / "cli.py").read_text())
+    assert {"cellssl.eval.linear", "cellssl.eval.knn", "cellssl.apply.predict", "cellssl.apply.export"} <= commands
+    sources = {".".join(f.relative_to(REPO).with_suffix("").parts): f.read_text()
+               for package in COMMAND_PACKAGES for f in (PACKAGE / package).glob("*.py")}
+    bad = command_cross_imports(commands, sources)
+    assert not bad, "command modules importing each other (move the shared piece to its home):\n" + "\n".join(bad)
+
+
+def test_the_command_check_catches_one_command_using_another():
+    commands = {"cellssl.eval.linear", "cellssl.eval.knn", "cellssl.eval.features", "cellssl.adapt.report"}
+    sources = {"cellssl.eval.linear": "from cellssl.eval.knn import train_test_features\n"
+                                      "from cellssl.eval.features import FeatureSet\n",
+               "cellssl.eval.knn": "def knn():\n    import cellssl.eval.linear as linear\n"}
+    assert command_cross_imports(commands, sources) == ["cellssl.eval.knn imports cellssl.eval.linear",
+                                                        "cellssl.eval.linear imports cellssl.eval.knn"]

@@ -9,9 +9,10 @@ import pytest
 
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureSet, align_labels
-from cellssl.eval.knn import knn_classify, knn_eval, split_featureset
+from cellssl.eval.knn import knn_classify, knn_eval
 from cellssl.eval.linear import linear_probe
 from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.probes import split_featureset
 from cellssl.eval.report import format_summary, report_paths, write_report
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix", "per_class_accuracy"}

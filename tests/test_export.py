@@ -9,11 +9,11 @@ import pytest
 import timm
 import torch
 
+from cellssl.apply.export import export
+from cellssl.apply.model import load_predictor
 from cellssl.config import Recipe, recipe_to_dict
 from cellssl.engine.checkpoint import FORMAT, load_backbone
-from cellssl.eval.export import export
 from cellssl.eval.linear import linear
-from cellssl.eval.predict import load_predictor
 from conftest import make_image_folder
 
 

@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from cellssl.apply.model import load_predictor
+from cellssl.apply.predict import predict
 from cellssl.errors import CheckpointError, DataError
 from cellssl.eval.features import FeatureSet
-from cellssl.eval.finetune import finetune, softmax
+from cellssl.eval.finetune import finetune
 from cellssl.eval.linear import fit_probe, linear
 from cellssl.eval.metrics import l2_normalize
-from cellssl.eval.predict import load_predictor, predict
+from cellssl.eval.probes import softmax
 from cellssl.eval.unsure import confidence_threshold, thresholds
 from conftest import make_image_folder
 

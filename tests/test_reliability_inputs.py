@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cellssl.apply.predict import predict
+from cellssl.apply.select import read_labelled_paths, select
 from cellssl.config import DataConfig
 from cellssl.data.datasets import DataWarning, MultiViewDataset, build_dataset, collate_readable
 from cellssl.data.io import list_images
@@ -21,8 +23,6 @@ from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.errors import CheckpointError, ConfigError, DataError
 from cellssl.eval.features import embed, load_features
 from cellssl.eval.linear import linear
-from cellssl.eval.predict import predict
-from cellssl.eval.select import read_labelled_paths, select
 from conftest import make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
 
 _one_line = functools.partial(one_error_line, alone=False)  # warnings naming bad files may come first
@@ -317,7 +317,7 @@ def test_truncated_checkpoint_is_one_line_for_embed_select_and_pretrained(tmp_pa
 
 def test_killed_embed_and_select_leave_no_output_that_looks_complete(tmp_path, monkeypatch):
     import cellssl.eval.features as features_module
-    import cellssl.eval.select as select_module
+    import cellssl.apply.select as select_module
 
     pool = tmp_path / "pool"
     for i in range(8):

@@ -19,10 +19,11 @@ import pytest
 import torch
 from test_export import make_ckpt
 
+from cellssl.apply.model import load_predictor
+from cellssl.apply.predict import predict
 from cellssl.config import ModelConfig
 from cellssl.engine.checkpoint import FORMAT, load_checkpoint, save_atomic
 from cellssl.errors import CheckpointError, ConfigError, DiskFullError
-from cellssl.eval.predict import load_predictor, predict
 from cellssl.models import build_backbone
 from conftest import REPO, make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
 
@@ -102,7 +103,7 @@ def test_full_disk_in_pretrain_is_one_line_exit_2(tmp_path, tiny_folder, monkeyp
 def test_full_disk_in_export_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
     from safetensors import SafetensorError
 
-    import cellssl.eval.export as export_module
+    import cellssl.apply.export as export_module
 
     def full(*a, **k):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -180,7 +181,7 @@ def test_export_refuses_a_folder_with_files_and_overwrite_replaces_an_earlier_ex
 
 
 def test_kill_9_mid_export_leaves_the_earlier_export_whole(tmp_path, monkeypatch, capsys):
-    import cellssl.eval.export as export_module
+    import cellssl.apply.export as export_module
 
     first = make_ckpt(tmp_path / "a" / "last.pt", image_size=16, step=3)
     second = make_ckpt(tmp_path / "b" / "last.pt", image_size=16, step=9)
@@ -189,7 +190,7 @@ def test_kill_9_mid_export_leaves_the_earlier_export_whole(tmp_path, monkeypatch
     before = {p.name: _sha(p) for p in out.iterdir()}
     script = textwrap.dedent(f"""
         import os, signal
-        import cellssl.eval.export as e
+        import cellssl.apply.export as e
         real = e.save_file
         def save_then_die(*a, **k):
             real(*a, **k)
@@ -259,7 +260,7 @@ def test_interrupted_finetune_leaves_a_best_pt_that_every_command_refuses(tmp_pa
 # ---- item 7: predict writes a whole folder -------------------------------------------------
 def test_predict_writes_a_whole_folder_refuses_files_and_replaces_an_earlier_one(classifier, tmp_path, monkeypatch,
                                                                                  capsys):
-    import cellssl.eval.predict as predict_module
+    import cellssl.apply.predict as predict_module
 
     new = make_image_folder(tmp_path / "new", n_per_class=3, size=20, seed=2)
     out = tmp_path / "pred"

@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellssl.cli import main
-from cellssl.data.datasets import DataWarning
-from cellssl.errors import ConfigError, DataError
-from cellssl.eval.select import (
+from cellssl.apply.select import (
     ball_graph,
     kmeans_labels,
     probcover,
@@ -25,6 +22,9 @@ from cellssl.eval.select import (
     read_labelled_paths,
     select_indices,
 )
+from cellssl.cli import main
+from cellssl.data.datasets import DataWarning
+from cellssl.errors import ConfigError, DataError
 from conftest import REPO, make_image_folder
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

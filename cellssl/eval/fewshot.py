@@ -20,8 +20,8 @@ import numpy as np
 
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import FeatureOptions, FeatureSet, feature_options, load_features
-from cellssl.eval.linear import fit_logreg
 from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.probes import fit_logreg
 from cellssl.eval.report import write_report
 
 __all__ = [

@@ -31,35 +31,11 @@ from cellssl.engine.checkpoint import FORMAT, check_new_run, save_atomic
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, class_lut
 from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.probes import Classifier, softmax
 from cellssl.eval.report import report_paths, write_report
 from cellssl.eval.unsure import calibrate, native_size
 
-__all__ = ["finetune", "Classifier", "select_low_label", "logits_and_features", "softmax"]
-
-
-class Classifier(nn.Module):
-    """``backbone`` (B, C, S, S) -> (B, F) followed by ``head`` = Linear(F, K) -> logits (B, K).
-
-    ``normalize=True`` L2-normalises the features before the head (a linear probe's folded form,
-    :meth:`cellssl.eval.linear.ProbeFit.folded`).
-    """
-    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, normalize: bool = False):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(n_features, n_classes)
-        self.normalize = bool(normalize)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features (B, F)."""
-        f = self.backbone(x)
-        return f.flatten(1) if f.ndim != 2 else f
-
-    def classify(self, f: torch.Tensor) -> torch.Tensor:
-        """Features (B, F) -> logits (B, K)."""
-        return self.head(nn.functional.normalize(f, dim=1) if self.normalize else f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
+__all__ = ["finetune", "select_low_label", "logits_and_features"]
 
 
 @torch.no_grad()
@@ -77,13 +53,6 @@ def logits_and_features(model: Classifier, ds: Dataset, device: torch.device, ba
     if not ys:
         return np.zeros((0, model.head.out_features)), np.zeros((0, model.head.in_features)), np.zeros(0, np.int64)
     return np.concatenate(logits), np.concatenate(feats), np.concatenate(ys).astype(np.int64)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise ``exp(l - max) / sum exp(l - max)``: (N, K) -> (N, K)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def select_low_label(labels: np.ndarray, k: int, val_fraction: float, seed: int = 0,

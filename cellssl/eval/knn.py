@@ -25,14 +25,14 @@ from cellssl.eval.features import (
     FeatureOptions,
     FeatureSet,
     align_labels,
-    check_min_images,
     extract_features,
     subsample_per_class,
 )
 from cellssl.eval.metrics import classification_metrics
+from cellssl.eval.probes import train_test_features
 from cellssl.eval.report import write_report
 
-__all__ = ["knn_classify", "knn_eval", "knn", "knn_monitor", "online_knn_accuracy", "split_featureset"]
+__all__ = ["knn_classify", "knn_eval", "knn", "knn_monitor", "online_knn_accuracy"]
 
 
 def knn_classify(
@@ -100,36 +100,6 @@ def knn_eval(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: floa
         "feature_dim": int(train.features.shape[1]),
     }
     return report
-
-
-def split_featureset(fs: FeatureSet, fraction: float, seed: int = 0) -> tuple[FeatureSet, FeatureSet]:
-    """Stratified random split: ``(rest, held_out)`` with ``fraction`` of each class held out."""
-    if not 0 < fraction < 1:
-        raise DataError(f"--split must be a fraction between 0 and 1 (e.g. 0.3), got {fraction}")
-    check_min_images(fs, "data", 4)
-    train_idx, test_idx = split_indices(fs.labels, (1 - fraction, fraction), seed=seed, stratified=True)
-    if len(train_idx) == 0 or len(test_idx) == 0:
-        raise DataError(f"splitting {len(fs)} images of {fs.root} with fraction {fraction} leaves an empty part")
-    return fs.subset(train_idx), fs.subset(test_idx)
-
-
-def train_test_features(ex: FeatureExtractor, train: str | Path, test: str | Path | None,
-                        split: float | None) -> tuple[FeatureSet, FeatureSet, dict]:
-    """Features of a train and a test folder with the one backbone of ``ex`` (or, without ``test``,
-    a stratified ``split`` fraction of train held out, drawn with the options' ``seed``).
-    Returns ``(train_features, test_features, extractor description)``."""
-    if test is None and split is None:
-        raise DataError("give a test folder (--test) or a fraction of the training folder to hold out (--split 0.3)")
-    seed = ex.options.seed
-    tr = ex.features(train, labelled=True)
-    if test is not None:
-        te = ex.features(test, labelled=True)
-    else:
-        tr, te = split_featureset(tr, float(split), seed)
-    check_min_images(tr, "training data", 2)
-    desc = ex.describe(train)
-    desc["test_data"] = str(test) if test is not None else f"{split:g} stratified split of {train} (seed {seed})"
-    return tr, te, desc
 
 
 def knn(checkpoint: str | Path, train: str | Path, test: str | Path | None, out: str | Path, *, k: int = 20,

@@ -36,12 +36,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cellssl import __version__
+from cellssl.apply.model import load_predictor
 from cellssl.augment.views import channel_stats
 from cellssl.config import recipe_from_dict
 from cellssl.data.io import check_output_folder, output_folder
 from cellssl.engine.checkpoint import load_backbone, load_checkpoint, tensor_bytes
 from cellssl.errors import CellSSLError, disk_full_as_error
-from cellssl.eval.predict import load_predictor
 from cellssl.eval.report import format_summary
 
 __all__ = ["export", "FORMATS", "EXPORT_FILES", "find_reports"]
