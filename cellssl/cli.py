@@ -17,10 +17,19 @@ from pathlib import Path
 
 import click
 
-from cellssl.config import OPTIONS, parse_value, value_range, value_type
+from cellssl.apply.settings import DEFAULT_BUDGET, DEFAULT_N_CLASSES, EXPORT_FORMATS, STRATEGIES
+from cellssl.config import OPTIONS, EvalConfig, parse_value, value_range, value_type
 from cellssl.errors import CellSSLError, ConfigError, did_you_mean
+from cellssl.eval.settings import (
+    DEFAULT_OOD_QUANTILE,
+    DEFAULT_TARGET_ERROR,
+    EMBED_FORMATS,
+    FEWSHOT_CLASSIFIERS,
+    PREDICT_FORMATS,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+EVAL = EvalConfig()  # a recipe's evaluation defaults: the evaluation options default to them
 
 
 class RecipeValue(click.ParamType):
@@ -86,7 +95,7 @@ def _recipe_options(f):
 
 def _eval_options(f):
     f = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")(f)
-    f = click.option("--batch-size", type=RecipeValue("eval.batch_size"), default=256, show_default=True,
+    f = click.option("--batch-size", type=RecipeValue("eval.batch_size"), default=EVAL.batch_size, show_default=True,
                      help="Feature extraction batch.")(f)
     f = click.option("--image-size", type=RecipeValue("data.image_size"), default=None,
                      help="Input size (default: the checkpoint's).")(f)
@@ -220,7 +229,7 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
 @click.option("--data", required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(),
               help="Output file (.npz, .h5ad, .parquet) or folder (embeddings.<format>).")
-@click.option("--format", "fmt", type=OneOf("auto", "npz", "h5ad", "parquet"), default="auto",
+@click.option("--format", "fmt", type=OneOf("auto", *EMBED_FORMATS), default="auto",
               show_default=True, help="npz (cellssl), h5ad (AnnData/scanpy: obsm['X_cellssl']), parquet "
                                       "(pandas/Arrow); auto: from the --out suffix, else npz.")
 @click.option("--lab", default=None, help="Lab / batch name written to the h5ad/parquet 'lab' column "
@@ -253,13 +262,13 @@ def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, image_size, batch_si
 @cli.command(context_settings=CONTEXT)
 @_eval_options
 @click.option("--data", required=True, type=click.Path(), help="Labelled folder (one sub-folder per class).")
-@click.option("--ways", type=RecipeValue("eval.ways", allow=("all",)), default="all", show_default=True,
+@click.option("--ways", type=RecipeValue("eval.ways", allow=("all",)), default=EVAL.ways or "all", show_default=True,
               help="N classes per episode, or 'all'.")
-@click.option("--shots", type=RecipeValue("eval.shots"), multiple=True, default=(1, 5, 10), show_default=True,
+@click.option("--shots", type=RecipeValue("eval.shots"), multiple=True, default=tuple(EVAL.shots), show_default=True,
               help="K (repeatable).")
-@click.option("--queries", type=RecipeValue("eval.queries"), default=15, show_default=True)
-@click.option("--episodes", type=RecipeValue("eval.episodes"), default=600, show_default=True)
-@click.option("--classifier", type=click.Choice(["prototype", "logreg"]), default="prototype", show_default=True)
+@click.option("--queries", type=RecipeValue("eval.queries"), default=EVAL.queries, show_default=True)
+@click.option("--episodes", type=RecipeValue("eval.episodes"), default=EVAL.episodes, show_default=True)
+@click.option("--classifier", type=click.Choice(FEWSHOT_CLASSIFIERS), default=FEWSHOT_CLASSIFIERS[0], show_default=True)
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path(), help="report.json (report.md and plots go next to it)")
 def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, out, image_size, batch_size, device,
@@ -296,8 +305,9 @@ def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_
 @click.option("--test", "test_dir", default=None, type=click.Path())
 @click.option("--split", type=RecipeValue("--split"), default=None,
               help="No --test: hold out this fraction of --train.")
-@click.option("--k", type=RecipeValue("eval.knn_k"), default=20, show_default=True)
-@click.option("--temperature", type=RecipeValue("eval.knn_temperature"), default=0.07, show_default=True)
+@click.option("--k", type=RecipeValue("eval.knn_k"), default=EVAL.knn_k, show_default=True)
+@click.option("--temperature", type=RecipeValue("eval.knn_temperature"), default=EVAL.knn_temperature,
+              show_default=True)
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path())
 def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image_size, batch_size, device, adapt_bn):
@@ -345,14 +355,16 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--out", required=True, type=click.Path(),
               help="Folder for predictions.csv, report.md, least_certain.png.")
 @click.option("--target-error", type=float, default=None,
-              help="Error allowed among confident cells, on the validation cells (default: the model's, 0.05).")
+              help="Error allowed among confident cells, on the validation cells "
+                   f"(default: the model's, {DEFAULT_TARGET_ERROR:g}).")
 @click.option("--ood-quantile", type=float, default=None,
-              help="Flag cells farther from every class than this quantile of validation cells (default 0.99).")
+              help="Flag cells farther from every class than this quantile of validation cells "
+                   f"(default: the model's, {DEFAULT_OOD_QUANTILE:g}).")
 @click.option("--sheet", type=int, default=48, show_default=True, help="Least certain cells in the contact sheet.")
 @click.option("--batch-size", type=RecipeValue("eval.batch_size"), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier prediction folder in --out as a whole.")
-@click.option("--format", "fmt", type=OneOf("csv", "parquet"), default="csv", show_default=True,
+@click.option("--format", "fmt", type=OneOf(*PREDICT_FORMATS), default=PREDICT_FORMATS[0], show_default=True,
               help="parquet: also predictions.parquet (same columns, typed: probability/distance float, unsure bool).")
 def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, overwrite, fmt):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
@@ -378,8 +390,8 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="RUN/checkpoints/last.pt (backbone), finetune's best.pt or linear's classifier.pt (with the head).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the export.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "both"]), default="safetensors",
-              show_default=True, help="model.safetensors for timm, model.onnx (dynamic batch), or both.")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default=EXPORT_FORMATS[0], show_default=True,
+              help="model.safetensors for timm, model.onnx (dynamic batch), or both.")
 @click.option("--report", "reports", multiple=True, type=click.Path(),
               help="Evaluation report.json to quote in the model card (repeatable; reports beside the checkpoint "
                    "are found).")
@@ -400,15 +412,16 @@ def export(checkpoint, out, fmt, reports, overwrite):
 @cli.command("select", context_settings=CONTEXT)
 @_eval_options
 @click.option("--data", required=True, type=click.Path(), help="The unlabelled pool (folder or CSV manifest).")
-@click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True, help="Cells to select.")
-@click.option("--strategy", type=click.Choice(["typiclust", "probcover", "coreset", "random"]), default="typiclust",
-              show_default=True, help="typiclust: typical cells of every region (best at small budgets).")
+@click.option("--budget", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
+              help="Cells to select.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=STRATEGIES[0], show_default=True,
+              help="typiclust: typical cells of every region (best at small budgets).")
 @click.option("--labelled", multiple=True, type=click.Path(),
               help="CSV (e.g. a filled-in to_label.csv) or folder of cells already labelled: the new cells "
                    "avoid what they cover (repeatable).")
 @click.option("--features", type=click.Path(), default=None,
               help="Reuse the pool's embeddings.npz (from a previous select or `cellssl embed`).")
-@click.option("--n-classes", type=click.IntRange(min=2), default=8, show_default=True,
+@click.option("--n-classes", type=click.IntRange(min=2), default=DEFAULT_N_CLASSES, show_default=True,
               help="Expected number of cell types (sets probcover's ball radius).")
 @click.option("--link", is_flag=True, help="Symlink the selected images into OUT/images instead of copying them.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D map of the pool in report.md (t-SNE: ~10-20 s).")

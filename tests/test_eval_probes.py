@@ -13,7 +13,7 @@ from cellssl.eval.knn import knn_classify, knn_eval
 from cellssl.eval.linear import linear_probe
 from cellssl.eval.metrics import classification_metrics
 from cellssl.eval.probes import split_featureset
-from cellssl.eval.report import format_summary, report_paths, write_report
+from cellssl.eval.report import KNN, format_summary, report_paths, write_report
 
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix", "per_class_accuracy"}
 
@@ -90,7 +90,7 @@ def test_write_report_names_and_summary(tmp_path):
     report = knn_eval(tr, te, k=5)
     report["checkpoint"] = {"spec": "random:resnet18", "description": "random / resnet18 (3 ch, 32 px), step 0"}
     out = tmp_path / "sub" / "knn.json"
-    write_report(report, out, "knn", features=fs)
+    write_report(report, out, KNN, features=fs)
     paths = report_paths(out)
     assert paths["markdown"] == tmp_path / "sub" / "knn.md"
     assert paths["confusion"].name == "knn_confusion.png" and paths["confusion"].is_file()
@@ -103,6 +103,6 @@ def test_write_report_names_and_summary(tmp_path):
     assert summary.strip().splitlines()[-1].endswith("knn.md")
     # a folder as --out, and too few points for an embedding
     tiny = fs.subset(np.arange(0, len(fs), 8))
-    write_report(knn_eval(tiny, tiny, k=1), tmp_path / "dir", "knn", features=tiny)
+    write_report(knn_eval(tiny, tiny, k=1), tmp_path / "dir", KNN, features=tiny)
     assert (tmp_path / "dir" / "report.json").is_file() and (tmp_path / "dir" / "report.md").is_file()
     assert not (tmp_path / "dir" / "embedding.png").exists()

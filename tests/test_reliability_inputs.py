@@ -316,8 +316,8 @@ def test_truncated_checkpoint_is_one_line_for_embed_select_and_pretrained(tmp_pa
 
 
 def test_killed_embed_and_select_leave_no_output_that_looks_complete(tmp_path, monkeypatch):
-    import cellssl.eval.features as features_module
     import cellssl.apply.select as select_module
+    import cellssl.eval.features as features_module
 
     pool = tmp_path / "pool"
     for i in range(8):

@@ -37,18 +37,17 @@ from torch import nn
 
 from cellssl import __version__
 from cellssl.apply.model import load_predictor
+from cellssl.apply.settings import EXPORT_FORMATS
 from cellssl.augment.views import channel_stats
 from cellssl.config import recipe_from_dict
 from cellssl.data.io import check_output_folder, output_folder
 from cellssl.engine.checkpoint import load_backbone, load_checkpoint, tensor_bytes
 from cellssl.errors import CellSSLError, disk_full_as_error
-from cellssl.eval.report import format_summary
+from cellssl.eval.report import REPORT_KINDS, format_summary
 
-__all__ = ["export", "FORMATS", "EXPORT_FILES", "find_reports"]
+__all__ = ["export", "EXPORT_FILES", "find_reports"]
 
-FORMATS = ("safetensors", "onnx", "both")
 EXPORT_FILES = ("model.safetensors", "head.safetensors", "model.onnx", "config.json", "README.md")
-REPORT_KINDS = ("fewshot", "linear", "knn", "finetune")
 
 
 def _placeholder_head(name: str, in_chans: int, backbone_state: dict) -> dict[str, torch.Tensor]:
@@ -118,7 +117,7 @@ def export(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    fmt: str = "safetensors",
+    fmt: str = EXPORT_FORMATS[0],
     reports: list[str | Path] = (),
     opset: int = 17,
     overwrite: bool = False,
@@ -129,8 +128,8 @@ def export(
     interrupted export leaves no ``out`` (or the earlier one, whole). An ``out`` that holds files is
     refused; ``overwrite`` replaces an earlier export as a whole (no file of it stays). A full disk is
     a one-line :class:`~cellssl.errors.DiskFullError` (the space needed, what is kept)."""
-    if fmt not in FORMATS:
-        raise CellSSLError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in EXPORT_FORMATS:
+        raise CellSSLError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     out = Path(out)
     if out.suffix:
         raise CellSSLError(f"--out {out} must be a folder (model.safetensors, config.json and README.md go in it)")

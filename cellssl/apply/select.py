@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from cellssl.apply.settings import DEFAULT_BUDGET, DEFAULT_N_CLASSES, STRATEGIES
 from cellssl.config import DataConfig
 from cellssl.data.datasets import DataWarning, build_dataset, manifest_columns, read_manifest
 from cellssl.data.io import is_output_folder, mark_output_folder, output_folder, relative_path
@@ -77,7 +78,6 @@ __all__ = [
     "select",
 ]
 
-STRATEGIES = ("typiclust", "probcover", "coreset", "random")
 TYPICALITY_K = 20  # neighbours for typicality (TypiClust paper: 20)
 PROBCOVER_ALPHA = 0.95  # purity the ProbCover radius must keep (paper: 0.95)
 SHEET_MAX = 100  # cells per contact-sheet page
@@ -252,7 +252,7 @@ def ball_graph(z: np.ndarray, delta: float, chunk: int | None = None):
     return sparse.csr_array((np.ones(len(r), dtype=np.int32), (r, c)), shape=(len(z), len(z)))
 
 
-def probcover(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, n_classes: int = 8,
+def probcover(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, n_classes: int = DEFAULT_N_CLASSES,
               alpha: float = PROBCOVER_ALPHA, delta: float | None = None) -> Selection:
     """ProbCover: greedy maximum coverage of δ-balls (Yehuda et al., NeurIPS 2022).
 
@@ -309,11 +309,11 @@ def probcover(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, n
 def select_indices(
     features: np.ndarray,
     budget: int,
-    strategy: str = "typiclust",
+    strategy: str = STRATEGIES[0],
     *,
     labelled: Sequence[int] | np.ndarray = (),
     seed: int = 0,
-    n_classes: int = 8,
+    n_classes: int = DEFAULT_N_CLASSES,
 ) -> Selection:
     """Choose ``budget`` rows of ``features`` (N, F) to label with ``strategy`` (:data:`STRATEGIES`).
 
@@ -610,9 +610,10 @@ def _fmt_report(rep: dict, table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def select(checkpoint: str | Path, data: str | Path, out: str | Path, *, budget: int = 40, strategy: str = "typiclust",
-           labelled: Sequence[str | Path] = (), features: str | Path | None = None, n_classes: int = 8,
-           link: bool = False, map_points: int = 2000, options: FeatureOptions | None = None, **fields: Any) -> dict:
+def select(checkpoint: str | Path, data: str | Path, out: str | Path, *, budget: int = DEFAULT_BUDGET,
+           strategy: str = STRATEGIES[0], labelled: Sequence[str | Path] = (), features: str | Path | None = None,
+           n_classes: int = DEFAULT_N_CLASSES, link: bool = False, map_points: int = 2000,
+           options: FeatureOptions | None = None, **fields: Any) -> dict:
     """``cellssl select``: embed the pool ``data``, choose ``budget`` cells, write the expert's files.
 
     Writes into ``out``: ``to_label.csv`` (``path`` = the copy in ``images/``, an empty ``label``

@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from cellssl.config import EvalConfig
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import FeatureOptions, FeatureSet, feature_options, load_features
 from cellssl.eval.metrics import l2_normalize
 from cellssl.eval.probes import fit_logreg
-from cellssl.eval.report import write_report
+from cellssl.eval.report import FEWSHOT, write_report
+from cellssl.eval.settings import FEWSHOT_CLASSIFIERS
 
 __all__ = [
     "Episode",
@@ -33,10 +35,9 @@ __all__ = [
     "mean_ci95",
     "run_fewshot",
     "fewshot",
-    "CLASSIFIERS",
 ]
 
-CLASSIFIERS = ("prototype", "logreg")
+EVAL = EvalConfig()  # a recipe's evaluation defaults (shots, queries, episodes): the functions default to them
 
 
 @dataclass
@@ -174,10 +175,10 @@ def mean_ci95(accs: Sequence[float] | np.ndarray) -> tuple[float, float]:
 def run_fewshot(
     features: FeatureSet,
     ways: int | None = None,
-    shots: Sequence[int] | int = (1, 5, 10),
-    queries: int = 15,
-    episodes: int = 600,
-    classifier: str = "prototype",
+    shots: Sequence[int] | int = tuple(EVAL.shots),
+    queries: int = EVAL.queries,
+    episodes: int = EVAL.episodes,
+    classifier: str = FEWSHOT_CLASSIFIERS[0],
     seed: int = 0,
 ) -> dict:
     """Few-shot accuracy of frozen ``features`` for each K in ``shots``.
@@ -189,8 +190,8 @@ def run_fewshot(
     and ``settings`` (ways, shots, queries, episodes, classifier, seed, n_images, n_classes,
     feature_dim).
     """
-    if classifier not in CLASSIFIERS:
-        raise ConfigError(f"unknown few-shot classifier '{classifier}': use one of {', '.join(CLASSIFIERS)}")
+    if classifier not in FEWSHOT_CLASSIFIERS:
+        raise ConfigError(f"unknown few-shot classifier '{classifier}': use one of {', '.join(FEWSHOT_CLASSIFIERS)}")
     if not features.labelled:
         raise DataError(f"few-shot evaluation needs labelled data (one sub-folder per class) in {features.root}")
     shots = [int(shots)] if isinstance(shots, (int, np.integer)) else [int(s) for s in shots]
@@ -248,19 +249,20 @@ def run_fewshot(
 
 
 def fewshot(checkpoint: str | Path, data: str | Path, out: str | Path, *, ways: int | None = None,
-            shots: Sequence[int] = (1, 5, 10), queries: int = 15, episodes: int = 600, classifier: str = "prototype",
+            shots: Sequence[int] = tuple(EVAL.shots), queries: int = EVAL.queries, episodes: int = EVAL.episodes,
+            classifier: str = FEWSHOT_CLASSIFIERS[0],
             plots: bool = True, options: FeatureOptions | None = None, **fields: Any) -> dict:
     """Few-shot evaluation of a checkpoint on a labelled folder: features computed once
     (:func:`load_features`; settings :class:`FeatureOptions`, whose ``seed`` also draws the episodes),
     :func:`run_fewshot` for every K, report written to ``out`` (json + md + accuracy-vs-shots and
     embedding plots). Returns the report."""
-    if classifier not in CLASSIFIERS:
-        raise ConfigError(f"unknown few-shot classifier '{classifier}': use one of {', '.join(CLASSIFIERS)}")
+    if classifier not in FEWSHOT_CLASSIFIERS:
+        raise ConfigError(f"unknown few-shot classifier '{classifier}': use one of {', '.join(FEWSHOT_CLASSIFIERS)}")
     opts = feature_options(options, **fields)
     fs = load_features(checkpoint, data, labelled=True, options=opts)
     report = run_fewshot(fs, ways=ways, shots=shots, queries=queries, episodes=episodes, classifier=classifier,
                          seed=opts.seed)
     report["checkpoint"] = fs.info
     report["settings"]["max_per_class"] = opts.max_per_class
-    write_report(report, out, "fewshot", features=fs if plots else None, plots=plots)
+    write_report(report, out, FEWSHOT, features=fs if plots else None, plots=plots)
     return report

@@ -32,7 +32,7 @@ from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, class_lut
 from cellssl.eval.metrics import classification_metrics
 from cellssl.eval.probes import Classifier, softmax
-from cellssl.eval.report import report_paths, write_report
+from cellssl.eval.report import FINETUNE, report_paths, write_report
 from cellssl.eval.unsure import calibrate, native_size
 
 __all__ = ["finetune", "select_low_label", "logits_and_features"]
@@ -188,7 +188,7 @@ def finetune(
         "augmentation": "one view of the recipe's multi-view transform", "sampling": "class-balanced",
         "minutes": round((time.monotonic() - t0) / 60, 2),
     }
-    write_report(report, out_dir / "report.json", "finetune")
+    write_report(report, out_dir / "report.json", FINETUNE)
     save_atomic(best_ckpt, best_path)  # complete: calibrated, reported
     return report
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from cellssl.augment.views import build_eval_transform
+from cellssl.config import EvalConfig
 from cellssl.data.datasets import TransformedDataset, build_dataset, split_indices
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import (
@@ -30,17 +31,19 @@ from cellssl.eval.features import (
 )
 from cellssl.eval.metrics import classification_metrics
 from cellssl.eval.probes import train_test_features
-from cellssl.eval.report import write_report
+from cellssl.eval.report import KNN, write_report
 
 __all__ = ["knn_classify", "knn_eval", "knn", "knn_monitor", "online_knn_accuracy"]
+
+EVAL = EvalConfig()  # a recipe's evaluation defaults (k, temperature): the functions default to them
 
 
 def knn_classify(
     train_feats: np.ndarray,
     train_labels: np.ndarray,
     test_feats: np.ndarray,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = EVAL.knn_k,
+    temperature: float = EVAL.knn_temperature,
     n_classes: int | None = None,
     chunk: int = 1024,
 ) -> np.ndarray:
@@ -80,7 +83,8 @@ def knn_classify(
     return torch.cat(preds).numpy().astype(np.int64)
 
 
-def knn_eval(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07) -> dict:
+def knn_eval(train: FeatureSet, test: FeatureSet, k: int = EVAL.knn_k,
+             temperature: float = EVAL.knn_temperature) -> dict:
     """kNN classification of ``test`` by ``train`` features; classes matched by name.
 
     Returns a report dict: ``accuracy``, ``balanced_accuracy``, ``macro_f1``,
@@ -102,8 +106,8 @@ def knn_eval(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: floa
     return report
 
 
-def knn(checkpoint: str | Path, train: str | Path, test: str | Path | None, out: str | Path, *, k: int = 20,
-        temperature: float = 0.07, split: float | None = None, plots: bool = True,
+def knn(checkpoint: str | Path, train: str | Path, test: str | Path | None, out: str | Path, *,
+        k: int = EVAL.knn_k, temperature: float = EVAL.knn_temperature, split: float | None = None, plots: bool = True,
         options: FeatureOptions | None = None, **fields: Any) -> dict:
     """kNN evaluation of a checkpoint: features of ``train`` and ``test`` (or a stratified
     ``split`` fraction of ``train`` held out; settings :class:`FeatureOptions`), :func:`knn_eval`,
@@ -114,7 +118,7 @@ def knn(checkpoint: str | Path, train: str | Path, test: str | Path | None, out:
     report = knn_eval(tr, te, k=k, temperature=temperature)
     report["checkpoint"] = desc
     report["settings"].update({"seed": ex.options.seed, "split": split, "max_per_class": ex.options.max_per_class})
-    write_report(report, out, "knn", features=tr if plots else None, plots=plots)
+    write_report(report, out, KNN, features=tr if plots else None, plots=plots)
     return report
 
 
@@ -123,8 +127,8 @@ def online_knn_accuracy(
     dataset: Any,
     transform: Any,
     device: str | torch.device,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = EVAL.knn_k,
+    temperature: float = EVAL.knn_temperature,
     val_fraction: float = 0.3,
     seed: int = 0,
     max_images: int = 2000,

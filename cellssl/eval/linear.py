@@ -25,8 +25,9 @@ from cellssl.engine.checkpoint import FORMAT, save_atomic
 from cellssl.eval.features import FeatureExtractor, FeatureOptions, FeatureSet, align_labels, check_min_images
 from cellssl.eval.metrics import classification_metrics, l2_normalize
 from cellssl.eval.probes import fit_logreg, train_test_features
-from cellssl.eval.report import report_paths, write_report
-from cellssl.eval.unsure import DEFAULT_OOD_QUANTILE, DEFAULT_TARGET_ERROR, calibrate, native_size
+from cellssl.eval.report import LINEAR, report_paths, write_report
+from cellssl.eval.settings import DEFAULT_OOD_QUANTILE, DEFAULT_TARGET_ERROR
+from cellssl.eval.unsure import calibrate, native_size
 
 __all__ = ["linear_probe", "linear", "fit_probe", "ProbeFit", "save_classifier"]
 
@@ -226,5 +227,5 @@ def linear(checkpoint: str | Path, train: str | Path, test: str | Path | None, o
     if classifier:
         path = save_classifier(fit, tr, ex, report_paths(out)["classifier"])
         report["classifier"] = str(path)
-    write_report(report, out, "linear", features=tr if plots else None, plots=plots)
+    write_report(report, out, LINEAR, features=tr if plots else None, plots=plots)
     return report

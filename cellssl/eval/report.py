@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,10 @@ from cellssl.eval.features import subsample_per_class
 from cellssl.eval.metrics import l2_normalize
 from cellssl.plots import pyplot
 
-__all__ = ["write_report", "format_summary", "report_paths", "plot_confusion", "plot_shots", "plot_embedding",
-           "markdown_table", "pct", "jsonable", "write_json", "tsne_2d", "umap_2d",
-           "embedding_2d", "plot_embedding_groups"]
+__all__ = ["write_report", "format_summary", "ReportKind", "FEWSHOT", "LINEAR", "KNN", "FINETUNE", "REPORT_KINDS",
+           "report_paths", "plot_confusion", "plot_shots", "plot_embedding", "markdown_table", "pct", "jsonable",
+           "write_json", "tsne_2d", "umap_2d", "embedding_2d", "plot_embedding_groups"]
 
-_TITLES = {
-    "fewshot": "Few-shot evaluation",
-    "linear": "Linear probe",
-    "knn": "k-nearest-neighbour evaluation",
-    "finetune": "Fine-tuning",
-}
 MIN_EMBED_POINTS = 10
 
 
@@ -368,48 +364,119 @@ def _finetune_lines(report: dict) -> list[str]:
     return lines
 
 
-def write_report(report: dict, out: str | Path, kind: str, *, features: Any = None, plots: bool = True,
+def _own_metrics(report: dict) -> dict:
+    return report
+
+
+def _finetune_metrics(report: dict) -> dict | None:
+    """A fine-tune's metrics: of the test set, else of the validation set."""
+    return report.get("test") or report.get("validation")
+
+
+def _linear_body(report: dict) -> list[str]:
+    return _metrics_lines(report, "Results" + (f" (C = {report['C']:g})" if report.get("C") is not None else ""))
+
+
+def _knn_body(report: dict) -> list[str]:
+    return _metrics_lines(report, "Results")
+
+
+def _confusion_plot(kind: "ReportKind", report: dict, paths: dict[str, Path]) -> dict[str, Path]:
+    """The confusion matrix of ``kind.metrics(report)``, when it has one."""
+    m = kind.metrics(report)
+    if not (m and m.get("confusion_matrix")):
+        return {}
+    p = plot_confusion(m["confusion_matrix"], report.get("classes") or [], paths["confusion"], kind.title)
+    return {"confusion": p} if p else {}
+
+
+def _shots_plot(kind: "ReportKind", report: dict, paths: dict[str, Path]) -> dict[str, Path]:
+    """Accuracy vs. shots with 95 % CIs."""
+    p = plot_shots(report.get("results") or {}, paths["shots"])
+    return {"shots": p} if p else {}
+
+
+def _fewshot_summary(report: dict) -> list[str]:
+    return [f"  {r['ways']}-way {k}-shot: {pct(r['mean'])} ± {pct(r['ci95'])} %"
+            for k, r in sorted((report.get("results") or {}).items(), key=lambda kv: int(kv[0]))]
+
+
+def _accuracy_line(m: dict, where: str = "test", extra: str = "") -> str:
+    return (f"  {where} accuracy {pct(m.get('accuracy'))} %, balanced {pct(m.get('balanced_accuracy'))} %, "
+            f"macro-F1 {pct(m.get('macro_f1'))} %{extra}")
+
+
+def _knn_summary(report: dict) -> list[str]:
+    return [_accuracy_line(report)]
+
+
+def _linear_summary(report: dict) -> list[str]:
+    return [_accuracy_line(report, extra=f", C={report['C']:g}" if report.get("C") is not None else "")]
+
+
+def _finetune_summary(report: dict) -> list[str]:
+    lines = []
+    if report.get("best_epoch") is not None:
+        lines.append(f"  best epoch {report['best_epoch']}, "
+                     f"validation accuracy {pct(report.get('best_val_accuracy'))} %")
+    m = _finetune_metrics(report)
+    if m:
+        lines.append(_accuracy_line(m, "test" if report.get("test") else "validation"))
+    return lines
+
+
+@dataclass(frozen=True)
+class ReportKind:
+    """What differs between the evaluation reports; the command passes its own to :func:`write_report`.
+
+    Attributes:
+        name: the report's ``kind`` in report.json (how :func:`format_summary` and ``export`` know a
+            report read back from a file).
+        title: the heading of report.md and of the terminal summary.
+        body: report -> the markdown lines of its results.
+        summary: report -> the terminal lines of its results.
+        plot: ``(kind, report, paths)`` -> the plots of its results that were drawn, by name.
+        metrics: report -> the metrics its confusion matrix comes from (None: none).
+    """
+
+    name: str
+    title: str
+    body: Callable[[dict], list[str]]
+    summary: Callable[[dict], list[str]]
+    plot: Callable[["ReportKind", dict, dict[str, Path]], dict[str, Path]] = _confusion_plot
+    metrics: Callable[[dict], dict | None] = _own_metrics
+
+
+FEWSHOT = ReportKind("fewshot", "Few-shot evaluation", _fewshot_lines, _fewshot_summary, plot=_shots_plot)
+LINEAR = ReportKind("linear", "Linear probe", _linear_body, _linear_summary)
+KNN = ReportKind("knn", "k-nearest-neighbour evaluation", _knn_body, _knn_summary)
+FINETUNE = ReportKind("finetune", "Fine-tuning", _finetune_lines, _finetune_summary, metrics=_finetune_metrics)
+REPORT_KINDS = {kind.name: kind for kind in (FEWSHOT, LINEAR, KNN, FINETUNE)}
+
+
+def write_report(report: dict, out: str | Path, kind: ReportKind, *, features: Any = None, plots: bool = True,
                  embedding_max: int = 2000) -> Path:
     """Write ``report`` as json + markdown (+ plots) at ``out``; returns the json path.
 
-    Plots (matplotlib Agg): confusion matrix (``linear``/``knn``/``finetune``), accuracy vs.
-    shots with 95 % CI (``fewshot``), and a 2-D t-SNE/UMAP map of ``features`` (a FeatureSet,
-    at most ``embedding_max`` points) coloured by class. Plots are skipped when there is too
-    little to show. ``report["files"]`` is set to the written paths (as strings).
+    ``kind`` (:data:`FEWSHOT`, :data:`LINEAR`, :data:`KNN`, :data:`FINETUNE`) gives the title, the
+    results section and the results plot (confusion matrix, or accuracy vs. shots with 95 % CI);
+    with ``features`` (a FeatureSet) a 2-D t-SNE/UMAP map of at most ``embedding_max`` points,
+    coloured by class, is drawn too (matplotlib Agg). Plots are skipped when there is too little to
+    show. ``report["files"]`` is set to the written paths (as strings).
     """
     paths = report_paths(out)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    report.setdefault("kind", kind)
-    files: dict[str, Any] = {"json": str(paths["json"]), "markdown": str(paths["markdown"]), "plots": []}
+    report.setdefault("kind", kind.name)
     made: dict[str, Path] = {}
     if plots:
-        classes = report.get("classes") or []
-        cm_src = (report.get("test") or report.get("validation")) if kind == "finetune" else report
-        if kind in ("linear", "knn", "finetune") and cm_src and cm_src.get("confusion_matrix"):
-            p = plot_confusion(cm_src["confusion_matrix"], classes, paths["confusion"], _TITLES.get(kind, kind))
-            if p:
-                made["confusion"] = p
-        if kind == "fewshot":
-            p = plot_shots(report.get("results") or {}, paths["shots"])
-            if p:
-                made["shots"] = p
+        made.update(kind.plot(kind, report, paths))
         if features is not None:
             p = plot_embedding(features, paths["embedding"], max_points=embedding_max)
             if p:
                 made["embedding"] = p
-    files["plots"] = [str(p) for p in made.values()]
-    report["files"] = files
-
-    lines = [f"# {_TITLES.get(kind, kind)}", ""]
-    lines += _checkpoint_lines(report)
-    if kind == "fewshot":
-        lines += _fewshot_lines(report)
-    elif kind == "finetune":
-        lines += _finetune_lines(report)
-    else:
-        extra = f" (C = {report['C']:g})" if kind == "linear" and report.get("C") is not None else ""
-        lines += _metrics_lines(report, f"Results{extra}")
-    lines += _settings_lines(report)
+    report["files"] = {"json": str(paths["json"]), "markdown": str(paths["markdown"]),
+                       "plots": [str(p) for p in made.values()]}
+    lines = [f"# {kind.title}", "", *_checkpoint_lines(report), *kind.body(report), *_settings_lines(report)]
     if made:
         lines += ["## Plots", ""]
         for name, p in made.items():
@@ -419,28 +486,14 @@ def write_report(report: dict, out: str | Path, kind: str, *, features: Any = No
     return paths["json"]
 
 
-def format_summary(report: dict) -> str:
-    """A few readable lines for the terminal, ending with where ``report.md`` is."""
-    kind = report.get("kind", "")
+def format_summary(report: dict, kind: ReportKind | None = None) -> str:
+    """A few readable lines for the terminal, ending with where ``report.md`` is. ``kind`` defaults
+    to the :class:`ReportKind` the report's saved ``kind`` names (an unknown one: the metrics lines)."""
+    name = report.get("kind", "")
+    kind = kind or REPORT_KINDS.get(name) or ReportKind(name, name, _knn_body, _knn_summary)
     ck = report.get("checkpoint") or {}
-    lines = []
-    if ck:
-        lines.append(f"{_TITLES.get(kind, kind)} of {ck.get('spec', '?')} ({ck.get('description', '')})")
-    if kind == "fewshot":
-        for k, r in sorted((report.get("results") or {}).items(), key=lambda kv: int(kv[0])):
-            lines.append(f"  {r['ways']}-way {k}-shot: {pct(r['mean'])} ± {pct(r['ci95'])} %")
-    else:
-        m = (report.get("test") or report.get("validation")) if kind == "finetune" else report
-        if kind == "finetune" and report.get("best_epoch") is not None:
-            lines.append(f"  best epoch {report['best_epoch']}, "
-                         f"validation accuracy {pct(report.get('best_val_accuracy'))} %")
-        if m:
-            where = "validation" if kind == "finetune" and not report.get("test") else "test"
-            extra = f", C={report['C']:g}" if kind == "linear" else ""
-            lines.append(
-                f"  {where} accuracy {pct(m.get('accuracy'))} %, balanced {pct(m.get('balanced_accuracy'))} %, "
-                f"macro-F1 {pct(m.get('macro_f1'))} %{extra}"
-            )
+    lines = [f"{kind.title} of {ck.get('spec', '?')} ({ck.get('description', '')})"] if ck else []
+    lines += kind.summary(report)
     skipped = ck.get("skipped_images") or []
     if skipped:
         lines.append(f"  left out {len(skipped)} unreadable image(s) or of another channel count (e.g. {skipped[0]})")

@@ -29,13 +29,12 @@ from cellssl.data.io import ImageReadError, output_file, read_raw_image
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureSet, load_features, save_embeddings
 from cellssl.eval.report import plot_embedding_groups
+from cellssl.eval.settings import EMBED_FORMATS, PREDICT_FORMATS
 
 __all__ = ["EMBED_FORMATS", "PREDICT_FORMATS", "SUFFIXES", "FEATURES_KEY", "resolve_output", "check_writable",
            "obs_frame", "uns_info", "write_h5ad", "write_parquet_features", "csv_to_parquet", "PREDICTION_TYPES",
            "embed_outputs", "npz_to_h5ad"]
 
-EMBED_FORMATS = ("npz", "h5ad", "parquet")
-PREDICT_FORMATS = ("csv", "parquet")
 SUFFIXES = {".npz": "npz", ".h5ad": "h5ad", ".parquet": "parquet", ".pq": "parquet"}
 FEATURES_KEY = "X_cellssl"  # obsm key of the features (scanpy: use_rep="X_cellssl")
 # predictions.csv columns that are not text, and how to read them

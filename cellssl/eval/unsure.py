@@ -32,12 +32,11 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.settings import DEFAULT_OOD_QUANTILE, DEFAULT_TARGET_ERROR
 
 __all__ = ["confidence_threshold", "OODModel", "calibrate", "thresholds", "native_size",
-           "DEFAULT_TARGET_ERROR", "DEFAULT_OOD_QUANTILE", "MIN_CALIBRATION_CELLS"]
+           "MIN_CALIBRATION_CELLS"]
 
-DEFAULT_TARGET_ERROR = 0.05
-DEFAULT_OOD_QUANTILE = 0.99
 MIN_CALIBRATION_CELLS = 50  # fewer validation cells than this: thresholds are rough (said in the report)
 
 
