@@ -710,39 +710,42 @@ def _run(argv: list[str], debug: bool) -> None:
     """Run the command line; every outcome as ``main`` describes it."""
     try:
         cli.main(args=argv, prog_name="cellssl", standalone_mode=False)
-    except Terminated:
-        click.echo("terminated (SIGTERM)", err=True)
-        sys.exit(143)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except (Terminated, click.exceptions.Abort, KeyboardInterrupt) as exc:
+        sys.exit(_stopped(exc))
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except CellSSLError as exc:
-        if debug:
-            traceback.print_exc()
+    except Exception as exc:
+        sys.exit(_failed(exc, debug))
+
+
+def _stopped(exc: BaseException) -> int:
+    """Say how the command was stopped; the exit code: 143 for SIGTERM, 130 for Ctrl-C."""
+    if isinstance(exc, Terminated):
+        click.echo("terminated (SIGTERM)", err=True)
+        return 143
+    click.echo("aborted" if isinstance(exc, click.exceptions.Abort) else "interrupted", err=True)
+    return 130
+
+
+def _failed(exc: Exception, debug: bool) -> int:
+    """The one-line error of ``exc`` (the traceback with ``--debug``); the exit code: 2 for a user's
+    mistake or a file-system error (a full disk: the way out), 1 for an internal bug."""
+    if debug:
+        traceback.print_exc()
+    if isinstance(exc, CellSSLError):
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except OSError as exc:
-        if debug:
-            traceback.print_exc()
+        return 2
+    if isinstance(exc, OSError):
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         hint = " — the disk is full; free space or choose another --out" if exc.errno == 28 else ""
         click.echo(f"error: {exc.strerror or exc}{where}{hint}", err=True)
-        sys.exit(2)
-    except Exception as exc:  # an internal bug: still one line unless --debug
-        if debug:
-            traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        click.echo(f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
-                   err=True)
-        sys.exit(1)
+        return 2
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    click.echo(f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -241,41 +241,73 @@ def adapt(
     out = Path(out)
     overrides = list(overrides or ())
     if bn_only:
-        if resume:
-            raise ConfigError("--bn-only takes seconds and has nothing to resume; drop --resume")
-        if is_pretrained_spec(checkpoint):
-            raise ConfigError(f"--bn-only re-estimates a cellssl checkpoint's BatchNorm statistics; for {checkpoint} "
-                              "use the evaluation commands' --adapt-bn DIR instead")
-        check_new_run(out, what="an adaptation run", overwrite=overwrite)
-        return _adabn(checkpoint, data, out, device, overrides)
-
-    last = out / "checkpoints" / "last.pt"
+        return _bn_only(checkpoint, data, out, resume=resume, device=device, overrides=overrides, overwrite=overwrite)
+    length = {"max_steps": max_steps, "max_minutes": max_minutes, "device": device}
     if resume:
-        if not last.exists():
-            raise ConfigError(f"--resume: no checkpoint at {last}; start without --resume")
-        prev = load_checkpoint(last)
-
-        values = apply_overrides(copy.deepcopy(prev["config"]), overrides)
-        recipe = recipe_from_dict(values)
-        if max_steps is not None:
-            recipe.train.max_steps = int(max_steps)
-        if max_minutes is not None:
-            recipe.train.max_minutes = float(max_minutes)
-        if device is not None:
-            recipe.train.device = str(device)
-        recipe.train.out = str(out)
-        source_checkpoint = prev.get("source_checkpoint", str(checkpoint))
+        recipe, source_checkpoint, init_from = _resumed_recipe(checkpoint, out, overrides, **length)
     else:
-        if is_pretrained_spec(checkpoint):  # published/exported starting weights: fit loads model.pretrained
-
-            source_config, init_from = recipe_to_dict(pretrained_recipe(checkpoint)), None
-        else:
-            source_config, init_from = load_checkpoint(checkpoint)["config"], checkpoint
-        recipe = adapted_recipe(source_config, data, out, max_steps=max_steps, max_minutes=max_minutes,
-                                method=method, device=device, overrides=overrides)
-        source_checkpoint = str(checkpoint)
+        recipe, source_checkpoint, init_from = _new_recipe(checkpoint, data, out, method, overrides, **length)
         check_new_run(out, what="an adaptation run", overwrite=overwrite)
+    dataset, fraction = _source_mix(recipe, data, source, source_fraction)
+    result = fit(recipe, resume=resume, init_from=init_from, dataset=dataset, log_prefix="adapt", overwrite=overwrite,
+                 knn_monitor=knn_monitor(recipe))
+    _tag_checkpoint(result.checkpoint, "continued", source_checkpoint, source_fraction=fraction)
+    code = exit_code_for(result.stopped_early)
+    if code:  # SIGINT / SIGTERM: the checkpoint of the current step is written, the run is not finished
+        raise RunStopped(stopped_message(result.stopped_early, result.step, result.total_steps, result.checkpoint),
+                         code)
+    return result.checkpoint
 
+
+def _bn_only(checkpoint: str | Path, data: str | Path, out: Path, *, resume: bool, device: str | None,
+             overrides: list[str], overwrite: bool) -> Path:
+    """``--bn-only``: AdaBN of a cellssl checkpoint into a new run folder (nothing to resume)."""
+    if resume:
+        raise ConfigError("--bn-only takes seconds and has nothing to resume; drop --resume")
+    if is_pretrained_spec(checkpoint):
+        raise ConfigError(f"--bn-only re-estimates a cellssl checkpoint's BatchNorm statistics; for {checkpoint} "
+                          "use the evaluation commands' --adapt-bn DIR instead")
+    check_new_run(out, what="an adaptation run", overwrite=overwrite)
+    return _adabn(checkpoint, data, out, device, overrides)
+
+
+def _resumed_recipe(checkpoint: str | Path, out: Path, overrides: list[str], *, max_steps: int | None,
+                    max_minutes: float | None, device: str | None) -> tuple[Any, str, None]:
+    """``--resume``: the recipe of the run in ``out`` (with the options given now) and the source
+    checkpoint it recorded; ``(recipe, source checkpoint, None)`` (the weights come from the run)."""
+    last = out / "checkpoints" / "last.pt"
+    if not last.exists():
+        raise ConfigError(f"--resume: no checkpoint at {last}; start without --resume")
+    prev = load_checkpoint(last)
+    recipe = recipe_from_dict(apply_overrides(copy.deepcopy(prev["config"]), overrides))
+    if max_steps is not None:
+        recipe.train.max_steps = int(max_steps)
+    if max_minutes is not None:
+        recipe.train.max_minutes = float(max_minutes)
+    if device is not None:
+        recipe.train.device = str(device)
+    recipe.train.out = str(out)
+    return recipe, prev.get("source_checkpoint", str(checkpoint)), None
+
+
+def _new_recipe(checkpoint: str | Path, data: str | Path, out: Path, method: str | None, overrides: list[str], *,
+                max_steps: int | None, max_minutes: float | None,
+                device: str | None) -> tuple[Any, str, str | Path | None]:
+    """A new adaptation: :func:`adapted_recipe` of the source's recipe; ``(recipe, source checkpoint,
+    the checkpoint to start the weights from)`` (None for starting weights: ``fit`` loads ``model.pretrained``)."""
+    if is_pretrained_spec(checkpoint):  # published/exported starting weights: fit loads model.pretrained
+        source_config, init_from = recipe_to_dict(pretrained_recipe(checkpoint)), None
+    else:
+        source_config, init_from = load_checkpoint(checkpoint)["config"], checkpoint
+    recipe = adapted_recipe(source_config, data, out, max_steps=max_steps, max_minutes=max_minutes, method=method,
+                            device=device, overrides=overrides)
+    return recipe, str(checkpoint), init_from
+
+
+def _source_mix(recipe: Any, data: str | Path, source: str | Path | None,
+                source_fraction: float | None) -> tuple[MixedDataset | None, float]:
+    """The target images mixed with source images (None: the target folder alone) and the source
+    fraction used; sets ``recipe.adapt.source_fraction`` to it."""
     fraction = source_fraction if source_fraction is not None else recipe.adapt.source_fraction
     if source is not None and source_fraction is None and not fraction:
         fraction = DEFAULT_SOURCE_FRACTION
@@ -285,13 +317,4 @@ def adapt(
     if source is not None and fraction > 0:
         dataset = build_mixed_dataset(recipe.data, data, source, fraction, seed=recipe.train.seed)
     recipe.adapt.source_fraction = float(fraction) if source is not None else 0.0
-
-    result = fit(recipe, resume=resume, init_from=None if resume else init_from, dataset=dataset,
-                 log_prefix="adapt", overwrite=overwrite, knn_monitor=knn_monitor(recipe))
-    extra = {"source_fraction": float(fraction) if dataset is not None else 0.0}
-    _tag_checkpoint(result.checkpoint, "continued", source_checkpoint, **extra)
-    code = exit_code_for(result.stopped_early)
-    if code:  # SIGINT / SIGTERM: the checkpoint of the current step is written, the run is not finished
-        raise RunStopped(stopped_message(result.stopped_early, result.step, result.total_steps, result.checkpoint),
-                         code)
-    return result.checkpoint
+    return dataset, float(fraction) if dataset is not None else 0.0

@@ -160,62 +160,25 @@ def _write_export(tmp: Path, out: Path, checkpoint: Path, ck: dict, fmt: str, st
     """Write the export's files into ``tmp`` (renamed to ``out`` by the caller): the backbone's ``state``
     (+ timm's ``placeholder`` head), a classifier's head when ``pred`` is one; returns config.json's dict."""
     recipe = recipe_from_dict(ck["config"])
-    name, in_chans, size = recipe.model.backbone, int(ck["in_chans"]), int(recipe.data.image_size)
-    classifier = pred.model if pred is not None else None
+    in_chans, size = int(ck["in_chans"]), int(recipe.data.image_size)
     files = []
     if fmt in ("safetensors", "both"):
-        meta = {"format": "pt", "producer": f"cellssl {__version__}", "architecture": name,
-                "placeholder_keys": ",".join(sorted(placeholder))}
-        save_file({**state, **placeholder}, str(tmp / "model.safetensors"), metadata=meta)
-        files.append("model.safetensors")
-    head = None
-    if classifier is not None:
-        head = {"classes": list(pred.classes), "normalize": bool(classifier.normalize), "file": "head.safetensors",
-                "math": "logits = weight @ (f / ||f||_2 if normalize else f) + bias; probabilities = softmax(logits)"}
-        save_file({"weight": classifier.head.weight.detach().contiguous(),
-                   "bias": classifier.head.bias.detach().contiguous()},
-                  str(tmp / "head.safetensors"), metadata={"classes": json.dumps(list(pred.classes))})
-        files.append("head.safetensors")
+        files.append(_write_weights(tmp / "model.safetensors", recipe.model.backbone, state, placeholder))
+    head = _write_head(tmp / "head.safetensors", pred) if pred is not None else None
+    if head is not None:
+        files.append(head["file"])
     onnx_info = None
     if fmt in ("onnx", "both"):
-        target = classifier if classifier is not None else backbone
-        onnx_info = _onnx(target, tmp / "model.onnx", in_chans, size,
-                          "logits" if classifier is not None else "features",
-                          opset)
-        onnx_info["model"] = "classifier (backbone + head)" if classifier is not None else "backbone"
-        files.append("model.onnx")
-
-    mean, std = channel_stats(recipe.data, in_chans)
-    data = dataclasses.asdict(recipe.data)
-    timm_cfg = {
-        "tag": "cellssl", "input_size": [in_chans, size, size], "fixed_input_size": False,
-        "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
-        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-        "num_classes": int(next((v.shape[0] for k, v in placeholder.items() if k.endswith("weight")), 0)),
-    }
-    pc = getattr(backbone, "pretrained_cfg", None) or {}
-    for key in ("first_conv", "classifier"):
-        if pc.get(key):
-            timm_cfg[key] = pc[key]
-    found = find_reports(checkpoint, list(reports))
+        onnx_info = _write_onnx(tmp / "model.onnx", backbone, pred, in_chans, size, opset)
+        files.append(onnx_info["file"])
+    timm_cfg = _timm_cfg(recipe.data, in_chans, size, placeholder, backbone)
     config = {
-        "architecture": name,
+        "architecture": recipe.model.backbone,
         "num_classes": timm_cfg["num_classes"],
         "num_features": n_features,
         "pretrained_cfg": timm_cfg,
         "model_args": {"in_chans": in_chans},
-        "preprocessing": {
-            "channels": in_chans,
-            "image_size": size,
-            "resize": f"the whole image to {size}x{size} px (cv2 INTER_AREA when shrinking, bilinear when enlarging)",
-            "values": "pixels scaled to [0, 1] first: "
-                      + ("8-bit / 255, other types by percentiles" if data["intensity"] == "auto"
-                         else data["intensity"]),
-            "normalise": "(x - mean) / std per channel",
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-            "modality": data["modality"], "intensity": data["intensity"], "percentiles": data["percentiles"],
-            "percentile_scope": data["percentile_scope"], "stain_normalize": data["stain_normalize"],
-        },
+        "preprocessing": _preprocessing(recipe.data, in_chans, size),
         "cellssl": {
             "version": __version__,
             "exported": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -229,7 +192,7 @@ def _write_export(tmp: Path, out: Path, checkpoint: Path, ck: dict, fmt: str, st
             "recipe": ck["config"],
             "head": head,
             "onnx": onnx_info,
-            "evaluation": [_report_line(r) for r in found],
+            "evaluation": [_report_line(r) for r in find_reports(checkpoint, list(reports))],
             "files": files,
         },
     }
@@ -238,13 +201,90 @@ def _write_export(tmp: Path, out: Path, checkpoint: Path, ck: dict, fmt: str, st
     return config
 
 
+def _write_weights(path: Path, name: str, state: dict, placeholder: dict) -> str:
+    """``model.safetensors``: the backbone's state and timm's placeholder head; returns the file name."""
+    meta = {"format": "pt", "producer": f"cellssl {__version__}", "architecture": name,
+            "placeholder_keys": ",".join(sorted(placeholder))}
+    save_file({**state, **placeholder}, str(path), metadata=meta)
+    return path.name
+
+
+def _write_head(path: Path, pred: Any) -> dict:
+    """``head.safetensors`` of a classifier (``weight`` (K, F), ``bias`` (K,), the class names in its
+    metadata); returns config.json's ``head``."""
+    classifier = pred.model
+    save_file({"weight": classifier.head.weight.detach().contiguous(),
+               "bias": classifier.head.bias.detach().contiguous()},
+              str(path), metadata={"classes": json.dumps(list(pred.classes))})
+    return {"classes": list(pred.classes), "normalize": bool(classifier.normalize), "file": path.name,
+            "math": "logits = weight @ (f / ||f||_2 if normalize else f) + bias; probabilities = softmax(logits)"}
+
+
+def _write_onnx(path: Path, backbone: nn.Module, pred: Any, in_chans: int, size: int, opset: int) -> dict:
+    """``model.onnx``: the whole classifier when ``pred`` is one, else the backbone; returns config.json's ``onnx``."""
+    if pred is not None:
+        info = _onnx(pred.model, path, in_chans, size, "logits", opset)
+        info["model"] = "classifier (backbone + head)"
+    else:
+        info = _onnx(backbone, path, in_chans, size, "features", opset)
+        info["model"] = "backbone"
+    return info
+
+
+def _timm_cfg(data_cfg: Any, in_chans: int, size: int, placeholder: dict, backbone: nn.Module) -> dict:
+    """timm's ``pretrained_cfg``: input size, mean and std, the placeholder head's class count, and
+    the backbone's own ``first_conv`` / ``classifier`` names."""
+    mean, std = channel_stats(data_cfg, in_chans)
+    cfg = {
+        "tag": "cellssl", "input_size": [in_chans, size, size], "fixed_input_size": False,
+        "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "num_classes": int(next((v.shape[0] for k, v in placeholder.items() if k.endswith("weight")), 0)),
+    }
+    pc = getattr(backbone, "pretrained_cfg", None) or {}
+    cfg.update({key: pc[key] for key in ("first_conv", "classifier") if pc.get(key)})
+    return cfg
+
+
+def _preprocessing(data_cfg: Any, in_chans: int, size: int) -> dict:
+    """config.json's ``preprocessing``: how to turn a file into the model's input tensor."""
+    mean, std = channel_stats(data_cfg, in_chans)
+    data = dataclasses.asdict(data_cfg)
+    return {
+        "channels": in_chans,
+        "image_size": size,
+        "resize": f"the whole image to {size}x{size} px (cv2 INTER_AREA when shrinking, bilinear when enlarging)",
+        "values": "pixels scaled to [0, 1] first: "
+                  + ("8-bit / 255, other types by percentiles" if data["intensity"] == "auto" else data["intensity"]),
+        "normalise": "(x - mean) / std per channel",
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "modality": data["modality"], "intensity": data["intensity"], "percentiles": data["percentiles"],
+        "percentile_scope": data["percentile_scope"], "stain_normalize": data["stain_normalize"],
+    }
+
+
 def _report_line(report: dict) -> dict:
     lines = [x for x in format_summary(report).splitlines() if not x.startswith("report:")]
     return {"kind": report.get("kind"), "file": report.get("_file"), "summary": " ".join(x.strip() for x in lines)}
 
 
 def _card(config: dict, ck: dict, out: Path) -> str:
-    """The model card (README.md) of an export."""
+    """The model card (README.md) of an export: how it was trained, its preprocessing, how to load it
+    (timm, the head, ONNX, cellssl), the evaluations found, the files."""
+    c = config["cellssl"]
+    lines = [*_card_training(config, ck), *_card_preprocessing(config["preprocessing"]), "## Use it", "",
+             *_card_timm(config, out), *_card_head(c["head"]), *_card_onnx(c["onnx"]), *_card_cellssl(config, out),
+             "## Evaluation", ""]
+    if c["evaluation"]:
+        lines += [f"- {e['kind']}: {e['summary']} (`{e['file']}`)" for e in c["evaluation"]]
+    else:
+        lines.append("No evaluation report was found beside the checkpoint (pass `--report FILE`).")
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in c["files"] + ["config.json", "README.md"]]
+    return "\n".join(lines) + "\n"
+
+
+def _card_training(config: dict, ck: dict) -> list[str]:
+    """The card's title and "How it was trained"."""
     c = config["cellssl"]
     r = c["recipe"]
     p = config["preprocessing"]
@@ -267,52 +307,69 @@ def _card(config: dict, ck: dict, out: Path) -> str:
         lines.append(f"- backbone of this classifier: `{ck['source']}`")
     if c["head"]:
         lines.append(f"- classes ({len(c['head']['classes'])}): {', '.join(c['head']['classes'])}")
-    lines += ["", "## Preprocessing", "",
-              f"1. read the image; {p['values']}", f"2. resize {p['resize']}",
-              f"3. normalise `(x - mean) / std` with mean {p['mean']} and std {p['std']}",
-              f"4. tensor `(batch, {chans}, {size}, {size})`, float32", ""]
-    lines += ["## Use it", ""]
-    if c["timm_loadable"]:
-        extra = "" if chans == 3 else f", in_chans={chans}"
-        overlay = "" if chans == 3 else f", input_size=({chans}, {size}, {size})"
-        lines += ["With timm (features, `(batch, {})`):".format(config["num_features"]), "", "```python", "import timm",
-                  f"model = timm.create_model(\"{name}\", pretrained=True, num_classes=0{extra},",
-                  "                          pretrained_cfg_overlay=dict("
-                  f"file=\"{out.name}/model.safetensors\"{overlay}))",
-                  "features = model(images)  # images preprocessed as above", "```", ""]
-        if config["cellssl"]["placeholder_classifier_keys"]:
-            lines += [f"Without `num_classes=0` timm builds its default {config['num_classes']}-class model; the file "
-                      f"holds zeros for that classifier ({', '.join(c['placeholder_classifier_keys'])}) so the "
-                      "default call loads too: then use "
-                      "`model.forward_head(model.forward_features(x), pre_logits=True)`.", ""]
-    else:
-        lines += [f"`model.stem: {c['stem']}` replaces timm's ResNet stem, so a plain `timm.create_model` cannot hold "
-                  "these weights; load them with cellssl (below).", ""]
-    if c["head"]:
-        norm = "f = f / f.norm(dim=1, keepdim=True)\n" if c["head"]["normalize"] else ""
-        lines += ["The classifier head (`head.safetensors`):", "", "```python",
-                  "from safetensors.torch import load_file",
-                  "head = load_file(\"head.safetensors\")",
-                  f"f = model(images)\n{norm}probabilities = (f @ head[\"weight\"].T + head[\"bias\"]).softmax(1)",
-                  f"classes = {c['head']['classes']}", "```", ""]
-    if c["onnx"]:
-        o = c["onnx"]
-        diff = o.get("max_abs_diff_vs_torch")
-        lines += [f"ONNX (`model.onnx`, {o['model']}, input `images` `{o['input_shape']}`, output `{o['output']}`, "
-                  f"opset {o['opset']}, dynamic batch)" + (f"; max abs difference to torch {diff:.2e} ({o['check']})"
-                                                           if diff is not None else f"; {o['check']}") + ":", "",
-                  "```python", "import onnxruntime as ort",
-                  "session = ort.InferenceSession(\"model.onnx\")",
-                  f"{o['output']} = session.run(None, {{\"images\": images.numpy()}})[0]", "```", ""]
-    lines += ["With cellssl (the folder is a starting point for every command):", "", "```bash",
-              f"cellssl linear   --checkpoint pretrained:{out.name} --train labelled/ --split 0.3 --out eval/",
-              f"cellssl finetune --checkpoint pretrained:{out.name} --data labelled/ --out runs/ft",
-              f"cellssl pretrain --recipe blood_smear --data cells/ --backbone {name} --set model.pretrained={out.name}"
-              + (f" --set model.stem={c['stem']}" if c["stem"] != "default" else ""), "```", ""]
-    lines += ["## Evaluation", ""]
-    if c["evaluation"]:
-        lines += [f"- {e['kind']}: {e['summary']} (`{e['file']}`)" for e in c["evaluation"]]
-    else:
-        lines.append("No evaluation report was found beside the checkpoint (pass `--report FILE`).")
-    lines += ["", "## Files", ""] + [f"- `{f}`" for f in c["files"] + ["config.json", "README.md"]]
-    return "\n".join(lines) + "\n"
+    return lines + [""]
+
+
+def _card_preprocessing(p: dict) -> list[str]:
+    return ["## Preprocessing", "",
+            f"1. read the image; {p['values']}", f"2. resize {p['resize']}",
+            f"3. normalise `(x - mean) / std` with mean {p['mean']} and std {p['std']}",
+            f"4. tensor `(batch, {p['channels']}, {p['image_size']}, {p['image_size']})`, float32", ""]
+
+
+def _card_timm(config: dict, out: Path) -> list[str]:
+    """Loading the backbone with timm (or why a plain ``timm.create_model`` cannot)."""
+    c = config["cellssl"]
+    p = config["preprocessing"]
+    name, chans, size = config["architecture"], p["channels"], p["image_size"]
+    if not c["timm_loadable"]:
+        return [f"`model.stem: {c['stem']}` replaces timm's ResNet stem, so a plain `timm.create_model` cannot hold "
+                "these weights; load them with cellssl (below).", ""]
+    extra = "" if chans == 3 else f", in_chans={chans}"
+    overlay = "" if chans == 3 else f", input_size=({chans}, {size}, {size})"
+    lines = ["With timm (features, `(batch, {})`):".format(config["num_features"]), "", "```python", "import timm",
+             f"model = timm.create_model(\"{name}\", pretrained=True, num_classes=0{extra},",
+             "                          pretrained_cfg_overlay=dict("
+             f"file=\"{out.name}/model.safetensors\"{overlay}))",
+             "features = model(images)  # images preprocessed as above", "```", ""]
+    if c["placeholder_classifier_keys"]:
+        lines += [f"Without `num_classes=0` timm builds its default {config['num_classes']}-class model; the file "
+                  f"holds zeros for that classifier ({', '.join(c['placeholder_classifier_keys'])}) so the "
+                  "default call loads too: then use "
+                  "`model.forward_head(model.forward_features(x), pre_logits=True)`.", ""]
+    return lines
+
+
+def _card_head(head: dict | None) -> list[str]:
+    """Using a classifier's ``head.safetensors``."""
+    if not head:
+        return []
+    norm = "f = f / f.norm(dim=1, keepdim=True)\n" if head["normalize"] else ""
+    return ["The classifier head (`head.safetensors`):", "", "```python",
+            "from safetensors.torch import load_file",
+            "head = load_file(\"head.safetensors\")",
+            f"f = model(images)\n{norm}probabilities = (f @ head[\"weight\"].T + head[\"bias\"]).softmax(1)",
+            f"classes = {head['classes']}", "```", ""]
+
+
+def _card_onnx(o: dict | None) -> list[str]:
+    """Running ``model.onnx`` with onnxruntime."""
+    if not o:
+        return []
+    diff = o.get("max_abs_diff_vs_torch")
+    return [f"ONNX (`model.onnx`, {o['model']}, input `images` `{o['input_shape']}`, output `{o['output']}`, "
+            f"opset {o['opset']}, dynamic batch)" + (f"; max abs difference to torch {diff:.2e} ({o['check']})"
+                                                     if diff is not None else f"; {o['check']}") + ":", "",
+            "```python", "import onnxruntime as ort",
+            "session = ort.InferenceSession(\"model.onnx\")",
+            f"{o['output']} = session.run(None, {{\"images\": images.numpy()}})[0]", "```", ""]
+
+
+def _card_cellssl(config: dict, out: Path) -> list[str]:
+    """The export folder as a starting point for the cellssl commands."""
+    stem, name = config["cellssl"]["stem"], config["architecture"]
+    return ["With cellssl (the folder is a starting point for every command):", "", "```bash",
+            f"cellssl linear   --checkpoint pretrained:{out.name} --train labelled/ --split 0.3 --out eval/",
+            f"cellssl finetune --checkpoint pretrained:{out.name} --data labelled/ --out runs/ft",
+            f"cellssl pretrain --recipe blood_smear --data cells/ --backbone {name} --set model.pretrained={out.name}"
+            + (f" --set model.stem={stem}" if stem != "default" else ""), "```", ""]

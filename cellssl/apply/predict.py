@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,41 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
     ``overwrite`` replaces an earlier prediction folder as a whole. Returns the report dict.
     """
     t0 = time.monotonic()
-    out = Path(out)
+    out = _check_out(Path(out), overwrite)
+    pred = load_predictor(model, device)
+    ds, items = _items(pred, data)
+    scores = _score(pred, items, batch_size, num_workers, progress)
+    if not scores.used.any():
+        raise DataError(f"no image in {data} could be classified (e.g. {ds.samples[0][0]}: {scores.reasons[0]})")
+    th = thresholds(pred.unsure, target_error, ood_quantile) if pred.unsure else None
+    dist = _distances(pred, scores)
+    flags = _flags(scores, dist, th, pred.native_size)
+    unsure = np.array([bool(f) for f in flags])
+    truth = _truth(ds, pred.classes)
+    report = _summary(pred, data, scores.predicted, scores.used, unsure, flags, truth, th)
+    report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"), "json": str(out / "report.json")}
+    with output_folder(out, replace=overwrite) as tmp:  # all files or none: renamed to out at the end
+        mark_output_folder(tmp, "predict")  # a later predict on a folder holding `out` skips its images
+        _write_csv(tmp / CSV_NAME, _row_paths(ds.samples, Path(ds.root)), pred.classes, scores, unsure, flags, dist,
+                   truth)
+        if _contact_sheet(ds, tmp / SHEET_NAME, pred.classes, scores, unsure, flags, sheet):
+            report["files"]["contact_sheet"] = str(out / SHEET_NAME)
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        _write_report(report, tmp)
+    return report
+
+
+def _check_out(out: Path, overwrite: bool) -> Path:
+    """``--out``: a folder that holds no files (or, with ``overwrite``, an earlier prediction); one-line errors."""
     if out.suffix:
         raise DataError(f"--out {out} must be a folder (predictions.csv, report.md and {SHEET_NAME} go in it)")
     check_output_folder(out, overwrite=overwrite, command="predict", own_files=PREDICT_FILES, marker=CSV_NAME)
-    pred = load_predictor(model, device)
+    return out
+
+
+def _items(pred: Predictor, data: str | Path) -> tuple[Any, _Items]:
+    """The folder's dataset, read with the model's preprocessing, and its items for the model; a folder
+    of another channel count than the model's is a one-line error."""
     convert = pred.data_cfg.channels is not None  # the recipe asked for a fixed channel count: convert as in training
     ds = build_dataset(pred.data_cfg, data, labelled=None)
     if not convert and ds.channels != pred.in_chans:
@@ -111,81 +142,101 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
             f"{pred.in_chans}-channel images: predict with a model trained on images like these"
         )
     transform = build_eval_transform(pred.data_cfg, pred.in_chans)
-    items = _Items(ds, transform, pred.in_chans, int(pred.data_cfg.image_size), convert)
-    loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    n = len(ds)
-    k = len(pred.classes)
-    proba = np.full((n, k), np.nan)
-    feats: np.ndarray | None = None
-    reasons = [""] * n
-    sizes = np.zeros((n, 2), dtype=np.int64)
-    iterator: Any = loader
-    if progress and len(loader) > 2:
+    return ds, _Items(ds, transform, pred.in_chans, int(pred.data_cfg.image_size), convert)
 
-        iterator = tqdm(loader, desc="predict", unit="batch", leave=False)
+
+@dataclass
+class _Scores:
+    """What the model made of every image (N rows): ``proba`` (N, K) class probabilities and ``feats``
+    (N, F) backbone features (NaN rows: no prediction), ``reasons`` why an image has none ("" when it
+    has one), ``sizes`` (N, 2) its height and width in pixels."""
+
+    proba: np.ndarray
+    feats: np.ndarray | None
+    reasons: list[str]
+    sizes: np.ndarray
+
+    @property
+    def used(self) -> np.ndarray:
+        """(N,) bool: the image has a prediction."""
+        return np.array([r == "" for r in self.reasons])
+
+    @property
+    def conf(self) -> np.ndarray:
+        """(N,) the top class's probability (NaN without a prediction)."""
+        return np.where(self.used, np.nan_to_num(self.proba, nan=0.0).max(axis=1), np.nan)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(N,) the predicted class (-1 without a prediction)."""
+        return np.where(self.used, np.nan_to_num(self.proba, nan=-1.0).argmax(axis=1), -1)
+
+    @property
+    def top(self) -> np.ndarray:
+        """(N, 3) the three most probable classes, most probable first."""
+        return np.argsort(-np.nan_to_num(self.proba, nan=-1.0), axis=1)[:, :3]
+
+
+def _score(pred: Predictor, items: _Items, batch_size: int, num_workers: int, progress: bool) -> _Scores:
+    """One pass of the model over ``items``: probabilities and features of every usable image."""
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    n = len(items)
+    scores = _Scores(np.full((n, len(pred.classes)), np.nan), None, [""] * n, np.zeros((n, 2), dtype=np.int64))
+    batches: Any = tqdm(loader, desc="predict", unit="batch", leave=False) if progress and len(loader) > 2 else loader
     with torch.no_grad():
-        for x, idx, why, h, w in iterator:
+        for x, idx, why, h, w in batches:
             idx = idx.numpy()
-            sizes[idx, 0], sizes[idx, 1] = h.numpy(), w.numpy()
+            scores.sizes[idx, 0], scores.sizes[idx, 1] = h.numpy(), w.numpy()
             ok = np.array([r == "" for r in why])
             for i, r in zip(idx, why):
-                reasons[i] = r
+                scores.reasons[i] = r
             if not ok.any():
                 continue
             f = pred.model.features(x[torch.as_tensor(ok)].to(pred.device).float())
-            logits = pred.model.classify(f).float().cpu().numpy()
-            if feats is None:
-                feats = np.full((n, f.shape[1]), np.nan, dtype=np.float32)
-            proba[idx[ok]] = softmax(logits)
-            feats[idx[ok]] = f.float().cpu().numpy()
-    used = np.array([r == "" for r in reasons])
-    if not used.any():
-        raise DataError(f"no image in {data} could be classified (e.g. {ds.samples[0][0]}: {reasons[0]})")
+            if scores.feats is None:
+                scores.feats = np.full((n, f.shape[1]), np.nan, dtype=np.float32)
+            scores.proba[idx[ok]] = softmax(pred.model.classify(f).float().cpu().numpy())
+            scores.feats[idx[ok]] = f.float().cpu().numpy()
+    return scores
 
-    # --- unsure ---------------------------------------------------------------------------
-    conf = np.where(used, np.nan_to_num(proba, nan=0.0).max(axis=1), np.nan)
-    top = np.argsort(-np.nan_to_num(proba, nan=-1.0), axis=1)[:, :3]
-    dist = np.full(n, np.nan)
-    th = None
-    flags: list[list[str]] = [[] for _ in range(n)]
+
+def _distances(pred: Predictor, scores: _Scores) -> np.ndarray:
+    """(N,) Mahalanobis distance of each image to the nearest training class (NaN: no prediction,
+    or a model without the unsure calibration)."""
+    dist = np.full(len(scores.reasons), np.nan)
     if pred.unsure:
-        th = thresholds(pred.unsure, target_error, ood_quantile)
         ood = OODModel(pred.unsure["ood_means"].double().numpy(), pred.unsure["ood_precision"].double().numpy())
-        dist[used] = ood.distances(feats[used])
-        for i in np.flatnonzero(used):
-            if conf[i] < th["confidence_threshold"]:
-                flags[i].append(f"low confidence {conf[i]:.2f} < {th['confidence_threshold']:.2f}"
-                                if math.isfinite(th["confidence_threshold"])
-                                else "no confidence threshold meets the target")
-            if dist[i] > th["distance_threshold"]:
-                flags[i].append(f"unlike the training cells (distance {dist[i]:.1f} > {th['distance_threshold']:.1f})")
+        dist[scores.used] = ood.distances(scores.feats[scores.used])
+    return dist
+
+
+def _flags(scores: _Scores, dist: np.ndarray, th: dict | None, native: list[int]) -> list[list[str]]:
+    """Why each image is unsure ([]: it is not): low confidence, unlike the training cells, another
+    size than the training images, or no prediction at all."""
+    used, conf = scores.used, scores.conf
+    flags: list[list[str]] = [[] for _ in range(len(used))]
     for i in np.flatnonzero(used):
-        s = _size_reason(int(sizes[i, 0]), int(sizes[i, 1]), pred.native_size)
-        if s:
-            flags[i].append(s)
+        if th and conf[i] < th["confidence_threshold"]:
+            flags[i].append(f"low confidence {conf[i]:.2f} < {th['confidence_threshold']:.2f}"
+                            if math.isfinite(th["confidence_threshold"])
+                            else "no confidence threshold meets the target")
+        if th and dist[i] > th["distance_threshold"]:
+            flags[i].append(f"unlike the training cells (distance {dist[i]:.1f} > {th['distance_threshold']:.1f})")
+        size = _size_reason(int(scores.sizes[i, 0]), int(scores.sizes[i, 1]), native)
+        if size:
+            flags[i].append(size)
     for i in np.flatnonzero(~used):
-        flags[i].append(reasons[i])
-    unsure = np.array([bool(f) for f in flags])
+        flags[i].append(scores.reasons[i])
+    return flags
 
-    # --- truth, when the folder has class sub-folders named like the model's classes ----------
-    truth = np.full(n, -1, dtype=np.int64)
-    if ds.labelled:
-        lut = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in ds.classes], dtype=np.int64)
-        truth = np.where(ds.labels >= 0, lut[np.maximum(ds.labels, 0)], -1)
 
-    root = Path(ds.root)
-    rel = _row_paths(ds.samples, root)
-    predicted = np.where(used, np.nan_to_num(proba, nan=-1.0).argmax(axis=1), -1)
-    report = _summary(pred, data, predicted, used, unsure, flags, truth, th)
-    report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"), "json": str(out / "report.json")}
-    with output_folder(out, replace=overwrite) as tmp:  # all files or none: renamed to out at the end
-        mark_output_folder(tmp, "predict")  # a later predict on a folder holding `out` skips its images
-        _write_csv(tmp / CSV_NAME, rel, pred.classes, predicted, conf, proba, top, unsure, flags, dist, truth)
-        if _contact_sheet(ds, tmp / SHEET_NAME, pred.classes, predicted, conf, unsure, flags, used, sheet):
-            report["files"]["contact_sheet"] = str(out / SHEET_NAME)
-        report["seconds"] = round(time.monotonic() - t0, 1)
-        _write_report(report, tmp)
-    return report
+def _truth(ds: Any, classes: list[str]) -> np.ndarray:
+    """(N,) the true class of each image when the folder has class sub-folders named like the model's
+    classes (-1: unknown)."""
+    if not ds.labelled:
+        return np.full(len(ds), -1, dtype=np.int64)
+    lut = np.array([classes.index(c) if c in classes else -1 for c in ds.classes], dtype=np.int64)
+    return np.where(ds.labels >= 0, lut[np.maximum(ds.labels, 0)], -1)
 
 
 def _row_paths(samples: list, root: Path) -> list[str]:
@@ -197,9 +248,10 @@ def _row_paths(samples: list, root: Path) -> list[str]:
     return [relative_path(p, root) for p, _ in samples]
 
 
-def _write_csv(path: Path, rel: list[str], classes: list[str], predicted: np.ndarray, conf: np.ndarray,
-               proba: np.ndarray, top: np.ndarray, unsure: np.ndarray, flags: list[list[str]], dist: np.ndarray,
-               truth: np.ndarray) -> None:
+def _write_csv(path: Path, rel: list[str], classes: list[str], scores: _Scores, unsure: np.ndarray,
+               flags: list[list[str]], dist: np.ndarray, truth: np.ndarray) -> None:
+    """predictions.csv: one row per image (written to a temporary name, then renamed)."""
+    predicted, conf, proba, top = scores.predicted, scores.conf, scores.proba, scores.top
     header = ["path", "predicted", "probability", "top3", "unsure", "reason", "distance"]
     has_truth = bool((truth >= 0).any())
     if has_truth:
@@ -272,11 +324,12 @@ def _summary(pred: Predictor, data: str | Path, predicted: np.ndarray, used: np.
     return report
 
 
-def _contact_sheet(ds: Any, path: Path, classes: list[str], predicted: np.ndarray, conf: np.ndarray,
-                   unsure: np.ndarray, flags: list[list[str]], used: np.ndarray, n: int) -> Path | None:
+def _contact_sheet(ds: Any, path: Path, classes: list[str], scores: _Scores, unsure: np.ndarray,
+                   flags: list[list[str]], n: int) -> Path | None:
     """PNG grid of the ``n`` least certain classified cells: those unlike the training cells first,
     then the other flagged ones, then the rest, each group by confidence."""
-    idx = np.flatnonzero(used)
+    predicted, conf = scores.predicted, scores.conf
+    idx = np.flatnonzero(scores.used)
     if n <= 0 or len(idx) == 0:
         return None
     far = np.array([any(f.startswith("unlike") for f in fl) for fl in flags])

@@ -322,9 +322,7 @@ def select_indices(
     types, used by ProbCover's radius only. Deterministic in ``seed``. Raises ConfigError for an
     unknown strategy and DataError when fewer than ``budget`` unlabelled rows exist.
     """
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown selection strategy '{strategy}'{did_you_mean(strategy, STRATEGIES)}: "
-                          f"use one of {', '.join(STRATEGIES)}")
+    _check_strategy(strategy, "selection strategy")
     z = l2_normalize(np.asarray(features, dtype=np.float32))
     lab = np.unique(np.asarray(labelled, dtype=np.int64))
     free = len(z) - len(lab)
@@ -631,89 +629,121 @@ def select(checkpoint: str | Path, data: str | Path, out: str | Path, *, budget:
     :class:`~cellssl.eval.features.FeatureOptions` (its ``seed`` also seeds the strategy). Returns the report.
     """
     out = Path(out)
-    csv_path = out / "to_label.csv"
     _check_out(out)
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown --strategy '{strategy}'{did_you_mean(strategy, STRATEGIES)}: "
-                          f"use one of {', '.join(STRATEGIES)}")
+    _check_strategy(strategy, "--strategy")
     ex = FeatureExtractor(checkpoint, options, **fields)
     seed = ex.options.seed
     ds = build_dataset(ex.data_cfg, data, labelled=None)
     lab_ds_rows = _labelled_rows(labelled, ds.paths, data, ex.data_cfg)
     _check_budget(budget, len(ds), len(lab_ds_rows), data)
     with output_folder(out, replace=True) as tmp:
-        if features is not None and out.resolve() in Path(features).resolve().parents:  # kept in the new folder
-            kept = tmp / Path(features).resolve().relative_to(out.resolve())
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(features, kept)
+        _keep_features(features, out, tmp)
         fs, embedded = _pool_features(ex, ds, data, features, tmp)
         # from here on rows are positions in fs (bad files left out); fs.rows maps them to ds rows
         pos = {int(r): k for k, r in enumerate(fs.rows)}
         lab_rows = np.asarray([pos[int(r)] for r in lab_ds_rows if int(r) in pos], dtype=np.int64)
         _check_budget(budget, len(fs), len(lab_rows), data)
-        pool_files = [Path(ds.paths[int(r)]) for r in fs.rows]
         sel = select_indices(fs.features, budget, strategy, labelled=lab_rows, seed=seed, n_classes=n_classes)
-
-        # clusters and typicality for the table (TypiClust's own clustering when it made one)
-        z = l2_normalize(fs.features)
-        clusters = sel.clusters if sel.clusters is not None else kmeans_labels(z, len(lab_rows) + budget, seed)
-        typ = typicality(z, clusters)
-        rows = sel.indices
-        ds_rows = fs.rows[rows]
-        numbers = list(range(1, budget + 1))
-
+        clusters, typ = _regions(fs.features, sel, len(lab_rows) + budget, seed)
         mark_output_folder(tmp, "select")
-        copies = _place_images(ds, ds_rows, numbers, tmp / "images", link)
-        table = []
-        for num, i, cp in zip(numbers, rows, copies):
-            table.append({"row": num, "path": _rel(cp, tmp), "label": "", "cluster": int(clusters[i]),
-                          "typicality": float(typ[i]), "source": _rel(pool_files[i], out)})
-        with (tmp / csv_path.name).open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["path", "label", "row", "cluster", "typicality", "source"])
-            w.writeheader()
-            for t in table:
-                w.writerow({**t, "typicality": f"{t['typicality']:.4f}"})
-
-        sheets = []
-        for page, start in enumerate(range(0, budget, SHEET_MAX)):
-            name = "contact_sheet.png" if page == 0 else f"contact_sheet_{page + 1}.png"
-            save_contact_sheet(ds, ds_rows[start:start + SHEET_MAX], numbers[start:start + SHEET_MAX], tmp / name)
-            sheets.append(str(out / name))
-        map_path = (plot_selection_map(fs, rows, lab_rows, tmp / "map.png", numbers, max_points=map_points, seed=seed)
-                    if map_points > 0 else None)
-
-        covered_regions = np.unique(clusters[np.concatenate([rows, lab_rows])])
-        report: dict[str, Any] = {
-            "kind": "select",
-            "data": str(data),
-            "out": str(out),
-            "pool_size": len(fs),
-            "skipped_images": list(ex.skipped),
-            "budget": int(budget),
-            "strategy": strategy,
-            "seed": int(seed),
-            "n_classes": int(n_classes),
-            "seconds": float(sel.seconds),
-            "n_labelled": int(len(lab_rows)),
-            "labelled_from": [str(s) for s in labelled],
-            "features_from": str(features) if features is not None else None,
-            "checkpoint": {k: v for k, v in fs.info.items() if k != "config"},
-            "n_regions": int(len(np.unique(clusters))),
-            "regions_covered": int(len(covered_regions)),
-            "info": {k: v for k, v in sel.info.items()},
-            "selected": table,
-            "files": {"csv": str(csv_path), "sheets": sheets, "map": str(out / "map.png") if map_path else None,
-                      "images": str(out / "images"),
-                      "embeddings": str(features if features is not None else out / "embeddings.npz"),
-                      "markdown": str(out / "report.md"), "json": str(out / "selection.json")},
-        }
-        if ds.classes and (ds.labels[ds_rows] >= 0).all():
-            report["classes_in_pool"] = list(ds.classes)
-            report["classes_covered"] = int(len(np.unique(ds.labels[ds_rows])))
+        table = _write_to_label(tmp, out, ds, fs, sel.indices, clusters, typ, link)
+        sheets = _write_sheets(tmp, out, ds, fs.rows[sel.indices])
+        map_path = (plot_selection_map(fs, sel.indices, lab_rows, tmp / "map.png", [t["row"] for t in table],
+                                       max_points=map_points, seed=seed) if map_points > 0 else None)
+        report = _report(data, out, ex, fs, sel, lab_rows, labelled, features, n_classes, clusters, table)
+        report["files"].update({"sheets": sheets, "map": str(out / "map.png") if map_path else None})
+        report.update(_classes_covered(ds, fs.rows[sel.indices]))
         (tmp / "report.md").write_text(_fmt_report(report, table))
         write_json(report, tmp / "selection.json")
     report["embedded"] = embedded
     return report
+
+
+def _check_strategy(strategy: str, what: str) -> None:
+    """ConfigError for a strategy not in :data:`STRATEGIES` (``what``: how the user named it)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown {what} '{strategy}'{did_you_mean(strategy, STRATEGIES)}: "
+                          f"use one of {', '.join(STRATEGIES)}")
+
+
+def _keep_features(features: str | Path | None, out: Path, tmp: Path) -> None:
+    """A ``--features`` file inside the ``out`` being replaced is copied into the new folder ``tmp`` first."""
+    if features is not None and out.resolve() in Path(features).resolve().parents:
+        kept = tmp / Path(features).resolve().relative_to(out.resolve())
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(features, kept)
+
+
+def _regions(features: np.ndarray, sel: Selection, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cluster (k-means region) and the typicality of every pool row, for the table (TypiClust's
+    own clustering when it made one)."""
+    z = l2_normalize(features)
+    clusters = sel.clusters if sel.clusters is not None else kmeans_labels(z, n_clusters, seed)
+    return clusters, typicality(z, clusters)
+
+
+def _write_to_label(tmp: Path, out: Path, ds: Any, fs: FeatureSet, rows: np.ndarray, clusters: np.ndarray,
+                    typ: np.ndarray, link: bool) -> list[dict]:
+    """The numbered copies (or links) in ``images/`` and ``to_label.csv``; returns the CSV's rows."""
+    numbers = list(range(1, len(rows) + 1))
+    copies = _place_images(ds, fs.rows[rows], numbers, tmp / "images", link)
+    table = [{"row": num, "path": _rel(cp, tmp), "label": "", "cluster": int(clusters[i]),
+              "typicality": float(typ[i]), "source": _rel(Path(ds.paths[int(fs.rows[i])]), out)}
+             for num, i, cp in zip(numbers, rows, copies)]
+    with (tmp / "to_label.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "row", "cluster", "typicality", "source"])
+        w.writeheader()
+        for t in table:
+            w.writerow({**t, "typicality": f"{t['typicality']:.4f}"})
+    return table
+
+
+def _write_sheets(tmp: Path, out: Path, ds: Any, ds_rows: np.ndarray) -> list[str]:
+    """The numbered contact sheets, :data:`SHEET_MAX` cells a page; returns their final paths."""
+    sheets = []
+    for page, start in enumerate(range(0, len(ds_rows), SHEET_MAX)):
+        name = "contact_sheet.png" if page == 0 else f"contact_sheet_{page + 1}.png"
+        numbers = list(range(start + 1, min(start + SHEET_MAX, len(ds_rows)) + 1))
+        save_contact_sheet(ds, ds_rows[start:start + SHEET_MAX], numbers, tmp / name)
+        sheets.append(str(out / name))
+    return sheets
+
+
+def _report(data: str | Path, out: Path, ex: Any, fs: FeatureSet, sel: Selection, lab_rows: np.ndarray,
+            labelled: Sequence[str | Path], features: str | Path | None, n_classes: int, clusters: np.ndarray,
+            table: list[dict]) -> dict[str, Any]:
+    """selection.json's content (the sheets and the map are added by the caller)."""
+    return {
+        "kind": "select",
+        "data": str(data),
+        "out": str(out),
+        "pool_size": len(fs),
+        "skipped_images": list(ex.skipped),
+        "budget": int(len(sel.indices)),
+        "strategy": sel.strategy,
+        "seed": int(ex.options.seed),
+        "n_classes": int(n_classes),
+        "seconds": float(sel.seconds),
+        "n_labelled": int(len(lab_rows)),
+        "labelled_from": [str(s) for s in labelled],
+        "features_from": str(features) if features is not None else None,
+        "checkpoint": {k: v for k, v in fs.info.items() if k != "config"},
+        "n_regions": int(len(np.unique(clusters))),
+        "regions_covered": int(len(np.unique(clusters[np.concatenate([sel.indices, lab_rows])]))),
+        "info": dict(sel.info),
+        "selected": table,
+        "files": {"csv": str(out / "to_label.csv"), "sheets": [], "map": None, "images": str(out / "images"),
+                  "embeddings": str(features if features is not None else out / "embeddings.npz"),
+                  "markdown": str(out / "report.md"), "json": str(out / "selection.json")},
+    }
+
+
+def _classes_covered(ds: Any, ds_rows: np.ndarray) -> dict[str, Any]:
+    """When the pool has class folders (not used by the selection): its classes and how many the
+    selected cells come from."""
+    if not (ds.classes and (ds.labels[ds_rows] >= 0).all()):
+        return {}
+    return {"classes_in_pool": list(ds.classes), "classes_covered": int(len(np.unique(ds.labels[ds_rows])))}
 
 
 def _check_budget(budget: int, pool: int, n_labelled: int, data: Any) -> None:

@@ -376,35 +376,54 @@ def check_rgb_only(views: ViewsConfig, data: DataConfig, channels: int) -> None:
 
 def _view_pipeline(views: ViewsConfig, data: DataConfig, channels: int, size: int, scale: Sequence[float],
                    zoom_out: bool = True) -> A.Compose:
-    """albumentations pipeline for one view at ``size`` px (geometry at output size, then appearance);
-    ``zoom_out=False`` (local crops: small parts of the cell by definition) never zooms out."""
-    reflect = cv2.BORDER_REFLECT_101
+    """albumentations pipeline for one view at ``size`` px (geometry at output size, then appearance,
+    then blur and noise); ``zoom_out=False`` (local crops: small parts of the cell by definition) never
+    zooms out."""
+    return A.Compose([*_geometry(views, size, scale, zoom_out), *_appearance(views, data, channels),
+                      *_degradation(views)], strict=False)
+
+
+def _geometry(views: ViewsConfig, size: int, scale: Sequence[float], zoom_out: bool) -> list[A.BasicTransform]:
+    """Crop (or zoom out), rotate, flip to ``size`` px; elastic deformation."""
     t: list[A.BasicTransform] = [
         RandomResizedCropRotateFlip(size, scale, views.crop_ratio, rotate=views.rotate, flip=views.flip,
                                     zoom_out_p=views.zoom_out_p if zoom_out else 0.0, zoom_out_max=views.zoom_out_max),
     ]
     if views.elastic_prob > 0:
-        t.append(A.ElasticTransform(alpha=size * 0.5, sigma=size * 0.08, border_mode=reflect, p=views.elastic_prob))
-    if is_brightfield_rgb(data, channels):
-        if views.randstain_p > 0:
-            t.append(RandStainLAB(views.randstain_mean, views.randstain_sigma, views.randstain_std,
-                                  p=views.randstain_p))
-        if views.hed_jitter > 0:
-            t.append(HEDJitter(views.hed_jitter, p=1.0))
-        if views.color_jitter_prob > 0:
-            t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue,
-                                    p=views.color_jitter_prob))
-        if views.grayscale_p > 0:  # luminance (0.299 R + 0.587 G + 0.114 B) in all three channels
-            t.append(A.ToGray(num_output_channels=3, method="weighted_average", p=views.grayscale_p))
-    elif views.channel_intensity > 0 or tuple(views.gamma) != (1.0, 1.0):
-        t.append(ChannelIntensityJitter(views.channel_intensity, views.gamma, p=1.0))
+        t.append(A.ElasticTransform(alpha=size * 0.5, sigma=size * 0.08, border_mode=cv2.BORDER_REFLECT_101,
+                                    p=views.elastic_prob))
+    return t
+
+
+def _appearance(views: ViewsConfig, data: DataConfig, channels: int) -> list[A.BasicTransform]:
+    """Stain and colour of bright-field RGB images; per-channel intensity and gamma of the others."""
+    t: list[A.BasicTransform] = []
+    if not is_brightfield_rgb(data, channels):
+        if views.channel_intensity > 0 or tuple(views.gamma) != (1.0, 1.0):
+            t.append(ChannelIntensityJitter(views.channel_intensity, views.gamma, p=1.0))
+        return t
+    if views.randstain_p > 0:
+        t.append(RandStainLAB(views.randstain_mean, views.randstain_sigma, views.randstain_std, p=views.randstain_p))
+    if views.hed_jitter > 0:
+        t.append(HEDJitter(views.hed_jitter, p=1.0))
+    if views.color_jitter_prob > 0:
+        t.append(RGBColorJitter(views.brightness, views.contrast, views.saturation, views.hue,
+                                p=views.color_jitter_prob))
+    if views.grayscale_p > 0:  # luminance (0.299 R + 0.587 G + 0.114 B) in all three channels
+        t.append(A.ToGray(num_output_channels=3, method="weighted_average", p=views.grayscale_p))
+    return t
+
+
+def _degradation(views: ViewsConfig) -> list[A.BasicTransform]:
+    """Blur, additive Gaussian and Poisson noise."""
+    t: list[A.BasicTransform] = []
     if views.blur_prob > 0:
         t.append(A.GaussianBlur(blur_limit=0, sigma_limit=tuple(views.blur_sigma), p=views.blur_prob))
     if views.noise_prob > 0 and views.noise_std > 0:
         t.append(AdditiveGaussianNoise(views.noise_std, p=views.noise_prob))
     if views.poisson_prob > 0:
         t.append(PoissonNoise(p=views.poisson_prob))
-    return A.Compose(t, strict=False)
+    return t
 
 
 class MultiViewTransform:

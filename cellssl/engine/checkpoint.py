@@ -286,37 +286,7 @@ def pretrained_recipe(spec: str | Path, image_size: int | None = None, in_chans:
     body = str(spec).split(":", 1)[1].strip()
     if not body:
         raise CheckpointError(f"{spec}: name the weights, e.g. pretrained:resnet50.a1_in1k or pretrained:model/")
-    recipe = Recipe()
-    arch, weights = None, body
-    if "=" in body:
-        arch, weights = (x.strip() for x in body.split("=", 1))
-    path = Path(weights).expanduser()
-    exported = _exported_config(path) if (path.exists() and arch is None) else None
-    own_export = exported is not None and isinstance(exported.get("cellssl", {}).get("recipe"), dict)
-    if own_export:
-        recipe = recipe_from_dict(exported["cellssl"]["recipe"])  # our own export: the full recipe
-        recipe.model.pretrained = str(path)
-    elif exported is not None:
-        recipe.model.backbone = str(exported.get("architecture") or "")
-        recipe.model.pretrained = str(path)
-        pcfg = exported.get("pretrained_cfg") or {}
-        recipe.data.mean, recipe.data.std = pcfg.get("mean"), pcfg.get("std")
-    elif arch is not None or path.exists() or "/" in weights:
-        if arch is None:
-            raise CheckpointError(f"{spec}: no config.json beside {path} says which architecture the weights are for; "
-                                  f"name it: pretrained:resnet18={weights}")
-        if not path.exists():
-            raise CheckpointError(f"{spec}: weights {path} do not exist")
-        recipe.model.backbone, recipe.model.pretrained = arch, str(path)
-    else:
-
-        recipe.model.backbone, recipe.model.pretrained = split_model_name_tag(weights)[0], weights
-        try:
-            pcfg = get_pretrained_cfg(weights)
-        except Exception:  # an unknown tag: build_backbone names the available ones
-            pcfg = None
-        if pcfg is not None:
-            recipe.data.mean, recipe.data.std = list(pcfg.mean), list(pcfg.std)
+    recipe, own_export = _weights_recipe(str(spec), body)
     if not recipe.model.backbone:
         raise CheckpointError(f"{spec}: the config.json beside the weights names no architecture")
     if image_size:
@@ -328,6 +298,42 @@ def pretrained_recipe(spec: str | Path, image_size: int | None = None, in_chans:
             setattr(recipe.data, key, [float(x) for x in v] if ok else None)
         recipe.name = f"pretrained-{recipe.model.backbone}"
     return recipe
+
+
+def _weights_recipe(spec: str, body: str) -> tuple[Recipe, bool]:
+    """The recipe of the weights ``body`` names (``NAME=FILE``, an exported folder or file, a timm tag)
+    and whether it is a cellssl export's own full recipe."""
+    arch, weights = None, body
+    if "=" in body:
+        arch, weights = (x.strip() for x in body.split("=", 1))
+    path = Path(weights).expanduser()
+    exported = _exported_config(path) if (path.exists() and arch is None) else None
+    recipe = Recipe()
+    if exported is not None and isinstance(exported.get("cellssl", {}).get("recipe"), dict):
+        recipe = recipe_from_dict(exported["cellssl"]["recipe"])  # our own export: the full recipe
+        recipe.model.pretrained = str(path)
+        return recipe, True
+    if exported is not None:  # a timm / Hugging Face model folder
+        recipe.model.backbone = str(exported.get("architecture") or "")
+        recipe.model.pretrained = str(path)
+        pcfg = exported.get("pretrained_cfg") or {}
+        recipe.data.mean, recipe.data.std = pcfg.get("mean"), pcfg.get("std")
+    elif arch is not None or path.exists() or "/" in weights:
+        if arch is None:
+            raise CheckpointError(f"{spec}: no config.json beside {path} says which architecture the weights are for; "
+                                  f"name it: pretrained:resnet18={weights}")
+        if not path.exists():
+            raise CheckpointError(f"{spec}: weights {path} do not exist")
+        recipe.model.backbone, recipe.model.pretrained = arch, str(path)
+    else:  # a timm tag: timm downloads the weights
+        recipe.model.backbone, recipe.model.pretrained = split_model_name_tag(weights)[0], weights
+        try:
+            pcfg = get_pretrained_cfg(weights)
+        except Exception:  # an unknown tag: build_backbone names the available ones
+            pcfg = None
+        if pcfg is not None:
+            recipe.data.mean, recipe.data.std = list(pcfg.mean), list(pcfg.std)
+    return recipe, False
 
 
 def load_backbone(spec: str | Path, in_chans: int | None = None, image_size: int | None = None,

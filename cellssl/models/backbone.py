@@ -65,25 +65,36 @@ def pretrained_source(cfg: ModelConfig) -> tuple[str, str] | None:
     value = str(cfg.pretrained).strip()
     path = Path(value).expanduser()
     if path.suffix.lower() in WEIGHT_SUFFIXES or "/" in value or "\\" in value or path.exists():
-        if path.is_dir():
-            found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-            if not found:
-                raise ConfigError(f"model.pretrained: folder {path} holds no model.safetensors or pytorch_model.bin; "
-                                  f"{ACCEPTED_WEIGHTS}")
-            path = found[0]
-        if not path.is_file():
-            raise ConfigError(f"model.pretrained: weights file {path} does not exist")
-        if path.suffix and path.suffix.lower() not in WEIGHT_SUFFIXES:
-            raise ConfigError(f"model.pretrained: {path} is not a weights file ({path.suffix}); {ACCEPTED_WEIGHTS}")
-        return "file", str(path)
+        return "file", str(_weights_file(path))
+    return "timm", _timm_weights(value, cfg.backbone)
 
+
+def _weights_file(path: Path) -> Path:
+    """The weights file ``model.pretrained`` names (a folder: its ``model.safetensors`` or
+    ``pytorch_model.bin``); ConfigError when there is none."""
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise ConfigError(f"model.pretrained: folder {path} holds no model.safetensors or pytorch_model.bin; "
+                              f"{ACCEPTED_WEIGHTS}")
+        path = found[0]
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: weights file {path} does not exist")
+    if path.suffix and path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ConfigError(f"model.pretrained: {path} is not a weights file ({path.suffix}); {ACCEPTED_WEIGHTS}")
+    return path
+
+
+def _timm_weights(value: str, backbone: str) -> str:
+    """timm's ``arch.tag`` for ``model.pretrained=value`` (``true``/``default``/``imagenet``: ``backbone``'s
+    default tag); ConfigError when its architecture is not ``backbone``'s or timm has no such weights."""
     if value.lower() in _DEFAULT_TAG_WORDS:
-        value = cfg.backbone
+        value = backbone
     arch, tag = split_model_name_tag(value)
-    own_arch, own_tag = split_model_name_tag(cfg.backbone)
+    own_arch, own_tag = split_model_name_tag(backbone)
     if arch != own_arch:
         raise ConfigError(
-            f"model.pretrained={value} holds {arch} weights but model.backbone is {cfg.backbone}: "
+            f"model.pretrained={value} holds {arch} weights but model.backbone is {backbone}: "
             f"set model.backbone={arch} (--backbone {arch})"
         )
     name = f"{arch}.{tag or own_tag}" if (tag or own_tag) else arch
@@ -93,7 +104,7 @@ def pretrained_source(cfg: ModelConfig) -> tuple[str, str] | None:
     if "." in name and name not in tags:
         raise ConfigError(f"timm has no pretrained tag '{name}'{did_you_mean(name, tags)}; "
                           f"available: {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''}")
-    return "timm", name
+    return name
 
 
 def _hub_host() -> str:
@@ -203,37 +214,48 @@ def build_backbone(cfg: ModelConfig, in_chans: int, image_size: int | None = Non
     kwargs: dict = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
-    family = cfg.backbone.split("_")[0]
-    if image_size is not None and family in ("vit", "deit", "swin", "eva", "beit"):
+    if image_size is not None and cfg.backbone.split("_")[0] in ("vit", "deit", "swin", "eva", "beit"):
         kwargs["img_size"] = image_size
     source = pretrained_source(cfg) if load_pretrained else None
     if source is not None and source[0] == "timm":
-        way_out = (f"without internet, download them elsewhere (timm.create_model('{source[1]}', pretrained=True) "
-                   "fills the Hugging Face cache) or set model.pretrained to a local .safetensors/.pth file")
-        if not _download_possible(source[1]):
-            raise ConfigError(f"cannot get pretrained weights '{source[1]}' (not in the cache and "
-                              f"{_hub_host()} cannot be reached); {way_out}")
-        try:
-            model = timm.create_model(source[1], **{**kwargs, "pretrained": True})
-        except Exception as exc:  # no network, HF_HUB_OFFLINE, a proxy: one line, with the way out
-            raise ConfigError(f"cannot get pretrained weights '{source[1]}' ({_first_line(exc)}); {way_out}") from None
+        model = _create_pretrained(source[1], kwargs)
     else:
         try:
             model = timm.create_model(cfg.backbone, **kwargs)
         except Exception as exc:  # timm raises many types for bad sizes/arguments
             raise ConfigError(f"cannot build backbone '{cfg.backbone}' for {in_chans} channels: {exc}") from None
     if cfg.stem != "default":
-        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
-            raise ConfigError(f"model.stem={cfg.stem!r} applies to ResNet-style backbones only, not {cfg.backbone}")
-        _replace_resnet_stem(model, in_chans, cfg.stem)
-        if source is not None and source[0] == "timm":
-            warnings.warn(f"model.stem={cfg.stem} replaces the pretrained 7x7 stem of {source[1]}: "
-                          "conv1 starts from random weights", UserWarning, stacklevel=2)
+        _change_stem(model, cfg, in_chans, pretrained=source[1] if source and source[0] == "timm" else None)
     if source is not None and source[0] == "file":
         load_weights_file(model, source[1], f"backbone {cfg.backbone} ({in_chans} channels, stem {cfg.stem})")
     if image_size is not None:
         check_input_size(model, cfg.backbone, in_chans, image_size)
     return model
+
+
+def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
+    """timm's model ``name`` with its pretrained weights (downloaded once); a one-line ConfigError
+    with the way out when they cannot be had (no internet, offline mode, a proxy)."""
+    way_out = (f"without internet, download them elsewhere (timm.create_model('{name}', pretrained=True) "
+               "fills the Hugging Face cache) or set model.pretrained to a local .safetensors/.pth file")
+    if not _download_possible(name):
+        raise ConfigError(f"cannot get pretrained weights '{name}' (not in the cache and "
+                          f"{_hub_host()} cannot be reached); {way_out}")
+    try:
+        return timm.create_model(name, **{**kwargs, "pretrained": True})
+    except Exception as exc:  # no network, HF_HUB_OFFLINE, a proxy: one line, with the way out
+        raise ConfigError(f"cannot get pretrained weights '{name}' ({_first_line(exc)}); {way_out}") from None
+
+
+def _change_stem(model: nn.Module, cfg: ModelConfig, in_chans: int, pretrained: str | None) -> None:
+    """``model.stem`` pool/small on a ResNet-style backbone (ConfigError on others); warns that the
+    ``pretrained`` timm weights' stem is not used."""
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
+        raise ConfigError(f"model.stem={cfg.stem!r} applies to ResNet-style backbones only, not {cfg.backbone}")
+    _replace_resnet_stem(model, in_chans, cfg.stem)
+    if pretrained is not None:
+        warnings.warn(f"model.stem={cfg.stem} replaces the pretrained 7x7 stem of {pretrained}: "
+                      "conv1 starts from random weights", UserWarning, stacklevel=3)
 
 
 def check_input_size(model: nn.Module, name: str, in_chans: int, image_size: int) -> None:
