@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import gaussian_filter
+from skimage.color import hed2rgb, rgb2hed
 
 from cellssl.data.io import ImageReadError, folder_to_folder_images, output_folder, read_raw_image
 from cellssl.errors import ConfigError, DataError, did_you_mean
@@ -81,8 +83,6 @@ def _preset(preset: str | ShiftPreset) -> ShiftPreset:
 
 def _stain(rgb: np.ndarray, p: ShiftPreset, rng: np.random.Generator) -> np.ndarray:
     """float RGB [0,1] -> stain-changed float RGB [0,1] (HED space)."""
-    from skimage.color import hed2rgb, rgb2hed  # skimage: heavy, imported when used
-
     jh, je = (1.0 + p.stain_jitter * rng.standard_normal(2)) if p.stain_jitter else (1.0, 1.0)
     hed = rgb2hed(rgb)
     hed[..., 0] *= p.h_scale * jh
@@ -108,8 +108,6 @@ def apply_shift(img: np.ndarray, preset: str | ShiftPreset = "scanner_b",
     if c == 3 and (p.h_scale != 1 or p.e_scale != 1 or p.e_offset or p.d_scale != 1 or p.stain_jitter):
         x = _stain(x, p, rng)
     if p.blur_sigma > 0:
-        from scipy.ndimage import gaussian_filter  # scipy: imported when used
-
         x = gaussian_filter(x, sigma=(p.blur_sigma, p.blur_sigma, 0), mode="reflect")
     if p.resize and p.resize != 1.0:
         small = (max(1, round(w * p.resize)), max(1, round(h * p.resize)))

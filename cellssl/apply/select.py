@@ -40,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import sparse
+from skactiveml.pool import CoreSet, RandomSampling, TypiClust
+from sklearn.cluster import KMeans
+from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
 from cellssl.apply.settings import DEFAULT_BUDGET, DEFAULT_N_CLASSES, STRATEGIES
@@ -116,8 +120,6 @@ def _threads():
 
 def kmeans_labels(z: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
     """k-means (scikit-learn, k-means++) cluster of each row of ``z`` (N, F) -> (N,) int64."""
-    from sklearn.cluster import KMeans  # sklearn: heavy, imported when used
-
     n_clusters = int(max(1, min(n_clusters, len(z))))
     with _threads(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicates -> "fewer distinct clusters" warning
@@ -131,8 +133,6 @@ def typicality(z: np.ndarray, clusters: np.ndarray, k: int = TYPICALITY_K, eps: 
     cluster (k capped at cluster size − 1; a singleton cluster gets 1) — the formula of
     scikit-activeml's ``TypiClust``, computed here for every strategy's report.
     """
-    from sklearn.neighbors import NearestNeighbors  # sklearn: heavy, imported when used
-
     out = np.ones(len(z), dtype=np.float64)
     with _threads():
         for c in np.unique(clusters):
@@ -158,9 +158,6 @@ def _distance_chunks(z: np.ndarray, chunk: int | None = None):
 # --- strategies --------------------------------------------------------------------------------
 def typiclust(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0, k: int = TYPICALITY_K) -> Selection:
     """TypiClust via scikit-activeml (see the module docstring); records the k-means clusters."""
-    from skactiveml.pool import TypiClust  # skactiveml, sklearn: heavy, imported when used
-    from sklearn.cluster import KMeans  # sklearn: heavy, imported when used
-
     fitted: dict[str, np.ndarray] = {}
 
     class _RecordingKMeans(KMeans):
@@ -198,16 +195,12 @@ def _unique_topped_up(idx: np.ndarray, budget: int, labelled: np.ndarray, z: np.
 def coreset(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> Selection:
     """Greedy k-center (farthest-first) via scikit-activeml's ``CoreSet``; without labelled cells
     the first centre is random."""
-    from skactiveml.pool import CoreSet  # skactiveml: heavy, imported when used
-
     idx = CoreSet(random_state=seed).query(z, _missing_y(len(z), labelled), batch_size=budget)
     return Selection(np.asarray(idx, dtype=np.int64), "coreset")
 
 
 def random_selection(z: np.ndarray, budget: int, labelled: np.ndarray, seed: int = 0) -> Selection:
     """Uniform sample of the unlabelled rows (scikit-activeml's ``RandomSampling``)."""
-    from skactiveml.pool import RandomSampling  # skactiveml: heavy, imported when used
-
     idx = RandomSampling(random_state=seed).query(z, _missing_y(len(z), labelled), batch_size=budget)
     return Selection(np.asarray(idx, dtype=np.int64), "random")
 
@@ -239,8 +232,6 @@ def probcover_delta(z: np.ndarray, n_classes: int, alpha: float = PROBCOVER_ALPH
 def ball_graph(z: np.ndarray, delta: float, chunk: int | None = None):
     """Sparse (N, N) CSR adjacency of the δ-ball graph: ``A[i, j] = 1`` iff ``||z_i − z_j|| <= δ``
     (self loops included). Built chunk by chunk: memory O(edges + chunk · N), not O(N²)."""
-    from scipy import sparse  # scipy: imported when used
-
     rows, cols = [], []
     with _threads():
         for s, d in _distance_chunks(z, chunk):

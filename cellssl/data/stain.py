@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab
 
 from cellssl.data.io import ImageReadError, folder_to_folder_images, list_images, output_folder, read_image
 from cellssl.errors import ConfigError, DataError
@@ -131,8 +133,6 @@ class StainNormalizer:
     # ---- fitting ------------------------------------------------------------------------
     def _fit(self, refs: list[np.ndarray]):
         if self.method == "macenko":
-            from torchstain.numpy.normalizers import NumpyMacenkoNormalizer  # torchstain: imported when used
-
             # Pool the stained pixels of all reference images (torchstain reshapes to (-1, 3)).
             pix = np.concatenate([r.reshape(-1, 3) for r in refs])
             stained, _ = _stained_fraction(pix)
@@ -155,8 +155,6 @@ class StainNormalizer:
                 raise DataError(f"the stain reference {self.reference} shows only one stain colour (Macenko needs two); "
                                 "use a folder of source images as the reference, or method reinhard")
             return norm
-        from torchstain.numpy.normalizers import NumpyReinhardNormalizer  # torchstain: imported when used
-
         norm = NumpyReinhardNormalizer()
         stats = np.array([_lab_stats(r) for r in refs])  # (n, 2, 3): mean, std per L, a, b
         norm.target_means = stats[:, 0].mean(axis=0)
@@ -209,8 +207,6 @@ class StainNormalizer:
         ``OD = HE·C``; each stain is scaled so its 99th percentile matches the reference;
         ``I = Io·exp(-HE_ref·C')``, as torchstain.
         """
-        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer  # torchstain: imported when used
-
         est = NumpyMacenkoNormalizer()
         est.fit(img_u8, Io=_IO, beta=_BETA)
         he, ref = np.asarray(est.HERef, dtype=np.float64), np.asarray(self._norm.HERef, dtype=np.float64)
@@ -250,8 +246,6 @@ class StainNormalizer:
 
 def _lab_stats(img_u8: np.ndarray) -> np.ndarray:
     """(2, 3): mean and std of L, a, b (torchstain's conventions) of a uint8 RGB image."""
-    from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab  # torchstain: imported when used
-
     lab = rgb2lab(img_u8.astype(np.float32) / 255.0)
     st = np.array([get_mean_std(x) for x in lab_split(lab)], dtype=np.float64)  # (3, 2)
     return st.T

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
 from cellssl.eval.features import subsample_per_class
@@ -164,9 +166,6 @@ def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     ``min(30, max(2, (N - 1) / 3))``, run with ONE OpenMP thread: sklearn's and torch's libgomp
     copies otherwise busy-wait against each other (t-SNE of 36 points took 15 s after a torch
     forward pass; 0.1 s limited). Every t-SNE of cellssl goes through here."""
-    from sklearn.decomposition import PCA  # sklearn: heavy, imported when used
-    from sklearn.manifold import TSNE
-
     x = np.asarray(x, dtype=np.float32)
     n = len(x)
     with threadpool_limits(1, user_api="openmp"):

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
 from threadpoolctl import threadpool_limits
 
 from cellssl.eval.metrics import l2_normalize
@@ -83,8 +84,6 @@ class OODModel:
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray) -> "OODModel":
         """Class means and shared covariance of ``features`` (N, F) with ``labels`` (N,)."""
-        from sklearn.covariance import LedoitWolf  # sklearn: heavy, imported when used
-
         z = l2_normalize(features).astype(np.float64)
         labels = np.asarray(labels)
         classes = np.unique(labels)

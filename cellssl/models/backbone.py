@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+import huggingface_hub
 import timm
 import torch
 from timm.models import adapt_input_conv, get_pretrained_cfg, load_state_dict, split_model_name_tag
@@ -122,14 +123,13 @@ def _download_possible(name: str, timeout: float = 3.0) -> bool:
                                        "all_proxy")):
         return True
     try:
-        from huggingface_hub import try_to_load_from_cache  # slow to import; only before a download
-
         repo = get_pretrained_cfg(name).hf_hub_id
     except Exception:
         return True
     if not repo:
         return True
-    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+    cached = (huggingface_hub.try_to_load_from_cache(repo, f) for f in ("model.safetensors", "pytorch_model.bin"))
+    if any(isinstance(c, str) for c in cached):
         return True
     try:
         socket.create_connection((_hub_host(), 443), timeout=timeout).close()
