@@ -233,6 +233,7 @@ def row_overrides(spec: dict, args) -> list[str]:
 def row_recipe(spec: dict, args, run_overrides: tuple[str, ...] = ()):
     """The recipe one row trains with: its recipe (``--recipe`` unless the row names one), the run's
     own overrides, the row's, its overlays."""
+    import cellssl.methods  # noqa: F401  (start-up time; registers the methods' settings, which recipes are built from)
     from cellssl.config import load_recipe  # start-up time: --help without torch
 
     return load_recipe(spec.get("recipe", args.recipe), [*run_overrides, *row_overrides(spec, args)],

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import cellssl.engine.fit as fit_mod  # noqa: E402
-from cellssl.config import MethodConfig, ModelConfig, load_recipe  # noqa: E402
+from cellssl.config import ModelConfig, load_recipe, method_config  # noqa: E402
 from cellssl.engine.fit import autocast_for, fit  # noqa: E402
 from cellssl.engine.optim import build_optimizer  # noqa: E402
 from cellssl.methods import build_method  # noqa: E402
@@ -111,7 +111,7 @@ def bench_step(args, device, views, autocast):
     torch.manual_seed(0)
     mc = make_model_cfg(args)
     backbone = build_backbone(mc, 3, args.image_size)
-    method = build_method(MethodConfig(name="msbreg"), mc, backbone).to(device)
+    method = build_method(method_config("msbreg"), mc, backbone).to(device)
     if device.type == "cuda":
         method.to(memory_format=torch.channels_last)
     recipe = load_recipe("blood_smear")

@@ -22,10 +22,12 @@ Example::
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from cellssl.config import MethodConfig, Range, setting
 from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, register_method
 
 
@@ -70,11 +72,18 @@ def barlow_loss(z_a: Tensor, z_b: Tensor, lambd: float = 0.0051) -> Tensor:
     return on + off
 
 
-@register_method("barlow")
+@dataclass
+class BarlowSettings(MethodConfig):
+    """Barlow Twins' recipe setting (``method.*``; arXiv:2103.03230)."""
+
+    barlow_lambda: float = setting(0.0051, Range(0), "λ, weight of the off-diagonal (redundancy) term")
+
+
+@register_method("barlow", settings=BarlowSettings)
 class BarlowTwins(SSLMethod):
     """Barlow Twins (arXiv:2103.03230): backbone + projector, no predictor, no target.
 
-    Recipe settings (``method.*``): ``barlow_lambda`` λ. The projector ends in a plain Linear:
+    Recipe settings (``method.*``, :class:`BarlowSettings`): ``barlow_lambda`` λ. The projector ends in a plain Linear:
     the paper's affine-free BN before C is the standardisation inside the loss, so the returned
     ``z`` keeps its real scale for the collapse monitor.
     """
@@ -82,6 +91,7 @@ class BarlowTwins(SSLMethod):
     uses_target = False
     uses_predictor = False
     loss_terms = {"loss_on_diag": (), "loss_off_diag": ("barlow_lambda",)}
+    cfg: BarlowSettings
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2, averaged over the pairs of views.

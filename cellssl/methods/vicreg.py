@@ -21,11 +21,13 @@ Example::
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cellssl.config import MethodConfig, Range, setting
 from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, register_method
 
 
@@ -97,19 +99,29 @@ def vicreg_loss(z_a: Tensor, z_b: Tensor, sim: float = 25.0, var: float = 25.0, 
     return sim * s + var * v + cov * c
 
 
-@register_method("vicreg")
+@dataclass
+class VICRegSettings(MethodConfig):
+    """VICReg's loss weights (``method.*``; arXiv:2105.04906 eq. 6, the paper's defaults)."""
+
+    vicreg_sim: float = setting(25.0, Range(0), "λ, weight of the invariance term s (mean squared error)")
+    vicreg_var: float = setting(25.0, Range(0), "μ, weight of the variance hinge [v(Z) + v(Z')] / 2")
+    vicreg_cov: float = setting(1.0, Range(0), "ν, weight of the covariance term c(Z) + c(Z')")
+
+
+@register_method("vicreg", settings=VICRegSettings)
 class VICReg(SSLMethod):
     """VICReg (arXiv:2105.04906): backbone + expander, no predictor, no target.
 
-    Recipe settings (``method.*``): ``vicreg_sim`` λ, ``vicreg_var`` μ, ``vicreg_cov`` ν.
-    The variance and covariance statistics use the batch gathered across DDP ranks (as the
-    official code does); the invariance term uses the local batch (the same in expectation).
+    Recipe settings (``method.*``, :class:`VICRegSettings`): ``vicreg_sim`` λ, ``vicreg_var`` μ,
+    ``vicreg_cov`` ν. The variance and covariance statistics use the batch gathered across DDP
+    ranks (as the official code does); the invariance term uses the local batch (the same in expectation).
     """
 
     uses_target = False
     uses_predictor = False
     loss_terms = {"loss_invariance": ("vicreg_sim",), "loss_variance": ("vicreg_var",),
                   "loss_covariance": ("vicreg_cov",)}
+    cfg: VICRegSettings
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2, averaged over the pairs of views.
