@@ -23,6 +23,7 @@ directions) are drawn per rank from a per-rank seed: the same distribution, not 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -70,6 +71,13 @@ def build_method(method_cfg: MethodConfig, model_cfg: ModelConfig, backbone: nn.
         raise TypeError(f"method '{cls.name}' takes {cls.Settings.__name__}, got {type(method_cfg).__name__}: "
                         f"build it with cellssl.config.method_config({cls.name!r}, ...)")
     return cls(backbone, model_cfg, method_cfg)
+
+
+def pair_mean(terms: Callable[[Tensor, Tensor], tuple[Tensor, ...]], zs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Each loss term of ``terms(z_i, z_j)`` averaged over the M(M−1)/2 pairs i < j of the per-view
+    embeddings ``zs`` (M tensors ``(B, D)``): how a two-view loss is used with M ≥ 2 views."""
+    per_pair = [terms(zs[i], zs[j]) for i, j in itertools.combinations(range(len(zs)), 2)]
+    return tuple(torch.stack(term).mean() for term in zip(*per_pair))
 
 
 def off_diagonal(x: Tensor) -> Tensor:
