@@ -173,3 +173,16 @@ def test_settings_and_their_name_stay_together():
     values = {"method": {"name": "msbreg", "sv_weight": 0.3, "momentum_base": 0.9}}
     assert with_method(values, "simclr") == {"method": {"name": "simclr", "momentum_base": 0.9}}
     assert with_method(values, "msbreg") == values
+
+
+def test_adapt_with_another_method_starts_from_that_methods_settings(tmp_path):
+    """``cellssl adapt --method simclr`` on an MSBReg run: SimCLR's own settings (a ``--set`` among
+    them), the shared EMA settings kept; the source's tuned MSBReg values do not follow."""
+    from cellssl.adapt.continued import adapted_recipe
+
+    source = recipe_to_dict(load_recipe("blood_smear", ["method.sv_weight=0.3"]))
+    r = adapted_recipe(source, tmp_path / "target", tmp_path / "out", method="simclr",
+                       overrides=["method.temperature=0.1"])
+    assert r.method == SimCLRSettings(temperature=0.1, momentum_base=r.adapt.momentum_base)
+    same = adapted_recipe(source, tmp_path / "target", tmp_path / "out", method="msbreg")
+    assert same.method.sv_weight == 0.3
