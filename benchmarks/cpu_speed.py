@@ -4,7 +4,7 @@ For each setting (precision, memory format, torch.compile, loader workers / comp
 method and each shape (images × views per step, equal image-views: 64 × 4 and 128 × 2), this runs
 ``cellssl.engine.fit`` itself (the real loader and augmentations on ``--data``, default
 ``../shared/data/pbc128``, the ``blood_smear`` recipe with each method's own settings from
-``benchmarks/quality.py``'s TUNED, but the shape given here) for ``--warmup + --steps`` steps and
+``benchmarks/common.py``'s TUNED, but the shape given here) for ``--warmup + --steps`` steps and
 reads ``RUN/metrics.jsonl`` (one row per step):
 
 - ``step s``: median compute time of a step after the warm-up (forward, backward, optimiser, EMA);
@@ -15,22 +15,23 @@ reads ``RUN/metrics.jsonl`` (one row per step):
   the same method and shape. Same seed, same data order and same views in every row, so a setting
   that changes only speed gives the same loss up to rounding; a setting that trains worse shows
   here first. This is the "trains as well" screen: a setting that passes it goes on to
-  ``benchmarks/quality.py`` at equal minutes, the check that counts (printed at the end).
+  ``python -m benchmarks.quality`` at equal minutes, the check that counts (printed at the end).
 
 Also printed: MSBReg's step time over VICReg's per setting and shape (target: ≤ 1.15×), and the
 CPU's native-bf16 flags (``cellssl.engine.hardware``). Run it alone on the machine: other processes
 change the timings. The whole grid (11 settings × 5 methods × 2 shapes × 25 steps of ~3 s) takes
 about 2 hours on 2 cores; ``--settings`` / ``--methods`` / ``--shapes`` choose a part.
 
-    python benchmarks/cpu_speed.py --json /tmp/cpu_speed.json           # everything
-    python benchmarks/cpu_speed.py --settings fp32,bf16,cl,bf16_cl --methods msbreg,vicreg --shapes 64x4
-    python benchmarks/cpu_speed.py --steps 2 --warmup 1 --shapes 8x2 --image-size 32   # a smoke run
+    python -m benchmarks.cpu_speed --json /tmp/cpu_speed.json           # everything
+    python -m benchmarks.cpu_speed --settings fp32,bf16,cl,bf16_cl --methods msbreg,vicreg --shapes 64x4
+    python -m benchmarks.cpu_speed --steps 2 --warmup 1 --shapes 8x2 --image-size 32   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -41,15 +42,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from quality import TUNED  # noqa: E402
-
-from cellssl.config import load_recipe  # noqa: E402
-from cellssl.engine import hardware  # noqa: E402
-from cellssl.engine.fit import fit  # noqa: E402
+from benchmarks.common import DEFAULT_PBC, REPO, TUNED, run_alone_notice
+from cellssl.config import load_recipe
+from cellssl.engine import hardware
+from cellssl.engine.fit import fit
+from cellssl.engine.logger import read_metrics
 
 # setting -> (what it is, recipe overrides). fp32 first: the reference of the loss column.
 SETTINGS: dict[str, tuple[str, list[str]]] = {
@@ -100,12 +97,12 @@ def run_overrides(method: str, shape: str, setting: str, args, out: Path) -> lis
 def measure_in_child(method: str, shape: str, setting: str, args, work: Path) -> dict:
     """:func:`measure` in a fresh interpreter (threads, compiled graphs, allocator and loader workers
     never carry from one measurement to the next); waits at most ``--timeout`` seconds."""
-    cmd = [sys.executable, __file__, "--one", f"{method},{shape},{setting}", "--work", str(work),
+    cmd = [sys.executable, "-m", "benchmarks.cpu_speed", "--one", f"{method},{shape},{setting}", "--work", str(work),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
            "--image-size", str(args.image_size), "--backbone", args.backbone, "--seed", str(args.seed),
            *[a for s in args.set for a in ("--set", s)]]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=child_env())
     except subprocess.TimeoutExpired:
         return {"method": method, "shape": shape, "setting": setting, "error": f"timed out after {args.timeout} s"}
     for line in done.stdout.splitlines():
@@ -115,6 +112,13 @@ def measure_in_child(method: str, shape: str, setting: str, args, work: Path) ->
     return {"method": method, "shape": shape, "setting": setting, "error": f"exit {done.returncode}: {tail}"}
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with the repository first on ``PYTHONPATH``: the child finds the
+    ``benchmarks`` package from any working directory (relative ``--data`` / ``--work`` stay valid)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), path] if path else [str(REPO)])}
+
+
 def measure(method: str, shape: str, setting: str, args, work: Path) -> dict:
     """Train ``--warmup + --steps`` steps with ``fit``; the timings and losses of ``metrics.jsonl``."""
     out = work / f"{method}-{shape}-{setting}"
@@ -122,8 +126,7 @@ def measure(method: str, shape: str, setting: str, args, work: Path) -> dict:
     t0 = time.perf_counter()
     fit(recipe, overwrite=True)
     total = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step_time_s" in r]
+    rows = [r for r in read_metrics(out) if "step_time_s" in r]
     timed = [r for r in rows if r["step"] > args.warmup] or rows[-1:]
     step = statistics.median(r["step_time_s"] for r in timed)
     wait = statistics.median(r["data_time_s"] for r in timed)
@@ -168,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES), help="IMAGESxVIEWS per step (equal image-views)")
     p.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbc128"))
+    p.add_argument("--data", default=str(DEFAULT_PBC))
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--seed", type=int, default=0)
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"native-bf16 flags: {', '.join(flags) or 'none'} (train.precision=fast -> "
             f"{hardware.resolve_precision(torch.device('cpu'), 'fast')})")
     print(head, flush=True)
+    print(run_alone_notice(), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines = report(results, args.settings, args.methods, args.shapes)
     print("\n".join(lines))
     print("\nNext, for a setting that is faster with the same loss: the check at equal minutes, e.g.\n"
-          "  python benchmarks/quality.py --minutes 20 --seeds 2 --rows MSBReg,VICReg "
+          "  python -m benchmarks.quality --minutes 20 --seeds 2 --rows MSBReg,VICReg "
           "--variant \"bf16=train.precision=bf16;model.channels_last_cpu=true\"")
     out = {"machine": head, "args": {k: v for k, v in vars(args).items()}, "results": results}
     if args.json:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import ADAPT_KINDS
 from cellssl.adapt.continued import adapt
 from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.errors import DataError
@@ -33,9 +34,7 @@ from cellssl.eval.features import FeatureExtractor, FeatureSet
 from cellssl.eval.fewshot import run_fewshot
 from cellssl.eval.linear import fit_probe, linear_probe
 
-XL_SHOTS = (1, 5)
-XL_METRICS = ["xl_1shot", "xl_5shot", "xl_linear", "xl_linear_bal"]
-ADAPT_KINDS = ("adabn", "continued")
+XL_SHOTS = (1, 5)  # the columns are benchmarks.common.XL_METRICS
 
 
 def restrict_classes(fs: FeatureSet, names: Sequence[str]) -> FeatureSet:

@@ -4,7 +4,7 @@ MultiViewDataset over ../shared/data/pbc128 (bright-field defaults, 2 views) thr
 torch DataLoader, for num_workers 0/1/2 and image_size 64/128, batch 128, a fixed number of
 batches after one warm-up batch. Usage::
 
-    python benchmarks/data_pipeline.py [--batches 8] [--json out.json] [--data DIR]
+    python -m benchmarks.data_pipeline [--batches 8] [--json out.json] [--data DIR]
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import DEFAULT_PBC, require_folder, run_alone_notice
 from cellssl.augment.views import build_view_transform
 from cellssl.config import DataConfig, ViewsConfig
 from cellssl.data.datasets import MultiViewDataset, build_dataset
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbc128"
 
 
 def measure(data_dir: Path, image_size: int, workers: int, batch: int, batches: int) -> dict[str, float]:
@@ -51,16 +50,16 @@ def measure(data_dir: Path, image_size: int, workers: int, batch: int, batches: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--data", type=Path, default=DEFAULT_PBC)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
-    if not args.data.is_dir():
-        raise SystemExit(f"data folder {args.data} not found: pass --data DIR")
+    require_folder(args.data, "image folder", "pass --data DIR")
     torch.set_num_threads(1)
+    print(run_alone_notice())
     rows = []
     print(f"data pipeline: {args.data}, batch {args.batch_size}, {args.batches} batches, {os.cpu_count()} CPUs")
     print(f"{'size':>5} {'workers':>7} {'images/s':>9} {'views/s':>9}")

@@ -1,6 +1,6 @@
 """Prediction benchmark: how far can a lab trust ``cellssl predict`` on new blood cells?
 
-On the quality benchmark's fixed, stratified PBC split (``make_split`` of ``benchmarks/quality.py``:
+On the quality benchmark's fixed, stratified PBC split (``benchmarks.common.make_split``:
 ``pretrain`` 70 % / ``val`` 10 % / ``test`` 20 %, by file-name hash):
 
 1. a linear probe (``cellssl linear``) on a frozen backbone, fitted on the ``pretrain`` part
@@ -12,8 +12,8 @@ On the quality benchmark's fixed, stratified PBC split (``make_split`` of ``benc
 3. ``cellssl export --format both`` of that classifier: ONNX vs torch max abs difference of the
    logits on real preprocessed test images, and on random inputs.
 
-    python benchmarks/predict.py                             # random-init resnet18, 64 px (a few minutes on 2 cores)
-    python benchmarks/predict.py --checkpoint runs/smear/checkpoints/last.pt
+    python -m benchmarks.predict                             # random-init resnet18, 64 px (a few minutes on 2 cores)
+    python -m benchmarks.predict --checkpoint runs/smear/checkpoints/last.pt
 
 Prints the numbers and writes ``--work``/results.json. Cite PBC: Acevedo et al., Data in Brief 30
 (2020), CC BY 4.0.
@@ -25,17 +25,12 @@ import argparse
 import csv
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from quality import make_split  # noqa: E402  (the quality benchmark's split, not a copy)
+from benchmarks.common import DEFAULT_PBC, REPO, command_line, make_split, require_folder
 
 TARGETS = (0.01, 0.02, 0.05, 0.10, 0.20)
 
@@ -84,16 +79,14 @@ def onnx_on_images(classifier: Path, onnx_path: Path, folder: Path, n: int = 64)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbc128"))
+    ap.add_argument("--data", default=str(DEFAULT_PBC))
     ap.add_argument("--work", default=str(REPO / "runs" / "predict_bench"))
     ap.add_argument("--checkpoint", default="random:resnet18", help="backbone to probe (default: random-init resnet18)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--train-per-class", type=int, default=400, help="probe training images per class (0 = all)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    data = Path(args.data)
-    if not data.is_dir():
-        sys.exit(f"error: no PBC data at {data}; pass --data (a folder with one sub-folder per class)")
+    data = require_folder(args.data, "PBC data")
 
     import torch
 
@@ -121,7 +114,7 @@ def main() -> None:
 
     th = rep["unsure_rule"]
     results = {
-        "command": " ".join(sys.argv), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "command": command_line("predict"), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "date": time.strftime("%Y-%m-%d"), "checkpoint": args.checkpoint, "image_size": args.image_size,
         "n_train": lin["settings"]["n_train"], "val_accuracy": lin["accuracy"], "C": lin["C"],
         "n_test": ev["n_labelled"], "accuracy": ev["accuracy"], "confident_accuracy": ev["confident_accuracy"],

@@ -8,9 +8,10 @@ Protocol
   labels* for pretraining, and with labels only to fit the linear / kNN probes), ``val`` 10 %
   (tuning: ``--eval-on val``), ``test`` 20 % (never seen in pretraining or tuning; reported).
 * Every row: the ``blood_smear`` recipe (resnet18 at 64 px), the same views and optimiser; only the
-  method and its own settings (``TUNED``, chosen on ``val``; docs/tuning.md says how many tuning runs
-  each method had) differ. A row ``recipe: blood_smear_<method>`` (every ``recipes/blood_smear_*.yaml``
-  shipped beside MSBReg's) trains with that recipe as it is.
+  method and its own settings (``TUNED`` in ``benchmarks/common.py``, chosen on ``val``;
+  docs/tuning.md says how many tuning runs each method had) differ. A row ``recipe:
+  blood_smear_<method>`` (every ``recipes/blood_smear_*.yaml`` shipped beside MSBReg's) trains with
+  that recipe as it is.
 * The budget, one of two per invocation (both are kept in ``--store``; the report prints both tables):
   ``--minutes M``, the headline: every row gets the same wall-clock (the recipe's ``train.max_minutes``
   schedule: the first steps are timed, then warm-up, cosine LR and EMA are sized to the steps that
@@ -36,12 +37,12 @@ Protocol
   completed in pieces (``--rows`` picks rows), and an interrupted pretraining run resumes from
   its checkpoint. Adaptation results are added to stored seeds when missing.
 
-    python benchmarks/quality.py --quick                    # a few minutes: 1 seed, tiny budget
-    python benchmarks/quality.py --minutes 20               # the headline: 20 min per run, 2 seeds
-    python benchmarks/quality.py                            # the second table: 400 steps, 2 seeds
-    python benchmarks/quality.py --rows MSBReg,VICReg --seeds 3 \\
+    python -m benchmarks.quality --quick                    # a few minutes: 1 seed, tiny budget
+    python -m benchmarks.quality --minutes 20               # the headline: 20 min per run, 2 seeds
+    python -m benchmarks.quality                            # the second table: 400 steps, 2 seeds
+    python -m benchmarks.quality --rows MSBReg,VICReg --seeds 3 \\
         --variant "strong colour=recipes/ablation/strong_colour.yaml"   # each row and its variant
-    python benchmarks/quality.py --grid benchmarks/tuning_C_views.yaml --eval-on val --minutes 10 --seeds 1 \\
+    python -m benchmarks.quality --grid benchmarks/tuning_C_views.yaml --eval-on val --minutes 10 --seeds 1 \\
         --store docs/tuning/tuning_C.json --out /tmp/tuning_C.md   # tuning on val + jtsc128, ranked
 
 Writes ``--out`` (default docs/results.md) with the tables, commands, machine and date, plots
@@ -55,31 +56,30 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))  # crosslab.py beside this file, also when imported as a module
-
-# Each method's own settings, chosen on the val split (docs/tuning.md, with the number of tuning
-# runs each method had). MSBReg's live in recipes/blood_smear.yaml (what users get).
-TUNED: dict[str, list[str]] = {
-    "msbreg": [],  # the blood_smear recipe is MSBReg's tuned setting (4 views x 64 images, weak colour)
-    # the baselines keep their own 2 views x 128 images (what their papers and cellssl's recipes use);
-    # the weak colour jitter tuned on val (for MSBReg and VICReg, docs/tuning.md) is shared by all
-    "byol": ["train.batch_size=128", "views.n_views=2"],
-    "simclr": ["train.batch_size=128", "views.n_views=2"],
-    "vicreg": ["train.batch_size=128", "views.n_views=2"],
-    "barlow": ["train.batch_size=128", "views.n_views=2"],
-}
+from benchmarks.common import (
+    ADAPT_KINDS,
+    DEFAULT_CROSS_LAB,
+    DEFAULT_PBC,
+    RAW_PIXELS,
+    REPO,
+    TUNED,
+    XL_METRICS,
+    command_line,
+    evaluate,
+    machine_line,
+    make_split,
+    require_folder,
+    run_alone_notice,
+    write_markdown,
+)
+from cellssl.engine.logger import read_metrics
+from cellssl.plots import pyplot, save_figure
 
 # row name -> what to train ("raw"/"random" are the untrained references). A row may name its own
 # ``recipe`` (trained as it is, without TUNED), ``overlays`` (YAML files merged over the recipe) and
@@ -101,39 +101,7 @@ ROWS: dict[str, dict] = {
 }
 ABLATION_FULL = "MSBReg"  # the ablation's "all three forces" row is the MSBReg row
 METRICS = ["linear", "knn", "1shot", "5shot", "10shot"]
-XL_METRICS = ["xl_1shot", "xl_5shot", "xl_linear", "xl_linear_bal"]  # benchmarks/crosslab.py's columns
-ADAPT_KINDS = ("adabn", "continued")
 ADAPT_LABELS = {"adabn": "AdaBN (`adapt --bn-only`)", "continued": "continued SSL (`adapt`)"}
-DEFAULT_CROSS_LAB = REPO.parent / "shared" / "data" / "jtsc128"
-
-
-def make_split(src: Path, work: Path, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> dict[str, Path]:
-    """Symlink a stratified split of a class-folder dataset into ``work/{pretrain,val,test}``.
-
-    Assignment is by a hash of (seed, file name), so it is fixed, and independent of file order.
-    """
-    parts = {name: work / name for name in ("pretrain", "val", "test")}
-    marker = work / ".complete"
-    if marker.exists():
-        return parts
-    cuts = np.cumsum(fractions)
-    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-        files = sorted(f for f in cls.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff"))
-        keyed = sorted(files, key=lambda f: hashlib.sha1(f"{seed}:{f.name}".encode()).hexdigest())
-        n = len(keyed)
-        bounds = [0] + [int(round(c * n)) for c in cuts]
-        for (name, folder), lo, hi in zip(parts.items(), bounds[:-1], bounds[1:]):
-            d = folder / cls.name
-            d.mkdir(parents=True, exist_ok=True)
-            for f in keyed[lo:hi]:
-                link = d / f.name
-                if not link.exists():
-                    os.symlink(f.resolve(), link)
-    marker.write_text("ok")
-    return parts
-
-
-RAW_PIXELS = "pixels:16"  # the raw-pixel row: images area-averaged to 16×16 (cellssl's baseline spec)
 
 
 # ---- budgets: equal minutes (headline) or equal image-views ---------------------------------------
@@ -233,6 +201,7 @@ def row_overrides(spec: dict, args) -> list[str]:
 def row_recipe(spec: dict, args, run_overrides: tuple[str, ...] = ()):
     """The recipe one row trains with: its recipe (``--recipe`` unless the row names one), the run's
     own overrides, the row's, its overlays."""
+    import cellssl.methods  # noqa: F401  (start-up time; registers the methods' settings, which recipes are built from)
     from cellssl.config import load_recipe  # start-up time: --help without torch
 
     return load_recipe(spec.get("recipe", args.recipe), [*run_overrides, *row_overrides(spec, args)],
@@ -320,27 +289,6 @@ def features_for(spec_str: str, parts: dict[str, Path], args):
     return train, test, target
 
 
-def evaluate(train_fs, test_fs, episodes: int, target_fs=None) -> dict:
-    """Few-shot (on test), linear probe and kNN (train → test) for one feature extractor; with
-    ``target_fs`` (another lab) also the cross-lab columns (``benchmarks/crosslab.py``)."""
-    from cellssl.eval.fewshot import run_fewshot  # start-up time: torch
-    from cellssl.eval.knn import knn_eval
-    from cellssl.eval.linear import linear_probe
-
-    fs = run_fewshot(test_fs, ways=8, shots=(1, 5, 10), queries=15, episodes=episodes, seed=0)
-    lin = linear_probe(train_fs, test_fs, seed=0)
-    kn = knn_eval(train_fs, test_fs, k=20, temperature=0.07)
-    row = {"linear": lin["accuracy"], "knn": kn["accuracy"]}
-    for k in ("1", "5", "10"):
-        row[f"{k}shot"] = fs["results"][k]["mean"]
-        row[f"{k}shot_ci"] = fs["results"][k]["ci95"]
-    if target_fs is not None:
-        from crosslab import crosslab_metrics  # start-up time: torch
-
-        row.update(crosslab_metrics(train_fs, target_fs, episodes))
-    return row
-
-
 def adapt_tag(kind: str, args) -> str:
     """What an adaptation result depends on (re-run when it changes): its kind and budget."""
     if kind == "adabn":
@@ -352,7 +300,7 @@ def adapt_tag(kind: str, args) -> str:
 def adapt_seed(row: dict, parts: dict[str, Path], args) -> bool:
     """Add the adaptation results ``--adapt`` asks for (``row["adabn"]``, ``row["continued"]``) to one
     trained row's seed result, from its checkpoint; True when anything was added."""
-    from crosslab import adapted_metrics  # start-up time: torch
+    from benchmarks.crosslab import adapted_metrics  # start-up time: torch
 
     ckpt = Path(row["run"]) / "checkpoints" / "last.pt"
     todo = [k for k in args.adapt if row.get(k, {}).get("tag") != adapt_tag(k, args)]
@@ -391,18 +339,15 @@ def run_seed(name: str, spec: dict, seed: int, parts, args, key: str) -> dict:
 
 
 # ---- summaries and tables ---------------------------------------------------------------------------
-def t95(n: int) -> float:
-    """Two-sided 95 % Student-t quantile for n − 1 degrees of freedom."""
-    return {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}.get(n, 2.0)
-
-
 def mean_interval(rows: list[dict], k: str) -> tuple[float, float]:
     """Mean over seeds of metric ``k`` and its 95 % interval: Student-t over seeds when there are
-    several, else the stored episode interval ``<k>_ci`` (few-shot) or 0."""
-    v = np.array([r[k] for r in rows], dtype=float)
-    if len(v) > 1:
-        return float(v.mean()), float(t95(len(v)) * v.std(ddof=1) / math.sqrt(len(v)))
-    return float(v[0]), float(rows[0].get(f"{k}_ci", 0.0))
+    several (:func:`cellssl.eval.metrics.mean_ci95`), else the stored episode interval ``<k>_ci``
+    (few-shot) or 0."""
+    from cellssl.eval.metrics import mean_ci95  # start-up time: scikit-learn (--help without it)
+
+    if len(rows) > 1:
+        return mean_ci95([r[k] for r in rows])
+    return float(rows[0][k]), float(rows[0].get(f"{k}_ci", 0.0))
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -414,7 +359,7 @@ def summarise(rows: list[dict]) -> dict:
         out[k] = mean_interval(rows, k)
         out[f"{k}_seeds"] = [float(r[k]) for r in rows]
     if "5shot" in out and "xl_5shot" in out:
-        from crosslab import objective  # start-up time: torch
+        from benchmarks.crosslab import objective  # start-up time: torch
 
         out["objective"] = mean_interval([{"v": objective(r)} for r in rows], "v")
     out["n_seeds"] = len(rows)
@@ -488,15 +433,21 @@ def ranked(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: str) -> list[str]:
-    import matplotlib
+    """The report's figures next to it (their file names): accuracy vs shots of every row; with run
+    folders, the training loss and effective rank of each run, and MSBReg's three loss terms."""
+    files = [shots_plot(results, out_dir / f"{stem}_shots.png").name]
+    runs = {k: v for k, v in runs.items() if v.is_dir()}
+    if runs:
+        files.append(training_plot(runs, out_dir / f"{stem}_training.png").name)
+        msb = runs.get("MSBReg")
+        if msb is not None and terms_plot(msb, out_dir / f"{stem}_msbreg_terms.png"):
+            files.append(f"{stem}_msbreg_terms.png")
+    return files
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from cellssl.engine.logger import read_metrics
-
-    files = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def shots_plot(results: dict[str, dict], path: Path) -> Path:
+    """8-way accuracy vs shots per class (1, 5, 10) of every row, with its 95 % interval."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name, r in results.items():
         ys = [r[f"{k}shot"][0] for k in (1, 5, 10)]
         es = [r[f"{k}shot"][1] for k in (1, 5, 10)]
@@ -506,48 +457,41 @@ def plots(results: dict[str, dict], runs: dict[str, Path], out_dir: Path, stem: 
     ax.set_xticks([1, 5, 10])
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = out_dir / f"{stem}_shots.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    files.append(p.name)
-    runs = {k: v for k, v in runs.items() if v.is_dir()}
-    if runs:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for name, run in runs.items():
-            rows = read_metrics(run)
-            if not rows:
-                continue
-            axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-            rk = [r for r in rows if "eff_rank" in r]
-            axes[1].plot([r["step"] for r in rk], [r["eff_rank"] for r in rk], label=name)
-        axes[0].set_title("training loss")
-        axes[1].set_title("effective rank of the embeddings (of 256)")
-        for a in axes:
-            a.set_xlabel("step")
-            a.grid(alpha=0.3)
-        axes[1].legend(fontsize=6)
-        fig.tight_layout()
-        p = out_dir / f"{stem}_training.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        files.append(p.name)
-        msb = runs.get("MSBReg")
-        if msb is not None and read_metrics(msb):
-            rows = read_metrics(msb)
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            for k in ("loss_centroid", "loss_sv", "loss_brownian"):
-                ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
-            ax.set_xlabel("step")
-            ax.set_title("MSBReg loss terms")
-            ax.legend()
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            p = out_dir / f"{stem}_msbreg_terms.png"
-            fig.savefig(p, dpi=120)
-            plt.close(fig)
-            files.append(p.name)
-    return files
+    return save_figure(fig, path)
+
+
+def training_plot(runs: dict[str, Path], path: Path) -> Path:
+    """Training loss and effective rank of the embeddings vs step, one line per run folder."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        rows = read_metrics(run)
+        if not rows:
+            continue
+        axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+        rk = [r for r in rows if "eff_rank" in r]
+        axes[1].plot([r["step"] for r in rk], [r["eff_rank"] for r in rk], label=name)
+    axes[0].set_title("training loss")
+    axes[1].set_title("effective rank of the embeddings (of 256)")
+    for a in axes:
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    axes[1].legend(fontsize=6)
+    return save_figure(fig, path)
+
+
+def terms_plot(run: Path, path: Path) -> Path | None:
+    """MSBReg's three loss terms vs step of one run (None when the run logged nothing)."""
+    rows = read_metrics(run)
+    if not rows:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
+    for k in ("loss_centroid", "loss_sv", "loss_brownian"):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+    ax.set_xlabel("step")
+    ax.set_title("MSBReg loss terms")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
 
 
 def load_grid(path: str) -> dict[str, dict]:
@@ -627,8 +571,6 @@ def budget_section(label: str, t: dict, args) -> list[str]:
 def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_min: float) -> None:
     """Tables and plots of every stored row that matches the current settings: the equal-minutes
     tables first (the headline), then the equal-image-views ones."""
-    import torch  # start-up time
-
     tables = collect(store, rows, args)
     files: list[str] = []
     if tables:
@@ -636,22 +578,20 @@ def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_m
         main_rows = {k: v for k, v in head["results"].items() if not k.startswith("ablation:")}
         files = plots(main_rows, {k: v for k, v in head["runs"].items() if k in main_rows}, out_md.parent,
                       out_md.stem)
-    cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     xl = (f"`{args.cross_lab}` (another lab's white cells: jtsc128, Zheng et al., Micron 107, 2018; images from "
           "Jiangxi Tecom Science Corporation, GPL-3.0)") if args.cross_lab else "none (`--cross-lab none`)"
     lines = [
         f"# Quality benchmark{' (quick)' if args.quick else ''}: PBC blood cells and another lab's",
         "",
-        f"- last command: `{cmd.strip()}` ({total_min:.0f} min); rows and seeds finished earlier are kept in "
-        f"`{args.store}` and skipped; each table lists the commands and dates that produced it",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, device {args.device}",
+        f"- last command: `{command_line('quality')}` ({total_min:.0f} min); rows and seeds finished earlier are "
+        f"kept in `{args.store}` and skipped; each table lists the commands and dates that produced it",
+        f"- {machine_line(f'device {args.device}')}",
         f"- data: PBC (Acevedo et al., Data in Brief 30, 2020, CC BY 4.0), 128 px crops in `{args.data}`; "
         f"split by file-name hash: pretrain 70 % (no labels in pretraining), val 10 %, test 20 %; "
         f"evaluated on **{args.eval_on}**. Other lab: {xl}",
         f"- pretraining: `{args.recipe}` recipe, {args.backbone} at {args.image_size} px; each method's own "
-        "settings as tuned on val (`TUNED` in this script; MSBReg's are the recipe's; a `blood_smear_<method>` "
-        "row trains with that shipped recipe as it is)"
+        "settings as tuned on val (`TUNED` in `benchmarks/common.py`; MSBReg's are the recipe's; a "
+        "`blood_smear_<method>` row trains with that shipped recipe as it is)"
         + (f"; extra overrides: {args.set}" if args.set else "")
         + (f"; overlays on every row: {args.recipe_overlay}" if args.recipe_overlay else ""),
         "- budgets: **equal minutes** (`--minutes M`, the headline): every row gets the same wall-clock, "
@@ -685,16 +625,13 @@ def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_m
     for label, t in tables.items():
         lines += budget_section(label, t, args)
     lines += [*[f"![{f}]({f})" for f in files], ""]
-    keep = ""  # a hand-written "## Analysis" section survives re-runs
-    if out_md.exists() and "\n## Analysis" in out_md.read_text():
-        keep = out_md.read_text()[out_md.read_text().index("\n## Analysis"):]
-    out_md.write_text("\n".join(lines) + keep)
+    write_markdown(out_md, lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny budget, 1 seed, main rows only (a few minutes)")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbc128"))
+    ap.add_argument("--data", default=str(DEFAULT_PBC))
     ap.add_argument("--cross-lab", default=str(DEFAULT_CROSS_LAB),
                     help="another lab's labelled folder, its classes among PBC's (default jtsc128); 'none' to skip")
     ap.add_argument("--work", default=str(REPO / "runs" / "quality"))
@@ -761,14 +698,13 @@ def select_rows(args) -> tuple[dict[str, dict], dict[str, dict]]:
     return rows, todo
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    data = Path(args.data)
-    if not data.is_dir():
-        sys.exit(f"error: no PBC data at {data}; pass --data (a folder with one sub-folder per class)")
-    if args.cross_lab and not args.cross_lab.is_dir():
-        sys.exit(f"error: no cross-lab data at {args.cross_lab}; pass --cross-lab DIR (a folder with one "
-                 "sub-folder per class, named as in --data) or --cross-lab none")
+def prepare(args) -> tuple[Path, Path, dict]:
+    """Check the data folders, apply ``--quick`` and resolve the report and store paths:
+    (report ``.md``, store ``.json``, the store's finished rows)."""
+    require_folder(args.data, "PBC data")
+    if args.cross_lab:
+        require_folder(args.cross_lab, "cross-lab data", "pass --cross-lab DIR (a folder with one sub-folder per "
+                       "class, named as in --data) or --cross-lab none")
     if args.quick:
         args.steps, args.seeds, args.episodes, args.probe_max = min(args.steps, 20), 1, 200, args.probe_max or 150
         args.adapt_steps = min(args.adapt_steps, 10)
@@ -777,39 +713,48 @@ def main(argv: list[str] | None = None) -> None:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     args.store = args.store or str(out_md.with_suffix(".json"))
     store_path = Path(args.store)
-    store = json.loads(store_path.read_text()) if store_path.exists() else {}
+    return out_md, store_path, json.loads(store_path.read_text()) if store_path.exists() else {}
+
+
+def run_row(name: str, spec: dict, store: dict, store_path: Path, parts: dict[str, Path], args, stamp: dict) -> list:
+    """Every missing seed of one row under this run's budget (trained, evaluated, adapted), the store
+    written after each one (resumable); returns the row's seed results."""
+    key = row_key(name, spec, args)
+    row_budget = run_budget(args) if "method" in spec else None
+    sname = store_name(name, row_budget)
+    entry = store.get(sname)
+    if not entry or entry.get("key") != key:
+        entry = store[sname] = {"row": name, "key": key, "spec": spec, "budget": row_budget, "seeds": {},
+                                "commands": []}
+    for seed in range(1 if "kind" in spec else args.seeds):
+        res = entry["seeds"].get(str(seed))
+        changed = res is None
+        if res is None:
+            res = entry["seeds"][str(seed)] = run_seed(name, spec, seed, parts, args, key)
+        if "method" in spec:
+            changed = adapt_seed(res, parts, args) or changed
+        if changed:
+            if stamp not in entry["commands"]:
+                entry["commands"].append(stamp)
+            store_path.write_text(json.dumps(store, indent=1))  # after every run: resumable
+    return [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out_md, store_path, store = prepare(args)
     rows, todo = select_rows(args)
     check_equal_cost(todo, args)
-    parts = make_split(data, Path(args.work) / "split")
-    budget = run_budget(args)
-    argv = sys.argv[1:] if argv is None else argv
-    stamp = {"command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in argv),
-             "date": time.strftime("%Y-%m-%d %H:%M")}
+    parts = make_split(Path(args.data), Path(args.work) / "split")
+    stamp = {"command": command_line("quality", argv), "date": time.strftime("%Y-%m-%d %H:%M")}
     t_start = time.monotonic()
     print("split: " + ", ".join(f"{k}={sum(1 for _ in v.rglob('*.*'))}" for k, v in parts.items())
-          + f"; budget per run: {budget_label(budget)}")
+          + f"; budget per run: {budget_label(run_budget(args))}")
+    if args.minutes:  # equal wall-clock: another process on the machine costs a row steps
+        print(run_alone_notice())
     print("\n".join(table({})[:2]), flush=True)
     for name, spec in todo.items():
-        key = row_key(name, spec, args)
-        row_budget = budget if "method" in spec else None
-        sname = store_name(name, row_budget)
-        entry = store.get(sname)
-        if not entry or entry.get("key") != key:
-            entry = store[sname] = {"row": name, "key": key, "spec": spec, "budget": row_budget, "seeds": {},
-                                    "commands": []}
-        n_seeds = 1 if "kind" in spec else args.seeds
-        for seed in range(n_seeds):
-            res = entry["seeds"].get(str(seed))
-            changed = res is None
-            if res is None:
-                res = entry["seeds"][str(seed)] = run_seed(name, spec, seed, parts, args, key)
-            if "method" in spec:
-                changed = adapt_seed(res, parts, args) or changed
-            if changed:
-                if stamp not in entry["commands"]:
-                    entry["commands"].append(stamp)
-                store_path.write_text(json.dumps(store, indent=1))  # after every run: resumable
-        seeds = [entry["seeds"][s] for s in sorted(entry["seeds"], key=int)]
+        seeds = run_row(name, spec, store, store_path, parts, args, stamp)
         print("\n".join(table({name: summarise(seeds)})[2:]), flush=True)
     total_min = (time.monotonic() - t_start) / 60
     write_report(store, rows, args, out_md, total_min)

@@ -18,8 +18,8 @@ For each size N (``--sizes 2000`` or ``--sizes 10000,100000,1000000``):
 
 Prints one table per size; ``--json OUT`` writes every number.
 
-    python benchmarks/scale.py --sizes 2000                     # smoke run (a few minutes on 2 cores)
-    python benchmarks/scale.py --sizes 10000,100000 --unique 20000 --work /big/disk/scale
+    python -m benchmarks.scale --sizes 2000                     # smoke run (a few minutes on 2 cores)
+    python -m benchmarks.scale --sizes 10000,100000 --unique 20000 --work /big/disk/scale
 """
 
 from __future__ import annotations
@@ -40,16 +40,14 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from cellssl.config import DataConfig, load_recipe  # noqa: E402
-from cellssl.data.datasets import build_dataset  # noqa: E402
-from cellssl.data.shards import write_shards  # noqa: E402
-from cellssl.data.synth import SYNTH_CLASSES, generate_smear_image  # noqa: E402
-from cellssl.engine.distributed import ResumableSampler  # noqa: E402
-from cellssl.engine.loader import build_training_data, training_loader  # noqa: E402
-from cellssl.eval.features import embed  # noqa: E402
+from benchmarks.common import REPO
+from cellssl.config import DataConfig, load_recipe
+from cellssl.data.datasets import build_dataset
+from cellssl.data.shards import write_shards
+from cellssl.data.synth import SYNTH_CLASSES, generate_smear_image
+from cellssl.engine.distributed import ResumableSampler
+from cellssl.engine.loader import build_training_data, training_loader
+from cellssl.eval.features import embed
 
 PROCESS_TIMEOUT_S = 1800
 

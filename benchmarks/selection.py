@@ -3,7 +3,7 @@ at a few labels? On real blood cells (PBC), with a pretrained cellssl model.
 
 Protocol
 --------
-* The quality benchmark's fixed PBC split (``benchmarks/quality.py:make_split``: by file-name
+* The quality benchmark's fixed PBC split (``benchmarks.common.make_split``: by file-name
   hash; ``pretrain`` 70 %, ``val`` 10 %, ``test`` 20 %). The ``pretrain`` part is the unlabelled
   pool the strategies choose from (its labels are only looked up for the chosen cells, as an
   expert would provide them); ``test`` is never seen by the selection or the probe.
@@ -11,7 +11,7 @@ Protocol
   the same size, and raw pixels (the ``pixels:16`` baseline spec: 16×16×3), to show how much the
   embedding matters. Features are cached in ``--work`` (a re-run only re-selects).
 * For budgets 8, 16, 40, 80 (8 classes) and ``--seeds`` seeds, each strategy selects from the
-  pool (``cellssl.eval.select.select_indices``, the code behind ``cellssl select``); a linear probe
+  pool (``cellssl.apply.select.select_indices``, the code behind ``cellssl select``); a linear probe
   (``cellssl.eval.linear.linear_probe``: L2-normalise, standardise, logistic regression) with a
   **fixed C** (``--C``, default 1: there are too few labels to choose C by validation, the same C
   for every strategy) is trained on the chosen, labelled cells and tested on ``test``. A selection
@@ -20,10 +20,10 @@ Protocol
 * ProbCover, CoreSet and random are sequential: the first b cells of an 80-cell selection are the
   b-cell selection (``tests/test_select.py`` checks it), so they run once per seed; TypiClust
   re-clusters for every budget. Reference: the same probe with all pool labels (C by validation;
-  ``quality.evaluate``). Timing: 80 cells from 10,000 (pool + test features of the checkpoint).
+  ``benchmarks.common.evaluate``). Timing: 80 cells from 10,000 (pool + test features of the checkpoint).
 
-    python benchmarks/selection.py --checkpoint RUN/checkpoints/last.pt            # ~15 min on 2 cores
-    python benchmarks/selection.py --checkpoint RUN/checkpoints/last.pt --rows checkpoint --seeds 2
+    python -m benchmarks.selection --checkpoint RUN/checkpoints/last.pt            # ~15 min on 2 cores
+    python -m benchmarks.selection --checkpoint RUN/checkpoints/last.pt --rows checkpoint --seeds 2
 
 Writes ``--out`` (default docs/selection.md) with the tables, a plot (accuracy vs budget, one line
 per strategy) and the raw per-seed numbers (``.json``); a hand-written ``## Analysis`` section is
@@ -35,9 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 import tracemalloc
@@ -46,10 +43,20 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.quality import RAW_PIXELS, evaluate, make_split, t95  # noqa: E402
+from benchmarks.common import (
+    DEFAULT_PBC,
+    RAW_PIXELS,
+    REPO,
+    command_line,
+    evaluate,
+    machine_line,
+    make_split,
+    require_folder,
+    write_markdown,
+)
+from cellssl.eval.metrics import mean_ci95
+from cellssl.eval.report import markdown_table, write_json
+from cellssl.plots import pyplot, save_figure
 
 STRATEGIES = ["typiclust", "probcover", "coreset", "random"]
 SEQUENTIAL = {"probcover", "coreset", "random"}  # prefix-consistent: one run per seed
@@ -144,15 +151,8 @@ def run_row(pool, test, args) -> dict:
 
 
 # --- summaries --------------------------------------------------------------------------------------
-def mean_ci(v: list[float]) -> tuple[float, float]:
-    a = np.asarray(v, dtype=float)
-    if len(a) < 2:
-        return float(a.mean()), 0.0
-    return float(a.mean()), float(t95(len(a)) * a.std(ddof=1) / np.sqrt(len(a)))
-
-
 def cell(runs: list[dict], n_classes: int) -> str:
-    m, ci = mean_ci([r["acc"] for r in runs])
+    m, ci = mean_ci95([r["acc"] for r in runs])
     cls = np.mean([r["classes"] for r in runs])
     full = sum(r["classes"] == n_classes for r in runs)
     return f"{100 * m:.1f} ± {100 * ci:.1f} ({cls:.1f}; {full}/{len(runs)})"
@@ -185,7 +185,7 @@ def target_lines(rows: dict, n_classes: int) -> list[str]:
         if "typiclust" in res and "random" in res and "16" in res["typiclust"]:
             t, rnd = res["typiclust"]["16"], res["random"]["16"]
             diff = [a["acc"] - b["acc"] for a, b in zip(t, rnd)]
-            m, ci = mean_ci(diff)
+            m, ci = mean_ci95(diff)
             full = sum(x["classes"] == n_classes for x in t)
             out.append(f"- {name}: at 16 labels TypiClust − random = **{100 * m:+.1f} ± {100 * ci:.1f} points** "
                        f"(paired by seed; target ≥ +10); TypiClust covers all {n_classes} classes in {full}/{len(t)} "
@@ -193,16 +193,12 @@ def target_lines(rows: dict, n_classes: int) -> list[str]:
     return out
 
 
-def plot(rows: dict, budgets, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(rows), figsize=(5.2 * len(rows), 4.2), squeeze=False)
+def plot(rows: dict, budgets, path: Path) -> Path:
+    """Accuracy vs budget, one panel per feature extractor, one line per strategy (95 % intervals)."""
+    fig, axes = pyplot().subplots(1, len(rows), figsize=(5.2 * len(rows), 4.2), squeeze=False)
     for ax, (name, r) in zip(axes[0], rows.items()):
         for s, res in r["results"].items():
-            ms = [mean_ci([x["acc"] for x in res[str(b)]]) for b in budgets]
+            ms = [mean_ci95([x["acc"] for x in res[str(b)]]) for b in budgets]
             ax.errorbar(budgets, [100 * m for m, _ in ms], yerr=[100 * c for _, c in ms], marker="o", capsize=3,
                         label=s)
         if r.get("reference"):
@@ -216,9 +212,7 @@ def plot(rows: dict, budgets, path: Path) -> None:
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
 # --- timing ---------------------------------------------------------------------------------------------
@@ -263,10 +257,10 @@ def timing(features: np.ndarray, n_classes: int, budget: int = 80, n: int = 10_0
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a cellssl pretraining checkpoint (last.pt)")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pbc128"))
+    ap.add_argument("--data", default=str(DEFAULT_PBC))
     ap.add_argument("--work", default=str(REPO / "runs" / "selection"), help="split and feature cache")
     ap.add_argument("--out", default=str(REPO / "docs" / "selection.md"))
     ap.add_argument("--budgets", default="8,16,40,80")
@@ -280,57 +274,58 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100, help="few-shot episodes of the all-labels reference")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.budgets = sorted(int(b) for b in args.budgets.split(","))
     args.strategies = [s.strip() for s in args.strategies.split(",")]
-    rows_wanted = [r.strip() for r in args.rows.split(",")]
-    data = Path(args.data)
-    if not data.is_dir():
-        sys.exit(f"error: no PBC data at {data}; pass --data (a folder with one sub-folder per class)")
-    if not Path(args.checkpoint).is_file():
-        sys.exit(f"error: checkpoint {args.checkpoint} not found")
-    t_start = time.monotonic()
-    parts = make_split(data, Path(args.work) / "split")
-    rows: dict[str, dict] = {}
-    timings: list[dict] = []
-    n_classes = 8
-    for row in rows_wanted:
-        pool, test, name = row_features(row, args, parts)
-        n_classes = len(pool.classes)
-        print(f"\n{name}: pool {len(pool):,}, test {len(test):,}; accuracy % ± 95 % CI (classes chosen; seeds "
-              f"covering all {n_classes})", flush=True)
-        print("| strategy | " + " | ".join(f"{b} labels" for b in args.budgets) + " |", flush=True)
-        entry = {"pool_size": len(pool), "test_size": len(test), "results": run_row(pool, test, args)}
-        if not args.no_reference:
-            t0 = time.monotonic()
-            ref = evaluate(pool, test, args.episodes)
-            entry["reference"] = {k: ref[k] for k in ("linear", "knn", "1shot", "5shot")}
-            print(f"  all {len(pool):,} labels: linear {100 * ref['linear']:.1f} %, kNN {100 * ref['knn']:.1f} % "
-                  f"({time.monotonic() - t0:.0f} s)", flush=True)
-        rows[name] = entry
-        if row == "checkpoint" and not args.no_timing:
-            timings = timing(np.concatenate([pool.features, test.features]), n_classes)
-    total = (time.monotonic() - t_start) / 60
+    args.rows = [r.strip() for r in args.rows.split(",")]
+    return args
 
-    out_md = Path(args.out)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    plot_path = out_md.with_suffix(".png")
-    plot(rows, args.budgets, plot_path)
-    store = {"args": {k: v for k, v in vars(args).items()}, "rows": rows, "timing": timings}
-    out_md.with_suffix(".json").write_text(json.dumps(store, indent=1, default=str) + "\n")
-    import torch
 
-    cmd = "python benchmarks/selection.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    lines = [
+def evaluate_row(row: str, args, parts: dict[str, Path]) -> tuple[str, dict, int]:
+    """One feature extractor: every strategy at every budget and seed, and the all-labels reference:
+    (its name, ``{"pool_size", "test_size", "results", "reference"?}``, the number of classes)."""
+    pool, test, name = row_features(row, args, parts)
+    n_classes = len(pool.classes)
+    print(f"\n{name}: pool {len(pool):,}, test {len(test):,}; accuracy % ± 95 % CI (classes chosen; seeds "
+          f"covering all {n_classes})", flush=True)
+    print("| strategy | " + " | ".join(f"{b} labels" for b in args.budgets) + " |", flush=True)
+    entry = {"pool_size": len(pool), "test_size": len(test), "results": run_row(pool, test, args)}
+    if not args.no_reference:
+        t0 = time.monotonic()
+        ref = evaluate(pool, test, args.episodes)
+        entry["reference"] = {k: ref[k] for k in ("linear", "knn", "1shot", "5shot")}
+        print(f"  all {len(pool):,} labels: linear {100 * ref['linear']:.1f} %, kNN {100 * ref['knn']:.1f} % "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
+    if row == "checkpoint" and not args.no_timing:
+        entry["timing"] = timing(np.concatenate([pool.features, test.features]), n_classes)
+    return name, entry, n_classes
+
+
+def timing_lines(timings: list[dict]) -> list[str]:
+    """The speed section: seconds and traced peak memory of each strategy (empty without timings)."""
+    if not timings:
+        return []
+    rows = [[t["strategy"], f"{t['seconds']:.1f}", "–" if t["peak_mb"] is None else format(t["peak_mb"], ".0f")]
+            for t in timings]
+    return ["## Speed: selecting 80 cells from 10,000 (after embedding)", "",
+            *markdown_table(["strategy", "seconds", "peak memory (MB, traced)"], rows),
+            "", f"{timings[0]['n']:,} × {timings[0]['dim']} checkpoint features (pool + test), one thread "
+            "(sklearn and BLAS limited to 1, as `cellssl select` runs them), wall-clock on a machine shared "
+            "with other jobs; peak memory of the two ProbCover implementations from a second, traced run "
+            "(tracemalloc, numpy arrays included).", ""]
+
+
+def report_lines(rows: dict, timings: list[dict], args, n_classes: int, total: float, plot_name: str) -> list[str]:
+    """The markdown report: provenance, protocol, the target, the accuracy tables, the speed."""
+    return [
         "# Which cells to label first: selection strategies on PBC blood cells",
         "",
-        f"- command: `{cmd}` ({total:.0f} min, features cached in `{args.work}`)",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}",
+        f"- command: `{command_line('selection')}` ({total:.0f} min, features cached in `{args.work}`)",
+        f"- {machine_line()}",
         f"- data: PBC (Acevedo et al., Data in Brief 30, 2020, CC BY 4.0), `{args.data}`, the quality benchmark's "
         "split by file-name hash: the **pretrain part (70 %) is the unlabelled pool** the strategies choose from, "
         "the **test part (20 %)** measures accuracy",
-        f"- per budget and seed ({args.seeds} seeds): select with `cellssl.eval.select` (as `cellssl select`), "
+        f"- per budget and seed ({args.seeds} seeds): select with `cellssl.apply.select` (as `cellssl select`), "
         f"label the chosen cells with their true class, train the linear probe (L2-normalise, standardise, "
         f"logistic regression, **fixed C = {args.C:g}** for every strategy and budget: too few labels to choose C "
         "by validation), test on the test part",
@@ -344,23 +339,33 @@ def main() -> None:
         "## Accuracy vs budget",
         "",
         *table(rows, args.budgets, n_classes),
-        f"![accuracy vs budget]({plot_path.name})",
+        f"![accuracy vs budget]({plot_name})",
         "",
+        *timing_lines(timings),
     ]
-    if timings:
-        lines += ["## Speed: selecting 80 cells from 10,000 (after embedding)", "",
-                  "| strategy | seconds | peak memory (MB, traced) |", "|---|---|---|"]
-        lines += [f"| {t['strategy']} | {t['seconds']:.1f} | "
-                  f"{'–' if t['peak_mb'] is None else format(t['peak_mb'], '.0f')} |" for t in timings]
-        lines += ["", f"{timings[0]['n']:,} × {timings[0]['dim']} checkpoint features (pool + test), one thread "
-                  "(sklearn and BLAS limited to 1, as `cellssl select` runs them), wall-clock on a machine shared "
-                  "with other jobs; peak memory of the two ProbCover implementations from a second, traced run "
-                  "(tracemalloc, numpy arrays included).", ""]
-    keep = ""
-    if out_md.exists() and "\n## Analysis" in out_md.read_text():
-        text = out_md.read_text()
-        keep = text[text.index("\n## Analysis"):]
-    out_md.write_text("\n".join(lines) + keep)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data = require_folder(args.data, "PBC data")
+    if not Path(args.checkpoint).is_file():
+        sys.exit(f"error: checkpoint {args.checkpoint} not found")
+    t_start = time.monotonic()
+    parts = make_split(data, Path(args.work) / "split")
+    rows: dict[str, dict] = {}
+    timings: list[dict] = []
+    n_classes = 8
+    for row in args.rows:
+        name, entry, n_classes = evaluate_row(row, args, parts)
+        timings = entry.pop("timing", timings)
+        rows[name] = entry
+    total = (time.monotonic() - t_start) / 60
+
+    out_md = Path(args.out)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    plot_path = plot(rows, args.budgets, out_md.with_suffix(".png"))
+    write_json({"args": vars(args), "rows": rows, "timing": timings}, out_md.with_suffix(".json"))
+    write_markdown(out_md, report_lines(rows, timings, args, n_classes, total, plot_path.name))
     print("\n" + "\n".join(target_lines(rows, n_classes)))
     print(f"\nwrote {out_md}, {plot_path.name}, {out_md.with_suffix('.json').name} ({total:.1f} min)")
 

@@ -21,9 +21,9 @@ Prints a table; ``--json OUT`` writes ``bound_img_per_s``, ``step_img_per_s``,
 ``loop_img_per_s``, ``step_over_bound`` (time ratio 2/1), ``loop_over_step`` (time ratio 3/2)
 and the rest.
 
-    python benchmarks/throughput.py                      # CPU: resnet18, 64 px, batch 128, 2 views
-    python benchmarks/throughput.py --device cuda --backbone resnet50 --image-size 224 --compile
-    python benchmarks/throughput.py --syncs-only      # only 5 (seconds)
+    python -m benchmarks.throughput                      # CPU: resnet18, 64 px, batch 128, 2 views
+    python -m benchmarks.throughput --device cuda --backbone resnet50 --image-size 224 --compile
+    python -m benchmarks.throughput --syncs-only      # only 5 (seconds)
 """
 
 from __future__ import annotations
@@ -41,16 +41,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import cellssl.engine.fit as fit_mod  # noqa: E402
-from cellssl.config import MethodConfig, ModelConfig, load_recipe  # noqa: E402
-from cellssl.engine.fit import autocast_for, fit  # noqa: E402
-from cellssl.engine.optim import build_optimizer  # noqa: E402
-from cellssl.methods import build_method  # noqa: E402
-from cellssl.methods.msbreg import brownian_loss, centroid_loss, sample_brownian_directions, singular_value_loss  # noqa: E402
-from cellssl.models import build_backbone, ema_update, make_target, mlp  # noqa: E402
+import cellssl.engine.fit as fit_mod
+from benchmarks.common import DEFAULT_PBC, run_alone_notice
+from cellssl.config import ModelConfig, load_recipe, method_config
+from cellssl.engine.fit import autocast_for, fit
+from cellssl.engine.logger import read_metrics
+from cellssl.engine.optim import build_optimizer
+from cellssl.methods import build_method
+from cellssl.methods.msbreg import brownian_loss, centroid_loss, sample_brownian_directions, singular_value_loss
+from cellssl.models import build_backbone, ema_update, make_target, mlp
 
 
 def sync(device: torch.device) -> None:
@@ -111,7 +110,7 @@ def bench_step(args, device, views, autocast):
     torch.manual_seed(0)
     mc = make_model_cfg(args)
     backbone = build_backbone(mc, 3, args.image_size)
-    method = build_method(MethodConfig(name="msbreg"), mc, backbone).to(device)
+    method = build_method(method_config("msbreg"), mc, backbone).to(device)
     if device.type == "cuda":
         method.to(memory_format=torch.channels_last)
     recipe = load_recipe("blood_smear")
@@ -163,8 +162,7 @@ def bench_terms(args, device, method, views) -> dict[str, float]:
 
 def bench_loop(args, device) -> float | None:
     """Median (data wait + step) seconds of ``fit`` on PBC with the recipe's loader."""
-    pbc = REPO.parent / "shared" / "data" / "pbc128"
-    data = Path(args.data) if args.data else pbc
+    data = Path(args.data) if args.data else DEFAULT_PBC
     if not data.is_dir():
         print(f"loop: skipped, no data at {data}")
         return None
@@ -181,7 +179,7 @@ def bench_loop(args, device) -> float | None:
             overrides.append(f"data.num_workers={args.workers}")
         recipe = load_recipe("blood_smear", overrides)
         fit(recipe)
-        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(Path(tmp) / "run")
     rows = [r for r in rows if r["step"] > args.warmup]
     return statistics.median(r["step_time_s"] + r["data_time_s"] for r in rows)
 
@@ -291,6 +289,7 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     autocast, precision = autocast_for(device, args.precision)
+    print(run_alone_notice(), flush=True)
     syncs = {"syncs_per_step_device_check": syncs_per_step(args, device, on_device=True),
              "syncs_per_step_host_check": syncs_per_step(args, device, on_device=False)}
     print(f"host syncs per training step on {device}: {syncs['syncs_per_step_device_check']} with the non-finite "

@@ -157,7 +157,7 @@ def cli(debug: bool) -> None:
 @click.option("--batch-size", type=RecipeValue("train.batch_size"), default=None, help="Per-process batch size.")
 @click.option("--image-size", type=RecipeValue("data.image_size"), default=None)
 @click.option("--backbone", default=None, help="Any timm model name.")
-@click.option("--method", default=None, help="msbreg | byol | simclr | vicreg | barlow")
+@click.option("--method", default=None, help="Self-supervised method (`cellssl list methods`; default: the recipe's).")
 @click.option("--seed", type=RecipeValue("train.seed"), default=None)
 @click.option("--workers", type=RecipeValue("data.num_workers"), default=None, help="Data-loader worker processes.")
 @click.option("--checkpoint-every", type=RecipeValue("train.checkpoint_every"), default=None)
@@ -557,6 +557,7 @@ def datasets_shift(src, out, preset, seed):
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 def views(recipe, overlays, overrides, data, out, n, seed):
     """Save a grid of images and their M augmented views: see what the network sees."""
+    import cellssl.methods  # noqa: F401  (registers the methods' settings, which the recipe is built from)
     from cellssl.augment.grid import grid_path, save_view_grid
     from cellssl.augment.views import build_view_transform
     from cellssl.config import load_recipe
@@ -651,6 +652,7 @@ def transfer_report(checkpoint, adapted, source, target, out, episodes, stain_me
 def list_(what, pattern):
     """List recipes, timm backbones or methods."""
     if what == "recipes":
+        import cellssl.methods  # noqa: F401  (registers the methods' settings, which the recipes are built from)
         from cellssl.config import available_recipes, load_recipe
 
         for name in available_recipes():
@@ -660,10 +662,17 @@ def list_(what, pattern):
 
         click.echo("\n".join(list_backbones(pattern)))
     else:
+        from cellssl.config import MethodConfig, setting_lines
         from cellssl.methods import METHODS
 
         for name, cls in sorted(METHODS.items()):
             click.echo(f"{name:8s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+            for line in setting_lines(cls.Settings, own_only=True):
+                click.echo(f"{'':8s}   {line}")
+        with_target = ", ".join(name for name, cls in sorted(METHODS.items()) if cls.uses_target)
+        click.echo(f"every method (the EMA target's; used by {with_target}):")
+        for line in setting_lines(MethodConfig):
+            click.echo(f"{'':8s}   {line}")
 
 
 class Terminated(SystemExit):

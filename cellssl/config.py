@@ -9,6 +9,19 @@ Example::
 
     recipe = load_recipe("blood_smear", overrides=["train.batch_size=64"])
     recipe.train.batch_size  # 64
+
+The ``method`` section is the one section whose fields depend on a value: each method declares
+its own settings beside it (``cellssl/methods/<name>.py``) as a dataclass that subclasses
+:class:`MethodConfig` (the fields every method shares: ``name``, ``momentum_base``,
+``momentum_end``), with each field's range, choices and one line of documentation in its metadata
+(:func:`setting`). This module may import only ``errors``, so it cannot look the methods up: a
+method's module registers its settings here when it is imported (``register_method`` in
+``cellssl.methods.base`` calls :func:`register_method_settings`), and building a recipe reads that
+registry (:func:`method_settings`). Whoever builds a recipe therefore imports ``cellssl.methods``
+first (the engine's checkpoint module does, so every command does). The recipe keys stay flat
+(``method.sv_weight``); a key of another method is refused unless it holds that method's default,
+which is how recipes, run folders and checkpoints written before the split (every method's fields
+in one list) still load.
 """
 
 from __future__ import annotations
@@ -49,6 +62,37 @@ def recipes_dir() -> Path:
 
 
 RECIPES_DIR = recipes_dir()
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``lo`` / ``hi`` bounds (None = unbounded), each closed or open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
+
+    def describe(self) -> str:
+        """``"at least 1"``, ``"> 0"``, ``"in [0, 1)"``, ..."""
+        lo, hi = (None if b is None else str(int(b)) if float(b).is_integer() else f"{b:g}" for b in (self.lo, self.hi))
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if lo is not None:
+            return f"> {lo}" if self.lo_open else f"at least {lo}"
+        return f"< {hi}" if self.hi_open else f"at most {hi}"
+
+
+_POS = Range(0, lo_open=True)  # > 0
+_NONNEG = Range(0)  # >= 0
+_PROB = Range(0, 1)  # [0, 1]
+_FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
+_SEED = Range(0, 2**32 - 1)  # what NumPy accepts
 
 
 @dataclass
@@ -137,34 +181,104 @@ class ModelConfig:
     pretrained: Optional[str] = None
 
 
+def setting(default: Any, within: Range | None = None, doc: str = "", choices: tuple[str, ...] = ()) -> Any:
+    """A method setting: a dataclass field with ``default``, whose metadata holds its allowed
+    range (``within``), its allowed words (``choices``) and one line of documentation (``doc``).
+
+    Recipe validation, ``cellssl list methods`` and :func:`value_range` read them from the field,
+    so a method declares each setting once, beside the method::
+
+        vicreg_sim: float = setting(25.0, Range(0), "λ, weight of the invariance term")
+    """
+    return field(default=default, metadata={"range": within, "choices": tuple(choices), "doc": doc})
+
+
 @dataclass
 class MethodConfig:
-    """Self-supervised method and its loss weights."""
+    """The settings every self-supervised method shares; each method's own settings subclass it.
 
-    name: str = "msbreg"
-    momentum_base: float = 0.99  # EMA momentum at step 0 (cosine schedule to momentum_end)
-    momentum_end: float = 1.0
-    # MSBReg (docs: shared msbreg.md)
-    centroid_weight: float = 1.0
-    sv_weight: float = 0.1
-    brownian_weight: float = 0.1
-    # centroid_variant: per_view = each online view against the target centroid of the *other*
-    # views (default, msbreg.md eq. 1); halves = online centroid of one half of the views against
-    # the target centroid of the other half, both ways; same_views = online centroid against the
-    # target centroid of the same views (ablation only: satisfiable without invariance).
-    centroid_variant: str = "per_view"
-    sv_variant: str = "logdet"  # logdet | flat
-    sv_eps: float = 1e-4
-    # sv_on: per_view = the loss on each view's batch, averaged over views (default);
-    # centroid = on the per-image centroids of the views; stacked = on all views stacked into one
-    # batch (ablation only: it rewards pushing two views of one image apart).
-    sv_on: str = "per_view"
-    # baselines
-    temperature: float = 0.2  # SimCLR NT-Xent
-    vicreg_sim: float = 25.0
-    vicreg_var: float = 25.0
-    vicreg_cov: float = 1.0
-    barlow_lambda: float = 0.0051
+    A method's settings dataclass lives in its file (``cellssl/methods/<name>.py``) and is
+    registered with the method; ``recipe.method`` is an instance of it, so ``recipe.method.sv_weight``
+    is a field of MSBReg's settings. Build one with :func:`method_config`.
+    """
+
+    name: str = ""  # the registered method; "" = the method these settings are registered for
+    momentum_base: float = setting(0.99, _PROB, "EMA momentum τ at step 0 (cosine schedule to momentum_end)")
+    momentum_end: float = setting(1.0, _PROB, "EMA momentum τ at the last step")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = next((n for n, cls in METHOD_SETTINGS.items() if cls is type(self)), "")
+
+    def check(self, recipe: Recipe) -> None:
+        """Checks of these settings against the rest of ``recipe`` that types and ranges cannot
+        express (ConfigError); none by default, a method's settings override it."""
+
+
+DEFAULT_METHOD = "msbreg"
+# name -> settings dataclass of each method, filled by cellssl.methods.register_method at import time
+METHOD_SETTINGS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method_settings(name: str, settings: type[MethodConfig]) -> None:
+    """Register ``settings`` (a dataclass subclassing :class:`MethodConfig`) as the settings of
+    method ``name``: recipes with ``method.name: <name>`` take their ``method.*`` keys from its fields."""
+    if not (isinstance(settings, type) and issubclass(settings, MethodConfig) and dataclasses.is_dataclass(settings)):
+        raise TypeError(f"the settings of method '{name}' must be a dataclass subclassing MethodConfig, "
+                        f"got {settings!r}")
+    METHOD_SETTINGS[name] = settings
+
+
+def unregister_method_settings(name: str) -> None:
+    """Remove method ``name``'s settings from the registry (a method defined for a moment, in a test)."""
+    METHOD_SETTINGS.pop(name, None)
+
+
+def method_settings(name: str) -> type[MethodConfig]:
+    """The settings dataclass of method ``name``; ConfigError naming the registered ones otherwise."""
+    if not METHOD_SETTINGS:
+        raise RuntimeError("no method is registered: import cellssl.methods before building a recipe "
+                           "(cellssl.config cannot import it, see docs/architecture.md)")
+    if name not in METHOD_SETTINGS:
+        raise ConfigError(f"unknown method.name '{name}'{did_you_mean(str(name), METHOD_SETTINGS)}; "
+                          f"available: {', '.join(sorted(METHOD_SETTINGS))}")
+    return METHOD_SETTINGS[name]
+
+
+def method_config(name: str = DEFAULT_METHOD, **values: Any) -> MethodConfig:
+    """The settings of method ``name`` with ``values`` changed from their defaults (not validated:
+    :func:`validate` checks a whole recipe)."""
+    return method_settings(name)(name=name, **values)
+
+
+def method_keys(settings: type[MethodConfig]) -> list[str]:
+    """The recipe keys (``method.<field>``) of a method's settings dataclass."""
+    return [f"method.{f.name}" for f in dataclasses.fields(settings)]
+
+
+def setting_lines(settings: type[MethodConfig], own_only: bool = False) -> list[str]:
+    """One line per setting of a method's settings dataclass: ``method.<field>=<default>``, its
+    range or choices, its documentation (``own_only``: without the fields every method shares)."""
+    shared = {f.name for f in dataclasses.fields(MethodConfig)}
+    lines = []
+    for f in dataclasses.fields(settings):
+        if f.name == "name" or (own_only and f.name in shared):
+            continue
+        rng, choices = f.metadata.get("range"), f.metadata.get("choices", ())
+        allowed = f" ({rng.describe() if rng else ' | '.join(choices)})" if rng or choices else ""
+        lines.append(f"method.{f.name}={f.default}{allowed}: {f.metadata.get('doc') or ''}")
+    return lines
+
+
+def with_method(values: dict[str, Any], name: str) -> dict[str, Any]:
+    """A recipe mapping switched to method ``name`` (a copy): the ``method`` section keeps the
+    settings every method shares (:class:`MethodConfig`'s) and drops the previous method's own
+    (unchanged when it is already ``name``'s)."""
+    method = values.get("method") if isinstance(values.get("method"), dict) else {}
+    if method.get("name", DEFAULT_METHOD) == name:
+        return values
+    shared = {f.name for f in dataclasses.fields(MethodConfig)}
+    return {**values, "method": {**{k: v for k, v in method.items() if k in shared}, "name": name}}
 
 
 @dataclass
@@ -255,13 +369,14 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=method_config)  # the method's own settings (its file)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
+# Allowed words of the string recipe values (a method's own: in its settings' field metadata).
 _CHOICES = {
     "data.modality": ("brightfield", "fluorescence"),
     "data.intensity": ("auto", "uint8", "percentile", "minmax", "none"),
@@ -269,48 +384,16 @@ _CHOICES = {
     "data.tiff_projection": ("max", "mean"),
     "data.stain_normalize": ("none", "reinhard", "macenko"),
     "model.stem": ("default", "pool", "small"),
-    "method.centroid_variant": ("per_view", "halves", "same_views"),
-    "method.sv_on": ("per_view", "centroid", "stacked"),
     "optim.predictor_lr_schedule": ("cosine", "constant"),
-    "method.sv_variant": ("logdet", "flat"),
     "optim.name": ("adamw", "lars", "sgd"),
     "train.precision": ("auto", "fast", "bf16", "fp16", "fp32"),
 }
 
 
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of a number: ``lo`` / ``hi`` bounds (None = unbounded), each closed or open."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def __contains__(self, x: float) -> bool:
-        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
-            return False
-        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
-
-    def describe(self) -> str:
-        """``"at least 1"``, ``"> 0"``, ``"in [0, 1)"``, ..."""
-        lo, hi = (None if b is None else str(int(b)) if float(b).is_integer() else f"{b:g}" for b in (self.lo, self.hi))
-        if lo is not None and hi is not None:
-            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-        if lo is not None:
-            return f"> {lo}" if self.lo_open else f"at least {lo}"
-        return f"< {hi}" if self.hi_open else f"at most {hi}"
-
-
-_POS = Range(0, lo_open=True)  # > 0
-_NONNEG = Range(0)  # >= 0
-_PROB = Range(0, 1)  # [0, 1]
-_FRACTION = Range(0, 1, hi_open=True)  # [0, 1)
-_SEED = Range(0, 2**32 - 1)  # what NumPy accepts
-
 # Allowed ranges of the numeric recipe values (each element of a list value), checked by
 # ``validate`` on every recipe; the CLI options that set a recipe value read the same entry
-# (cellssl.cli.RecipeValue). Every float must also be finite.
+# (cellssl.cli.RecipeValue). Every float must also be finite. The method settings' ranges are in
+# their field metadata (:func:`setting`).
 _RANGES: dict[str, Range] = {
     "data.channels": Range(1), "data.image_size": Range(8), "data.percentiles": Range(0, 100),
     "data.std": _POS, "data.num_workers": _NONNEG, "data.max_bad_fraction": _PROB, "data.synth_n": Range(1),
@@ -326,10 +409,6 @@ _RANGES: dict[str, Range] = {
     "views.local_views": _NONNEG, "views.local_size": Range(8), "views.local_scale": Range(0, 1, lo_open=True),
     "model.proj_hidden": Range(1), "model.proj_dim": Range(1), "model.pred_hidden": Range(1),
     "model.drop_path": _FRACTION,
-    "method.momentum_base": _PROB, "method.momentum_end": _PROB, "method.centroid_weight": _NONNEG,
-    "method.sv_weight": _NONNEG, "method.brownian_weight": _NONNEG, "method.sv_eps": _POS,
-    "method.temperature": _POS, "method.vicreg_sim": _NONNEG, "method.vicreg_var": _NONNEG,
-    "method.vicreg_cov": _NONNEG, "method.barlow_lambda": _NONNEG,
     "optim.lr": _POS, "optim.weight_decay": _NONNEG, "optim.momentum": _FRACTION, "optim.warmup_fraction": _FRACTION,
     "optim.warmup_steps": _NONNEG, "optim.min_lr_ratio": _PROB, "optim.grad_clip": _NONNEG,
     "optim.predictor_lr_scale": _POS, "optim.lars_eta": _POS,
@@ -358,19 +437,57 @@ OPTIONS: dict[str, tuple[type, Range]] = {
 def check_value(key: str, value: Any, label: str | None = None) -> None:
     """Raise ConfigError when ``value`` (or an element of a list value) of ``key`` is a
     non-finite float or outside ``key``'s range; ``label`` names it in the message (default ``key``)."""
-    rng = value_range(key)
+    _check_number(value, value_range(key), label or key)
+
+
+def _check_number(value: Any, rng: Range | None, label: str) -> None:
+    """Raise ConfigError naming ``label`` when a number of ``value`` (one, or a list) is not finite
+    or not in ``rng``; other values pass."""
     for x in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             continue
         if isinstance(x, float) and not math.isfinite(x):
-            raise ConfigError(f"{label or key} must be a finite number, got {x}")
+            raise ConfigError(f"{label} must be a finite number, got {x}")
         if rng is not None and x not in rng:
-            raise ConfigError(f"{label or key} must be {rng.describe()}, got {x!r}")
+            raise ConfigError(f"{label} must be {rng.describe()}, got {x!r}")
+
+
+def _section_classes(section: str) -> list[type]:
+    """The dataclasses recipe section ``section`` can be: one, or for ``method`` the shared
+    :class:`MethodConfig` and every registered method's settings."""
+    cls = typing.get_type_hints(Recipe).get(section)
+    if cls is MethodConfig:
+        return [MethodConfig, *METHOD_SETTINGS.values()]
+    return [cls] if cls is not None and dataclasses.is_dataclass(cls) else []
+
+
+def _field_of(key: str) -> tuple[type, dataclasses.Field] | None:
+    """(dataclass, field) of recipe value ``key`` (``"method.sv_weight"``), or None."""
+    section, _, name = key.partition(".")
+    for cls in _section_classes(section):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return cls, f
+    return None
+
+
+def _field_range(key: str, f: dataclasses.Field) -> Range | None:
+    """The allowed range of recipe value ``key`` whose dataclass field is ``f``: the field's
+    metadata (:func:`setting`), else :data:`_RANGES`."""
+    return f.metadata.get("range") or _RANGES.get(key)
+
+
+def _field_choices(key: str, f: dataclasses.Field) -> tuple[str, ...]:
+    """The allowed words of string recipe value ``key`` (field ``f``); () = any string."""
+    return tuple(f.metadata.get("choices") or _CHOICES.get(key, ()))
 
 
 def value_range(key: str) -> Range | None:
     """The allowed range of recipe value (or :data:`OPTIONS` entry) ``key``, or None."""
-    return _RANGES.get(key) or (OPTIONS[key][1] if key in OPTIONS else None)
+    if key in OPTIONS:
+        return OPTIONS[key][1]
+    found = _field_of(key)
+    return _field_range(key, found[1]) if found else None
 
 
 def value_type(key: str, element: bool = False) -> Any:
@@ -378,12 +495,10 @@ def value_type(key: str, element: bool = False) -> Any:
     key; ``element=True``: without ``Optional`` and, for a list value, of one element."""
     if key in OPTIONS:
         return OPTIONS[key][0]
-    section, _, name = key.partition(".")
-    cls = typing.get_type_hints(Recipe).get(section)
-    hints = typing.get_type_hints(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
-    if name not in hints:
+    found = _field_of(key)
+    if found is None:
         raise KeyError(key)
-    tp = hints[name]
+    tp = typing.get_type_hints(found[0])[found[1].name]
     while element and typing.get_origin(tp) in (Union, types.UnionType, list):
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
     return tp
@@ -391,8 +506,10 @@ def value_type(key: str, element: bool = False) -> Any:
 
 def parse_value(key: str, value: Any, label: str | None = None) -> Any:
     """Convert and check one value of ``key`` (one element, for a list value) exactly as in a
-    recipe: type, finiteness, range; ConfigError naming ``label`` (default ``key``) otherwise."""
+    recipe: type, choices, finiteness, range; ConfigError naming ``label`` (default ``key``) otherwise."""
     out = _coerce(value, value_type(key, element=True), label or key)
+    found = _field_of(key)
+    _check_choice(out, _field_choices(key, found[1]) if found else (), label or key)
     check_value(key, out, label)
     return out
 
@@ -401,77 +518,123 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one YAML value to the annotated type ``tp``; raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], key)
+        return _to_optional(value, tp, key)
     if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, inner, key) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            f = float(value)
-        except (ValueError, OverflowError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if not math.isfinite(f):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return f
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        value = str(value)
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(
-                f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}"
-                + did_you_mean(value, _CHOICES[key])
-            )
+        return _to_list(value, tp, key)
+    convert = _SCALARS.get(tp)
+    return convert(value, key) if convert else value
+
+
+def _to_optional(value: Any, tp: Any, key: str) -> Any:
+    """``Optional[X]``: None (also the words none / null) or an X."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    return _coerce(value, [a for a in typing.get_args(tp) if a is not type(None)][0], key)
+
+
+def _to_list(value: Any, tp: Any, key: str) -> list:
+    """``list[X]``: a list of X; one number or string is a list of one."""
+    (inner,) = typing.get_args(tp)
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return [_coerce(v, inner, key) for v in value]
+
+
+def _to_bool(value: Any, key: str) -> bool:
+    """A boolean, or one of the words true/false/yes/no/1/0."""
+    if isinstance(value, bool):
         return value
-    return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _to_int(value: Any, key: str) -> int:
+    """An integer, or a number / string of a whole number (``1e3``, ``"7"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        f = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(f)
+
+
+def _to_float(value: Any, key: str) -> float:
+    """A finite number (an int or a numeric string converts)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(f):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return f
+
+
+def _to_str(value: Any, key: str) -> str:
+    """A string (a number converts)."""
+    if not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+    """ConfigError naming ``key`` when string ``value`` is not one of ``choices`` (() = any)."""
+    if choices and isinstance(value, str) and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}" + did_you_mean(value, choices))
+
+
+def _section_class(cls: type, values: dict[str, Any], prefix: str) -> type:
+    """The dataclass a recipe section is built as: ``cls``, or for the ``method`` section the
+    settings of the method its ``name`` gives (default :data:`DEFAULT_METHOD`)."""
+    if cls is not MethodConfig:
+        return cls
+    return method_settings(_to_str(values.get("name", DEFAULT_METHOD), f"{prefix}name"))
+
+
+def _unknown_key(cls: type, key: Any, prefix: str) -> ConfigError:
+    """The error for key ``key`` that dataclass ``cls`` does not have: the nearest valid key, and
+    for a method's settings which method the key belongs to and the method's keys."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    near = did_you_mean(str(key), names).replace("'", f"'{prefix}", 1)
+    if not issubclass(cls, MethodConfig):
+        return ConfigError(f"unknown recipe key '{prefix}{key}'{near}")
+    name = cls().name
+    owners = [n for n, c in sorted(METHOD_SETTINGS.items()) if key in {f.name for f in dataclasses.fields(c)}]
+    of = f" (a setting of {', '.join(owners)})" if owners else near
+    return ConfigError(f"unknown recipe key '{prefix}{key}' for method '{name}'{of}; "
+                       f"the keys of {name}: {', '.join(method_keys(cls))}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and types."""
+    """Build dataclass ``cls`` from a mapping, checking keys, types and choices."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {values!r}")
+    cls = _section_class(cls, values, prefix)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(
-                f"unknown recipe key '{dotted}'"
-                + did_you_mean(str(key), names).replace("'", f"'{prefix}", 1)
-            )
+        if key not in fields:
+            raise _unknown_key(cls, key, prefix)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, tp, dotted)
+            _check_choice(kwargs[key], _field_choices(dotted, fields[key]), dotted)
     return cls(**kwargs)
 
 
@@ -479,7 +642,9 @@ def migrate_legacy(values: dict[str, Any]) -> dict[str, Any]:
     """Rewrite keys and values of older recipes/checkpoints to today's names (a copy).
 
     ``method.sv_per_view: true|false`` -> ``method.sv_on: per_view|stacked``;
-    ``method.centroid_variant: centroid`` -> ``same_views`` (the same-view form it named).
+    ``method.centroid_variant: centroid`` -> ``same_views`` (the same-view form it named);
+    a ``method.*`` key of another method that holds that method's default is dropped (recipes,
+    run folders and checkpoints written when one flat list held every method's settings).
     """
     method = values.get("method")
     if not isinstance(method, dict):
@@ -491,13 +656,55 @@ def migrate_legacy(values: dict[str, Any]) -> dict[str, Any]:
         method["sv_on"] = "per_view" if per_view else "stacked"
     if method.get("centroid_variant") == "centroid":
         method["centroid_variant"] = "same_views"
-    return {**values, "method": method}
+    return {**values, "method": _drop_foreign_keys(method, only_defaults=True)}
+
+
+def _drop_foreign_keys(method: dict[str, Any], only_defaults: bool) -> dict[str, Any]:
+    """The ``method`` section without the keys that are not settings of its own method (all of
+    them, or ``only_defaults``: those equal to the default of another method that has the key)."""
+    name = method.get("name", DEFAULT_METHOD)
+    if not isinstance(name, str) or name not in METHOD_SETTINGS:
+        return method  # building the recipe names the unknown method
+    own = {f.name for f in dataclasses.fields(METHOD_SETTINGS[name])}
+
+    def foreign(key: Any, value: Any) -> bool:
+        return key not in own and (_is_default_elsewhere(key, value) or (not only_defaults and _is_setting(key)))
+
+    return {k: v for k, v in method.items() if not foreign(k, v)}
+
+
+def _is_setting(key: Any) -> bool:
+    """Whether ``key`` is a field of some registered method's settings."""
+    return any(key in {f.name for f in dataclasses.fields(c)} for c in METHOD_SETTINGS.values())
+
+
+def _is_default_elsewhere(key: Any, value: Any) -> bool:
+    """Whether ``value`` is the default of setting ``key`` of some registered method."""
+    for cls in METHOD_SETTINGS.values():
+        f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+        if f is not None and _same_value(value, typing.get_type_hints(cls)[key], f.default, key):
+            return True
+    return False
+
+
+def _same_value(value: Any, tp: Any, default: Any, key: str) -> bool:
+    """Whether ``value`` converted to ``tp`` equals ``default`` (False when it does not convert)."""
+    try:
+        return _coerce(value, tp, key) == default
+    except ConfigError:
+        return False
 
 
 def migrate_checkpoint_config(values: dict[str, Any]) -> dict[str, Any]:
     """The recipe stored in an older checkpoint, made valid today (a copy): ``train.max_steps: 0``
-    and ``train.threads: 0`` were once accepted and read as "not set"; they are null now."""
-    train = values.get("train") if isinstance(values, dict) else None
+    and ``train.threads: 0`` were once accepted and read as "not set"; they are null now. The
+    ``method`` section keeps only its method's own settings (older checkpoints stored every
+    method's fields; the others never acted on the run, whatever their values)."""
+    if not isinstance(values, dict):
+        return values
+    if isinstance(values.get("method"), dict):
+        values = {**values, "method": _drop_foreign_keys(values["method"], only_defaults=False)}
+    train = values.get("train")
     if not isinstance(train, dict):
         return values
     zero = [k for k in ("max_steps", "threads") if train.get(k) == 0 and not isinstance(train.get(k), bool)]
@@ -513,18 +720,23 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain nested dicts (for YAML and checkpoints)."""
+    """The recipe as plain nested dicts (for YAML and checkpoints); ``method`` holds the shared
+    settings and the method's own, in one flat mapping."""
     return dataclasses.asdict(recipe)
 
 
 def validate(recipe: Recipe) -> None:
-    """Every numeric value finite and in its range (:data:`_RANGES`), then cross-field checks
-    that types alone cannot express."""
+    """Every numeric value finite and in its range (field metadata or :data:`_RANGES`), then
+    cross-field checks that types alone cannot express (the method's own in its ``check``)."""
     for section in dataclasses.fields(recipe):
         part = getattr(recipe, section.name)
         if dataclasses.is_dataclass(part):
             for f in dataclasses.fields(part):
-                check_value(f"{section.name}.{f.name}", getattr(part, f.name))
+                key = f"{section.name}.{f.name}"
+                _check_number(getattr(part, f.name), _field_range(key, f), key)
+    if type(recipe.method) is not method_settings(recipe.method.name):
+        raise ConfigError(f"method.name '{recipe.method.name}' does not match its settings "
+                          f"({type(recipe.method).__name__}): build them with cellssl.config.method_config")
     for key in ("views.crop_scale", "views.crop_ratio", "views.gamma", "views.blur_sigma", "views.local_scale",
                 "data.percentiles"):
         section, name = key.split(".")
@@ -538,11 +750,7 @@ def validate(recipe: Recipe) -> None:
     if recipe.views.randstain_mean[3:] and min(recipe.views.randstain_mean[3:]) <= 0:
         raise ConfigError(f"views.randstain_mean: the last three values are LAB stds and must be > 0, "
                           f"got {recipe.views.randstain_mean}")
-    if recipe.method.centroid_variant == "halves" and recipe.views.n_views % 2:
-        raise ConfigError(
-            f"method.centroid_variant=halves splits the views into two equal halves: views.n_views must be even, "
-            f"got {recipe.views.n_views}"
-        )
+    recipe.method.check(recipe)
 
 
 def available_recipes() -> list[str]:

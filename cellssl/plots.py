@@ -1,6 +1,7 @@
 """Figure plumbing shared by every command that draws: matplotlib on the Agg backend (figures are
-files, never windows), how an image of any channel count is shown, and a grid of cell images with
-a title each (``select``'s contact sheet, ``predict``'s least certain cells)."""
+files, never windows), saving a finished figure (:func:`save_figure`), how an image of any channel
+count is shown, and a grid of cell images with a title each (``select``'s contact sheet,
+``predict``'s least certain cells)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def pyplot():
     import matplotlib.pyplot as plt  # slow to import: only when a figure is drawn
 
     return plt
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 120, **layout) -> Path:
+    """Lay out ``fig`` (``tight_layout(**layout)``), write it to ``path`` and close it (a figure left
+    open keeps its memory for the life of the process). Returns ``path``."""
+    fig.tight_layout(**layout)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def to_display(img: np.ndarray) -> np.ndarray:
@@ -57,8 +68,4 @@ def image_sheet(images: Sequence[np.ndarray], titles: Sequence[str], path: str |
         ax.set_title(text, fontsize=title_size, fontweight="bold" if bold else "normal", pad=3,
                      color=colors[k] if colors is not None else "black")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97), pad=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi, rect=(0, 0, 1, 0.97), pad=0.3)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 import cellssl.methods.simclr as simclr_mod
-from cellssl.config import MethodConfig, ModelConfig, recipe_to_dict
+from cellssl.config import ModelConfig, method_config, recipe_to_dict
 from cellssl.methods import METHODS, build_method
 from cellssl.methods.barlow import barlow_loss, barlow_terms, cross_correlation
 from cellssl.methods.byol import byol_loss
@@ -273,7 +273,7 @@ MODEL_CFG = ModelConfig(backbone="resnet18", proj_hidden=64, proj_dim=32, pred_h
 def make_method(name: str, **cfg):
     torch.manual_seed(0)
     backbone = build_backbone(ModelConfig(backbone="resnet18"), in_chans=3, image_size=16)
-    return build_method(MethodConfig(name=name, **cfg), MODEL_CFG, backbone)
+    return build_method(method_config(name, **cfg), MODEL_CFG, backbone)
 
 
 @pytest.mark.parametrize("name", sorted(TERMS))
@@ -401,7 +401,7 @@ def test_momentum_zero_reuses_the_online_embedding_and_trains_the_same(name):
     """τ = 0 throughout: the target's forward is skipped (its output would equal the online's), and
     three training steps give the same losses and weights as with the target's own forward."""
     model_cfg = ModelConfig(backbone="test_resnet", proj_hidden=32, proj_dim=16, pred_hidden=32)
-    cfg = MethodConfig(name=name, momentum_base=0.0, momentum_end=0.0)
+    cfg = method_config(name, momentum_base=0.0, momentum_end=0.0)
     torch.manual_seed(0)
     fast = build_method(cfg, model_cfg, build_backbone(model_cfg, 3, 32))
     slow = build_method(cfg, model_cfg, build_backbone(model_cfg, 3, 32))

@@ -3,16 +3,13 @@ reads fit's metrics, and the report compares each setting's loss with fp32's."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import cpu_speed
 from cellssl.config import load_recipe
-from conftest import REPO, make_image_folder
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import cpu_speed  # noqa: E402
+from conftest import make_image_folder
 
 
 def _args(tmp_path: Path, data: Path, *extra: str):

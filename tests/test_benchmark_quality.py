@@ -6,21 +6,17 @@ so that well-separated features must give accuracies far above chance.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks import crosslab, quality
 from cellssl.config import load_recipe
 from cellssl.engine.fit import fit
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor
 from conftest import REPO, make_image_folder, tiny_recipe_yaml
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import crosslab  # noqa: E402
-import quality  # noqa: E402
 
 # basophil is red like neutrophil (make_image_folder colours class i by channel i % 3): a probe that saw
 # it would call half the target's neutrophils basophils; the target lab has no basophil folder
@@ -89,7 +85,7 @@ def test_adaptation_columns_from_a_tiny_checkpoint(labs, tmp_path):
             for kind in crosslab.ADAPT_KINDS}
     assert rows["continued"]["adapt_steps"] == 2 and rows["adabn"]["adapt_steps"] == 0
     for row in rows.values():
-        assert all(0.0 <= row[k] <= 1.0 for k in crosslab.XL_METRICS)
+        assert all(0.0 <= row[k] <= 1.0 for k in quality.XL_METRICS)
         assert row["xl_5shot"] > 0.5  # chance 1/3: even a 2-step resnet keeps the colour
     again, info = crosslab.adapted_checkpoint(ckpt, tgt_dir, tmp_path / "continued", "continued", steps=2)
     assert info == {k: rows["continued"][k] for k in ("kind", "adapt_steps", "adapt_minutes")}  # reused, not rerun

@@ -3,6 +3,7 @@
 import pytest
 import yaml
 
+import cellssl.methods  # noqa: F401  (registers the methods' settings, which recipes are built from)
 from cellssl.config import available_recipes, load_recipe, recipe_from_dict, recipe_to_dict
 from cellssl.errors import ConfigError
 
@@ -82,16 +83,18 @@ import typing  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cellssl.config import Recipe, value_range, value_type  # noqa: E402
+from cellssl.config import METHOD_SETTINGS, Recipe, value_range, value_type  # noqa: E402
 
+# each method.* key -> a method it belongs to (the method section's fields are those of the method named)
+OWNER = {f"method.{f.name}": name for name, cls in sorted(METHOD_SETTINGS.items()) for f in dataclasses.fields(cls)}
 FIELDS = [f"{s.name}.{f.name}" for s in dataclasses.fields(Recipe) if dataclasses.is_dataclass(s.default_factory)
-          for f in dataclasses.fields(s.default_factory)]
+          for f in dataclasses.fields(s.default_factory)] + sorted(OWNER)
 NUMERIC = [k for k in FIELDS if value_type(k, element=True) in (int, float)]
 
 
 def _nested(key: str, value) -> dict:
     section, name = key.split(".")
-    return {section: {name: value}}
+    return {section: {**({"name": OWNER[key]} if key in OWNER else {}), name: value}}
 
 
 def _wrong_type(key: str) -> st.SearchStrategy:

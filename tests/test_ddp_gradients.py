@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cellssl.config import MethodConfig, ModelConfig
+from cellssl.config import ModelConfig, method_config
 from cellssl.methods import build_method
 from cellssl.methods.msbreg import sample_brownian_directions
 
@@ -54,7 +54,7 @@ def make_case(case: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     name = case.split("-")[0]
     torch.manual_seed(1234)
     model_cfg = ModelConfig(proj_hidden=16, proj_dim=8, pred_hidden=16)
-    method = build_method(MethodConfig(name=name, **CASES[case]), model_cfg, TinyBackbone())
+    method = build_method(method_config(name, **CASES[case]), model_cfg, TinyBackbone())
     g = torch.Generator().manual_seed(99)
     views = torch.randn(B, M, 1, 4, 4, generator=g)
     directions = sample_brownian_directions(B, model_cfg.proj_dim, g)

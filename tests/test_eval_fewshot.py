@@ -59,7 +59,7 @@ def test_mean_ci95_hand_computation():
     var = sum((a - mean) ** 2 for a in accs) / 3
     m, h = mean_ci95(accs)
     assert m == pytest.approx(0.675)
-    assert h == pytest.approx(1.96 * math.sqrt(var) / 2)
+    assert h == pytest.approx(3.1824 * math.sqrt(var) / 2, rel=1e-4)  # Student-t, 3 degrees of freedom
     assert mean_ci95([0.3]) == (0.3, 0.0)
 
 

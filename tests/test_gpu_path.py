@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cellssl.engine.fit as fit_mod
-from cellssl.config import MethodConfig, ModelConfig, OptimConfig, load_recipe
+from cellssl.config import ModelConfig, OptimConfig, load_recipe, method_config
 from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.engine.fit import autocast_for, fit
 from cellssl.engine.optim import build_optimizer
@@ -28,7 +28,7 @@ BACKEND = "aot_eager"
 def _tiny_msbreg(**method) -> MSBReg:
     torch.manual_seed(0)
     model_cfg = ModelConfig(backbone="test_resnet", proj_hidden=32, proj_dim=16, pred_hidden=32)
-    method = build_method(MethodConfig(name="msbreg", **method), model_cfg, build_backbone(model_cfg, 3, 32))
+    method = build_method(method_config("msbreg", **method), model_cfg, build_backbone(model_cfg, 3, 32))
     method.seed(0)
     return method
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cellssl.config import MethodConfig, ModelConfig
+from cellssl.config import ModelConfig, method_config
 from cellssl.methods import build_method
 from cellssl.methods.base import effective_rank
 from cellssl.methods.msbreg import (
@@ -149,7 +149,7 @@ def _tiny_msbreg(**kw):
     torch.manual_seed(0)
     mcfg = ModelConfig(backbone="resnet18", proj_hidden=64, proj_dim=32, pred_hidden=64)
     backbone = build_backbone(mcfg, in_chans=3, image_size=16)
-    return build_method(MethodConfig(name="msbreg", **kw), mcfg, backbone)
+    return build_method(method_config("msbreg", **kw), mcfg, backbone)
 
 
 def test_msbreg_step_lowers_centroid_loss_and_target_gets_no_grad():

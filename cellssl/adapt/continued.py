@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from cellssl.augment.views import build_eval_transform
-from cellssl.config import apply_overrides, recipe_from_dict, recipe_to_dict, save_recipe
+from cellssl.config import apply_overrides, recipe_from_dict, recipe_to_dict, save_recipe, with_method
 from cellssl.data.datasets import TransformedDataset, build_dataset
 from cellssl.engine.checkpoint import (
     check_new_run,
@@ -126,6 +126,8 @@ def adapted_recipe(source_config: dict, data: str | Path, out: str | Path, *, ma
     ``train.max_steps = max_steps or adapt.max_steps``. ``overrides`` (``key=value``) are applied
     first; a value given there explicitly (optim.lr, method.momentum_base, train.max_steps) is kept as is."""
     values = copy.deepcopy(source_config)
+    if method:  # another method's own settings start from their defaults (the shared ones are kept)
+        values = with_method(values, str(method))
     overrides = list(overrides)
     apply_overrides(values, overrides)
     r = recipe_from_dict(values)  # validates the overrides and fills defaults
@@ -133,8 +135,6 @@ def adapted_recipe(source_config: dict, data: str | Path, out: str | Path, *, ma
         r.optim.lr = r.optim.lr * r.adapt.lr_scale
     if not _explicit(overrides, "method.momentum_base"):
         r.method.momentum_base = r.adapt.momentum_base
-    if method:
-        r.method.name = str(method)
     if max_steps is not None:
         r.train.max_steps = int(max_steps)
     elif not _explicit(overrides, "train.max_steps"):

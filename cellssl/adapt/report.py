@@ -42,9 +42,9 @@ from cellssl.eval.features import FeatureExtractor, FeatureOptions, subsample_pe
 from cellssl.eval.fewshot import run_fewshot
 from cellssl.eval.labmix import SCORE_NAMES, lab_effect_scores
 from cellssl.eval.linear import linear_probe
-from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.metrics import l2_normalize, proportion_ci95
 from cellssl.eval.report import embedding_2d, write_json
-from cellssl.plots import pyplot
+from cellssl.plots import pyplot, save_figure
 
 __all__ = ["transfer_report", "domain_gap", "domain_classifier_accuracy", "mmd2_rbf", "lab_effect", "ROW_LABELS"]
 
@@ -147,7 +147,7 @@ def evaluate_features(fs: Any, shots: Sequence[int], episodes: int, queries: int
     if len(tr_idx) >= 2 and len(te_idx) >= 1 and len(np.unique(fs.labels[tr_idx])) >= 2:
         rep = linear_probe(fs.subset(tr_idx), fs.subset(te_idx), seed=seed)
         p, n = float(rep["accuracy"]), len(te_idx)
-        out["linear"] = {"accuracy": p, "ci95": float(1.96 * math.sqrt(max(p * (1 - p), 0.0) / n)),
+        out["linear"] = {"accuracy": p, "ci95": proportion_ci95(p, n),
                          "balanced_accuracy": rep.get("balanced_accuracy"), "C": rep.get("C"),
                          "n_train": int(len(tr_idx)), "n_test": int(n)}
     return out
@@ -159,33 +159,36 @@ def _plot_bars(rows: list[dict], shots: list[int], path: Path) -> Path | None:
     metrics.append(("linear", lambda r: r["linear"] or {}))
     if not rows:
         return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) * len(rows) / 2.5), 4.2))
-    width = 0.8 / len(rows)
     means = [[100 * (get(r).get("mean", get(r).get("accuracy")) or np.nan) for _, get in metrics] for r in rows]
     cis = [[100 * (get(r).get("ci95") or 0.0) for _, get in metrics] for r in rows]
-    _grouped_bars(ax, plt, [r["label"] for r in rows], means, width, cis)
-    ax.set_xticks(np.arange(len(metrics)), [m for m, _ in metrics])
+    fig, ax = _grouped_bars([r["label"] for r in rows], means, [m for m, _ in metrics], errors=cis,
+                            title="target-lab accuracy (95 % CI)", legend_loc="lower right",
+                            figsize=(max(6.0, 1.6 * len(metrics) * len(rows) / 2.5), 4.2))
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", frameon=True)
-    ax.set_title("target-lab accuracy (95 % CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def _grouped_bars(ax, plt, labels: list[str], values: list[list[float]], width: float,
-                  errors: list[list[float]] | None = None) -> None:
-    """One bar per variant (``labels[i]``, ``values[i]``: one value per group, optional ``errors``)
-    in each group of bars, the variants side by side (``width`` each), one colour per variant."""
+def _grouped_bars(labels: list[str], values: list[list[float]], groups: list[str], *, title: str, legend_loc: str,
+                  figsize: tuple[float, float], errors: list[list[float]] | None = None,
+                  group_size: float | None = None):
+    """A figure of grouped bars: one group per entry of ``groups`` (x tick labels, font size
+    ``group_size``), in each group one bar per variant (``labels[i]``, ``values[i]``: one value per
+    group, optional ``errors``) side by side, one colour per variant; y grid, legend at
+    ``legend_loc``, ``title``. Returns (figure, axes) for the caller's own limits and lines."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=figsize)
+    width = 0.8 / len(labels)
     cmap = plt.get_cmap("tab10")
     for i, (label, vals) in enumerate(zip(labels, values)):
         xs = np.arange(len(vals)) + (i - (len(labels) - 1) / 2) * width
         extra = {"yerr": errors[i], "capsize": 3} if errors is not None else {}
         ax.bar(xs, vals, width, color=cmap(i % 10), label=label, **extra)
+    ax.set_xticks(np.arange(len(groups)), groups, fontsize=group_size)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc=legend_loc, frameon=True)
+    ax.set_title(title)
+    return fig, ax
 
 
 def _plot_scores(rows: list[dict], path: Path) -> Path | None:
@@ -194,24 +197,16 @@ def _plot_scores(rows: list[dict], path: Path) -> Path | None:
     rows = [r for r in rows if r.get("lab_effect")]
     if not rows:
         return None
-    plt = pyplot()
     keys = list(SCORE_NAMES)
-    fig, ax = plt.subplots(figsize=(8.0, 4.2))
-    width = 0.8 / len(rows)
     vals = [[float(r["lab_effect"].get(k) if r["lab_effect"].get(k) is not None else np.nan) for k in keys]
             for r in rows]
-    _grouped_bars(ax, plt, [r["label"] for r in rows], vals, width)
-    ax.set_xticks(np.arange(len(keys)), [SCORE_NAMES[k] for k in keys], fontsize=8)
+    fig, ax = _grouped_bars([r["label"] for r in rows], vals, [SCORE_NAMES[k] for k in keys], group_size=8,
+                            title="lab effect: mixing of the labs within a type (left), separation of types "
+                                  "(right); 1 = ideal", legend_loc="upper left", figsize=(8.0, 4.2))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_ylim(min(-0.2, ax.get_ylim()[0]), max(1.1, ax.get_ylim()[1]))
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", frameon=True)
-    ax.set_title("lab effect: mixing of the labs within a type (left), separation of types (right); 1 = ideal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, max_points: int) -> Path | None:
@@ -252,10 +247,7 @@ def _plot_embedding(panels: list[tuple[str, Any, Any]], path: Path, seed: int, m
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("source + target features, one row per variant")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / (4.8 * len(panels))))  # room for the suptitle
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, rect=(0, 0, 1, 1 - 0.25 / (4.8 * len(panels))))  # room for the suptitle
 
 
 # ---- markdown ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 from cellssl.augment.views import MultiViewTransform, denormalize
 from cellssl.config import DataConfig
 from cellssl.errors import ConfigError
-from cellssl.plots import pyplot, tile, to_display
+from cellssl.plots import pyplot, save_figure, tile, to_display
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".tif", ".tiff", ".webp")
 
@@ -62,8 +62,5 @@ def save_view_grid(
                 ax.set_ylabel(str(name), fontsize=7)
             if row == 0:
                 ax.set_title("original" if col == 0 else f"view {col}", fontsize=8)
-    fig.tight_layout(pad=0.2)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110, pad=0.2)

@@ -173,18 +173,26 @@ class ImageDataset(Dataset):
     def load_checked(self, i: int) -> tuple[np.ndarray, int, bool]:
         """(image, label, ok) as :meth:`load`; ``ok`` is False when sample ``i`` itself was bad and
         the image and label are the next readable sample's (callers that must leave ``i`` out)."""
-        n = len(self.samples)
+        n = len(self)
         for k in range(n):
             j = (i + k) % n
-            if self.samples[j][0] in self.bad_files:
+            if self.is_bad(j):
                 continue
             try:
                 img = self.read(j)
             except ImageReadError as exc:
                 self.mark_bad(j, exc)
                 continue
-            return img, self.samples[j][1], j == i
+            return img, self.label_of(j), j == i
         raise DataError(f"no readable image left in {self.root}")
+
+    def is_bad(self, i: int) -> bool:
+        """True when sample ``i`` was found unreadable (and left out) earlier in this process."""
+        return self.samples[i][0] in self.bad_files
+
+    def label_of(self, i: int) -> int:
+        """The label of sample ``i`` (-1 when unlabelled)."""
+        return self.samples[i][1]
 
     # --- Dataset protocol ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -293,12 +301,18 @@ class ShardDataset(ImageDataset):
                                                    self.value_range), dtype=np.float32)
         return convert_channels(img, channels, self.reader.member(i)) if channels else img
 
-    def _mark_bad(self, i: int, exc: ImageReadError) -> None:
+    def is_bad(self, i: int) -> bool:
+        return i in self._bad  # by index: no path is made per read
+
+    def label_of(self, i: int) -> int:
+        return int(self.reader.cells[i]["label"]) if self.labelled else -1
+
+    def mark_bad(self, i: int, exc: ImageReadError) -> None:
         """Record and warn (once per cell) about a corrupt member, named by shard and member."""
         if i in self._bad:
             return
         self._bad.add(i)
-        self.bad_files.add(Path(self.reader.member(i)))
+        self.bad_files.add(self.samples[i][0])  # as ImageDataset: the sample's path (``samples``, ``paths``)
         warnings.warn(f"skipping unreadable cell {exc.path}: {exc.reason}", DataWarning, stacklevel=3)
         if len(self._bad) > self.cfg.max_bad_fraction * len(self):
             raise DataError(
@@ -306,21 +320,6 @@ class ShardDataset(ImageDataset):
                 f"(more than data.max_bad_fraction={self.cfg.max_bad_fraction}); re-create the shards with "
                 "'cellssl datasets shard'"
             )
-
-    def load(self, i: int) -> tuple[np.ndarray, int]:
-        """Cell ``i`` as (float32 (H, W, C), label); a corrupt member is replaced by the next readable cell."""
-        n = len(self)
-        for k in range(n):
-            j = (i + k) % n
-            if j in self._bad:
-                continue
-            try:
-                img = self.read(j)
-            except ImageReadError as exc:
-                self._mark_bad(j, exc)
-                continue
-            return img, int(self.reader.cells[j]["label"]) if self.labelled else -1
-        raise DataError(f"no readable cell left in {self.root}")
 
 
 class MultiViewDataset(Dataset):

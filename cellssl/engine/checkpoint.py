@@ -22,6 +22,7 @@ import torch
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
+import cellssl.methods  # noqa: F401  (registers every method's settings: the recipes read here are built from them)
 from cellssl.config import ModelConfig, Recipe, migrate_checkpoint_config, recipe_from_dict, recipe_to_dict
 from cellssl.errors import CheckpointError, ConfigError, DataError, disk_full_as_error
 from cellssl.models import build_backbone, ema_update

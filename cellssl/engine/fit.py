@@ -420,8 +420,7 @@ class Training:
                 f"views.local_views={recipe.views.local_views}: method '{recipe.method.name}' does not train on local "
                 f"crops (multi-crop is implemented for msbreg); set views.local_views=0"
             )
-        if hasattr(method, "seed"):
-            method.seed(self.tc.seed + 1000 * self.dist.rank)
+        method.seed(self.tc.seed + 1000 * self.dist.rank)
         if init_from is not None:
             init_weights_from(method, init_from, self.in_chans, recipe.model.backbone)
         method.to(device)

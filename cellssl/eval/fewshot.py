@@ -5,7 +5,7 @@ Each episode draws ``ways`` classes, ``shots`` support and ``queries`` query ima
 computed on the episode's own support set: subtract the support mean, L2-normalise, assign each
 query to the nearest class centroid (Euclidean). ``logreg`` fits a logistic regression on the
 same normalised support features instead. Accuracy is averaged over episodes and reported with
-a 95 % confidence interval ``1.96 * std / sqrt(episodes)``.
+a 95 % Student-t interval ``t95(episodes) * std / sqrt(episodes)`` (:func:`cellssl.eval.metrics.mean_ci95`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from cellssl.config import EvalConfig
 from cellssl.errors import ConfigError, DataError
 from cellssl.eval.features import FeatureOptions, FeatureSet, feature_options, load_features
-from cellssl.eval.metrics import l2_normalize
+from cellssl.eval.metrics import l2_normalize, mean_ci95
 from cellssl.eval.probes import fit_logreg
 from cellssl.eval.report import FEWSHOT, write_report
 from cellssl.eval.settings import FEWSHOT_CLASSIFIERS
@@ -159,17 +159,6 @@ def logreg_classify(support: np.ndarray, support_y: np.ndarray, query: np.ndarra
     zs, zq = cl2n(support, query)
     clf = fit_logreg(zs, support_y, C, seed, max_iter=1000)
     return clf.predict(zq).astype(np.int64)
-
-
-def mean_ci95(accs: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """``(mean, half_width)`` of a 95 % normal confidence interval of the mean:
-    ``half_width = 1.96 * std(accs, ddof=1) / sqrt(n)`` (0 when n < 2)."""
-    a = np.asarray(accs, dtype=np.float64)
-    if a.size == 0:
-        return float("nan"), float("nan")
-    if a.size < 2:
-        return float(a.mean()), 0.0
-    return float(a.mean()), float(1.96 * a.std(ddof=1) / np.sqrt(a.size))
 
 
 def run_fewshot(

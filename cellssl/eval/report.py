@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from cellssl.eval.features import subsample_per_class
 from cellssl.eval.metrics import l2_normalize
-from cellssl.plots import pyplot
+from cellssl.plots import pyplot, save_figure
 
 __all__ = ["write_report", "format_summary", "ReportKind", "FEWSHOT", "LINEAR", "KNN", "FINETUNE", "REPORT_KINDS",
            "report_paths", "plot_confusion", "plot_shots", "plot_embedding", "markdown_table", "pct", "jsonable",
@@ -106,10 +106,7 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: s
                         color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_shots(results: dict, path: Path, title: str = "") -> Path | None:
@@ -128,10 +125,7 @@ def plot_shots(results: dict, path: Path, title: str = "") -> Path | None:
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.set_title(title or "few-shot accuracy (95 % CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def umap_2d(x: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
@@ -206,10 +200,7 @@ def plot_embedding(features: Any, path: Path, max_points: int = 2000, seed: int 
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or f"{method} of {len(keep)} image features")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _quiet_embedding_2d(x: np.ndarray, seed: int) -> tuple[np.ndarray, str] | None:
@@ -255,10 +246,7 @@ def plot_embedding_groups(features: np.ndarray, groups: dict[str, np.ndarray], p
         ax.set_yticks([])
         ax.set_title(f"by {name}")
     fig.suptitle(title or f"{method} of {len(keep)} image features")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # --- markdown ----------------------------------------------------------------------------------

@@ -21,12 +21,14 @@ Example::
 
 from __future__ import annotations
 
-import itertools
+import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, register_method
+from cellssl.config import MethodConfig, Range, setting
+from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, pair_mean, register_method
 
 
 def standardise(z: Tensor, eps: float = 1e-5) -> Tensor:
@@ -70,11 +72,19 @@ def barlow_loss(z_a: Tensor, z_b: Tensor, lambd: float = 0.0051) -> Tensor:
     return on + off
 
 
-@register_method("barlow")
+@dataclass
+class BarlowSettings(MethodConfig):
+    """Barlow Twins' recipe setting (``method.*``; arXiv:2103.03230)."""
+
+    barlow_lambda: float = setting(0.0051, Range(0), "λ, weight of the off-diagonal (redundancy) term")
+
+
+@register_method("barlow", settings=BarlowSettings)
 class BarlowTwins(SSLMethod):
     """Barlow Twins (arXiv:2103.03230): backbone + projector, no predictor, no target.
 
-    Recipe settings (``method.*``): ``barlow_lambda`` λ. The projector ends in a plain Linear:
+    Recipe settings (``method.*``, :class:`BarlowSettings`): ``barlow_lambda`` λ. The terms are
+    :func:`barlow_terms` of the batch gathered across DDP ranks. The projector ends in a plain Linear:
     the paper's affine-free BN before C is the standardisation inside the loss, so the returned
     ``z`` keeps its real scale for the collapse monitor.
     """
@@ -82,6 +92,7 @@ class BarlowTwins(SSLMethod):
     uses_target = False
     uses_predictor = False
     loss_terms = {"loss_on_diag": (), "loss_off_diag": ("barlow_lambda",)}
+    cfg: BarlowSettings
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2, averaged over the pairs of views.
@@ -93,12 +104,7 @@ class BarlowTwins(SSLMethod):
         z_flat = self.online(x)
         z = self.unflatten(z_flat, b, m)
         zg = [gather_with_grad(z[:, i].contiguous()) for i in range(m)]
-        ons, offs = [], []
-        for i, j in itertools.combinations(range(m), 2):
-            on, off = barlow_terms(zg[i], zg[j], self.cfg.barlow_lambda)
-            ons.append(on)
-            offs.append(off)
-        l_on, l_off = torch.stack(ons).mean(), torch.stack(offs).mean()
+        l_on, l_off = pair_mean(functools.partial(barlow_terms, lambd=self.cfg.barlow_lambda), zg)
         return {
             "loss": l_on + l_off,
             "loss_on_diag": l_on.detach(),

@@ -1,8 +1,14 @@
 """What every self-supervised method shares: encoder, heads, optional EMA target, registry.
 
-A method is a loss plus its heads. The engine calls ``method(views)`` for a batch of views
-``(B, M, C, H, W)`` and gets a dict of scalar losses (``"loss"`` is the one to minimise, the
-others are logged), then ``method.after_step(step, total_steps)`` (the EMA update).
+A method is a loss plus its heads, and its settings. The engine calls ``method(views)`` for a
+batch of views ``(B, M, C, H, W)`` and gets a dict of scalar losses (``"loss"`` is the one to
+minimise, the others are logged), then ``method.after_step(step, total_steps)`` (the EMA update).
+
+Adding a method touches its file, a recipe and a test: the file declares the method's settings
+(a dataclass subclassing ``cellssl.config.MethodConfig``, each field made with
+``cellssl.config.setting``: default, range or choices, one line of documentation) and registers
+both with ``@register_method("name", settings=NameSettings)``. Recipes (``method.name: name``,
+``--set method.<field>=...``), their validation and ``cellssl list methods`` read the registry.
 
 Under DDP (W ranks, equal local batches of B/W images) every method is exact, not per rank:
 each batch-wide statistic (MSBReg's singular-value spectrum, VICReg's std and covariance, Barlow
@@ -17,38 +23,61 @@ directions) are drawn per rank from a per-rank seed: the same distribution, not 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellssl.config import MethodConfig, ModelConfig
+from cellssl.config import MethodConfig, ModelConfig, register_method_settings, unregister_method_settings
 from cellssl.errors import ConfigError, did_you_mean
 from cellssl.models import cosine_momentum, ema_update, gather_with_grad, make_target, mlp  # noqa: F401 (re-exported)
 
 METHODS: dict[str, type["SSLMethod"]] = {}
 
 
-def register_method(name: str) -> Callable[[type["SSLMethod"]], type["SSLMethod"]]:
-    """Class decorator adding a method to the registry under ``name``."""
+def register_method(name: str, settings: type[MethodConfig]) -> Callable[[type["SSLMethod"]], type["SSLMethod"]]:
+    """Class decorator adding a method to the registry under ``name``, with its settings dataclass
+    (a subclass of :class:`~cellssl.config.MethodConfig` declared beside it): the recipe's
+    ``method.*`` keys for this method are the fields of ``settings``."""
 
     def wrap(cls: type[SSLMethod]) -> type[SSLMethod]:
+        register_method_settings(name, settings)
         cls.name = name
+        cls.Settings = settings
         METHODS[name] = cls
         return cls
 
     return wrap
 
 
+def unregister_method(name: str) -> None:
+    """Remove method ``name`` and its settings from the registries (a method registered for a moment)."""
+    METHODS.pop(name, None)
+    unregister_method_settings(name)
+
+
 def build_method(method_cfg: MethodConfig, model_cfg: ModelConfig, backbone: nn.Module) -> "SSLMethod":
-    """Instantiate ``method_cfg.name`` around ``backbone`` (which maps (B,C,H,W) to (B,F))."""
+    """Instantiate ``method_cfg.name`` around ``backbone`` (which maps (B,C,H,W) to (B,F));
+    ``method_cfg`` is that method's settings (``cellssl.config.method_config(name, ...)``)."""
     if method_cfg.name not in METHODS:
         raise ConfigError(
             f"unknown method '{method_cfg.name}'{did_you_mean(method_cfg.name, METHODS)}; "
             f"available: {', '.join(sorted(METHODS))}"
         )
-    return METHODS[method_cfg.name](backbone, model_cfg, method_cfg)
+    cls = METHODS[method_cfg.name]
+    if type(method_cfg) is not cls.Settings:
+        raise TypeError(f"method '{cls.name}' takes {cls.Settings.__name__}, got {type(method_cfg).__name__}: "
+                        f"build it with cellssl.config.method_config({cls.name!r}, ...)")
+    return cls(backbone, model_cfg, method_cfg)
+
+
+def pair_mean(terms: Callable[[Tensor, Tensor], tuple[Tensor, ...]], zs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Each loss term of ``terms(z_i, z_j)`` averaged over the M(M−1)/2 pairs i < j of the per-view
+    embeddings ``zs`` (M tensors ``(B, D)``): how a two-view loss is used with M ≥ 2 views."""
+    per_pair = [terms(zs[i], zs[j]) for i, j in itertools.combinations(range(len(zs)), 2)]
+    return tuple(torch.stack(term).mean() for term in zip(*per_pair))
 
 
 def off_diagonal(x: Tensor) -> Tensor:
@@ -122,11 +151,12 @@ class SSLMethod(nn.Module):
     """
 
     name = "base"
+    Settings: type[MethodConfig] = MethodConfig  # the method's settings dataclass (set by register_method)
     uses_target = False
     uses_predictor = False
     supports_local_views = False  # multi-crop: small local crops through the online branch
     channels_last = False  # the backbone sees channels-last batches (use_channels_last)
-    # Each logged loss term -> the MethodConfig fields that weight or shape it (named when it goes non-finite).
+    # Each logged loss term -> the settings fields that weight or shape it (named when it goes non-finite).
     loss_terms: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, backbone: nn.Module, model_cfg: ModelConfig, cfg: MethodConfig) -> None:
@@ -194,6 +224,10 @@ class SSLMethod(nn.Module):
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
         return self
+
+    def seed(self, seed: int) -> None:
+        """Seed the method's own random draws (the engine passes the run's seed + 1000 × rank before
+        training); no-op for a method that draws nothing (MSBReg seeds its Brownian directions)."""
 
     def step_inputs(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
         """Random inputs of the next step's forward, drawn here, outside a compiled graph, and

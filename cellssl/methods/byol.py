@@ -20,10 +20,13 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cellssl.config import MethodConfig
 from cellssl.methods.base import SSLMethod, check_shape, register_method, stack_views
 
 
@@ -53,11 +56,16 @@ def byol_loss(p: Tensor | list[Tensor], z_target: Tensor | list[Tensor]) -> Tens
         return (2 - 2 * mean_cos).mean()
 
 
-@register_method("byol")
+@dataclass
+class BYOLSettings(MethodConfig):
+    """BYOL's recipe settings: only the EMA momentum every method shares (``momentum_base``, ``momentum_end``)."""
+
+
+@register_method("byol", settings=BYOLSettings)
 class BYOL(SSLMethod):
     """BYOL (arXiv:2006.07733): backbone + projector + predictor, EMA target.
 
-    Recipe settings (``method.*``): ``momentum_base``/``momentum_end`` (τ rises on a cosine
+    Recipe settings (``method.*``, :class:`BYOLSettings`): ``momentum_base``/``momentum_end`` (τ rises on a cosine
     schedule, applied by :meth:`SSLMethod.after_step`). The paper uses τ_base = 0.996 for
     ImageNet; the shared default 0.99 suits shorter runs.
     """

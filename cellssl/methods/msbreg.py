@@ -22,10 +22,14 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cellssl.config import MethodConfig, Range, Recipe, setting
+from cellssl.errors import ConfigError
 from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, normalised_centred, register_method
 
 
@@ -192,11 +196,40 @@ def sv_inputs(z: Tensor, mode: str = "per_view") -> list[Tensor]:
     raise ValueError(f"unknown sv_on {mode!r}: use 'per_view', 'centroid' or 'stacked'")
 
 
-@register_method("msbreg")
+@dataclass
+class MSBRegSettings(MethodConfig):
+    """MSBReg's recipe settings (``method.*``, docs: shared msbreg.md), besides the EMA momentum."""
+
+    centroid_weight: float = setting(1.0, Range(0), "λ_MC, weight of the multi-view centroid loss (attraction)")
+    sv_weight: float = setting(0.1, Range(0), "λ_SV, weight of the singular-value loss (global dispersion)")
+    brownian_weight: float = setting(0.1, Range(0), "λ_BD, weight of the Brownian diffusive loss (local dispersion)")
+    centroid_variant: str = setting(
+        "per_view", doc="per_view: each online view against the target centroid of the other views (msbreg.md "
+        "eq. 1); halves: online centroid of one half of the views against the target centroid of the other; "
+        "same_views: of the same views (ablation only: satisfiable without invariance)",
+        choices=("per_view", "halves", "same_views"))
+    sv_variant: str = setting("logdet", doc="logdet: −logdet(C + εI) / D of the batch covariance C (msbreg.md eq. 2); "
+                              "flat: ‖λ/Σλ − 1/D‖² of its eigenvalues", choices=("logdet", "flat"))
+    sv_eps: float = setting(1e-4, Range(0, lo_open=True), "ε of the logdet form (keeps it finite when B < D)")
+    sv_on: str = setting(
+        "per_view", doc="per_view: the singular-value loss on each view's batch, averaged; centroid: on the "
+        "per-image centroids of the views; stacked: on all views in one batch (ablation only: it rewards "
+        "pushing two views of one image apart)", choices=("per_view", "centroid", "stacked"))
+
+    def check(self, recipe: Recipe) -> None:
+        """``centroid_variant: halves`` needs an even ``views.n_views``."""
+        if self.centroid_variant == "halves" and recipe.views.n_views % 2:
+            raise ConfigError(
+                f"method.centroid_variant=halves splits the views into two equal halves: views.n_views must be "
+                f"even, got {recipe.views.n_views}"
+            )
+
+
+@register_method("msbreg", settings=MSBRegSettings)
 class MSBReg(SSLMethod):
     """MSBReg (arXiv:2207.03552): online backbone+projector+predictor, EMA target, three losses.
 
-    Recipe settings (``method.*``): ``centroid_weight`` λ_MC, ``sv_weight`` λ_SV,
+    Recipe settings (``method.*``, :class:`MSBRegSettings`): ``centroid_weight`` λ_MC, ``sv_weight`` λ_SV,
     ``brownian_weight`` λ_BD, ``centroid_variant`` (per_view | halves | same_views),
     ``sv_on`` (per_view | centroid | stacked), ``sv_variant``, ``sv_eps``,
     ``momentum_base``/``momentum_end`` (τ schedule). Setting a weight to 0 switches that force off
@@ -210,6 +243,8 @@ class MSBReg(SSLMethod):
     supports_local_views = True
     loss_terms = {"loss_centroid": ("centroid_weight",), "loss_sv": ("sv_weight", "sv_eps", "sv_variant"),
                   "loss_brownian": ("brownian_weight",)}
+
+    cfg: MSBRegSettings
 
     def __init__(self, backbone, model_cfg, cfg) -> None:
         super().__init__(backbone, model_cfg, cfg)

@@ -22,11 +22,14 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from cellssl.config import MethodConfig, Range, setting
 from cellssl.methods.base import SSLMethod, gather_with_grad, register_method, stack_views
 
 
@@ -73,17 +76,25 @@ def nt_xent_loss(z: Tensor | list[Tensor], temperature: float = 0.2, gather: boo
         return -(log_prob[pos_mask]).mean()
 
 
-@register_method("simclr")
+@dataclass
+class SimCLRSettings(MethodConfig):
+    """SimCLR's recipe setting (``method.*``; arXiv:2002.05709)."""
+
+    temperature: float = setting(0.2, Range(0, lo_open=True), "τ of the NT-Xent loss (the paper's best: 0.1-0.5)")
+
+
+@register_method("simclr", settings=SimCLRSettings)
 class SimCLR(SSLMethod):
     """SimCLR (arXiv:2002.05709): backbone + projector, NT-Xent over all views of the batch.
 
-    Recipe settings (``method.*``): ``temperature`` τ (default 0.2). No predictor, no target;
+    Recipe settings (``method.*``, :class:`SimCLRSettings`): ``temperature`` τ (default 0.2). No predictor, no target;
     negatives come from the (DDP-gathered) batch, so larger batches help.
     """
 
     uses_target = False
     uses_predictor = False
     loss_terms = {"loss_nt_xent": ("temperature",)}
+    cfg: SimCLRSettings
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2.

@@ -20,13 +20,14 @@ Example::
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, register_method
+from cellssl.config import MethodConfig, Range, setting
+from cellssl.methods.base import SSLMethod, check_shape, gather_with_grad, off_diagonal, pair_mean, register_method
 
 
 def invariance_loss(z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -93,23 +94,38 @@ def vicreg_loss(z_a: Tensor, z_b: Tensor, sim: float = 25.0, var: float = 25.0, 
     Returns:
         Scalar float32 ``λ s + μ (v_a + v_b)/2 + ν (c_a + c_b)``.
     """
-    s, v, c = vicreg_terms(z_a, z_b)
+    return vicreg_weighted(*vicreg_terms(z_a, z_b), sim, var, cov)
+
+
+def vicreg_weighted(s: Tensor, v: Tensor, c: Tensor, sim: float, var: float, cov: float) -> Tensor:
+    """λ s + μ v + ν c: the terms of :func:`vicreg_terms` (or their means over pairs of views) weighted."""
     return sim * s + var * v + cov * c
 
 
-@register_method("vicreg")
+@dataclass
+class VICRegSettings(MethodConfig):
+    """VICReg's loss weights (``method.*``; arXiv:2105.04906 eq. 6, the paper's defaults)."""
+
+    vicreg_sim: float = setting(25.0, Range(0), "λ, weight of the invariance term s (mean squared error)")
+    vicreg_var: float = setting(25.0, Range(0), "μ, weight of the variance hinge [v(Z) + v(Z')] / 2")
+    vicreg_cov: float = setting(1.0, Range(0), "ν, weight of the covariance term c(Z) + c(Z')")
+
+
+@register_method("vicreg", settings=VICRegSettings)
 class VICReg(SSLMethod):
     """VICReg (arXiv:2105.04906): backbone + expander, no predictor, no target.
 
-    Recipe settings (``method.*``): ``vicreg_sim`` λ, ``vicreg_var`` μ, ``vicreg_cov`` ν.
-    The variance and covariance statistics use the batch gathered across DDP ranks (as the
-    official code does); the invariance term uses the local batch (the same in expectation).
+    Recipe settings (``method.*``, :class:`VICRegSettings`): ``vicreg_sim`` λ, ``vicreg_var`` μ,
+    ``vicreg_cov`` ν. The terms are :func:`vicreg_terms` of the batch gathered across DDP ranks
+    (the variance and covariance statistics as the official code takes them; the invariance term,
+    a mean over images, is then the same on every rank).
     """
 
     uses_target = False
     uses_predictor = False
     loss_terms = {"loss_invariance": ("vicreg_sim",), "loss_variance": ("vicreg_var",),
                   "loss_covariance": ("vicreg_cov",)}
+    cfg: VICRegSettings
 
     def forward(self, views: Tensor) -> dict[str, Tensor]:
         """Losses for views ``(B, M, C, H, W)``, M ≥ 2, averaged over the pairs of views.
@@ -121,14 +137,9 @@ class VICReg(SSLMethod):
         x, b, m = self.flatten_views(views, min_views=2)
         z_flat = self.online(x)
         z = self.unflatten(z_flat, b, m)
-        inv = [invariance_loss(z[:, i], z[:, j]) for i, j in itertools.combinations(range(m), 2)]
-        l_inv = torch.stack(inv).mean()
-        # Averaged over the M(M−1)/2 pairs, [v_i + v_j]/2 is mean_i v_i and c_i + c_j is
-        # 2·mean_i c_i: each view's statistics are computed once.
         zg = [gather_with_grad(z[:, i].contiguous()) for i in range(m)]
-        l_var = torch.stack([variance_loss(zi) for zi in zg]).mean()
-        l_cov = 2 * torch.stack([covariance_loss(zi) for zi in zg]).mean()
-        loss = cfg.vicreg_sim * l_inv + cfg.vicreg_var * l_var + cfg.vicreg_cov * l_cov
+        l_inv, l_var, l_cov = pair_mean(vicreg_terms, zg)
+        loss = vicreg_weighted(l_inv, l_var, l_cov, cfg.vicreg_sim, cfg.vicreg_var, cfg.vicreg_cov)
         return {
             "loss": loss,
             "loss_invariance": l_inv.detach(),
