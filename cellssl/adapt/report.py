@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from cellssl.data.datasets import split_indices
 from cellssl.data.scale import scale_factor
@@ -70,11 +74,6 @@ def domain_classifier_accuracy(xs: np.ndarray, xt: np.ndarray, seed: int = 0, fo
     """Cross-validated accuracy of logistic regression telling source (``xs``) from target
     (``xt``) features: equal numbers of each (so chance = 0.5), L2-normalised and standardised,
     ``folds``-fold stratified CV. 1.0 = the domains are linearly separable."""
-    from sklearn.linear_model import LogisticRegression  # sklearn: heavy, imported when used
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     a, b = _balanced(l2_normalize(xs, dtype=np.float64), l2_normalize(xt, dtype=np.float64), max_per_domain, seed)
     if len(a) < 4:
         return float("nan")
