@@ -199,3 +199,22 @@ def test_the_command_check_catches_one_command_using_another():
                "cellssl.eval.knn": "def knn():\n    import cellssl.eval.linear as linear\n"}
     assert command_cross_imports(commands, sources) == ["cellssl.eval.knn imports cellssl.eval.linear",
                                                         "cellssl.eval.linear imports cellssl.eval.knn"]
+
+
+# ---- each package's docstring is its table of contents -----------------------------------------
+def docstring_gaps(package: Path) -> list[str]:
+    """Modules of ``package`` its ``__init__`` docstring does not name (``cellssl.<pkg>.<module>``),
+    and names in it that are no module of the package."""
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    named = set(re.findall(rf"cellssl\.{package.name}\.(\w+)", doc))
+    modules = {f.stem for f in package.glob("*.py")} - {"__init__"}
+    return ([f"{package.name}: {m} is not in the docstring" for m in sorted(modules - named)]
+            + [f"{package.name}: the docstring names {m}, which is no module" for m in sorted(named - modules)])
+
+
+def test_each_package_docstring_lists_its_modules():
+    """``methods`` excepted: a method is its file alone, and the package imports every module."""
+    packages = [p for p in sorted(PACKAGE.iterdir()) if (p / "__init__.py").is_file() and p.name != "methods"]
+    assert {"eval", "apply", "engine"} <= {p.name for p in packages}
+    gaps = [g for p in packages for g in docstring_gaps(p)]
+    assert not gaps, "stale package docstrings:\n" + "\n".join(gaps)

@@ -6,6 +6,7 @@
 - :mod:`cellssl.apply.export` — ``cellssl export``: safetensors for timm, ONNX, config.json, a model card
 - :mod:`cellssl.apply.select` — ``cellssl select``: which cells to label first (TypiClust, ProbCover,
   CoreSet, random)
+- :mod:`cellssl.apply.settings` — their choices and defaults, without heavy imports (the CLI reads them)
 
 The unsure calibration these models carry is made when they are fitted, so it lives with the
 fitting: :mod:`cellssl.eval.unsure`.

@@ -8,10 +8,11 @@
 - :mod:`cellssl.eval.probes` — what the probe commands share: train/test features, the logistic
   regression, the saved classifier (backbone + linear head)
 - :mod:`cellssl.eval.unsure` — the ``unsure`` calibration a classifier is saved with (``predict`` uses it)
-- :mod:`cellssl.eval.metrics` — accuracy, balanced accuracy, macro-F1, confusion matrix; L2 normalisation
+- :mod:`cellssl.eval.metrics` — accuracy, balanced accuracy, macro-F1, confusion matrix, 95 % intervals
 - :mod:`cellssl.eval.report` — report.json / report.md / plots (t-SNE, UMAP)
 - :mod:`cellssl.eval.tables` — AnnData ``.h5ad`` and Parquet outputs (``embed --format``, ``predict --format``)
 - :mod:`cellssl.eval.labmix` — lab-effect scores: lab mixing within types, iLISI, type separation
+- :mod:`cellssl.eval.settings` — the commands' choices and defaults, without heavy imports (the CLI reads them)
 
 Applying a trained model (``predict``, ``export``, ``select``) is :mod:`cellssl.apply`.
 """

@@ -1,4 +1,10 @@
-"""Backbones, heads and the EMA target."""
+"""Backbones, heads and the EMA target.
+
+- :mod:`cellssl.models.backbone` — any timm model as a feature extractor, starting weights, the raw-pixel baseline
+- :mod:`cellssl.models.heads` — projector and predictor MLPs
+- :mod:`cellssl.models.ema` — the EMA target network and its momentum schedule
+- :mod:`cellssl.models.bn` — AdaBN: BatchNorm statistics re-estimated on new images
+"""
 
 from cellssl.models.backbone import build_backbone, list_backbones
 from cellssl.models.ema import cosine_momentum, ema_update, make_target
