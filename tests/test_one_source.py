@@ -3,19 +3,24 @@ the modules that act on them, and a report's kind is an object its command passe
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
 import subprocess
 import sys
 
+import click
+
+from cellssl.adapt import continued, report
 from cellssl.apply import export as export_module
+from cellssl.apply import predict as predict_module
 from cellssl.apply import select as select_module
 from cellssl.cli import cli
 from cellssl.config import EvalConfig
+from cellssl.eval import features, finetune, linear, tables, unsure
 from cellssl.eval import fewshot as fewshot_module
 from cellssl.eval import knn as knn_module
-from cellssl.eval import tables, unsure
 from cellssl.eval.report import REPORT_KINDS, ReportKind, format_summary, write_report
 from conftest import REPO
 
@@ -58,6 +63,44 @@ def test_cli_choices_and_defaults_are_those_of_the_code_they_drive():
     assert pred["fmt"].type.choices == tables.PREDICT_FORMATS
     assert f"{_default(unsure.calibrate, 'target_error'):g}" in pred["target_error"].help
     assert f"{_default(unsure.calibrate, 'ood_quantile'):g}" in pred["ood_quantile"].help
+
+
+# every command and the function it runs (those taking **fields also take the FeatureOptions fields)
+RUNS = {"fewshot": fewshot_module.fewshot, "linear": linear.linear, "knn": knn_module.knn,
+        "finetune": finetune.finetune, "embed": features.embed, "predict": predict_module.predict,
+        "export": export_module.export, "select": select_module.select, "adapt": continued.adapt,
+        "transfer-report": report.transfer_report}
+
+
+def _defaults(function) -> dict:
+    params = inspect.signature(function).parameters
+    out = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        out.update({f.name: f.default for f in dataclasses.fields(features.FeatureOptions)} | out)
+    return out
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def test_every_option_default_is_the_default_of_the_function_it_runs():
+    """Each option with a default, converted as the command line converts it ('all' -> None), equals
+    the default of the same-named parameter of the function the command calls: none is a stale copy."""
+    drift, compared = [], 0
+    for name, function in RUNS.items():
+        command, defaults = cli.commands[name], _defaults(function)
+        ctx = click.Context(command)
+        for option in command.params:
+            default = option.get_default(ctx, call=True)
+            if option.name not in defaults or option.value_is_missing(default):
+                continue
+            compared += 1
+            value = option.type_cast_value(ctx, default)
+            if _plain(value) != _plain(defaults[option.name]):
+                drift.append(f"{name} --{option.name}: {value!r} on the command line, "
+                             f"{defaults[option.name]!r} in code")
+    assert compared > 40 and not drift, "\n".join(drift)
 
 
 def test_help_loads_no_torch():
