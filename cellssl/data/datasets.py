@@ -240,7 +240,7 @@ class _ShardSamples(Sequence):
         return len(self.reader)
 
     def __getitem__(self, i: int) -> tuple[Path, int]:  # type: ignore[override]
-        return self.root / self.reader.paths[i], int(self.reader.cells[i]["label"])
+        return self.root / self.reader.path(i), int(self.reader.cells[i]["label"])
 
 
 class ShardDataset(ImageDataset):
@@ -293,8 +293,9 @@ class ShardDataset(ImageDataset):
                                                    self.value_range), dtype=np.float32)
         return convert_channels(img, channels, self.reader.member(i)) if channels else img
 
-    def _mark_bad(self, i: int, exc: ImageReadError) -> None:
-        """Record and warn (once per cell) about a corrupt member, named by shard and member."""
+    def mark_bad(self, i: int, exc: ImageReadError) -> None:
+        """Record and warn (once per cell) about a corrupt member, named by shard and member (by index:
+        no path is looked up, so training never loads the original paths)."""
         if i in self._bad:
             return
         self._bad.add(i)
@@ -307,8 +308,10 @@ class ShardDataset(ImageDataset):
                 "'cellssl datasets shard'"
             )
 
-    def load(self, i: int) -> tuple[np.ndarray, int]:
-        """Cell ``i`` as (float32 (H, W, C), label); a corrupt member is replaced by the next readable cell."""
+    def load_checked(self, i: int) -> tuple[np.ndarray, int, bool]:
+        """(image, label, ok) of cell ``i`` as :meth:`ImageDataset.load_checked`: a corrupt member is
+        replaced by the next readable cell (``ok`` False). Bad cells are kept by index, so the training
+        loader never builds the list of original paths (:attr:`samples` makes each on access)."""
         n = len(self)
         for k in range(n):
             j = (i + k) % n
@@ -317,9 +320,9 @@ class ShardDataset(ImageDataset):
             try:
                 img = self.read(j)
             except ImageReadError as exc:
-                self._mark_bad(j, exc)
+                self.mark_bad(j, exc)
                 continue
-            return img, int(self.reader.cells[j]["label"]) if self.labelled else -1
+            return img, int(self.reader.cells[j]["label"]) if self.labelled else -1, j == i
         raise DataError(f"no readable cell left in {self.root}")
 
 
