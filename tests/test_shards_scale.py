@@ -125,7 +125,7 @@ def test_two_ranks_stopped_mid_epoch_resume_bit_for_bit_with_another_worker_coun
         else:
             os.environ["OMP_NUM_THREADS"] = env_before
     codes = [p.exitcode for p in procs]
-    assert codes == [0, 0], f"rank exit codes {codes} (None = killed after {JOIN_TIMEOUT_S} s: a rank waited forever)"
+    assert codes == [0, 0], f"rank exit codes {codes} (-9: killed after {JOIN_TIMEOUT_S} s, a rank waited forever)"
     for rank in (0, 1):
         assert json.loads((tmp_path / f"stopped-1-rank{rank}.json").read_text()) == \
             {"step": STOP_AT, "stopped": "terminated"}, rank
