@@ -238,18 +238,21 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
                                            "class and by folder: <out stem>_map.png.")
 @click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
               help="Micrometres per pixel of --data: resampled to the checkpoint's data.um_per_px when it has one.")
-def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, image_size, batch_size, device, adapt_bn):
+@click.option("--part-rows", type=click.IntRange(1), default=65536, show_default=True,
+              help=".npz of a larger set: embedded in parts of this many rows (OUT.parts/, one part in memory); "
+                   "a killed embed rerun with the same options continues after the last complete part.")
+def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, part_rows, image_size, batch_size, device, adapt_bn):
     """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels),
     .h5ad (AnnData) or .parquet."""
     from cellssl.eval.tables import check_writable, embed_outputs, resolve_output
 
     path, kind = resolve_output(out, fmt)
     check_writable(path.parent)
-    if kind == "npz" and not plot and um_per_px is None:
+    if kind == "npz" and not plot:
         from cellssl.eval.features import embed as run
 
-        path = run(checkpoint, data, out, image_size=image_size, batch_size=batch_size, device=device,
-                   adapt_bn=adapt_bn)
+        path = run(checkpoint, data, out, part_rows=part_rows, image_size=image_size, batch_size=batch_size,
+                   device=device, adapt_bn=adapt_bn, um_per_px=um_per_px)
         click.echo(f"features written to {path}")
         return
     files = embed_outputs(checkpoint, data, out, fmt=fmt, lab=lab, plot=plot, image_size=image_size,

@@ -248,7 +248,7 @@ class _ShardSamples(Sequence):
         return len(self.reader)
 
     def __getitem__(self, i: int) -> tuple[Path, int]:  # type: ignore[override]
-        return self.root / self.reader.paths[i], int(self.reader.cells[i]["label"])
+        return self.root / self.reader.path(i), int(self.reader.cells[i]["label"])
 
 
 class ShardDataset(ImageDataset):
@@ -308,7 +308,8 @@ class ShardDataset(ImageDataset):
         return int(self.reader.cells[i]["label"]) if self.labelled else -1
 
     def mark_bad(self, i: int, exc: ImageReadError) -> None:
-        """Record and warn (once per cell) about a corrupt member, named by shard and member."""
+        """Record and warn (once per cell) about a corrupt member, named by shard and member (by index:
+        no path is looked up, so training never loads the original paths)."""
         if i in self._bad:
             return
         self._bad.add(i)

@@ -7,23 +7,26 @@
                               original path, channels, dtype); ``key`` = the cell's 9-digit index
     OUT/cells.npy            one record per cell: shard number, byte offset and size of its
                               ``.npy`` member inside the tar, label (20 bytes a cell)
-    OUT/paths.txt            the original path of each cell, one a line (read only by ``embed``)
+    OUT/paths.txt            the original path of each cell, one a line (a path is read by its line
+                              when a command names a cell, e.g. ``embed``; training reads none)
     OUT/index.json           format, counts, classes, channels, dtypes and per-shard name, count,
                               bytes and sha256
 
 The tars are written with ``webdataset.TarWriter``, so any WebDataset pipeline reads them too.
 cellssl itself reads them map-style (:class:`ShardReader`): cell i is one ``pread`` at a known
 offset, so the resumable, rank-sharded sampler of the training loop works unchanged and exact
-resume comes for free. The per-cell records cost 20 bytes, i.e. 20 MB per million cells; the
-original paths are loaded only when a command writes them out.
+resume comes for free. The per-cell records cost 20 bytes, i.e. 20 MB per million cells, also
+while writing (:class:`ShardWriter` streams cells from any source, a generator included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -81,14 +84,135 @@ def tar_member_spans(tar_path: str | Path, suffix: str = ".npy") -> dict[str, tu
         return {m.name[: -len(suffix)]: (m.offset_data, m.size) for m in tar if m.name.endswith(suffix)}
 
 
+def line_starts(path: str | Path, count: int, chunk: int = 1 << 24) -> np.ndarray:
+    """Byte offsets of the start of each of the ``count`` lines of the text file ``path``, then its
+    end (``count + 1`` int64), read in 16 MiB chunks; DataError when it holds another number of lines."""
+    starts, pos = [np.zeros(1, np.int64)], 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            starts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64) + pos + 1)
+            pos += len(block)
+    out = np.concatenate(starts)
+    if len(out) != count + 1:
+        raise DataError(f"{path} lists {len(out) - 1} paths for {count} cells; re-create the shards with "
+                        "'cellssl datasets shard'")
+    return out
+
+
 def _cell_meta(label: int, classes: list[str], path: str, raw: np.ndarray) -> dict[str, Any]:
     return {"label": int(label), "class": classes[label] if 0 <= label < len(classes) else None,
             "path": path, "channels": int(raw.shape[2]), "dtype": str(raw.dtype)}
 
 
+class ShardWriter:
+    """Write cells one at a time as tar shards of ``shard_size`` cells into the new folder ``out``
+    (the streaming side of :func:`write_shards`: a generator or a million-cell source never has to be
+    held in memory). Held per cell: its 20-byte record; the paths go to ``paths.txt`` as they come.
+
+    Use as a context manager; :meth:`add` each cell, the index is written when the block ends
+    (``out`` is a hidden temporary folder renamed only then: an interrupted run leaves no ``out``)::
+
+        with ShardWriter(out, 10000, classes=["a", "b"], source="generator") as w:
+            for pixels, label, path in cells:
+                w.add(pixels, label, path)
+        w.index  # what index.json holds
+    """
+
+    def __init__(self, out: str | Path, shard_size: int, classes: list[str] | tuple[str, ...] = (),
+                 source: str = "", skipped: list[str] | None = None):
+        if int(shard_size) < 1:
+            raise ConfigError(f"--shard-size must be at least 1, got {shard_size}")
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DataError(f"{out} already exists: nothing is overwritten; choose another output folder or delete it")
+        self.out, self.shard_size, self.classes = out, int(shard_size), list(classes)
+        self.source, self.skipped = str(source), skipped if skipped is not None else []
+        self.count = 0
+        self.index: dict[str, Any] = {}
+        self._records = bytearray()  # CELL_DTYPE records, 20 bytes a cell
+        self._shards: list[dict[str, Any]] = []
+        self._channels: set[int] = set()
+        self._dtypes: set[str] = set()
+        self._writer: Any = None
+        self._first = 0  # index of the first cell of the open shard
+
+    def __enter__(self) -> ShardWriter:
+        self._stack = contextlib.ExitStack()
+        self.tmp = self._stack.enter_context(output_folder(self.out))
+        self._paths = self._stack.enter_context(open(self.tmp / PATHS_NAME, "w", encoding="utf-8"))
+        return self
+
+    def add(self, raw: np.ndarray, label: int, path: str) -> None:
+        """Append one cell: ``raw`` (H, W[, C]) stored as is (any dtype), integer ``label`` (-1: none),
+        its original ``path`` (for messages and outputs)."""
+        raw = np.ascontiguousarray(raw if raw.ndim == 3 else raw[:, :, None])
+        if self._writer is None or self.count - self._first == self.shard_size:
+            self._close_shard()
+            self._first = self.count
+            self._writer = wds.TarWriter(str(self.tmp / shard_name(len(self._shards))), mtime=0.0)
+        meta = _cell_meta(label, self.classes, path, raw)
+        self._writer.write({"__key__": cell_key(self.count), "npy": raw, "json": meta})
+        self._records += np.array([(0, 0, 0, int(label))], dtype=CELL_DTYPE).tobytes()
+        self._paths.write(path.replace("\n", " ") + "\n")
+        self._channels.add(meta["channels"])
+        self._dtypes.add(meta["dtype"])
+        self.count += 1
+
+    def _close_shard(self) -> None:
+        """Close the open tar and fill its cells' offsets and sizes from its member headers."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        tar = self.tmp / shard_name(len(self._shards))
+        spans = tar_member_spans(tar)
+        lo, hi = self._first, self.count
+        found = np.array([spans[cell_key(j)] for j in range(lo, hi)], dtype=np.int64).reshape(-1, 2)
+        cells = np.frombuffer(self._records, dtype=CELL_DTYPE)  # a view, written in place (dropped below:
+        cells["shard"][lo:hi] = len(self._shards)               # a bytearray with a view cannot grow)
+        cells["offset"][lo:hi], cells["size"][lo:hi] = found[:, 0], found[:, 1]
+        del cells
+        self._shards.append({"name": tar.name, "count": self.count - self._first, "bytes": tar.stat().st_size,
+                             "sha256": sha256_file(tar)})
+
+    def _finish(self) -> None:
+        """The last shard, ``cells.npy``, ``paths.txt`` and ``index.json``."""
+        if self.count == 0:
+            raise DataError(f"no readable image in {self.source or 'the source'}: nothing to shard")
+        self._close_shard()
+        self._paths.close()
+        np.save(self.tmp / CELLS_NAME, np.frombuffer(self._records, dtype=CELL_DTYPE))
+        self.index = {"format": FORMAT, "version": VERSION, "count": self.count, "shard_size": self.shard_size,
+                      "classes": self.classes, "channels": sorted(self._channels), "dtypes": sorted(self._dtypes),
+                      "source": self.source, "skipped": self.skipped, "shards": self._shards,
+                      "cells_sha256": sha256_file(self.tmp / CELLS_NAME)}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(self.index, indent=1))
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        # on any error output_folder removes the temporary folder: no half-written ``out``
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException:
+                self._close_writer()
+                if not self._stack.__exit__(*sys.exc_info()):
+                    raise
+                return False
+            return bool(self._stack.__exit__(None, None, None))
+        self._close_writer()
+        return bool(self._stack.__exit__(exc_type, exc, tb))
+
+
 def write_shards(ds: Any, out: str | Path, shard_size: int,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Write the cells of ``ds`` as tar shards of ``shard_size`` cells into the new folder ``out``.
+    """Write the cells of ``ds`` as tar shards of ``shard_size`` cells into the new folder ``out``
+    (through :class:`ShardWriter`).
 
     Args:
         ds: an image dataset (``cellssl.data.datasets.ImageDataset``: ``samples``, ``classes``,
@@ -101,33 +225,9 @@ def write_shards(ds: Any, out: str | Path, shard_size: int,
         The index (also written to ``out/index.json``). Unreadable source files are skipped with a
         warning naming each and listed under ``"skipped"``.
     """
-    if int(shard_size) < 1:
-        raise ConfigError(f"--shard-size must be at least 1, got {shard_size}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} already exists: nothing is overwritten; choose another output folder or delete it")
-    classes = list(ds.classes)
     base = Path(ds.root) if Path(ds.root).is_dir() else Path(ds.root).parent
     n = len(ds.samples)
-    cells = np.zeros(n, dtype=CELL_DTYPE)
-    paths: list[str] = []
-    shards: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    channels, dtypes = set(), set()
-    with output_folder(out) as tmp:
-        writer, in_shard, keys = None, 0, []
-
-        def close_shard() -> None:
-            writer.close()
-            tar = tmp / shard_name(len(shards))
-            spans = tar_member_spans(tar)
-            for j in keys:
-                off, size = spans[cell_key(j)]
-                cells[j]["shard"], cells[j]["offset"], cells[j]["size"] = len(shards), off, size
-            shards.append({"name": tar.name, "count": len(keys), "bytes": tar.stat().st_size,
-                           "sha256": sha256_file(tar)})
-
-        kept = 0
+    with ShardWriter(out, shard_size, classes=list(ds.classes), source=str(ds.root)) as writer:
         for i in range(n):
             path, label = ds.samples[i]
             rel = relative_path(path, base)
@@ -135,34 +235,12 @@ def write_shards(ds: Any, out: str | Path, shard_size: int,
                 raw = ds.raw(i)
             except ImageReadError as exc:
                 warnings.warn(f"skipping unreadable image {path}: {exc.reason}", stacklevel=2)
-                skipped.append(rel)
+                writer.skipped.append(rel)
                 continue
-            if writer is None or in_shard == shard_size:
-                if writer is not None:
-                    close_shard()
-                writer, in_shard, keys = wds.TarWriter(str(tmp / shard_name(len(shards))), mtime=0.0), 0, []
-            meta = _cell_meta(label, classes, rel, raw)
-            writer.write({"__key__": cell_key(kept), "npy": np.ascontiguousarray(raw), "json": meta})
-            cells[kept]["label"] = label
-            keys.append(kept)
-            paths.append(rel)
-            channels.add(meta["channels"])
-            dtypes.add(meta["dtype"])
-            kept += 1
-            in_shard += 1
+            writer.add(raw, label, rel)
             if progress is not None:
                 progress(i + 1, n)
-        if writer is None:
-            raise DataError(f"no readable image in {ds.root}: nothing to shard")
-        close_shard()
-        np.save(tmp / CELLS_NAME, cells[:kept])
-        (tmp / PATHS_NAME).write_text("".join(p.replace("\n", " ") + "\n" for p in paths))
-        index = {"format": FORMAT, "version": VERSION, "count": kept, "shard_size": int(shard_size),
-                 "classes": classes, "channels": sorted(channels), "dtypes": sorted(dtypes),
-                 "source": str(ds.root), "skipped": skipped, "shards": shards,
-                 "cells_sha256": sha256_file(tmp / CELLS_NAME)}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
-    return index
+    return writer.index
 
 
 def load_index(root: str | Path) -> dict[str, Any]:
@@ -236,6 +314,7 @@ class ShardReader:
         self.classes: list[str] = list(self.index.get("classes", []))
         self._fds: dict[int, int] = {}
         self._paths: list[str] | None = None
+        self._path_starts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.cells)
@@ -255,6 +334,14 @@ class ShardReader:
                                 "re-create the shards with 'cellssl datasets shard'")
         return self._paths
 
+    def path(self, i: int) -> str:
+        """The original path of cell ``i``: one ``pread`` of its line of ``paths.txt`` (the line starts,
+        8 bytes a cell, are found on first use), so no list of every path is built."""
+        if self._path_starts is None:
+            self._path_starts = line_starts(self.root / PATHS_NAME, len(self.cells))
+        lo, hi = int(self._path_starts[i]), int(self._path_starts[i + 1])
+        return os.pread(self._fd(-1), hi - lo - 1, lo).decode("utf-8")
+
     def member(self, i: int) -> str:
         """``OUT/shard-000003.tar:000004711.npy``: where cell ``i`` lives, for messages."""
         return f"{self.root / self.index['shards'][int(self.cells[i]['shard'])]['name']}:{cell_key(i)}.npy"
@@ -264,7 +351,8 @@ class ShardReader:
         if fd is None:
             if len(self._fds) >= _MAX_OPEN:
                 self.close()
-            fd = self._fds[shard] = os.open(self.root / self.index["shards"][shard]["name"], os.O_RDONLY)
+            name = PATHS_NAME if shard < 0 else self.index["shards"][shard]["name"]  # -1: paths.txt
+            fd = self._fds[shard] = os.open(self.root / name, os.O_RDONLY)
         return fd
 
     def raw(self, i: int) -> np.ndarray:

@@ -117,6 +117,34 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(buf, src)
 
 
+def control_group():
+    """The process group for small host-side agreements between ranks (a stop signal, per-rank
+    state in checkpoints): a gloo group beside NCCL, so that agreeing reads nothing back from a
+    GPU; None (the default group) on gloo or without a group. Every rank must call it (once)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def agree_max(value: int, group=None) -> int:
+    """The largest of every rank's integer ``value`` (e.g. "a stop signal came": if one rank saw it,
+    all stop after the same step); ``value`` itself when not distributed. ``group``: :func:`control_group`."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def broadcast_int(value: int, src: int = 0) -> int:
     """Rank ``src``'s integer on every rank (e.g. the step count a time budget allows), so that
     all ranks run the same schedule; ``value`` itself when not distributed."""

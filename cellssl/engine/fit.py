@@ -30,14 +30,19 @@ from cellssl.engine.checkpoint import (
     init_weights_from,
     nonfinite_tensors,
     restore_training,
+    rng_state,
     save_atomic,
+    set_rng_state,
     training_checkpoint,
 )
 from cellssl.engine.distributed import (
     ResumableSampler,
+    agree_max,
     broadcast_buffers,
     broadcast_int,
     cleanup_distributed,
+    control_group,
+    gather_objects,
     init_distributed,
 )
 from cellssl.engine.guard import NonFiniteGuard
@@ -45,13 +50,14 @@ from cellssl.engine.hardware import resolve_precision, use_channels_last
 from cellssl.engine.loader import build_training_data, step_batches, training_loader, worker_pids
 from cellssl.engine.logger import MetricsLogger
 from cellssl.engine.optim import build_optimizer, lr_at, set_lr, warmup_steps_for
-from cellssl.engine.watchdog import StallWatchdog, StopRequest, deferred_stop_signals
+from cellssl.engine.watchdog import STOP_SIGNALS, StallWatchdog, StopRequest, deferred_stop_signals
 from cellssl.errors import ConfigError, DataError, TrainingError
 from cellssl.methods import build_method
 from cellssl.methods.base import effective_rank
 from cellssl.models import build_backbone
 
 DEVICE_CHECKED = ("cuda",)  # device types whose non-finite check stays on the device (engine.guard)
+STOP_BY_CODE = {code: (name, why) for name, why, code in STOP_SIGNALS.values()}  # 130: SIGINT, 143: SIGTERM
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Training:
                               "eval.knn_every=0")
         self.dist = init_distributed(tc.device)
         self.device = self.dist.device
+        self.control = control_group() if self.dist.distributed else None  # stop agreement, per-rank state
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.out = Path(tc.out) if tc.out else default_out_dir(recipe)
@@ -202,7 +209,7 @@ class Training:
         A batch the workers do not deliver within ``train.stall_timeout_s`` is a TrainingError."""
         stream = step_batches(self.loader, self.sampler, self.step)
         workers = self.recipe.data.num_workers
-        while self.step < self.total_steps and self.stop.signal is None:
+        while self.step < self.total_steps and not self.stop_requested():
             t_data = time.perf_counter()
             # with workers the DataLoader's own timeout comes first (its message names the cause)
             self.watch.stage("waiting for a batch" + (f" from the {workers} loader workers" if workers else ""),
@@ -219,6 +226,18 @@ class Training:
             local = batch["local"].to(self.device, non_blocking=True) if "local" in batch else None
             self.data_time = time.perf_counter() - t_data
             yield views, local
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal came (SIGINT/SIGTERM, engine.watchdog). Under DDP the ranks agree
+        before every step (one host-side all-reduce): a signal seen by any rank stops every rank after
+        the same step, so they all write the same checkpoint and none waits for the others forever."""
+        if not self.dist.distributed:
+            return self.stop.signal is not None
+        own = next((code for name, _, code in STOP_SIGNALS.values() if name == self.stop.signal), 0)
+        code = agree_max(own, self.control)
+        if code and self.stop.signal is None:
+            self.stop.signal, self.stop.reason = STOP_BY_CODE[code]
+        return code > 0
 
     def loader_timeout(self) -> TrainingError:
         """The error for a batch that did not come within ``train.stall_timeout_s`` (stacks dumped)."""
@@ -337,9 +356,12 @@ class Training:
     def out_of_time(self) -> bool:
         """Past ``--max-minutes`` (×1.25 once the schedule is sized to it) before the schedule's end."""
         tc = self.tc
-        budget = tc.max_minutes * (1.25 if self.schedule_fixed else 1.0) if tc.max_minutes else 0.0
-        if not (tc.max_minutes and self.step < self.total_steps
-                and (time.monotonic() - self.start_time) / 60 >= budget):
+        if not (tc.max_minutes and self.step < self.total_steps):
+            return False
+        over = (time.monotonic() - self.start_time) / 60 >= tc.max_minutes * (1.25 if self.schedule_fixed else 1.0)
+        if self.dist.distributed:  # every rank's clock differs: all stop after the same step
+            over = bool(agree_max(int(over), self.control))
+        if not over:
             return False
         warnings.warn(f"--max-minutes {tc.max_minutes:g}: stopped at step {self.step} of {self.total_steps} (the "
                       "steps took longer than measured); rerun with --resume to finish the schedule", stacklevel=1)
@@ -358,6 +380,9 @@ class Training:
         model is rank 0's and all ranks hold the same one. Refused (TrainingError) for non-finite weights."""
         if self.dist.distributed:
             broadcast_buffers(self.method)
+            # each rank's own random state (MSBReg's Brownian generator, the RNGs), so that --resume
+            # continues every rank exactly, not only rank 0
+            by_rank = gather_objects({"extra": self.method.extra_state(), "rng": rng_state()}, self.control)
         bad = nonfinite_tensors(self.method.state_dict())
         if bad:
             raise TrainingError(
@@ -367,10 +392,12 @@ class Training:
             )
         self.saved_step = self.step
         if self.dist.is_main:
-            save_atomic(training_checkpoint(self.recipe, self.method, self.optimizer, self.scaler, step=self.step,
-                                            steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                                            schedule_fixed=self.schedule_fixed, in_chans=self.in_chans),
-                        self.ckpt_path)
+            state = training_checkpoint(self.recipe, self.method, self.optimizer, self.scaler, step=self.step,
+                                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                                        schedule_fixed=self.schedule_fixed, in_chans=self.in_chans)
+            if self.dist.distributed:
+                state["ranks"] = by_rank
+            save_atomic(state, self.ckpt_path)
 
     def finish(self) -> None:
         """The final checkpoint; a run in which no step was applied is a TrainingError, not a success."""
@@ -441,6 +468,7 @@ class Training:
         line) when it was changed on ``--resume``; a ConfigError when the new length is already done."""
         ckpt = restore_training(self.ckpt_path, self.recipe, self.method, self.optimizer, self.scaler)
         self.step = self.start_step = int(ckpt["step"])
+        self._restore_rank_state(ckpt.get("ranks"))
         planned, stored = self.total_steps, int(ckpt.get("total_steps", self.total_steps))
         self.schedule_fixed = bool(ckpt.get("schedule_fixed", False))
         asked = run_length(vars(self.tc))
@@ -464,6 +492,19 @@ class Training:
                     f"sized after {self.tc.budget_probe_steps} timed steps")
         warnings.warn(f"--resume: the run was planned for {stored} steps and is at step {self.step}; the rest of "
                       f"its LR and EMA schedule is {plan}", stacklevel=1)
+
+    def _restore_rank_state(self, ranks: list | None) -> None:
+        """Under DDP, this rank's own random state from the checkpoint (``save`` stores every rank's).
+        With another world size than the checkpoint's (not an exact resume anyway) a rank without a
+        stored state re-seeds its method's generator from (seed, rank, step), never rank 0's copy."""
+        if not self.dist.distributed:
+            return
+        if ranks and len(ranks) == self.dist.world_size:
+            own = ranks[self.dist.rank]
+            self.method.load_extra_state(own.get("extra") or {})
+            set_rng_state(own.get("rng") or {})
+        elif self.dist.rank > 0 and hasattr(self.method, "seed"):
+            self.method.seed(self.tc.seed + 1000 * self.dist.rank + self.step)
 
 
 def run_length(train: dict) -> tuple:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
+import shutil
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
 from cellssl.models.bn import adapt_batchnorm
 
+EMBED_PART_ROWS = 65_536  # embed writes a larger set in parts of this many rows (resumable; docs/scale.md)
+
 __all__ = [
     "FeatureSet",
     "FeatureOptions",
@@ -46,6 +50,7 @@ __all__ = [
     "extract_features",
     "load_features",
     "embed",
+    "EMBED_PART_ROWS",
     "subsample_per_class",
     "align_labels",
     "class_lut",
@@ -455,15 +460,161 @@ def read_embeddings(path: str | Path, what: str = "--features") -> dict[str, Any
                         "file; embed the folder again (leave out --features)") from None
 
 
-def embed(checkpoint: str | Path, data: str | Path, out: str | Path, *, options: FeatureOptions | None = None,
-          **fields: Any) -> Path:
+def embed(checkpoint: str | Path, data: str | Path, out: str | Path, *, part_rows: int = EMBED_PART_ROWS,
+          options: FeatureOptions | None = None, **fields: Any) -> Path:
     """Write the features of ``data`` to ``out`` (``.npz``; a folder gets ``embeddings.npz``) with
     :func:`save_embeddings` (paths relative to ``data``; bad files are left out and listed in
-    ``skipped``). Settings: :class:`FeatureOptions`. Returns the written path."""
+    ``skipped``). Settings: :class:`FeatureOptions`. Returns the written path.
+
+    A set of more than ``part_rows`` images is embedded in parts (:func:`embed_in_parts`): at most
+    one part's features are in memory, each finished part is kept on disk, a rerun of a killed
+    ``embed`` continues after the last complete part, and the same ``.npz`` is written at the end."""
     out = Path(out)
     if out.suffix != ".npz":
         out = out / "embeddings.npz" if (out.is_dir() or not out.suffix) else out.with_suffix(".npz")
-    return save_embeddings(load_features(checkpoint, data, labelled=None, options=options, **fields), out)
+    ex = FeatureExtractor(checkpoint, options, **fields)
+    ds, keep = ex.build(data, None, ex.options.max_per_class)
+    if len(keep) <= part_rows:
+        return save_embeddings(ex.dataset_features(ds, data, keep), out)
+    return embed_in_parts(ex, ds, data, keep, out, part_rows)
+
+
+def parts_folder(out: str | Path) -> Path:
+    """Where :func:`embed_in_parts` keeps the parts of ``out``: ``<out>.parts/`` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """One finished part, written under a temporary name renamed at the end (a killed run leaves
+    only complete parts)."""
+    with output_file(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def _part_plan(ex: FeatureExtractor, data: str | Path, keep: np.ndarray, part_rows: int) -> dict:
+    """What the parts of one embedding depend on (a rerun keeps parts only when it is the same)."""
+    return {"source": feature_source(ex.describe(data)), "data": _spec_key(data), "rows": int(len(keep)),
+            "rows_sha256": hashlib.sha256(np.ascontiguousarray(keep, np.int64).tobytes()).hexdigest(),
+            "part_rows": int(part_rows)}
+
+
+def plan_differences(old: Any, new: dict) -> list[str]:
+    """How the plan of parts on disk (``old``, None when unreadable) differs from ``new``: e.g.
+    ``["backbone random:resnet18 vs pixels:16", "rows 15 vs 12"]``; empty when they are the same embedding."""
+    if not (isinstance(old, dict) and isinstance(old.get("source"), dict)):
+        return ["an unreadable plan.json"]
+    return source_mismatch(old["source"], new["source"]) + [
+        f"{k} {old.get(k)} vs {new[k]}" for k in ("data", "rows", "rows_sha256", "part_rows") if old.get(k) != new[k]]
+
+
+def _open_parts(folder: Path, plan: dict, out: Path) -> None:
+    """Create ``folder`` with its ``plan.json``, or check that the parts already in it are of the same
+    embedding (DataError naming the difference); stale temporary files of a killed run are removed."""
+    plan_file = folder / "plan.json"
+    if plan_file.is_file():
+        try:
+            old = json.loads(plan_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        diff = plan_differences(old, plan)
+        if diff:
+            raise DataError(f"{folder} holds the parts of another embedding (theirs vs this one: {'; '.join(diff)}): "
+                            f"delete it, or choose another --out than {out}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".part-*.partial-*"):
+        stale.unlink(missing_ok=True)
+    if not plan_file.is_file():
+        with output_file(plan_file) as tmp:
+            tmp.write_text(json.dumps(plan, indent=1))
+
+
+def embed_in_parts(ex: FeatureExtractor, ds: Any, data: str | Path, keep: np.ndarray, out: Path,
+                   part_rows: int = EMBED_PART_ROWS) -> Path:
+    """The features of the rows ``keep`` of ``ds`` in parts of ``part_rows`` rows, then ``out``.
+
+    Part k (``<out>.parts/part-00000k.npz``: ``features``, ``rows``, ``paths``, ``labels``,
+    ``skipped``) is written atomically once its rows are done; parts already there from a killed run
+    of the same embedding (``plan.json``: backbone, step, data, rows) are kept, so the rerun continues
+    after the last complete part. At the end the parts are streamed into ``out`` (the ``.npz`` of
+    :func:`save_embeddings`, one part in memory at a time) and the parts folder is removed. Unlike
+    the one-pass path, a class left with no readable image is kept in ``classes``."""
+    folder = parts_folder(out)
+    _open_parts(folder, _part_plan(ex, data, keep, part_rows), out)
+    ex.prepare(ds.channels)
+    transform = build_eval_transform(ex.data_cfg, ds.channels)
+    root, opts, labels = Path(ds.root), ex.options, ds.labels  # (N,) once (a folder's is built per call)
+    n_parts = -(-len(keep) // part_rows)
+    names = [folder / f"part-{k:06d}.npz" for k in range(n_parts)]
+    todo = [k for k in range(n_parts) if not names[k].is_file()]
+    for k in tqdm(todo, desc="embed parts", unit="part", disable=not opts.progress or len(todo) < 2):
+        rows = keep[k * part_rows:(k + 1) * part_rows]
+        feats, ok = _extract(ex.backbone, _ReadableRows(ds, transform, rows, int(ex.data_cfg.image_size)),
+                             ex.device, opts.batch_size, opts.num_workers, progress=False)
+        _save_part(names[k], {
+            "features": feats[ok], "rows": rows[ok], "labels": labels[rows[ok]].astype(np.int64),
+            "paths": np.asarray([relative_path(ds.samples[int(i)][0], root) for i in rows[ok]], dtype=str),
+            "skipped": np.asarray([relative_path(ds.samples[int(i)][0], root) for i in rows[~ok]], dtype=str)})
+    info = ex.describe(data)
+    path = _assemble_parts(names, out, info, list(ds.classes), data)
+    shutil.rmtree(folder, ignore_errors=True)
+    return path
+
+
+def _part_arrays(names: list[Path], key: str) -> Iterator[np.ndarray]:
+    """Array ``key`` of each part in turn (one part read at a time)."""
+    for name in names:
+        with np.load(name) as z:
+            yield z[key]
+
+
+def _npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of array ``key`` of the ``.npz`` ``path``, read from its ``.npy`` header only."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _write_npz_member(zf: zipfile.ZipFile, key: str, dtype: np.dtype, shape: tuple[int, ...],
+                      chunks: Callable[[], Iterator[np.ndarray]]) -> None:
+    """Member ``key`` of an ``.npz`` holding the concatenation of ``chunks()`` (rows), written chunk by
+    chunk behind a ``.npy`` header of the whole ``shape``: ``np.load`` reads it as one array."""
+    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": tuple(shape)})
+        for chunk in chunks():
+            f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def _assemble_parts(names: list[Path], out: Path, info: dict, classes: list[str], data: str | Path) -> Path:
+    """Stream the parts into ``out`` with the arrays of :func:`save_embeddings` (labels and classes
+    when every kept image has a label)."""
+    n, dim, width, labelled, skipped = 0, 0, 1, bool(classes), []
+    for name in names:  # sizes first (the headers need the whole shapes), from the parts' .npy headers
+        shape, _ = _npz_member_header(name, "features")
+        n, dim = n + shape[0], max(dim, shape[1] if len(shape) == 2 else 0)
+        width = max(width, _npz_member_header(name, "paths")[1].itemsize // 4)
+        with np.load(name) as z:
+            labelled = labelled and bool((z["labels"] >= 0).all())
+            skipped += [str(x) for x in z["skipped"]]
+    if not n:
+        raise DataError(f"no image of {data} could be read: run 'cellssl datasets check {data}'")
+    if skipped:
+        warnings.warn(f"{len(skipped)} images of {data} left out (unreadable or another channel count than "
+                      "most, named above)", DataWarning, stacklevel=3)
+    with output_file(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_npz_member(zf, "features", np.float32, (n, dim), lambda: _part_arrays(names, "features"))
+        _write_npz_member(zf, "paths", np.dtype(f"<U{width}"), (n,), lambda: _part_arrays(names, "paths"))
+        small = {"source": np.asarray(json.dumps(feature_source(info))), "skipped": np.asarray(skipped, dtype=str)}
+        if labelled:
+            _write_npz_member(zf, "labels", np.int64, (n,), lambda: _part_arrays(names, "labels"))
+            small["classes"] = np.asarray(classes, dtype=str)
+        for key, arr in small.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr)
+    return out
 
 
 def align_labels(train: FeatureSet, test: FeatureSet) -> tuple[list[str], np.ndarray, np.ndarray]:
