@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -20,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 # resnet18-specific names (conv1.weight, 512 features, timm.create_model("resnet18")) need resnet18.
 TINY_BACKBONE = "test_resnet"
 TINY_FEATURES = 96  # test_resnet's num_features
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N processes on N cores, one torch thread each
+    torch.set_num_threads(1)
 # A child process: one OpenMP thread, unbuffered output (a test reads its progress), this checkout first.
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
              "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
@@ -63,6 +66,24 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     path = Path(fit(recipe).checkpoint)
     path.chmod(0o444)
     return path
+
+
+def first_two_pcs(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N, F) -> (N, 2): the first two principal components (a stand-in for t-SNE; ``seed`` unused)."""
+    x = np.asarray(x, dtype=np.float32)
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return np.pad(x @ vt[:2].T, ((0, 0), (0, max(0, 2 - len(vt)))))
+
+
+@pytest.fixture
+def quick_maps(monkeypatch):
+    """Report maps from :func:`first_two_pcs` instead of t-SNE, for tests whose subject is not the map
+    (a t-SNE of 400 points takes seconds; the demo draws six). The t-SNE path itself is tested by the
+    evaluation tests with plots and ``test_transfer_report_tsne_runs_with_one_openmp_thread``."""
+    import cellssl.eval.report as report
+
+    monkeypatch.setattr(report, "tsne_2d", first_two_pcs)
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ def test_adapt_resume_after_kill_9(lab, tmp_path):
     load_backbone(path)
 
 
-def test_transfer_report_rows_and_files(lab, tmp_path):
+def test_transfer_report_rows_and_files(lab, tmp_path, quick_maps):
     from cellssl.adapt.report import transfer_report
 
     adapted = adapt(lab["ckpt"], lab["target"], tmp_path / "ad", max_steps=2, device="cpu")

@@ -189,7 +189,7 @@ def test_raw_pixel_baseline_spec(tmp_path):
         load_features("pixels:abc", folder, image_size=16, device="cpu", progress=False)
 
 
-def test_demo_report_compares_with_random_init_and_raw_pixels(tmp_path):
+def test_demo_report_compares_with_random_init_and_raw_pixels(tmp_path, quick_maps):
     from cellssl.config import load_recipe
     from cellssl.demo import run_demo
 

@@ -219,7 +219,7 @@ def test_lab_effect_scores_mixed_vs_separated():
     assert r["types"] == ["t0"] and r["n_source"] == 50 and r["n_target"] == 50 and np.isnan(r["type_silhouette"])
 
 
-def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path):
+def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path, quick_maps):
     import warnings
 
     from cellssl.adapt.report import transfer_report
