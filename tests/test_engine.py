@@ -16,7 +16,7 @@ from cellssl.config import load_recipe
 from cellssl.engine.checkpoint import load_checkpoint, save_atomic
 from cellssl.engine.fit import fit
 from cellssl.errors import DiskFullError
-from conftest import CHILD_ENV, REPO, metrics_rows, run_cli, tiny_recipe_yaml
+from conftest import CHILD_ENV, REPO, SLOW_STEPS, metrics_rows, run_cli, tiny_recipe_yaml
 
 
 def test_fit_lowers_centroid_loss_and_logs_every_key(tmp_path, tiny_folder):
@@ -40,13 +40,14 @@ def test_fit_lowers_centroid_loss_and_logs_every_key(tmp_path, tiny_folder):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_is_bitwise_identical(tmp_path, tiny_folder, capsys):
-    """The killed run is a real process; the reference run and the resume run in this one (the same
-    code as ``cellssl pretrain``, without paying an interpreter start each)."""
+    """The killed run is a real process (each step slowed by 0.1 s, so that the kill lands mid-run);
+    the reference run and the resume run in this one (the same ``cellssl pretrain`` entry point,
+    without paying an interpreter start each)."""
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=16, checkpoint_every=2)
     common = ["pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--workers", "1"]
     # The interrupted run: kill -9 once a mid-run checkpoint exists.
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cellssl", *common, "--out", str(out)], cwd=REPO, env=CHILD_ENV,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *common, "--out", str(out)], cwd=REPO, env=CHILD_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "last.pt"
     deadline = time.time() + 240
@@ -101,7 +102,7 @@ def test_same_seed_same_first_losses(tmp_path, tiny_folder):
         r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=3)),
                         [f"data.path={tiny_folder}", f"train.out={tmp_path / run}"])
         fit(r)
-        losses.append([r["loss"] for r in metrics_rows(tmp_path / run)])
+        losses.append([row["loss"] for row in metrics_rows(tmp_path / run)])
     assert losses[0] == losses[1]
 
 
