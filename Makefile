@@ -17,7 +17,8 @@ install: $(BIN)/cellssl
 demo: install
 	$(BIN)/cellssl demo --out runs/demo
 
-# Install, lint (ruff: seconds) and run the whole test suite (CPU, a few minutes).
+# Install, lint (ruff: seconds) and run the whole test suite (CPU, a few minutes): one pytest worker
+# per core (at most 4; each test file on one worker, so a module's fixtures are built once).
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile

@@ -1,15 +1,31 @@
-"""Shared fixtures: tiny image folders made in the test, the shared real-data folder."""
+"""Shared fixtures and helpers: tiny image folders and recipes made in the test, the CLI in-process
+and as a fresh process, a run's metrics rows, the shared real-data folder."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
+# timm's tiny ResNet (0.37 M parameters: 6 MB training checkpoints instead of resnet18's 180 MB) for every
+# test that is not about resnet18 itself. Its stem is a 3-conv "deep" stem: model.stem=pool|small and
+# resnet18-specific names (conv1.weight, 512 features, timm.create_model("resnet18")) need resnet18.
+TINY_BACKBONE = "test_resnet"
+TINY_FEATURES = 96  # test_resnet's num_features
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N processes on N cores, one torch thread each
+    torch.set_num_threads(1)
+# A child process: one OpenMP thread, unbuffered output (a test reads its progress), this checkout first.
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
 
 
 def make_image_folder(root: Path, n_per_class: int = 16, size: int = 24, classes=("red", "green", "blue"),
@@ -35,6 +51,41 @@ def tiny_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "cells")
 
 
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """``last.pt`` of a 2-step pretraining run (tiny backbone, colour folder), trained once per session
+    for the tests that only need some trained checkpoint. Read-only: a test that changes it works on a
+    copy (``load_checkpoint`` then save elsewhere)."""
+    from cellssl.config import load_recipe
+    from cellssl.engine.fit import fit
+
+    root = tmp_path_factory.mktemp("trained")
+    folder = make_image_folder(root / "cells")
+    recipe = load_recipe(str(tiny_recipe_yaml(root / "r.yaml", max_steps=2, checkpoint_every=100)),
+                         [f"data.path={folder}", f"train.out={root / 'run'}"])
+    path = Path(fit(recipe).checkpoint)
+    path.chmod(0o444)
+    return path
+
+
+def first_two_pcs(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N, F) -> (N, 2): the first two principal components (a stand-in for t-SNE; ``seed`` unused)."""
+    x = np.asarray(x, dtype=np.float32)
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return np.pad(x @ vt[:2].T, ((0, 0), (0, max(0, 2 - len(vt)))))
+
+
+@pytest.fixture
+def quick_maps(monkeypatch):
+    """Report maps from :func:`first_two_pcs` instead of t-SNE, for tests whose subject is not the map
+    (a t-SNE of 400 points takes seconds; the demo draws six). The t-SNE path itself is tested by the
+    evaluation tests with plots and ``test_transfer_report_tsne_runs_with_one_openmp_thread``."""
+    import cellssl.eval.report as report
+
+    monkeypatch.setattr(report, "tsne_2d", first_two_pcs)
+
+
 @pytest.fixture
 def shared_pbc() -> Path:
     path = SHARED_DATA / "pbc128"
@@ -43,8 +94,9 @@ def shared_pbc() -> Path:
     return path
 
 
-def tiny_recipe_yaml(path: Path, **train) -> Path:
-    """A CPU-second recipe: resnet18 at 16 px, small heads, no workers, no progress bar."""
+def tiny_recipe_yaml(path: Path, backbone: str = TINY_BACKBONE, **train) -> Path:
+    """A CPU-second recipe: timm's tiny test ResNet at 16 px, small heads, no workers, no progress bar;
+    ``train`` overrides the train section."""
     import yaml
 
     t = {"batch_size": 8, "max_steps": 8, "checkpoint_every": 4, "log_every": 1, "monitor_every": 2,
@@ -54,7 +106,7 @@ def tiny_recipe_yaml(path: Path, **train) -> Path:
         "name": "tiny",
         "data": {"image_size": 16, "num_workers": 0},
         "views": {"n_views": 2},
-        "model": {"backbone": "resnet18", "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+        "model": {"backbone": backbone, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
         "method": {"name": "msbreg"},
         "optim": {"name": "adamw", "lr": 0.001},
         "train": t,
@@ -76,6 +128,36 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+# ``python -c SLOW_STEPS ARGS`` runs ``cellssl ARGS`` with every MSBReg step at least 0.1 s longer, so that
+# a test's signal or kill -9 lands mid-run even with the tiny backbone on a fast machine (the numbers are
+# those of a normal run: only the time changes).
+SLOW_STEPS = """
+import sys, time
+from cellssl.cli import main
+from cellssl.methods.msbreg import MSBReg
+original = MSBReg.forward
+def slow(self, *args, **kw):
+    time.sleep(0.1)
+    return original(self, *args, **kw)
+MSBReg.forward = slow
+main(sys.argv[1:])
+"""
+
+
+def run_cellssl(*args: str, cwd: Path = REPO, env: dict | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m cellssl ARGS`` as a fresh process (text output captured). Only for what needs a real
+    process (signals, kill -9, the interpreter's own exit); everything else runs :func:`run_cli`."""
+    return subprocess.run([sys.executable, "-m", "cellssl", *args], cwd=cwd, env=env or CHILD_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    """The rows of a run folder's ``metrics.jsonl`` (one dict per logged step; [] before the first)."""
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
 def one_error_line(code: int, err: str, alone: bool = True) -> str:
     """The one ``error:`` line of a user-fault exit: code 2, no traceback, no "internal error";
     ``alone``: nothing else on stderr (else warnings may come before it)."""
@@ -88,12 +170,12 @@ def one_error_line(code: int, err: str, alone: bool = True) -> str:
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> Path:
-    """A linear probe's ``classifier.pt`` on random-init resnet18 features of the colour classes at
-    16 px (any features separate them; seconds on a CPU), for the commands that take a model."""
+    """A linear probe's ``classifier.pt`` on random-init features of the colour classes at 16 px (any
+    features separate them; seconds on a CPU), for the commands that take a model."""
     from cellssl.eval.linear import linear
 
     root = tmp_path_factory.mktemp("clf")
     train = make_image_folder(root / "train", n_per_class=10, size=20, seed=0)
-    report = linear("random:resnet18", train, None, root / "eval" / "linear.json", split=0.3, image_size=16,
+    report = linear(f"random:{TINY_BACKBONE}", train, None, root / "eval" / "linear.json", split=0.3, image_size=16,
                     device="cpu", plots=False)
     return Path(report["classifier"])

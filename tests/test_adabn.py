@@ -13,6 +13,7 @@ from cellssl.engine.checkpoint import load_backbone
 from cellssl.errors import DataError
 from cellssl.eval.features import adapt_batchnorm_folder
 from cellssl.models.bn import adapt_batchnorm, batchnorm_layers
+from conftest import TINY_BACKBONE
 
 
 def _target(n: int = 24, size: int = 32, shift: float = 2.0) -> TensorDataset:
@@ -22,7 +23,7 @@ def _target(n: int = 24, size: int = 32, shift: float = 2.0) -> TensorDataset:
 
 
 def test_adabn_changes_only_bn_buffers():
-    net, _ = load_backbone("random:resnet18", in_chans=3, image_size=32)
+    net, _ = load_backbone(f"random:{TINY_BACKBONE}", in_chans=3, image_size=32)
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     layers = batchnorm_layers(net)
     assert layers
@@ -59,7 +60,7 @@ def test_adabn_folder(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(10):
         Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    net, _ = load_backbone("random:resnet18", in_chans=3, image_size=32)
+    net, _ = load_backbone(f"random:{TINY_BACKBONE}", in_chans=3, image_size=32)
     before = batchnorm_layers(net)[0].running_mean.clone()
     adapt_batchnorm_folder(net, tmp_path, DataConfig(image_size=32), "cpu", batch_size=4, in_chans=3)
     assert not torch.allclose(before, batchnorm_layers(net)[0].running_mean)

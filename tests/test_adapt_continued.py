@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,8 @@ from cellssl.adapt.shift import shift_folder
 from cellssl.config import DataConfig, load_recipe
 from cellssl.engine.checkpoint import load_backbone, load_checkpoint
 from cellssl.engine.fit import fit
-from conftest import REPO, make_image_folder, tiny_recipe_yaml
+from conftest import CHILD_ENV, REPO, TINY_BACKBONE, make_image_folder, metrics_rows, run_cli, tiny_recipe_yaml
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -109,12 +107,13 @@ adapt(sys.argv[1], sys.argv[2], sys.argv[3], max_steps=int(sys.argv[4]), device=
 """
 
 
+@pytest.mark.slow
 def test_adapt_resume_after_kill_9(lab, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(worker), str(lab["ckpt"]), str(lab["target"]), str(out), "6"],
-                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = out / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     killed_at = None
@@ -135,7 +134,7 @@ def test_adapt_resume_after_kill_9(lab, tmp_path):
     path = adapt(lab["ckpt"], lab["target"], out, resume=True, device="cpu")
     final = load_checkpoint(path)
     assert final["step"] == 6 and final["adapted"] == "continued"
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in metrics_rows(out)]
     assert steps == sorted(set(steps)) and steps[-1] == 6  # no repeated step
     # The same run without interruption ends with identical weights.
     ref = adapt(lab["ckpt"], lab["target"], tmp_path / "ref", max_steps=6, device="cpu",
@@ -146,7 +145,7 @@ def test_adapt_resume_after_kill_9(lab, tmp_path):
     load_backbone(path)
 
 
-def test_transfer_report_rows_and_files(lab, tmp_path):
+def test_transfer_report_rows_and_files(lab, tmp_path, quick_maps):
     from cellssl.adapt.report import transfer_report
 
     adapted = adapt(lab["ckpt"], lab["target"], tmp_path / "ad", max_steps=2, device="cpu")
@@ -182,15 +181,11 @@ def test_domain_gap_measures():
     assert abs(mmd2_rbf(a, b)[0]) < 0.05 < mmd2_rbf(a, far)[0]
 
 
-def test_cli_adapt_bn_only(lab, tmp_path):
-    from click.testing import CliRunner
-
-    from cellssl.cli import cli
-
-    r = CliRunner().invoke(cli, ["adapt", "--checkpoint", str(lab["ckpt"]), "--data", str(lab["target"]),
-                                 "--out", str(tmp_path / "cli"), "--bn-only", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    assert "adapted checkpoint" in r.output and (tmp_path / "cli" / "checkpoints" / "last.pt").exists()
+def test_cli_adapt_bn_only(lab, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "adapt", "--checkpoint", str(lab["ckpt"]), "--data", str(lab["target"]),
+                             "--out", str(tmp_path / "cli"), "--bn-only", "--device", "cpu")
+    assert code == 0, err
+    assert "adapted checkpoint" in out and (tmp_path / "cli" / "checkpoints" / "last.pt").exists()
 
 
 def test_transfer_report_json_is_valid_with_undefined_metrics_and_names_the_stain_method(lab, tmp_path):
@@ -200,7 +195,7 @@ def test_transfer_report_json_is_valid_with_undefined_metrics_and_names_the_stai
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        md = transfer_report("random:resnet18", lab["source"], lab["target"], tmp_path / "rep", episodes=5,
+        md = transfer_report(f"random:{TINY_BACKBONE}", lab["source"], lab["target"], tmp_path / "rep", episodes=5,
                              device="cpu", shots=(1,), max_per_class=1, stain_method="reinhard")
     text = (tmp_path / "rep" / "transfer.json").read_text()
     rep = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in transfer.json"))

@@ -13,6 +13,7 @@ from PIL import Image
 from cellssl.adapt.shift import PRESETS, ShiftPreset, apply_shift, shift_folder
 from cellssl.data.stain import StainNormalizer, StainWarning, build_stain_normalizer, normalize_folder, stain_statistics
 from cellssl.errors import ConfigError
+from conftest import run_cli
 
 
 def smear(seed: int = 0, size: int = 32) -> np.ndarray:
@@ -135,19 +136,15 @@ def test_presets_registry_and_grey_images():
         apply_shift(img, "scanner_x")
 
 
-def test_cli_shift_and_stain_normalize(tmp_path):
-    from click.testing import CliRunner
-
-    from cellssl.cli import cli
-
+def test_cli_shift_and_stain_normalize(tmp_path, capsys):
     src = smear_folder(tmp_path / "src", n=2)
-    r = CliRunner().invoke(cli, ["datasets", "shift", str(src), str(tmp_path / "sh"), "--preset", "scanner_c"])
-    assert r.exit_code == 0 and "wrote 4 shifted images" in r.output, r.output
+    code, out, err = run_cli(capsys, "datasets", "shift", str(src), str(tmp_path / "sh"), "--preset", "scanner_c")
+    assert code == 0 and "wrote 4 shifted images" in out, err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = CliRunner().invoke(cli, ["stain-normalize", str(tmp_path / "sh"), str(tmp_path / "nm"),
-                                     "--reference", str(src), "--method", "reinhard"])
-    assert r.exit_code == 0 and "wrote 4 normalised images" in r.output, r.output
+        code, out, err = run_cli(capsys, "stain-normalize", str(tmp_path / "sh"), str(tmp_path / "nm"),
+                                 "--reference", str(src), "--method", "reinhard")
+    assert code == 0 and "wrote 4 normalised images" in out, err
 
 
 def test_grey_file_is_skipped_by_name_and_output_appears_only_when_complete(tmp_path, monkeypatch, capsys):

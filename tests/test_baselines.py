@@ -267,12 +267,12 @@ TERMS = {
     "vicreg": ["loss_invariance", "loss_variance", "loss_covariance"],
     "barlow": ["loss_on_diag", "loss_off_diag"],
 }
-MODEL_CFG = ModelConfig(backbone="resnet18", proj_hidden=64, proj_dim=32, pred_hidden=64)
+MODEL_CFG = ModelConfig(backbone="test_resnet", proj_hidden=64, proj_dim=32, pred_hidden=64)
 
 
 def make_method(name: str, **cfg):
     torch.manual_seed(0)
-    backbone = build_backbone(ModelConfig(backbone="resnet18"), in_chans=3, image_size=16)
+    backbone = build_backbone(ModelConfig(backbone="test_resnet"), in_chans=3, image_size=16)
     return build_method(method_config(name, **cfg), MODEL_CFG, backbone)
 
 

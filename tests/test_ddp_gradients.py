@@ -34,6 +34,7 @@ CASES = {
     "barlow": {},
 }
 JOIN_TIMEOUT_S = 180
+pytestmark = pytest.mark.slow  # two spawned processes (a fresh interpreter each)
 
 
 class TinyBackbone(nn.Module):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,21 +16,14 @@ from cellssl.config import load_recipe
 from cellssl.engine.checkpoint import load_checkpoint, save_atomic
 from cellssl.engine.fit import fit
 from cellssl.errors import DiskFullError
-from conftest import REPO, tiny_recipe_yaml
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cellssl", *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300, **kw)
+from conftest import CHILD_ENV, REPO, SLOW_STEPS, metrics_rows, run_cli, tiny_recipe_yaml
 
 
 def test_fit_lowers_centroid_loss_and_logs_every_key(tmp_path, tiny_folder):
     recipe = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=30, batch_size=16)),
                          [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}", "optim.lr=0.003"])
     result = fit(recipe)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     keys = {"step", "epoch", "loss", "loss_centroid", "loss_sv", "loss_brownian", "lr", "momentum",
             "step_time_s", "data_time_s", "img_per_s"}
     assert keys <= set(rows[0])
@@ -47,14 +38,16 @@ def test_fit_lowers_centroid_loss_and_logs_every_key(tmp_path, tiny_folder):
     assert ckpt["step"] == 30 and ckpt["method"] == "msbreg"
 
 
-def test_kill_9_then_resume_is_bitwise_identical(tmp_path, tiny_folder):
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bitwise_identical(tmp_path, tiny_folder, capsys):
+    """The killed run is a real process (each step slowed by 0.1 s, so that the kill lands mid-run);
+    the reference run and the resume run in this one (the same ``cellssl pretrain`` entry point,
+    without paying an interpreter start each)."""
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=16, checkpoint_every=2)
     common = ["pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--workers", "1"]
-    ref = _cli(*common, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr
     # The interrupted run: kill -9 once a mid-run checkpoint exists.
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cellssl", *common, "--out", str(out)], cwd=REPO, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *common, "--out", str(out)], cwd=REPO, env=CHILD_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "last.pt"
     deadline = time.time() + 240
@@ -71,20 +64,20 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, tiny_folder):
     proc.wait()
     killed_at = load_checkpoint(ckpt)["step"]
     assert killed_at < 16
-    res = _cli(*common, "--out", str(out), "--resume")
-    assert res.returncode == 0, res.stderr
+    code, _, err = run_cli(capsys, *common, "--out", str(out), "--resume")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *common, "--out", str(tmp_path / "ref"))
+    assert code == 0, err
     a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")
     b = load_checkpoint(ckpt)
     assert a["step"] == b["step"] == 16
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, ref_rows = metrics_rows(out), metrics_rows(tmp_path / "ref")
+    steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no repeated step
-    ref_steps = [json.loads(x)["step"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == ref_steps  # no skipped step either
-    ref_loss = [json.loads(x)["loss"] for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-    res_loss = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert ref_loss == res_loss
+    assert steps == [r["step"] for r in ref_rows]  # no skipped step either
+    assert [r["loss"] for r in ref_rows] == [r["loss"] for r in rows]
 
 
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
@@ -109,7 +102,7 @@ def test_same_seed_same_first_losses(tmp_path, tiny_folder):
         r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=3)),
                         [f"data.path={tiny_folder}", f"train.out={tmp_path / run}"])
         fit(r)
-        losses.append([json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+        losses.append([row["loss"] for row in metrics_rows(tmp_path / run)])
     assert losses[0] == losses[1]
 
 
@@ -145,6 +138,7 @@ torch.save({k: v.cpu() for k, v in res.method.state_dict().items()}, sys.argv[3]
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_ddp_two_gloo_processes_end_identical(tmp_path, tiny_folder):
@@ -154,7 +148,8 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path, tiny_folder):
     out = tmp_path / "ddp"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(worker), str(recipe),
-                          str(tiny_folder), str(out)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                          str(tiny_folder), str(out)], cwd=REPO, env=CHILD_ENV, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert a.keys() == b.keys()
@@ -224,7 +219,7 @@ def test_max_minutes_sizes_the_schedule_so_lr_anneals(tmp_path, tiny_folder, mon
     res = fit(r)
     assert res.stopped_early is None
     assert 5 < res.total_steps < planned and res.step == res.total_steps
-    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "a")
     assert rows[-1]["step"] == res.total_steps
     # the LR of the last step is the end of the cosine schedule over total_steps, near min_lr
     from cellssl.engine.optim import lr_at, warmup_steps_for
@@ -275,6 +270,6 @@ def test_knn_monitor_is_passed_in_logged_and_required(tmp_path, tiny_folder):
     with pytest.raises(ConfigError, match="knn_monitor"):
         fit(recipe)
     fit(recipe, knn_monitor=knn_monitor(recipe))
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     accs = {r["step"]: r["knn_acc"] for r in rows if "knn_acc" in r}
     assert set(accs) == {2, 4} and min(accs.values()) > 0.5  # three colour classes: chance is 1/3

@@ -19,8 +19,10 @@ from cellssl.eval.finetune import finetune
 from cellssl.eval.knn import knn, online_knn_accuracy
 from cellssl.eval.linear import linear
 from cellssl.eval.report import format_summary
+from conftest import TINY_BACKBONE, TINY_FEATURES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+_RANDOM = f"random:{TINY_BACKBONE}"  # a random-init backbone: any features separate colour classes
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
@@ -35,7 +37,7 @@ def make_folder(root: Path, n_per: int = 12, size: int = 40, seed: int = 0, clas
     return root
 
 
-def make_checkpoint(path: Path, backbone: str = "resnet18", image_size: int = 32) -> Path:
+def make_checkpoint(path: Path, backbone: str = TINY_BACKBONE, image_size: int = 32) -> Path:
     """A tiny checkpoint in the training format of engine/checkpoint.py."""
     recipe = Recipe()
     recipe.model.backbone = backbone
@@ -62,9 +64,9 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def test_random_and_checkpoint_share_path(folder, ckpt):
-    fr = load_features("random:resnet18", folder, image_size=32, device="cpu", progress=False)
+    fr = load_features(_RANDOM, folder, image_size=32, device="cpu", progress=False)
     fc = load_features(ckpt, folder, device="cpu", progress=False)
-    assert fr.features.shape == fc.features.shape == (36, 512)
+    assert fr.features.shape == fc.features.shape == (36, TINY_FEATURES)
     assert fr.features.dtype == np.float32 and np.isfinite(fc.features).all()
     assert fr.classes == fc.classes == ["blue", "green", "red"]
     assert fr.paths[0] == "blue/000.png" and fr.labels.tolist() == fc.labels.tolist()
@@ -73,7 +75,7 @@ def test_random_and_checkpoint_share_path(folder, ckpt):
     assert not np.allclose(fr.features, fc.features)  # the checkpoint's weights were used
     # image_size override of a checkpoint
     f48 = load_features(ckpt, folder, image_size=48, device="cpu", progress=False, max_per_class=2)
-    assert f48.features.shape == (6, 512) and f48.info["image_size"] == 48
+    assert f48.features.shape == (6, TINY_FEATURES) and f48.info["image_size"] == 48
 
 
 def test_checkpoint_channel_mismatch(tmp_path, ckpt):
@@ -86,8 +88,8 @@ def test_checkpoint_channel_mismatch(tmp_path, ckpt):
     with pytest.raises(CheckpointError, match="3-channel"):
         load_features(ckpt, tmp_path / "gray", device="cpu", progress=False)
     # the random baseline adapts to the folder's channels
-    fs = load_features("random:resnet18", tmp_path / "gray", image_size=16, device="cpu", progress=False)
-    assert fs.features.shape == (4, 512) and fs.info["in_chans"] == 1
+    fs = load_features(_RANDOM, tmp_path / "gray", image_size=16, device="cpu", progress=False)
+    assert fs.features.shape == (4, TINY_FEATURES) and fs.info["in_chans"] == 1
 
 
 def test_fewshot_linear_knn_commands(folder, ckpt, tmp_path):
@@ -99,7 +101,7 @@ def test_fewshot_linear_knn_commands(folder, ckpt, tmp_path):
     assert format_summary(r).splitlines()[-1].endswith("report.md")
 
     keys = {"accuracy", "balanced_accuracy", "macro_f1", "confusion_matrix", "per_class_accuracy"}
-    r = linear("random:resnet18", folder, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=32,
+    r = linear(_RANDOM, folder, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=32,
                device="cpu")
     assert keys <= set(r) and "C" in r and r["accuracy"] > 0.6
     for name in ("linear.json", "linear.md", "linear_confusion.png", "linear_embedding.png"):
@@ -116,9 +118,9 @@ def test_fewshot_linear_knn_commands(folder, ckpt, tmp_path):
 
 
 def test_embed_npz(folder, tmp_path):
-    out = embed("random:resnet18", folder, tmp_path / "emb.npz", image_size=32, device="cpu", max_per_class=3)
+    out = embed(_RANDOM, folder, tmp_path / "emb.npz", image_size=32, device="cpu", max_per_class=3)
     z = np.load(out)
-    assert z["features"].shape == (9, 512) and z["features"].dtype == np.float32
+    assert z["features"].shape == (9, TINY_FEATURES) and z["features"].dtype == np.float32
     assert z["labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert list(z["classes"]) == ["blue", "green", "red"] and str(z["paths"][0]).startswith("blue/")
 
@@ -141,7 +143,7 @@ def test_finetune_low_label(folder, ckpt, tmp_path):
 
 
 def test_finetune_frozen_head_learns(folder, tmp_path):
-    r = finetune("random:resnet18", folder, tmp_path / "ftf", freeze_backbone=True, epochs=3, lr=1e-2,
+    r = finetune(_RANDOM, folder, tmp_path / "ftf", freeze_backbone=True, epochs=3, lr=1e-2,
                  image_size=32, batch_size=16, device="cpu", progress=False, val_fraction=0.3)
     assert r["settings"]["backbone_lr"] is None and "validation" in r and "test" not in r
 
@@ -153,7 +155,7 @@ def test_online_knn_monitor(folder):
 
     cfg = DataConfig(image_size=32)
     ds = build_dataset(cfg, folder, labelled=True)
-    net, _ = load_backbone("random:resnet18", in_chans=3, image_size=32)
+    net, _ = load_backbone(_RANDOM, in_chans=3, image_size=32)
     net.train()
     acc = online_knn_accuracy(net, ds, build_eval_transform(cfg, ds.channels), "cpu", k=5, max_images=30)
     assert 0.6 < acc <= 1.0
@@ -161,9 +163,9 @@ def test_online_knn_monitor(folder):
 
 @pytest.mark.skipif(not (SHARED / "pbc128").is_dir(), reason=f"shared data {SHARED / 'pbc128'} not present")
 def test_pbc_features_smoke():
-    fs = load_features("random:resnet18", SHARED / "pbc128", image_size=32, device="cpu", max_per_class=2,
+    fs = load_features(_RANDOM, SHARED / "pbc128", image_size=32, device="cpu", max_per_class=2,
                        progress=False)
-    assert fs.features.shape == (16, 512) and len(fs.classes) == 8
+    assert fs.features.shape == (16, TINY_FEATURES) and len(fs.classes) == 8
 
 
 def test_load_features_with_adabn(folder, ckpt, tmp_path):
@@ -187,14 +189,15 @@ def test_raw_pixel_baseline_spec(tmp_path):
         load_features("pixels:abc", folder, image_size=16, device="cpu", progress=False)
 
 
-def test_demo_report_compares_with_random_init_and_raw_pixels(tmp_path):
+def test_demo_report_compares_with_random_init_and_raw_pixels(tmp_path, quick_maps):
     from cellssl.config import load_recipe
     from cellssl.demo import run_demo
 
     recipe = load_recipe("cpu_demo", ["train.max_steps=3", "data.synth_n=96", "data.image_size=16",
                                       "train.batch_size=16", "data.num_workers=0", "train.progress=false",
                                       "eval.episodes=20", "eval.shots=[1]", "model.proj_hidden=32",
-                                      "model.pred_hidden=32", "model.proj_dim=16"])
+                                      "model.pred_hidden=32", "model.proj_dim=16", f"model.backbone={TINY_BACKBONE}",
+                                      "model.stem=default"])
     report = run_demo(recipe, tmp_path / "demo").read_text()
-    assert "cellssl MSBReg" in report and "random-init resnet18" in report and "raw pixels" in report
+    assert "cellssl MSBReg" in report and f"random-init {TINY_BACKBONE}" in report and "raw pixels" in report
     assert (tmp_path / "demo" / "pixels" / "linear.md").is_file()

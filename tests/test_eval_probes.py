@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureSet, align_labels
@@ -106,3 +107,22 @@ def test_write_report_names_and_summary(tmp_path):
     write_report(knn_eval(tiny, tiny, k=1), tmp_path / "dir", KNN, features=tiny)
     assert (tmp_path / "dir" / "report.json").is_file() and (tmp_path / "dir" / "report.md").is_file()
     assert not (tmp_path / "dir" / "embedding.png").exists()
+
+
+def test_linear_with_one_validation_cell_saves_a_classifier(tmp_path):
+    """Few labelled cells (2 + 2 + 4, as a first round of `cellssl select` can give): the probe's split
+    holds out 1 cell, too few for the unsure thresholds, so the fitted cells stand in. Before: internal
+    error ``cannot reshape array of size 15 into shape (4,newaxis)`` (the probabilities of every
+    training row against the labels of the fitted rows only)."""
+    from cellssl.eval.linear import linear
+    from conftest import TINY_BACKBONE, make_image_folder
+
+    folder = make_image_folder(tmp_path / "cells", n_per_class=4, size=16)
+    for name in ("green", "red"):
+        for extra in sorted((folder / name).glob("*.png"))[2:]:
+            extra.unlink()
+    with pytest.warns(UserWarning, match="no validation cells"):
+        report = linear(f"random:{TINY_BACKBONE}", folder, None, tmp_path / "lin" / "linear.json", split=0.3,
+                        image_size=16, device="cpu", plots=False)
+    unsure = torch.load(report["classifier"], weights_only=True)["unsure"]
+    assert unsure["reference"] == "training" and unsure["n_val"] == 4  # the fitted rows, one value each

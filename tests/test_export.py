@@ -14,13 +14,14 @@ from cellssl.apply.model import load_predictor
 from cellssl.config import Recipe, recipe_to_dict
 from cellssl.engine.checkpoint import FORMAT, load_backbone
 from cellssl.eval.linear import linear
-from conftest import make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder
 
 
-def make_ckpt(path, in_chans=3, image_size=32, stem="default", step=7):
-    """A training-format checkpoint with a non-random backbone."""
+def make_ckpt(path, in_chans=3, image_size=32, stem="default", step=7, backbone="resnet18"):
+    """A training-format checkpoint with a non-random backbone (resnet18: the one the README's timm call
+    names; ``backbone=TINY_BACKBONE`` where the architecture does not matter)."""
     recipe = Recipe()
-    recipe.model.backbone, recipe.model.stem, recipe.data.image_size = "resnet18", stem, image_size
+    recipe.model.backbone, recipe.model.stem, recipe.data.image_size = backbone, stem, image_size
     recipe.name, recipe.description, recipe.data.path = "tiny", "a test recipe", "/data/cells"
     recipe.train.max_steps = 10
     from cellssl.models import build_backbone
@@ -99,7 +100,8 @@ def test_onnx_matches_torch(tmp_path):
     import onnxruntime as ort
 
     data = make_image_folder(tmp_path / "cells", n_per_class=10, size=20)
-    rep = linear("random:resnet18", data, None, tmp_path / "eval", split=0.3, image_size=16, device="cpu", plots=False)
+    rep = linear(f"random:{TINY_BACKBONE}", data, None, tmp_path / "eval", split=0.3, image_size=16, device="cpu",
+                 plots=False)
     out = tmp_path / "clf"
     config = export(rep["classifier"], out, fmt="both")
     onnx = config["cellssl"]["onnx"]
@@ -116,7 +118,7 @@ def test_onnx_matches_torch(tmp_path):
     from safetensors.torch import load_file
 
     head = load_file(str(out / "head.safetensors"))
-    m = timm.create_model("resnet18", pretrained=True, num_classes=0,
+    m = timm.create_model(TINY_BACKBONE, pretrained=True, num_classes=0,
                           pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
     x = torch.randn(3, 3, 16, 16)
     f = torch.nn.functional.normalize(features(m, x), dim=1)
@@ -128,7 +130,7 @@ def test_cli_export_onnx_backbone(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from cellssl.cli import main
 
-    ck = make_ckpt(tmp_path / "last.pt", image_size=16)
+    ck = make_ckpt(tmp_path / "last.pt", image_size=16, backbone=TINY_BACKBONE)
     main(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "m"), "--format", "onnx"])
     assert "ONNX vs torch max abs difference" in capsys.readouterr().out and (tmp_path / "m" / "model.onnx").is_file()
     assert not (tmp_path / "m" / "model.safetensors").exists()

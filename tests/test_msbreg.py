@@ -147,7 +147,7 @@ def test_effective_rank_bounds():
 
 def _tiny_msbreg(**kw):
     torch.manual_seed(0)
-    mcfg = ModelConfig(backbone="resnet18", proj_hidden=64, proj_dim=32, pred_hidden=64)
+    mcfg = ModelConfig(backbone="test_resnet", proj_hidden=64, proj_dim=32, pred_hidden=64)
     backbone = build_backbone(mcfg, in_chans=3, image_size=16)
     return build_method(method_config("msbreg", **kw), mcfg, backbone)
 

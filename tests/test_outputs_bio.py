@@ -13,13 +13,7 @@ import pytest
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureSet
 from cellssl.eval.tables import csv_to_parquet, resolve_output
-from conftest import make_image_folder, run_cli
-
-
-def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    return run_cli(capsys, *args)
-
-
+from conftest import TINY_BACKBONE, make_image_folder, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +29,9 @@ def cells(tmp_path_factory) -> Path:
 
 # ---- 1. AnnData -----------------------------------------------------------------------------
 def test_embed_h5ad_opens_in_anndata(cells, tmp_path, capsys):
-    code, out, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                              str(tmp_path / "o"), "--format", "h5ad", "--image-size", "16", "--device", "cpu",
-                              "--lab", "lab A"], capsys)
+    code, out, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                             str(tmp_path / "o"), "--format", "h5ad", "--image-size", "16", "--device", "cpu",
+                             "--lab", "lab A")
     assert code == 0, err
     path = tmp_path / "o" / "embeddings.h5ad"
     assert path.is_file() and str(path) in out
@@ -55,8 +49,8 @@ def test_embed_h5ad_opens_in_anndata(cells, tmp_path, capsys):
     assert info["checkpoint"] == "pixels:4" and info["cellssl_version"] and info["image_size"] == 16
     assert isinstance(json.loads(info["recipe"]), dict)
     # the same rows as the npz
-    code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                            str(tmp_path / "f.npz"), "--image-size", "16", "--device", "cpu"], capsys)
+    code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                           str(tmp_path / "f.npz"), "--image-size", "16", "--device", "cpu")
     assert code == 0, err
     z = np.load(tmp_path / "f.npz")
     np.testing.assert_allclose(z["features"], ad.obsm["X_cellssl"])
@@ -65,8 +59,8 @@ def test_embed_h5ad_opens_in_anndata(cells, tmp_path, capsys):
 
 def test_h5ad_scanpy_neighbours(cells, tmp_path, capsys):
     sc = pytest.importorskip("scanpy")
-    code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                            str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu"], capsys)
+    code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                           str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu")
     assert code == 0, err
     ad = anndata.read_h5ad(tmp_path / "e.h5ad")
     sc.pp.neighbors(ad, use_rep="X_cellssl", n_neighbors=5)
@@ -75,16 +69,16 @@ def test_h5ad_scanpy_neighbours(cells, tmp_path, capsys):
 
 # ---- 2. Parquet ------------------------------------------------------------------------------
 def test_embed_parquet_round_trip(cells, tmp_path, capsys):
-    code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                            str(tmp_path / "t.parquet"), "--image-size", "16", "--device", "cpu"], capsys)
+    code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                           str(tmp_path / "t.parquet"), "--image-size", "16", "--device", "cpu")
     assert code == 0, err
     df = pd.read_parquet(tmp_path / "t.parquet")
     assert list(df.columns) == ["path", "label", "folder", "lab", "height", "width", "channels", "features"]
     assert df["height"].dtype == np.int32 and len(df) == 14
     feats = np.stack(df["features"].to_numpy())
     assert feats.shape == (14, 48) and feats.dtype == np.float32
-    ad_code, _, _ = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                             str(tmp_path / "t.npz"), "--image-size", "16", "--device", "cpu"], capsys)
+    ad_code, _, _ = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                            str(tmp_path / "t.npz"), "--image-size", "16", "--device", "cpu")
     z = np.load(tmp_path / "t.npz")
     np.testing.assert_array_equal(feats, z["features"])
     assert list(df["path"]) == list(z["paths"]) and df["label"].tolist()[0] in {"red", "green"}
@@ -106,10 +100,10 @@ def test_predict_writes_parquet(tmp_path, capsys):
     from cellssl.eval.linear import linear
 
     train = make_image_folder(tmp_path / "train", n_per_class=10, size=16, classes=("red", "green"))
-    rep = linear("random:resnet18", train, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=16,
+    rep = linear(f"random:{TINY_BACKBONE}", train, None, tmp_path / "lin" / "linear.json", split=0.3, image_size=16,
                  device="cpu", plots=False)
-    code, out, err = _cli(["predict", "--model", rep["classifier"], "--data", str(train), "--out",
-                              str(tmp_path / "pred"), "--device", "cpu", "--format", "parquet", "--sheet", "0"], capsys)
+    code, out, err = run_cli(capsys, "predict", "--model", rep["classifier"], "--data", str(train), "--out",
+                             str(tmp_path / "pred"), "--device", "cpu", "--format", "parquet", "--sheet", "0")
     assert code == 0, err
     df = pd.read_parquet(tmp_path / "pred" / "predictions.parquet")
     csv = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False, dtype=str)
@@ -128,12 +122,12 @@ def test_resolve_output_formats(tmp_path):
 
 
 def test_unknown_format_is_an_error(cells, tmp_path, capsys):
-    code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                            str(tmp_path / "o"), "--format", "xlsx"], capsys)
+    code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                           str(tmp_path / "o"), "--format", "xlsx")
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
     assert "--format must be one of auto, npz, h5ad, parquet, got 'xlsx'" in err
-    code, _, err = _cli(["predict", "--model", "m.pt", "--data", str(cells), "--out", str(tmp_path / "p"),
-                            "--format", "parque"], capsys)
+    code, _, err = run_cli(capsys, "predict", "--model", "m.pt", "--data", str(cells), "--out", str(tmp_path / "p"),
+                           "--format", "parque")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "did you mean 'parquet'" in err
 
 
@@ -142,15 +136,15 @@ def test_unwritable_out_is_one_line_and_writes_nothing(cells, tmp_path, capsys, 
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                            str(afile / "sub" / "e.h5ad"), "--device", "cpu"], capsys)
+    code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                           str(afile / "sub" / "e.h5ad"), "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "is a file" in err and "--out" in err
     # no write permission (faked: the tests may run as root, for whom chmod does not bind)
     locked = tmp_path / "locked"
     locked.mkdir()
     monkeypatch.setattr(tables.os, "access", lambda p, mode: Path(p) != locked)
-    code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                            str(locked / "new" / "e.parquet"), "--device", "cpu"], capsys)
+    code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                           str(locked / "new" / "e.parquet"), "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no write permission" in err
     assert list(locked.iterdir()) == []
 
@@ -225,7 +219,7 @@ def test_lab_effect_scores_mixed_vs_separated():
     assert r["types"] == ["t0"] and r["n_source"] == 50 and r["n_target"] == 50 and np.isnan(r["type_silhouette"])
 
 
-def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path):
+def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path, quick_maps):
     import warnings
 
     from cellssl.adapt.report import transfer_report
@@ -235,7 +229,7 @@ def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path):
     shift_folder(source, tmp_path / "target", preset="scanner_b", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        md = transfer_report("random:resnet18", source, tmp_path / "target", tmp_path / "rep", episodes=5,
+        md = transfer_report(f"random:{TINY_BACKBONE}", source, tmp_path / "target", tmp_path / "rep", episodes=5,
                              device="cpu", shots=(1,), embedding_max=60, stain_method="reinhard",
                              source_um_per_px=2.0, target_um_per_px=1.0)
     rep = json.loads((tmp_path / "rep" / "transfer.json").read_text())
@@ -255,8 +249,8 @@ def test_transfer_report_has_lab_effect_scores_and_plots(tmp_path):
 
 # ---- 4. UMAP (t-SNE without umap-learn) -------------------------------------------------------
 def test_embed_plot_draws_class_and_folder_map(cells, tmp_path, capsys):
-    code, out, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                              str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu", "--plot"], capsys)
+    code, out, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                             str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu", "--plot")
     assert code == 0, err
     png = tmp_path / "e_map.png"
     assert png.stat().st_size > 0 and str(png) in out
@@ -326,10 +320,10 @@ def test_datasets_check_reports_the_apparent_cell_size(tmp_path, capsys):
         d.mkdir(parents=True)
         for i in range(3):
             Image.fromarray((_disk_image(48, radius) * 255).astype(np.uint8)).save(d / f"c{i}.png")
-    code, out, err = _cli(["datasets", "check", str(tmp_path / "small"), "--um-per-px", "0.5"], capsys)
+    code, out, err = run_cli(capsys, "datasets", "check", str(tmp_path / "small"), "--um-per-px", "0.5")
     assert code == 0, err
     assert "apparent cell size" in out and "median 16.3 px = 8.1 µm at 0.5 µm/px" in out
-    code, out, _ = _cli(["datasets", "check", str(tmp_path / "large")], capsys)
+    code, out, _ = run_cli(capsys, "datasets", "check", str(tmp_path / "large"))
     assert "median 23.9 px (give --um-per-px for µm)" in out  # 1.5x the small cells: the mismatch shows
 
 
@@ -339,10 +333,10 @@ def test_um_per_px_must_be_positive(tmp_path, capsys):
 
     make_image_folder(tmp_path / "c", n_per_class=2, size=16, classes=("a",))
     for bad in ("0", "-0.3"):
-        code, _, err = _cli(["datasets", "check", str(tmp_path / "c"), "--um-per-px", bad], capsys)
+        code, _, err = run_cli(capsys, "datasets", "check", str(tmp_path / "c"), "--um-per-px", bad)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "--um-per-px" in err and "> 0" in err
-        code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(tmp_path / "c"), "--out",
-                                str(tmp_path / "e.h5ad"), "--um-per-px", bad], capsys)
+        code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(tmp_path / "c"), "--out",
+                               str(tmp_path / "e.h5ad"), "--um-per-px", bad)
         assert code == 2 and "> 0" in err and not (tmp_path / "e.h5ad").exists()
     with pytest.raises(ConfigError, match="data.um_per_px"):
         load_recipe("blood_smear", ["data.um_per_px=0"])
@@ -365,16 +359,16 @@ def test_features_are_resampled_to_the_model_scale(tmp_path):
 
 
 def test_transfer_report_needs_both_scales(tmp_path, capsys):
-    code, _, err = _cli(["transfer-report", "--checkpoint", "random:resnet18", "--source", str(tmp_path),
-                            "--target", str(tmp_path), "--out", str(tmp_path / "r"), "--target-um-per-px", "0.5"],
-                           capsys)
+    code, _, err = run_cli(capsys, "transfer-report", "--checkpoint", f"random:{TINY_BACKBONE}", "--source",
+                           str(tmp_path), "--target", str(tmp_path), "--out", str(tmp_path / "r"),
+                           "--target-um-per-px", "0.5")
     assert code == 2 and "give both --source-um-per-px and --target-um-per-px" in err
 
 
 def test_select_writes_the_pool_as_h5ad(cells, tmp_path, capsys):
-    code, out, err = _cli(["select", "--checkpoint", "pixels:4", "--data", str(cells), "--budget", "3",
-                              "--no-map", "--image-size", "16", "--device", "cpu", "--format", "h5ad", "--out",
-                              str(tmp_path / "sel")], capsys)
+    code, out, err = run_cli(capsys, "select", "--checkpoint", "pixels:4", "--data", str(cells), "--budget", "3",
+                             "--no-map", "--image-size", "16", "--device", "cpu", "--format", "h5ad", "--out",
+                             str(tmp_path / "sel"))
     assert code == 0, err
     ad = anndata.read_h5ad(tmp_path / "sel" / "embeddings.h5ad")
     z = np.load(tmp_path / "sel" / "embeddings.npz")
@@ -385,9 +379,9 @@ def test_select_writes_the_pool_as_h5ad(cells, tmp_path, capsys):
 
 def test_embed_um_per_px_is_recorded(cells, tmp_path, capsys):
     with pytest.warns(UserWarning, match="not resampled"):  # pixels: baselines have no recipe scale
-        code, _, err = _cli(["embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
-                                str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu",
-                                "--um-per-px", "0.35"], capsys)
+        code, _, err = run_cli(capsys, "embed", "--checkpoint", "pixels:4", "--data", str(cells), "--out",
+                               str(tmp_path / "e.h5ad"), "--image-size", "16", "--device", "cpu",
+                               "--um-per-px", "0.35")
     assert code == 0, err
     info = anndata.read_h5ad(tmp_path / "e.h5ad").uns["cellssl"]
     assert info["um_per_px"] == 0.35 and "model_um_per_px" not in info

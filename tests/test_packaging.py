@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_image_folder
+from conftest import REPO, TINY_BACKBONE, make_image_folder
 
 
 def _copy_sources(dst: Path) -> Path:
@@ -70,6 +70,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     out = tmp_path / "run"
     run("pretrain", "--recipe", "blood_smear", "--overlay", "recipes/ablation/centroid.yaml", "--data", str(data),
         "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--image-size", "16", "--workers", "0",
+        "--backbone", TINY_BACKBONE,
         "--set", "train.progress=false", "--set", "model.proj_hidden=32", "--set", "model.pred_hidden=32",
         "--set", "model.proj_dim=16", "--set", "train.threads=1")
     assert (out / "checkpoints" / "last.pt").is_file()

@@ -19,7 +19,7 @@ from cellssl.eval.linear import fit_probe, linear
 from cellssl.eval.metrics import l2_normalize
 from cellssl.eval.probes import softmax
 from cellssl.eval.unsure import confidence_threshold, thresholds
-from conftest import make_image_folder
+from conftest import TINY_BACKBONE, TINY_FEATURES, make_image_folder
 
 COLUMNS = ["path", "predicted", "probability", "top3", "unsure", "reason", "distance"]
 
@@ -31,10 +31,10 @@ def rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    """A linear probe on a random-init resnet18 (the colour classes are separable by any features)."""
+    """A linear probe on a random-init backbone (the colour classes are separable by any features)."""
     root = tmp_path_factory.mktemp("probe")
     train = make_image_folder(root / "train", n_per_class=30, size=24, seed=0)
-    report = linear("random:resnet18", train, None, root / "eval" / "linear.json", split=0.2, image_size=32,
+    report = linear(f"random:{TINY_BACKBONE}", train, None, root / "eval" / "linear.json", split=0.2, image_size=32,
                     device="cpu", plots=False)
     return Path(report["classifier"]), root
 
@@ -72,7 +72,7 @@ def test_linear_saves_a_weights_only_classifier(probe):
     assert path.name == "linear_classifier.pt"
     ck = torch.load(path, weights_only=True)
     assert ck["kind"] == "linear" and ck["classes"] == ["blue", "green", "red"] and ck["head_normalize"]
-    assert ck["model"]["head.weight"].shape == (3, 512) and "backbone.conv1.weight" in ck["model"]
+    assert ck["model"]["head.weight"].shape == (3, TINY_FEATURES) and "backbone.conv1.0.weight" in ck["model"]
     assert ck["unsure"]["n_val"] == 15 and ck["unsure"]["reference"] == "validation"
     assert ck["native_size"] == [24, 24] and ck["config"]["data"]["image_size"] == 32
     th = thresholds(ck["unsure"])
@@ -161,7 +161,7 @@ def test_finetuned_model_predicts_from_the_cli(tmp_path, capsys):
     from cellssl.cli import main
 
     train = make_image_folder(tmp_path / "train", n_per_class=12, size=24, seed=0)
-    finetune("random:resnet18", train, tmp_path / "ft", epochs=2, image_size=16, batch_size=16, device="cpu",
+    finetune(f"random:{TINY_BACKBONE}", train, tmp_path / "ft", epochs=2, image_size=16, batch_size=16, device="cpu",
              progress=False)
     ck = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
     assert ck["unsure"]["n_val"] > 0 and ck["native_size"] == [24, 24] and not ck.get("head_normalize")

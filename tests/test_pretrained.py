@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
@@ -16,7 +12,7 @@ from cellssl.engine.checkpoint import load_backbone, load_checkpoint
 from cellssl.engine.fit import fit
 from cellssl.errors import CellSSLError, ConfigError
 from cellssl.models import build_backbone
-from conftest import REPO, make_image_folder
+from conftest import CHILD_ENV, REPO, make_image_folder, run_cellssl
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +117,13 @@ def test_evaluation_and_adapt_specs(weights, tmp_path):
                                                               state["layer2.0.conv1.weight"], rtol=0, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_download_impossible_is_one_line(tmp_path):
     """No network here: HF_HUB_OFFLINE makes the hub fail at once instead of waiting on timeouts."""
     data = make_image_folder(tmp_path / "cells", n_per_class=3, size=16)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "cellssl", "linear", "--checkpoint", "imagenet:resnet18.a1_in1k",
-                          "--train", str(data), "--split", "0.3", "--image-size", "16", "--out", str(tmp_path / "l")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {**CHILD_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # read when the hub client loads
+    res = run_cellssl("linear", "--checkpoint", "imagenet:resnet18.a1_in1k", "--train", str(data), "--split", "0.3",
+                      "--image-size", "16", "--out", str(tmp_path / "l"), env=env, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot get pretrained weights 'resnet18.a1_in1k'" in errors[0], res.stderr

@@ -8,7 +8,6 @@ Every test that starts a process bounds it with a timeout and kills it (and its 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,21 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellssl.cli import main
 from cellssl.config import load_recipe
 from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.engine.fit import fit
 from cellssl.engine.optim import lr_at, warmup_steps_for
 from cellssl.errors import TrainingError
 from cellssl.methods.msbreg import MSBReg
-from conftest import REPO, make_image_folder, tiny_recipe_yaml
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+from conftest import CHILD_ENV, REPO, SLOW_STEPS, make_image_folder, metrics_rows, run_cli, tiny_recipe_yaml
 
 
 def _start(args: list[str], **kw) -> subprocess.Popen:
     """A child in its own process group (so that a test can signal it as a terminal does, and kill it all)."""
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=CHILD_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
@@ -48,28 +44,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.communicate(timeout=30)
 
 
-def _rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
 def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int, limit_s: float = 240) -> None:
     deadline = time.time() + limit_s
-    while time.time() < deadline and proc.poll() is None and len(_rows(run)) < n:
+    while time.time() < deadline and proc.poll() is None and len(metrics_rows(run)) < n:
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before step {n}: {proc.stderr.read()[-2000:]}"
-    assert len(_rows(run)) >= n, "no progress"
-
-
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    assert len(metrics_rows(run)) >= n, "no progress"
 
 
 # ---- §1: no hang, and a stall is never silent ------------------------------------------------
@@ -92,6 +72,7 @@ print("steps", fit(r).step, flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_loader_workers_do_not_hang_after_the_parent_used_opencv_threads(tmp_path):
     """Before the fix each worker blocked for ever in ``cv2.setNumThreads(1)`` (engine/loader.py)."""
@@ -165,8 +146,8 @@ def run6(tmp_path, tiny_folder, capsys):
     """A finished 6-step pretraining run (checkpoint_every 100: only the final checkpoint)."""
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=6, checkpoint_every=100)
     out = tmp_path / "R"
-    code, _, err = _cli(capsys, "pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--out", str(out),
-                        "--max-steps", "6")
+    code, _, err = run_cli(capsys, "pretrain", "--recipe", str(recipe), "--data", str(tiny_folder), "--out", str(out),
+                           "--max-steps", "6")
     assert code == 0, err
     return out
 
@@ -175,12 +156,12 @@ def test_resume_with_more_steps_continues_and_replans_the_schedule(run6, capsys)
     """Before: ``pretrained 6/6 steps``, exit 0, the 10 ignored. The run's own config.yaml is the
     recipe of a --resume (no --recipe, no --data given)."""
     with pytest.warns(UserWarning, match=r"planned for 6 steps and is at step 6; .* re-planned for 10 steps"):
-        code, out, err = _cli(capsys, "pretrain", "--out", str(run6), "--max-steps", "10", "--resume")
+        code, out, err = run_cli(capsys, "pretrain", "--out", str(run6), "--max-steps", "10", "--resume")
     assert code == 0, err
     assert "pretrained 10/10 steps" in out
     ckpt = load_checkpoint(run6 / "checkpoints" / "last.pt")
     assert ckpt["step"] == ckpt["total_steps"] == 10 and ckpt["config"]["train"]["max_steps"] == 10
-    rows = _rows(run6)
+    rows = metrics_rows(run6)
     assert [r["step"] for r in rows] == list(range(1, 11))
     r = load_recipe(str(run6 / "config.yaml"))
     for row in rows[6:]:  # the rest of the schedule: the LR of a 10-step run
@@ -189,57 +170,44 @@ def test_resume_with_more_steps_continues_and_replans_the_schedule(run6, capsys)
 
 
 def test_resume_with_fewer_steps_or_only_a_time_budget_is_one_line(run6, capsys):
-    code, _, err = _cli(capsys, "pretrain", "--out", str(run6), "--max-steps", "4", "--resume")
+    code, _, err = run_cli(capsys, "pretrain", "--out", str(run6), "--max-steps", "4", "--resume")
     assert code == 2 and err.count("\n") == 1
     assert "already at step 6" in err and "plans 4 steps" in err and "--max-steps (or --epochs) above 6" in err
-    code, _, err = _cli(capsys, "pretrain", "--out", str(run6), "--max-minutes", "5", "--resume")
+    code, _, err = run_cli(capsys, "pretrain", "--out", str(run6), "--max-minutes", "5", "--resume")
     assert code == 2 and err.count("\n") == 1
     assert "already at step 6" in err and "--max-steps 12) with --max-minutes 5" in err
     with pytest.warns(UserWarning, match="already complete"):
-        code, out, _ = _cli(capsys, "pretrain", "--out", str(run6), "--resume")
+        code, out, _ = run_cli(capsys, "pretrain", "--out", str(run6), "--resume")
     assert code == 0 and "pretrained 6/6" in out
 
 
 def test_resume_with_more_steps_and_a_time_budget_continues(run6, capsys):
     with pytest.warns(UserWarning, match=r"re-planned for the steps that fit in --max-minutes 5 \(at most 9\)"):
-        code, out, err = _cli(capsys, "pretrain", "--out", str(run6), "--max-steps", "9", "--max-minutes", "5",
-                              "--set", "train.budget_probe_steps=1", "--resume")
+        code, out, err = run_cli(capsys, "pretrain", "--out", str(run6), "--max-steps", "9", "--max-minutes", "5",
+                                 "--set", "train.budget_probe_steps=1", "--resume")
     assert code == 0, err
     assert "pretrained 9/9 steps" in out and load_checkpoint(run6 / "checkpoints" / "last.pt")["step"] == 9
 
 
-def test_adapt_resume_with_more_steps_continues(tmp_path, tiny_folder, capsys):
+def test_adapt_resume_with_more_steps_continues(tmp_path, tiny_folder, trained_checkpoint, capsys):
     from cellssl.adapt.continued import adapt
 
-    src = fit(load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2, checkpoint_every=100)),
-                          [f"data.path={tiny_folder}", f"train.out={tmp_path / 'src'}"])).checkpoint
+    src = trained_checkpoint
     out = tmp_path / "adapted"
     assert load_checkpoint(adapt(src, tiny_folder, out, max_steps=3, device="cpu"))["step"] == 3
     with pytest.warns(UserWarning, match="re-planned for 5 steps"):
-        code, _, err = _cli(capsys, "adapt", "--checkpoint", str(src), "--data", str(tiny_folder), "--out", str(out),
-                            "--max-steps", "5", "--resume")
+        code, _, err = run_cli(capsys, "adapt", "--checkpoint", str(src), "--data", str(tiny_folder), "--out", str(out),
+                               "--max-steps", "5", "--resume")
     assert code == 0, err
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["step"] == 5 and ckpt["adapted"] == "continued"
-    code, _, err = _cli(capsys, "adapt", "--checkpoint", str(src), "--data", str(tiny_folder), "--out", str(out),
-                        "--max-minutes", "5", "--resume")
+    code, _, err = run_cli(capsys, "adapt", "--checkpoint", str(src), "--data", str(tiny_folder), "--out", str(out),
+                           "--max-minutes", "5", "--resume")
     assert code == 2 and "already at step 5" in err and "--max-minutes 5" in err
 
 
 # ---- §3 and §4.11: signals -------------------------------------------------------------------
-SLOW_STEPS = """
-import sys, time
-from cellssl.cli import main
-from cellssl.methods.msbreg import MSBReg
-original = MSBReg.forward
-def slow(self, *args, **kw):  # >= 0.1 s a step: the signal always comes mid-run, even on a fast machine
-    time.sleep(0.1)
-    return original(self, *args, **kw)
-MSBReg.forward = slow
-main(sys.argv[1:])
-"""
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, tiny_folder, capsys):
     """SIGTERM to the whole process group (as a scheduler sends it; the loader worker gets it too)
@@ -256,20 +224,21 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, tiny
         _kill_group(proc)
     assert proc.returncode == 143, err[-2000:]
     step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
-    assert 3 <= step < 24 and [r["step"] for r in _rows(out)][-1] == step  # no step lost
+    assert 3 <= step < 24 and [r["step"] for r in metrics_rows(out)][-1] == step  # no step lost
     assert f"terminated (SIGTERM) at step {step} of 24: checkpoint {out / 'checkpoints' / 'last.pt'}" in err
     assert "continue with --resume" in err and "Traceback" not in err
-    code, _, err = _cli(capsys, *common, "--out", str(out), "--resume")
+    code, _, err = run_cli(capsys, *common, "--out", str(out), "--resume")
     assert code == 0, err
-    code, _, err = _cli(capsys, *common, "--out", str(tmp_path / "ref"))
+    code, _, err = run_cli(capsys, *common, "--out", str(tmp_path / "ref"))
     assert code == 0, err
     a, b = (load_checkpoint(p / "checkpoints" / "last.pt") for p in (tmp_path / "ref", out))
     assert a["step"] == b["step"] == 24
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after SIGTERM and --resume"
-    assert [r["step"] for r in _rows(out)] == list(range(1, 25))
+    assert [r["step"] for r in metrics_rows(out)] == list(range(1, 25))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_during_pretrain_exits_130_with_a_checkpoint(tmp_path, tiny_folder):
     """Ctrl-C (SIGINT to the process group, loader worker included): before, exit 0 ("stopped early")."""
@@ -288,10 +257,10 @@ def test_ctrl_c_during_pretrain_exits_130_with_a_checkpoint(tmp_path, tiny_folde
     assert step >= 2 and f"interrupted (SIGINT) at step {step} of 200" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigterm_during_adapt_checkpoints_and_exits_143(tmp_path, tiny_folder):
-    src = fit(load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2, checkpoint_every=100)),
-                          [f"data.path={tiny_folder}", f"train.out={tmp_path / 'src'}"])).checkpoint
+def test_sigterm_during_adapt_checkpoints_and_exits_143(tmp_path, tiny_folder, trained_checkpoint):
+    src = trained_checkpoint
     out = tmp_path / "adapted"
     proc = _start(["-m", "cellssl", "adapt", "--checkpoint", str(src), "--data", str(tiny_folder), "--out", str(out),
                    "--max-steps", "200", "--device", "cpu"])
@@ -320,6 +289,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_sigterm_during_stain_normalize_leaves_no_partial_folder(tmp_path):
     """Before: SIGTERM ended the process at once and ``.OUT.partial-*`` stayed behind."""

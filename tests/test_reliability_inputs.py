@@ -23,11 +23,12 @@ from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.errors import CheckpointError, ConfigError, DataError
 from cellssl.eval.features import embed, load_features
 from cellssl.eval.linear import linear
-from conftest import make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
+from conftest import TINY_BACKBONE, make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
 
 _one_line = functools.partial(one_error_line, alone=False)  # warnings naming bad files may come first
 
 FAST = {"device": "cpu", "progress": False, "image_size": 16}
+RANDOM = f"random:{TINY_BACKBONE}"  # a random-init backbone (tiny: seconds less per test)
 
 
 def _rgb(path: Path, seed: int, size: int = 24) -> Path:
@@ -68,11 +69,6 @@ def _rows(path: Path) -> list[dict]:
 
 
 
-def _run(capsys, *args: str) -> tuple[int, str]:
-    """The CLI in-process: (exit code, stderr)."""
-    return run_cli(capsys, *args)[::2]
-
-
 
 
 # ---- item 1: one odd file decides the folder's channel count ---------------------------------
@@ -101,8 +97,8 @@ def test_pretrain_on_a_colour_folder_with_one_grey_file_trains_a_colour_model(tm
     folder = _colour_folder_with_grey_first(tmp_path / "smear")
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2, batch_size=4, checkpoint_every=2)
     with pytest.warns(DataWarning, match="0_grey.jpg"):
-        code, err = _run(capsys, "pretrain", "--recipe", str(recipe), "--data", str(folder), "--out",
-                         str(tmp_path / "run"))
+        code, err = run_cli(capsys, "pretrain", "--recipe", str(recipe), "--data", str(folder), "--out",
+                            str(tmp_path / "run"))[::2]
     assert code == 0, err
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["in_chans"] == 3
 
@@ -110,7 +106,7 @@ def test_pretrain_on_a_colour_folder_with_one_grey_file_trains_a_colour_model(tm
 def test_features_leave_the_odd_file_out_and_predict_gives_it_its_own_row(tmp_path, classifier):
     folder = _colour_folder_with_grey_first(tmp_path / "smear")
     with pytest.warns(DataWarning, match="0_grey.jpg"):
-        fs = load_features("random:resnet18", folder, labelled=None, **FAST)
+        fs = load_features(RANDOM, folder, labelled=None, **FAST)
     assert fs.info["in_chans"] == 3 and len(fs) == 8 and "0_grey.jpg" not in fs.paths
     assert any(s.endswith("0_grey.jpg") for s in fs.info["skipped_images"])
     report = predict(classifier, folder, tmp_path / "pred", device="cpu", progress=False)
@@ -134,7 +130,7 @@ def _csv_with_broken_rows(root: Path) -> Path:
 def test_embed_and_linear_leave_unreadable_rows_out_and_count_them(tmp_path):
     manifest = _csv_with_broken_rows(tmp_path)
     with pytest.warns(DataWarning, match="trunc.jpg"):
-        out = embed("random:resnet18", manifest, tmp_path / "emb.npz", **FAST)
+        out = embed(RANDOM, manifest, tmp_path / "emb.npz", **FAST)
     with np.load(out) as z:
         paths, feats, skipped = [str(p) for p in z["paths"]], z["features"], [str(p) for p in z["skipped"]]
     assert len(paths) == len(feats) == 12
@@ -142,7 +138,7 @@ def test_embed_and_linear_leave_unreadable_rows_out_and_count_them(tmp_path):
     assert sorted(Path(p).name for p in skipped) == ["missing.png", "trunc.jpg"]
     assert len({f.tobytes() for f in feats}) == 12  # no image stands in for another
     with pytest.warns(DataWarning):
-        report = linear("random:resnet18", manifest, None, tmp_path / "lin" / "linear.json", split=0.5,
+        report = linear(RANDOM, manifest, None, tmp_path / "lin" / "linear.json", split=0.5,
                         image_size=16, device="cpu", plots=False)
     assert len(report["checkpoint"]["skipped_images"]) == 2
     assert "basophil" not in (report.get("classes") or [])
@@ -154,7 +150,7 @@ def test_select_leaves_an_unreadable_cell_out_of_the_pool_sheet_and_csv(tmp_path
         _rgb(pool / f"c{i:02d}.png", i)
     broken = _truncated_jpeg(pool / "c04b.png")
     with pytest.warns(DataWarning, match=broken.name):
-        rep = select("random:resnet18", pool, tmp_path / "round1", budget=10, map_points=0, **FAST)
+        rep = select(RANDOM, pool, tmp_path / "round1", budget=10, map_points=0, **FAST)
     assert rep["pool_size"] == 10 and [Path(p).name for p in rep["skipped_images"]] == [broken.name]
     sources = [r["source"] for r in _rows(tmp_path / "round1" / "to_label.csv")]
     assert len(set(sources)) == 10 and not any(broken.name in s for s in sources)
@@ -167,8 +163,8 @@ def test_select_with_features_of_a_pool_with_a_bad_file(tmp_path):
         _rgb(pool / f"c{i}.png", i)
     _truncated_jpeg(pool / "c3b.png")
     with pytest.warns(DataWarning):
-        npz = embed("random:resnet18", pool, tmp_path / "emb.npz", **FAST)
-        rep = select("random:resnet18", pool, tmp_path / "sel", budget=3, features=npz, map_points=0, **FAST)
+        npz = embed(RANDOM, pool, tmp_path / "emb.npz", **FAST)
+        rep = select(RANDOM, pool, tmp_path / "sel", budget=3, features=npz, map_points=0, **FAST)
     assert rep["pool_size"] == 8 and len(rep["skipped_images"]) == 1
 
 
@@ -213,8 +209,8 @@ def test_csv_without_header_and_unknown_header(tmp_path, capsys):
     odd = _write_csv(tmp_path / "odd.csv", [["picture", "kind"]] + [list(r) for r in rows])
     with pytest.raises(DataError, match="odd.csv.*'picture,kind'.*path"):
         build_dataset(DataConfig(), odd, labelled=True)
-    msg = _one_line(*_run(capsys, "embed", "--checkpoint", "random:resnet18", "--data", str(odd), "--out",
-                          str(tmp_path / "e.npz"), "--device", "cpu"))
+    msg = _one_line(*run_cli(capsys, "embed", "--checkpoint", RANDOM, "--data", str(odd), "--out",
+                             str(tmp_path / "e.npz"), "--device", "cpu")[::2])
     assert "picture,kind" in msg
 
 
@@ -242,8 +238,8 @@ def test_predict_and_select_outputs_inside_the_data_are_not_read_as_cells(tmp_pa
     again = predict(classifier, pool, pool / "predictions", device="cpu", progress=False, overwrite=True)
     assert first["n_images"] == again["n_images"] == 12
     assert not any("least_certain" in r["path"] for r in _rows(pool / "predictions" / "predictions.csv"))
-    r1 = select("random:resnet18", pool, pool / "round1", budget=3, map_points=0, **FAST)
-    r2 = select("random:resnet18", pool, pool / "round2", budget=3, labelled=[pool / "round1" / "to_label.csv"],
+    r1 = select(RANDOM, pool, pool / "round1", budget=3, map_points=0, **FAST)
+    r2 = select(RANDOM, pool, pool / "round2", budget=3, labelled=[pool / "round1" / "to_label.csv"],
                 map_points=0, **FAST)
     assert r1["pool_size"] == r2["pool_size"] == 12
     assert len(list_images(pool)) == 12
@@ -264,21 +260,21 @@ def test_select_refuses_features_of_another_model(tmp_path, capsys):
     pool = tmp_path / "pool"
     for i in range(8):
         _rgb(pool / f"c{i}.png", i)
-    npz = embed("random:resnet18", pool, tmp_path / "emb.npz", **FAST)
-    with pytest.raises(ConfigError, match="another model.*random:resnet18 vs random:resnet34"):
-        select("random:resnet34", pool, tmp_path / "s1", budget=2, features=npz, map_points=0, **FAST)
-    msg = _one_line(*_run(capsys, "select", "--checkpoint", "random:resnet34", "--data", str(pool), "--features",
-                          str(npz), "--budget", "2", "--out", str(tmp_path / "s2"), "--device", "cpu",
-                          "--image-size", "16"))
-    assert "random:resnet18" in msg and not (tmp_path / "s2").exists()
-    ok = select("random:resnet18", pool, tmp_path / "s3", budget=2, features=npz, map_points=0, **FAST)
-    assert ok["checkpoint"]["spec"] == "random:resnet18"
+    npz = embed(RANDOM, pool, tmp_path / "emb.npz", **FAST)
+    with pytest.raises(ConfigError, match=f"another model.*{RANDOM} vs random:resnet18"):
+        select("random:resnet18", pool, tmp_path / "s1", budget=2, features=npz, map_points=0, **FAST)
+    msg = _one_line(*run_cli(capsys, "select", "--checkpoint", "random:resnet18", "--data", str(pool), "--features",
+                             str(npz), "--budget", "2", "--out", str(tmp_path / "s2"), "--device", "cpu",
+                             "--image-size", "16")[::2])
+    assert RANDOM in msg and not (tmp_path / "s2").exists()
+    ok = select(RANDOM, pool, tmp_path / "s3", budget=2, features=npz, map_points=0, **FAST)
+    assert ok["checkpoint"]["spec"] == RANDOM
     # a file from before the source was recorded: used, with a warning saying whose it is taken to be
     with np.load(npz) as z:
         old = {k: z[k] for k in ("features", "paths")}
     np.savez(tmp_path / "old.npz", **old)
     with pytest.warns(DataWarning, match="does not record which backbone"):
-        select("random:resnet18", pool, tmp_path / "s4", budget=2, features=tmp_path / "old.npz", map_points=0,
+        select(RANDOM, pool, tmp_path / "s4", budget=2, features=tmp_path / "old.npz", map_points=0,
                **FAST)
 
 
@@ -287,22 +283,20 @@ def test_truncated_npz_is_one_line(tmp_path, capsys):
     pool = tmp_path / "pool"
     for i in range(6):
         _rgb(pool / f"c{i}.png", i)
-    npz = embed("random:resnet18", pool, tmp_path / "emb.npz", **FAST)
+    npz = embed(RANDOM, pool, tmp_path / "emb.npz", **FAST)
     cut = tmp_path / "cut.npz"
     cut.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
-    msg = _one_line(*_run(capsys, "select", "--checkpoint", "random:resnet18", "--data", str(pool), "--features",
-                          str(cut), "--budget", "2", "--out", str(tmp_path / "s"), "--device", "cpu"))
+    msg = _one_line(*run_cli(capsys, "select", "--checkpoint", RANDOM, "--data", str(pool), "--features",
+                             str(cut), "--budget", "2", "--out", str(tmp_path / "s"), "--device", "cpu")[::2])
     assert "cut.npz" in msg and "truncated" in msg
     with pytest.raises(DataError, match="cut.npz.*truncated"):
         build_dataset(DataConfig(), cut)
 
 
-def test_truncated_checkpoint_is_one_line_for_embed_select_and_pretrained(tmp_path, capsys):
+def test_truncated_checkpoint_is_one_line_for_embed_select_and_pretrained(tmp_path, trained_checkpoint, capsys):
     folder = make_image_folder(tmp_path / "cells", n_per_class=4, size=24)
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2, batch_size=4, checkpoint_every=2)
-    code, err = _run(capsys, "pretrain", "--recipe", str(recipe), "--data", str(folder), "--out", str(tmp_path / "run"))
-    assert code == 0, err
-    good = tmp_path / "run" / "checkpoints" / "last.pt"
+    good = trained_checkpoint
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError):
@@ -312,7 +306,7 @@ def test_truncated_checkpoint_is_one_line_for_embed_select_and_pretrained(tmp_pa
                   str(tmp_path / "sel")],
                  ["pretrain", "--recipe", str(recipe), "--data", str(folder), "--out", str(tmp_path / "run2"),
                   "--set", f"model.pretrained={cut}"]):
-        assert "cut.pt" in _one_line(*_run(capsys, *args)), args
+        assert "cut.pt" in _one_line(*run_cli(capsys, *args)[::2]), args
 
 
 def test_killed_embed_and_select_leave_no_output_that_looks_complete(tmp_path, monkeypatch):
@@ -331,7 +325,7 @@ def test_killed_embed_and_select_leave_no_output_that_looks_complete(tmp_path, m
 
     monkeypatch.setattr(features_module.np, "savez", dies_while_writing)
     with pytest.raises(KeyboardInterrupt):
-        embed("random:resnet18", pool, out, **FAST)
+        embed(RANDOM, pool, out, **FAST)
     assert not out.exists() and not list(tmp_path.glob(".emb*"))
     monkeypatch.setattr(features_module.np, "savez", real_savez)
 
@@ -340,13 +334,13 @@ def test_killed_embed_and_select_leave_no_output_that_looks_complete(tmp_path, m
 
     monkeypatch.setattr(select_module, "save_contact_sheet", dies_at_the_sheet)
     with pytest.raises(KeyboardInterrupt):
-        select("random:resnet18", pool, tmp_path / "sel", budget=2, map_points=0, **FAST)
+        select(RANDOM, pool, tmp_path / "sel", budget=2, map_points=0, **FAST)
     assert not (tmp_path / "sel").exists() and not list(tmp_path.glob(".sel*"))
     # an earlier selection in that folder is replaced only by a complete one
     monkeypatch.undo()
-    select("random:resnet18", pool, tmp_path / "sel", budget=2, map_points=0, **FAST)
+    select(RANDOM, pool, tmp_path / "sel", budget=2, map_points=0, **FAST)
     before = json.loads((tmp_path / "sel" / "selection.json").read_text())
     monkeypatch.setattr(select_module, "save_contact_sheet", dies_at_the_sheet)
     with pytest.raises(KeyboardInterrupt):
-        select("random:resnet18", pool, tmp_path / "sel", budget=3, map_points=0, **FAST)
+        select(RANDOM, pool, tmp_path / "sel", budget=3, map_points=0, **FAST)
     assert json.loads((tmp_path / "sel" / "selection.json").read_text()) == before

@@ -25,7 +25,7 @@ from cellssl.config import ModelConfig
 from cellssl.engine.checkpoint import FORMAT, load_checkpoint, save_atomic
 from cellssl.errors import CheckpointError, ConfigError, DiskFullError
 from cellssl.models import build_backbone
-from conftest import REPO, make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
+from conftest import CHILD_ENV, TINY_BACKBONE, make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
 
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 25932736 vs 25932632"
 
@@ -123,6 +123,7 @@ def _unshare_tmpfs_works() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_full_disk_on_a_real_small_tmpfs(tmp_path):
     """The real thing: a 4 MB tmpfs (in a private mount namespace) that a checkpoint and an export overflow."""
     if not _unshare_tmpfs_works():
@@ -142,10 +143,9 @@ def test_full_disk_on_a_real_small_tmpfs(tmp_path):
             print("checkpoint:", exc)
         main(["export", "--checkpoint", "{ck}", "--out", "{disk}/m"])
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=4m tmpfs "{disk}" && '
                         f'"{sys.executable}" -c \'{script}\'; echo "rc=$?"; ls -A "{disk}" "{disk}/run"'],
-                       capture_output=True, text=True, timeout=240, env=env)
+                       capture_output=True, text=True, timeout=240, env=CHILD_ENV)
     out, err = r.stdout, r.stderr
     assert f"checkpoint: the disk at {disk} is full: writing {disk}/run/last.pt needs about 12.0 MB" in out, out + err
     assert "the previous last.pt (step 2) is kept" in out
@@ -156,7 +156,7 @@ def test_full_disk_on_a_real_small_tmpfs(tmp_path):
 
 # ---- item 5: export writes whole folders, never over the user's files ------------------------
 def test_export_refuses_a_folder_with_files_and_overwrite_replaces_an_earlier_export_whole(tmp_path, capsys):
-    ck = make_ckpt(tmp_path / "last.pt", image_size=16)
+    ck = make_ckpt(tmp_path / "last.pt", image_size=16, backbone=TINY_BACKBONE)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes")
@@ -180,11 +180,12 @@ def test_export_refuses_a_folder_with_files_and_overwrite_replaces_an_earlier_ex
     assert "holds notes.txt, which `cellssl export` does not write" in msg
 
 
+@pytest.mark.slow
 def test_kill_9_mid_export_leaves_the_earlier_export_whole(tmp_path, monkeypatch, capsys):
     import cellssl.apply.export as export_module
 
-    first = make_ckpt(tmp_path / "a" / "last.pt", image_size=16, step=3)
-    second = make_ckpt(tmp_path / "b" / "last.pt", image_size=16, step=9)
+    first = make_ckpt(tmp_path / "a" / "last.pt", image_size=16, step=3, backbone=TINY_BACKBONE)
+    second = make_ckpt(tmp_path / "b" / "last.pt", image_size=16, step=9, backbone=TINY_BACKBONE)
     out = tmp_path / "m"
     assert run_cli(capsys, "export", "--checkpoint", str(first), "--out", str(out))[0] == 0
     before = {p.name: _sha(p) for p in out.iterdir()}
@@ -200,7 +201,7 @@ def test_kill_9_mid_export_leaves_the_earlier_export_whole(tmp_path, monkeypatch
         main(["export", "--checkpoint", "{second}", "--out", "{out}", "--overwrite"])
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                       env=CHILD_ENV)
     assert r.returncode == -9, r.stderr
     assert {p.name: _sha(p) for p in out.iterdir()} == before  # new weights never sit beside the old config
     assert [n[:11] for n in _leftovers(tmp_path)] == [".m.partial-"]  # kill -9 leaves only a hidden temp folder
@@ -227,8 +228,8 @@ def test_interrupted_finetune_leaves_a_best_pt_that_every_command_refuses(tmp_pa
 
     data = make_image_folder(tmp_path / "cells", n_per_class=6, size=20)
     run = tmp_path / "ft"
-    args = ["finetune", "--checkpoint", "random:resnet18", "--data", str(data), "--out", str(run), "--epochs", "2",
-            "--image-size", "16", "--batch-size", "8", "--device", "cpu"]
+    args = ["finetune", "--checkpoint", f"random:{TINY_BACKBONE}", "--data", str(data), "--out", str(run),
+            "--epochs", "2", "--image-size", "16", "--batch-size", "8", "--device", "cpu"]
     real_epoch, calls = ft._train_epoch, []
 
     def ctrl_c_in_epoch_2(*a, **k):

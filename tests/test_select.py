@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +20,10 @@ from cellssl.apply.select import (
     read_labelled_paths,
     select_indices,
 )
-from cellssl.cli import main
 from cellssl.data.datasets import DataWarning
 from cellssl.errors import ConfigError, DataError
-from conftest import REPO, make_image_folder
+from conftest import TINY_BACKBONE, make_image_folder, run_cli
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 SIZES = (400, 200, 100, 50, 30, 20)  # unbalanced regions, as cell types are
 
 
@@ -197,18 +193,7 @@ def pool(tmp_path_factory) -> Path:
     return flat_pool(tmp_path_factory.mktemp("select") / "pool")
 
 
-COMMON = ["--checkpoint", "random:resnet18", "--image-size", "24", "--device", "cpu", "--no-map"]
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI entry point in-process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+COMMON = ["--checkpoint", f"random:{TINY_BACKBONE}", "--image-size", "24", "--device", "cpu", "--no-map"]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -218,8 +203,7 @@ def read_rows(path: Path) -> list[dict]:
 
 def test_select_writes_the_experts_files(pool: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "to_label"
-    code, stdout, err = run_main(["select", *COMMON[:-1], "--data", str(pool), "--budget", "7", "--out", str(out)],
-                                 capsys)
+    code, stdout, err = run_cli(capsys, "select", *COMMON[:-1], "--data", str(pool), "--budget", "7", "--out", str(out))
     assert code == 0, err
     assert "selected 7 of 48 cells (typiclust" in stdout
     rows = read_rows(out / "to_label.csv")
@@ -245,16 +229,15 @@ def test_select_writes_the_experts_files(pool: Path, tmp_path: Path, capsys) -> 
 
 def test_next_round_avoids_labelled_and_reuses_features(pool: Path, tmp_path: Path, capsys) -> None:
     r1 = tmp_path / "r1"
-    assert run_main(["select", *COMMON, "--data", str(pool), "--budget", "6", "--out", str(r1),
-                     "--strategy", "probcover", "--n-classes", "3", "--link"], capsys)[0] == 0
+    assert run_cli(capsys, "select", *COMMON, "--data", str(pool), "--budget", "6", "--out", str(r1),
+                   "--strategy", "probcover", "--n-classes", "3", "--link")[0] == 0
     first = read_rows(r1 / "to_label.csv")
     assert all((r1 / r["path"]).is_symlink() for r in first)
     # the labelled set lists the symlinked copies: they resolve to the pool's files
     assert {p.name for p in read_labelled_paths(r1 / "to_label.csv")} == {Path(r["source"]).name for r in first}
     r2 = tmp_path / "r2"
-    code, stdout, err = run_main(["select", *COMMON, "--data", str(pool), "--budget", "6", "--out", str(r2),
-                                  "--labelled", str(r1 / "to_label.csv"), "--features", str(r1 / "embeddings.npz")],
-                                 capsys)
+    code, stdout, err = run_cli(capsys, "select", *COMMON, "--data", str(pool), "--budget", "6", "--out", str(r2),
+                                "--labelled", str(r1 / "to_label.csv"), "--features", str(r1 / "embeddings.npz"))
     assert code == 0, err
     assert "avoiding 6 labelled" in stdout
     second = read_rows(r2 / "to_label.csv")
@@ -262,53 +245,53 @@ def test_next_round_avoids_labelled_and_reuses_features(pool: Path, tmp_path: Pa
     assert not (r2 / "embeddings.npz").exists()  # reused, not recomputed
     # reused features give the same selection as embedding again
     r3 = tmp_path / "r3"
-    assert run_main(["select", *COMMON, "--data", str(pool), "--budget", "6", "--out", str(r3),
-                     "--labelled", str(r1 / "to_label.csv")], capsys)[0] == 0
+    assert run_cli(capsys, "select", *COMMON, "--data", str(pool), "--budget", "6", "--out", str(r3),
+                   "--labelled", str(r1 / "to_label.csv"))[0] == 0
     assert [r["source"] for r in read_rows(r3 / "to_label.csv")] == [r["source"] for r in second]
 
 
 def test_select_errors_are_one_line(pool: Path, tmp_path: Path, capsys) -> None:
     base = ["select", *COMMON, "--out", str(tmp_path / "o")]
-    code, _, err = run_main([*base, "--data", str(pool), "--budget", "49"], capsys)
+    code, _, err = run_cli(capsys, *base, "--data", str(pool), "--budget", "49")
     assert code == 2 and err.count("\n") == 1
     assert "--budget 49 is more than the 48 unlabelled cells" in err and "--budget 48 or fewer" in err
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = run_main([*base, "--data", str(empty), "--budget", "3"], capsys)
+    code, _, err = run_cli(capsys, *base, "--data", str(empty), "--budget", "3")
     assert code == 2 and err.count("\n") == 1 and f"no images found in {empty}" in err
 
     other = make_image_folder(tmp_path / "elsewhere", n_per_class=1)
     bad = tmp_path / "labels.csv"
     bad.write_text("path,label\n" + "\n".join(f"{p.relative_to(tmp_path)},x" for p in sorted(other.rglob("*.png"))))
-    code, _, err = run_main([*base, "--data", str(pool), "--budget", "3", "--labelled", str(bad)], capsys)
+    code, _, err = run_cli(capsys, *base, "--data", str(pool), "--budget", "3", "--labelled", str(bad))
     assert code == 2 and err.count("\n") == 1
     assert f"--labelled {bad}: 3 of its 3 images are not in the pool" in err and "list only cells of --data" in err
 
-    code, _, err = run_main([*base, "--data", str(pool), "--budget", "2", "--labelled", str(tmp_path / "nope.csv")],
-                            capsys)
+    code, _, err = run_cli(capsys, *base, "--data", str(pool), "--budget", "2", "--labelled",
+                           str(tmp_path / "nope.csv"))
     assert code == 2 and "does not exist" in err
 
     wrong = tmp_path / "other.npz"
     np.savez(wrong, features=np.zeros((2, 4), np.float32), paths=np.asarray(["a.png", "b.png"]))
-    code, _, err = run_main([*base, "--data", str(pool), "--budget", "2", "--features", str(wrong)], capsys)
+    code, _, err = run_cli(capsys, *base, "--data", str(pool), "--budget", "2", "--features", str(wrong))
     assert code == 2 and err.count("\n") == 1
     assert f"--features {wrong} has no features for 48 of the 48 images" in err and "embed this folder again" in err
 
-    code, _, err = run_main([*base, "--data", str(pool), "--budget", "0"], capsys)
+    code, _, err = run_cli(capsys, *base, "--data", str(pool), "--budget", "0")
     assert code == 2 and "--budget" in err
 
 
 def test_select_keeps_an_experts_labels(pool: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sel"
-    assert run_main(["select", *COMMON, "--data", str(pool), "--budget", "3", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(capsys, "select", *COMMON, "--data", str(pool), "--budget", "3", "--out", str(out))[0] == 0
     rows = read_rows(out / "to_label.csv")
     rows[0]["label"] = "red"
     with (out / "to_label.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    code, _, err = run_main(["select", *COMMON, "--data", str(pool), "--budget", "3", "--out", str(out)], capsys)
+    code, _, err = run_cli(capsys, "select", *COMMON, "--data", str(pool), "--budget", "3", "--out", str(out))
     assert code == 2 and "already has 1 labels filled in" in err and "choose another --out" in err
     assert read_rows(out / "to_label.csv")[0]["label"] == "red"
 
@@ -320,7 +303,7 @@ def cellssl(args: list[str], cwd: Path, capsys) -> str:
     old = Path.cwd()
     os.chdir(cwd)
     try:
-        code, out, err = run_main(args, capsys)
+        code, out, err = run_cli(capsys, *args)
     finally:
         os.chdir(old)
     assert code == 0, err
@@ -329,17 +312,16 @@ def cellssl(args: list[str], cwd: Path, capsys) -> str:
 
 @pytest.mark.filterwarnings("ignore:manifest .* rows have no label:UserWarning")
 def test_select_label_train_predict_loop(tmp_path: Path, capsys) -> None:
-    """README's loop on a small folder: select 9 cells (as a real `python -m cellssl` process), the
-    'expert' (this test) fills in the label column, and the filled CSV is the training set of
-    linear, knn, fewshot and finetune; predict closes the loop on the whole pool."""
+    """README's loop on a small folder, every command run from the pool's parent folder with relative
+    paths: select 9 cells, the 'expert' (this test) fills in the label column, and the filled CSV is
+    the training set of linear, knn, fewshot and finetune; predict closes the loop on the whole pool.
+    (``python -m cellssl`` as a real process: tests/test_packaging.py and test_reliability.py.)"""
     flat_pool(tmp_path / "unlabelled", n_per_class=16, seed=0)
     make_image_folder(tmp_path / "test", n_per_class=8, size=24, seed=1)
-    ck = ["--checkpoint", "random:resnet18", "--image-size", "24", "--device", "cpu"]
-    proc = subprocess.run([sys.executable, "-m", "cellssl", "select", *ck, "--data", "unlabelled", "--budget", "9",
-                           "--out", "to_label", "--no-map"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "selected 9 of 48 cells" in proc.stdout
+    ck = ["--checkpoint", f"random:{TINY_BACKBONE}", "--image-size", "24", "--device", "cpu"]
+    out = cellssl(["select", *ck, "--data", "unlabelled", "--budget", "9", "--out", "to_label", "--no-map"], tmp_path,
+                  capsys)
+    assert "selected 9 of 48 cells" in out
 
     csv_path = tmp_path / "to_label" / "to_label.csv"
     rows = read_rows(csv_path)

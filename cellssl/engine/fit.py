@@ -173,7 +173,7 @@ class Training:
         self.method.train()
         self.start_time = time.monotonic()
         try:
-            with watch, deferred_stop_signals(lambda: watch.fired is not None) as self.stop:
+            with watch, deferred_stop_signals(lambda: watch.fired is not None) as self.stop, self.end_workers_on_stop():
                 for views, local in self.batches():
                     t_step = time.perf_counter()
                     lr = set_lr(self.optimizer, self.step, self.total_steps, self.recipe.optim)
@@ -406,15 +406,30 @@ class Training:
             raise self.guard.no_update_error(self.step - self.start_step)
         self.save()
 
+    @contextlib.contextmanager
+    def end_workers_on_stop(self) -> Iterator[None]:
+        """After a SIGINT/SIGTERM stop request, end the loader workers before the signal handlers are
+        put back: a worker ended by the same signal (a process group's SIGTERM) that dies late, on a busy
+        machine, would otherwise reach torch's restored SIGCHLD handler ("DataLoader worker ... is
+        killed by signal", an internal error instead of the checkpoint and exit 143)."""
+        try:
+            yield
+        finally:
+            if self.stop.signal is not None:
+                self.end_workers()
+
+    def end_workers(self) -> None:
+        """End the persistent loader workers now, not whenever the loader is garbage-collected (torch has
+        no public call for it; a stuck worker is terminated after torch's 5 s join). Idempotent."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
         self.logger.close()
-        # persistent loader workers end now, not whenever the loader is garbage-collected (torch has
-        # no public call for it; a stuck worker is terminated after torch's 5 s join)
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        self.end_workers()
         if self.worker_stacks is not None:
             self.worker_stacks.close()
 

@@ -177,7 +177,7 @@ def save_classifier(fit: ProbeFit, train: FeatureSet, extractor: Any, path: str 
     fit_rows = fit.fit_idx if len(fit.val_idx) else np.arange(len(train))
     unsure = calibrate(fit.val_proba, train.labels[fit.val_idx], train.features[fit_rows], train.labels[fit_rows],
                        train.features[fit.val_idx], target_error=target_error, ood_quantile=ood_quantile,
-                       train_proba=fit.predict_proba(train.features))
+                       train_proba=fit.predict_proba(train.features[fit_rows]))
     config = recipe_to_dict(extractor.recipe)
     config["data"] = dataclasses.asdict(extractor.data_cfg)
     try:
