@@ -46,6 +46,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+import cellssl.methods  # noqa: F401 (registers each method's settings, which load_recipe reads)
 from benchmarks.common import REPO
 from cellssl.config import DataConfig, load_recipe
 from cellssl.data.datasets import build_dataset
