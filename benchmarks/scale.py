@@ -234,7 +234,8 @@ def run_size(n: int, args: argparse.Namespace, work: Path) -> dict:
         row[kind] = pretrain_process(recipe, data, work / f"run-{kind}-{n}")
         row[kind].update(dataset_cost(data))
         row[kind]["loader_img_s"] = {w: loader_rate(recipe, data, w, args.batches) for w in args.workers}
-    row["embed"] = embed_process(shards, work / f"emb-{n}.npz", args.image_size, n)
+    if n <= args.embed_max:
+        row["embed"] = embed_process(shards, work / f"emb-{n}.npz", args.image_size, n)
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(shards, ignore_errors=True)
@@ -247,8 +248,9 @@ def print_row(row: dict) -> None:
     if "folder_s" in row:
         made += f", folder written in {row['folder_s']:.1f} s"
     disk = ", ".join(f"{row['disk_mb'][k]:.1f} MB ({k})" for k in kinds)
-    print(f"\n{row['n']} cells: {made}; disk {disk}; embed {row['embed']['cells_s']:.0f} cells/s "
-          f"(peak RSS {row['embed']['peak_rss_mb']:.0f} MB)")
+    emb = row.get("embed")
+    emb = f"{emb['cells_s']:.0f} cells/s (peak RSS {emb['peak_rss_mb']:.0f} MB)" if emb else "not run (--embed-max)"
+    print(f"\n{row['n']} cells: {made}; disk {disk}; embed {emb}")
     workers = list(row[kinds[0]]["loader_img_s"])
     print(f"{'':8} {'first step s':>12} {'peak RSS MB':>12} {'loop/step':>9} {'build s':>8} {'B/cell':>7} "
           + " ".join(f"{f'loader w={w}':>12}" for w in workers))
@@ -274,6 +276,8 @@ def main() -> None:
     ap.add_argument("--train-workers", type=int, default=2, help="loader workers of that run")
     ap.add_argument("--batches", type=int, default=10, help="loader batches timed (batch 64)")
     ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--embed-max", type=int, default=10**9,
+                    help="largest N also embedded (its cells/s is flat in N; 1M cells take ~10-20 min on 2 cores)")
     ap.add_argument("--work", default=None, help="folder for the data (default: a temporary one, removed)")
     ap.add_argument("--keep", action="store_true", help="keep each size's data (default: removed after its row)")
     ap.add_argument("--json", default=None)
