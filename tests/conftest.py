@@ -4,6 +4,7 @@ and as a fresh process, a run's metrics rows, the shared real-data folder."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -157,6 +158,30 @@ def metrics_rows(run: Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
+
+
+def spawn_ranks(target, args_per_rank: list[tuple], timeout_s: float) -> list[int | None]:
+    """Start ``target(*args)`` once per tuple as spawned processes (with ``OMP_NUM_THREADS=1``, restored
+    after), join each within ``timeout_s``, kill the ones still alive; their exit codes (-9: killed)."""
+    ctx = mp.get_context("spawn")
+    env_before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    procs = [ctx.Process(target=target, args=args) for args in args_per_rank]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+        if env_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_before
+    return [p.exitcode for p in procs]
 
 def one_error_line(code: int, err: str, alone: bool = True) -> str:
     """The one ``error:`` line of a user-fault exit: code 2, no traceback, no "internal error";

@@ -11,8 +11,6 @@ heads' BatchNorm running statistics.
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
-import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from torch import nn
 from cellssl.config import ModelConfig, method_config
 from cellssl.methods import build_method
 from cellssl.methods.msbreg import sample_brownian_directions
+from conftest import spawn_ranks
 
 WORLD, B, M, D_IN = 2, 8, 3, 16
 CASES = {
@@ -100,25 +99,7 @@ def rank_worker(rank: int, store: str, out: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """Run the 2 ranks once (spawned, joined with a timeout, killed if still alive)."""
     tmp = tmp_path_factory.mktemp("ddp_grads")
-    ctx = mp.get_context("spawn")
-    env_before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    procs = [ctx.Process(target=rank_worker, args=(r, str(tmp / "store"), str(tmp))) for r in range(WORLD)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(JOIN_TIMEOUT_S)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-        if env_before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_before
-    codes = [p.exitcode for p in procs]
+    codes = spawn_ranks(rank_worker, [(r, str(tmp / "store"), str(tmp)) for r in range(WORLD)], JOIN_TIMEOUT_S)
     assert codes == [0] * WORLD, f"rank exit codes {codes} (None = killed after {JOIN_TIMEOUT_S} s)"
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 

@@ -22,7 +22,7 @@ from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.engine.distributed import ResumableSampler
 from cellssl.engine.loader import build_training_data, training_loader
 from cellssl.eval import features
-from conftest import make_image_folder, one_error_line, run_cli, tiny_recipe_yaml
+from conftest import make_image_folder, one_error_line, run_cli, spawn_ranks, tiny_recipe_yaml
 
 JOIN_TIMEOUT_S = 240
 STOP_AT = 4  # the stopped run gets SIGTERM (on rank 1 only) in this step: mid-epoch (3 steps an epoch)
@@ -105,26 +105,8 @@ def test_two_ranks_stopped_mid_epoch_resume_bit_for_bit_with_another_worker_coun
     data = shard_folder(tmp_path)
     recipe = tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=7, batch_size=4, checkpoint_every=100)
     recipe.write_text(recipe.read_text().replace("backbone: resnet18", "backbone: test_resnet"))
-    ctx = mp.get_context("spawn")
-    env_before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
     args = (free_ports(len(RUNS)), str(recipe), str(data), str(tmp_path))
-    procs = [ctx.Process(target=ddp_rank, args=(r, *args)) for r in range(2)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(JOIN_TIMEOUT_S)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-        if env_before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_before
-    codes = [p.exitcode for p in procs]
+    codes = spawn_ranks(ddp_rank, [(r, *args) for r in range(2)], JOIN_TIMEOUT_S)
     assert codes == [0, 0], f"rank exit codes {codes} (-9: killed after {JOIN_TIMEOUT_S} s, a rank waited forever)"
     for rank in (0, 1):
         assert json.loads((tmp_path / f"stopped-1-rank{rank}.json").read_text()) == \
