@@ -77,12 +77,22 @@ def covariance_loss(z: Tensor) -> Tensor:
         return off_diagonal(cov).pow(2).sum() / d
 
 
-def vicreg_terms(z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Unweighted (s(Z, Z'), [v(Z) + v(Z')] / 2, c(Z) + c(Z')) for two views ``(B, D)``."""
-    inv = invariance_loss(z_a, z_b)
-    var = (variance_loss(z_a) + variance_loss(z_b)) / 2
-    cov = covariance_loss(z_a) + covariance_loss(z_b)
-    return inv, var, cov
+ViewStats = tuple[Tensor, Tensor]  # (v(Z), c(Z)) of one view
+
+
+def view_statistics(z: Tensor) -> ViewStats:
+    """(v(Z), c(Z)) of one view's embeddings ``(B, D)``: the per-view half of :func:`vicreg_terms`."""
+    return variance_loss(z), covariance_loss(z)
+
+
+def vicreg_terms(z_a: Tensor, z_b: Tensor,
+                 stats: tuple[ViewStats, ViewStats] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Unweighted (s(Z, Z'), [v(Z) + v(Z')] / 2, c(Z) + c(Z')) for two views ``(B, D)``.
+
+    ``stats``: each view's :func:`view_statistics` when already computed (with M > 2 views every
+    view is in M − 1 pairs; its O(B·D²) covariance is then computed once, not once per pair)."""
+    (v_a, c_a), (v_b, c_b) = stats if stats is not None else (view_statistics(z_a), view_statistics(z_b))
+    return invariance_loss(z_a, z_b), (v_a + v_b) / 2, c_a + c_b
 
 
 def vicreg_loss(z_a: Tensor, z_b: Tensor, sim: float = 25.0, var: float = 25.0, cov: float = 1.0) -> Tensor:
@@ -138,7 +148,8 @@ class VICReg(SSLMethod):
         z_flat = self.online(x)
         z = self.unflatten(z_flat, b, m)
         zg = [gather_with_grad(z[:, i].contiguous()) for i in range(m)]
-        l_inv, l_var, l_cov = pair_mean(vicreg_terms, zg)
+        per_view = [(zi, view_statistics(zi)) for zi in zg]  # each view's v and c once, shared by its pairs
+        l_inv, l_var, l_cov = pair_mean(lambda a, b: vicreg_terms(a[0], b[0], stats=(a[1], b[1])), per_view)
         loss = vicreg_weighted(l_inv, l_var, l_cov, cfg.vicreg_sim, cfg.vicreg_var, cfg.vicreg_cov)
         return {
             "loss": loss,
