@@ -272,7 +272,6 @@ class ShardDataset(ImageDataset):
             raise DataError(f"shard folder {self.root} holds no labels: shard a labelled folder or manifest")
         self.cfg = cfg or DataConfig()
         self.transform, self.pre_transform, self.value_range = transform, None, None
-        self.bad_files: set[Path] = set()
         self._bad: set[int] = set()
         self.fixed_channels = bool(channels)  # as ImageDataset: a recipe's count converts, else odd files are bad
         self.channels = int(channels) if channels else self._detect_channels()
@@ -283,6 +282,12 @@ class ShardDataset(ImageDataset):
 
     def __len__(self) -> int:
         return len(self.reader)
+
+    @property
+    def bad_files(self) -> set[Path]:  # type: ignore[override]
+        """The original paths of the cells found unreadable so far (as ImageDataset's): looked up only
+        when asked, so marking a cell bad during training reads no path."""
+        return {self.samples[i][0] for i in self._bad}
 
     @property
     def labels(self) -> np.ndarray:
@@ -313,7 +318,6 @@ class ShardDataset(ImageDataset):
         if i in self._bad:
             return
         self._bad.add(i)
-        self.bad_files.add(self.samples[i][0])  # as ImageDataset: the sample's path (``samples``, ``paths``)
         warnings.warn(f"skipping unreadable cell {exc.path}: {exc.reason}", DataWarning, stacklevel=3)
         if len(self._bad) > self.cfg.max_bad_fraction * len(self):
             raise DataError(
