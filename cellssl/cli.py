@@ -665,12 +665,12 @@ def list_(what, pattern):
 
         click.echo("\n".join(list_backbones(pattern)))
     else:
-        from cellssl.config import MethodConfig, setting_lines
+        from cellssl.config import MethodConfig, method_settings, setting_lines
         from cellssl.methods import METHODS
 
         for name, cls in sorted(METHODS.items()):
             click.echo(f"{name:8s} {(cls.__doc__ or '').strip().splitlines()[0]}")
-            for line in setting_lines(cls.Settings, own_only=True):
+            for line in setting_lines(method_settings(name), own_only=True):
                 click.echo(f"{'':8s}   {line}")
         with_target = ", ".join(name for name, cls in sorted(METHODS.items()) if cls.uses_target)
         click.echo(f"every method (the EMA target's; used by {with_target}):")

@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cellssl.config import MethodConfig, ModelConfig, register_method_settings, unregister_method_settings
+from cellssl.config import (
+    MethodConfig,
+    ModelConfig,
+    method_settings,
+    register_method_settings,
+    unregister_method_settings,
+)
 from cellssl.errors import ConfigError, did_you_mean
 from cellssl.models import cosine_momentum, ema_update, gather_with_grad, make_target, mlp  # noqa: F401 (re-exported)
 
@@ -45,7 +51,6 @@ def register_method(name: str, settings: type[MethodConfig]) -> Callable[[type["
     def wrap(cls: type[SSLMethod]) -> type[SSLMethod]:
         register_method_settings(name, settings)
         cls.name = name
-        cls.Settings = settings
         METHODS[name] = cls
         return cls
 
@@ -66,9 +71,9 @@ def build_method(method_cfg: MethodConfig, model_cfg: ModelConfig, backbone: nn.
             f"unknown method '{method_cfg.name}'{did_you_mean(method_cfg.name, METHODS)}; "
             f"available: {', '.join(sorted(METHODS))}"
         )
-    cls = METHODS[method_cfg.name]
-    if type(method_cfg) is not cls.Settings:
-        raise TypeError(f"method '{cls.name}' takes {cls.Settings.__name__}, got {type(method_cfg).__name__}: "
+    cls, settings = METHODS[method_cfg.name], method_settings(method_cfg.name)
+    if type(method_cfg) is not settings:
+        raise TypeError(f"method '{cls.name}' takes {settings.__name__}, got {type(method_cfg).__name__}: "
                         f"build it with cellssl.config.method_config({cls.name!r}, ...)")
     return cls(backbone, model_cfg, method_cfg)
 
@@ -151,7 +156,6 @@ class SSLMethod(nn.Module):
     """
 
     name = "base"
-    Settings: type[MethodConfig] = MethodConfig  # the method's settings dataclass (set by register_method)
     uses_target = False
     uses_predictor = False
     supports_local_views = False  # multi-crop: small local crops through the online branch
