@@ -17,6 +17,7 @@ import csv
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -149,29 +150,30 @@ def _items(pred: Predictor, data: str | Path) -> tuple[Any, _Items]:
 class _Scores:
     """What the model made of every image (N rows): ``proba`` (N, K) class probabilities and ``feats``
     (N, F) backbone features (NaN rows: no prediction), ``reasons`` why an image has none ("" when it
-    has one), ``sizes`` (N, 2) its height and width in pixels."""
+    has one), ``sizes`` (N, 2) its height and width in pixels. The derived arrays are computed once, when
+    first read after :func:`_score` filled the rows."""
 
     proba: np.ndarray
     feats: np.ndarray | None
     reasons: list[str]
     sizes: np.ndarray
 
-    @property
+    @cached_property
     def used(self) -> np.ndarray:
         """(N,) bool: the image has a prediction."""
         return np.array([r == "" for r in self.reasons])
 
-    @property
+    @cached_property
     def conf(self) -> np.ndarray:
         """(N,) the top class's probability (NaN without a prediction)."""
         return np.where(self.used, np.nan_to_num(self.proba, nan=0.0).max(axis=1), np.nan)
 
-    @property
+    @cached_property
     def predicted(self) -> np.ndarray:
         """(N,) the predicted class (-1 without a prediction)."""
         return np.where(self.used, np.nan_to_num(self.proba, nan=-1.0).argmax(axis=1), -1)
 
-    @property
+    @cached_property
     def top(self) -> np.ndarray:
         """(N, 3) the three most probable classes, most probable first."""
         return np.argsort(-np.nan_to_num(self.proba, nan=-1.0), axis=1)[:, :3]

@@ -678,8 +678,9 @@ def _write_to_label(tmp: Path, out: Path, ds: Any, fs: FeatureSet, rows: np.ndar
     """The numbered copies (or links) in ``images/`` and ``to_label.csv``; returns the CSV's rows."""
     numbers = list(range(1, len(rows) + 1))
     copies = _place_images(ds, fs.rows[rows], numbers, tmp / "images", link)
+    samples = ds.samples  # one lookup a selected cell (``ds.paths`` builds the list of all N paths)
     table = [{"row": num, "path": _rel(cp, tmp), "label": "", "cluster": int(clusters[i]),
-              "typicality": float(typ[i]), "source": _rel(Path(ds.paths[int(fs.rows[i])]), out)}
+              "typicality": float(typ[i]), "source": _rel(Path(samples[int(fs.rows[i])][0]), out)}
              for num, i, cp in zip(numbers, rows, copies)]
     with (tmp / "to_label.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "row", "cluster", "typicality", "source"])
