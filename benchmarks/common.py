@@ -151,3 +151,11 @@ def run_alone_notice() -> str:
     if load >= 0.5:
         line += ": other processes are running and will slow and scatter the timings; run this alone"
     return line
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the repository first on ``PYTHONPATH`` (the child finds the
+    ``benchmarks`` package from any working directory; relative ``--data`` / ``--work`` stay valid),
+    plus ``extra`` variables (e.g. ``OMP_NUM_THREADS="1"``)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), path] if path else [str(REPO)]), **extra}

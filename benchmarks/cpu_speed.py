@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_PBC, REPO, TUNED, run_alone_notice
+from benchmarks.common import DEFAULT_PBC, TUNED, child_env, run_alone_notice
 from cellssl.config import load_recipe
 from cellssl.engine import hardware
 from cellssl.engine.fit import fit
@@ -110,13 +109,6 @@ def measure_in_child(method: str, shape: str, setting: str, args, work: Path) ->
             return json.loads(line[len(RESULT):])
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return {"method": method, "shape": shape, "setting": setting, "error": f"exit {done.returncode}: {tail}"}
-
-
-def child_env() -> dict[str, str]:
-    """This process's environment with the repository first on ``PYTHONPATH``: the child finds the
-    ``benchmarks`` package from any working directory (relative ``--data`` / ``--work`` stay valid)."""
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), path] if path else [str(REPO)])}
 
 
 def measure(method: str, shape: str, setting: str, args, work: Path) -> dict:

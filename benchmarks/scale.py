@@ -47,13 +47,14 @@ import yaml
 from PIL import Image
 
 import cellssl.methods  # noqa: F401 (registers each method's settings, which load_recipe reads)
-from benchmarks.common import REPO
+from benchmarks.common import REPO, child_env
 from cellssl.config import DataConfig, load_recipe
 from cellssl.data.datasets import build_dataset
 from cellssl.data.shards import ShardWriter
 from cellssl.data.synth import SYNTH_CLASSES, generate_smear_image
 from cellssl.engine.distributed import ResumableSampler
 from cellssl.engine.loader import build_training_data, training_loader
+from cellssl.engine.logger import read_metrics
 
 PROCESS_TIMEOUT_S = 1800
 
@@ -140,9 +141,11 @@ def child_process(cmd: list[str], what: str, first_file: Path | None = None) -> 
     """Run ``cmd`` in a child (killed after PROCESS_TIMEOUT_S); seconds until ``first_file`` is not
     empty (when given), total seconds, peak RSS in MB (``ru_maxrss`` of the child and its waited-for
     children: the largest, not the sum)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: this loop only polls, and a child writing more than a pipe holds
+    # (progress bars, warnings) would block until the timeout
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=err)
     first, status, usage, pid = None, None, None, 0
     try:
         while time.perf_counter() - t0 < PROCESS_TIMEOUT_S:
@@ -160,7 +163,9 @@ def child_process(cmd: list[str], what: str, first_file: Path | None = None) -> 
             os.waitpid(proc.pid, 0)
     total = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{what} failed: {proc.stderr.read().decode()[-2000:]}")
+        err.seek(0)
+        raise RuntimeError(f"{what} failed: {err.read().decode(errors='replace')[-2000:]}")
+    err.close()
     return {"first_s": first if first is not None else total, "run_s": total, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
@@ -170,7 +175,7 @@ def pretrain_process(recipe: Path, data: Path, out: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "cellssl", "pretrain", "--recipe", str(recipe), "--data", str(data),
            "--out", str(out), "--device", "cpu"]
     res = child_process(cmd, f"pretrain on {data}", out / "metrics.jsonl")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = read_metrics(out)[1:]
     step = sum(r["step_time_s"] for r in rows)
     loop = step + sum(r["data_time_s"] for r in rows)
     return {"first_step_s": res["first_s"], "run_s": res["run_s"], "peak_rss_mb": res["peak_rss_mb"],
@@ -191,8 +196,8 @@ def loader_rate(recipe_path: Path, data: Path, workers: int, batches: int) -> fl
     process that already ran OpenCV augmentations can deadlock (``cv2.setNumThreads`` in the
     worker, engine/loader.py), so every measurement starts clean."""
     cmd = [sys.executable, __file__, "--loader-only", str(recipe_path), str(data), str(workers), str(batches)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    res = subprocess.run(cmd, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=PROCESS_TIMEOUT_S)
     if res.returncode != 0:
         raise RuntimeError(f"loader on {data} with {workers} worker(s) failed: {res.stderr[-2000:]}")
     return float(res.stdout.strip().splitlines()[-1])

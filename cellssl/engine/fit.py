@@ -518,7 +518,7 @@ class Training:
             own = ranks[self.dist.rank]
             self.method.load_extra_state(own.get("extra") or {})
             set_rng_state(own.get("rng") or {})
-        elif self.dist.rank > 0 and hasattr(self.method, "seed"):
+        elif self.dist.rank > 0:
             self.method.seed(self.tc.seed + 1000 * self.dist.rank + self.step)
 
 
