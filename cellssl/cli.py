@@ -22,6 +22,7 @@ from cellssl.config import OPTIONS, EvalConfig, parse_value, value_range, value_
 from cellssl.errors import CellSSLError, ConfigError, did_you_mean
 from cellssl.eval.settings import (
     DEFAULT_OOD_QUANTILE,
+    DEFAULT_PART_ROWS,
     DEFAULT_TARGET_ERROR,
     EMBED_FORMATS,
     FEWSHOT_CLASSIFIERS,
@@ -238,7 +239,7 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
                                            "class and by folder: <out stem>_map.png.")
 @click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
               help="Micrometres per pixel of --data: resampled to the checkpoint's data.um_per_px when it has one.")
-@click.option("--part-rows", type=click.IntRange(1), default=65536, show_default=True,
+@click.option("--part-rows", type=click.IntRange(1), default=DEFAULT_PART_ROWS, show_default=True,
               help=".npz of a larger set: embedded in parts of this many rows (OUT.parts/, one part in memory); "
                    "a killed embed rerun with the same options continues after the last complete part.")
 def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, part_rows, image_size, batch_size, device, adapt_bn):
@@ -369,7 +370,11 @@ def finetune(checkpoint, data, out, test_dir, val_fraction, epochs, labels_per_c
 @click.option("--overwrite", is_flag=True, help="Replace an earlier prediction folder in --out as a whole.")
 @click.option("--format", "fmt", type=OneOf(*PREDICT_FORMATS), default=PREDICT_FORMATS[0], show_default=True,
               help="parquet: also predictions.parquet (same columns, typed: probability/distance float, unsure bool).")
-def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, overwrite, fmt):
+@click.option("--part-rows", type=click.IntRange(1), default=DEFAULT_PART_ROWS, show_default=True,
+              help="A larger set is scored in parts of this many rows (OUT/predictions.parts/, one part in memory); "
+                   "a killed predict rerun with the same model, data and --part-rows continues after the last "
+                   "complete part.")
+def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, device, overwrite, fmt, part_rows):
     """Classify every image of a folder: predictions.csv, a differential count and the cells to check."""
     from cellssl.apply.predict import format_predict_summary
     from cellssl.apply.predict import predict as run
@@ -383,7 +388,7 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
 
         check_writable(out)
     report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
-                 batch_size=batch_size, device=device, overwrite=overwrite)
+                 batch_size=batch_size, device=device, overwrite=overwrite, part_rows=part_rows)
     if fmt == "parquet":
         click.echo(f"table: {csv_to_parquet(report['files']['csv'])}")
     click.echo(format_predict_summary(report))

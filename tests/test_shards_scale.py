@@ -17,6 +17,7 @@ import torch
 
 from cellssl.config import DataConfig, load_recipe
 from cellssl.data.datasets import build_dataset
+from cellssl.data.parts import Parts
 from cellssl.data.shards import ShardReader, ShardWriter, write_shards
 from cellssl.engine.checkpoint import load_checkpoint
 from cellssl.engine.distributed import ResumableSampler
@@ -162,15 +163,15 @@ def test_embed_in_parts_resumes_after_the_last_complete_part(tmp_path, capsys, m
     data = shard_folder(tmp_path, n_per_class=5)
     opts = {"image_size": 16, "batch_size": 4, "device": "cpu", "progress": False}
     whole = np.load(features.embed("random:resnet18", data, tmp_path / "whole.npz", **opts))
-    saved, original = [], features._save_part
+    saved, original = [], Parts.save
 
-    def killed_in_part_3(path, arrays):
+    def killed_in_part_3(parts, k, arrays):
         if len(saved) == 2:
             raise KeyboardInterrupt
-        saved.append(path.name)
-        original(path, arrays)
+        saved.append(parts.names[k].name)
+        original(parts, k, arrays)
 
-    monkeypatch.setattr(features, "_save_part", killed_in_part_3)
+    monkeypatch.setattr(Parts, "save", killed_in_part_3)
     out, parts = tmp_path / "emb.npz", tmp_path / "emb.npz.parts"
     with pytest.raises(KeyboardInterrupt):
         features.embed("random:resnet18", data, out, part_rows=4, **opts)
@@ -182,7 +183,8 @@ def test_embed_in_parts_resumes_after_the_last_complete_part(tmp_path, capsys, m
     said = "holds the parts of another embedding (theirs vs this one: backbone random:resnet18 vs pixels:16"
     assert said in one_error_line(code, err)
     saved.clear()
-    monkeypatch.setattr(features, "_save_part", lambda path, arrays: (saved.append(path.name), original(path, arrays)))
+    monkeypatch.setattr(Parts, "save", lambda parts, k, arrays: (saved.append(parts.names[k].name),
+                                                                 original(parts, k, arrays)))
     code, stdout, err = run_cli(capsys, "embed", "--checkpoint", "random:resnet18", "--data", str(data), "--out",
                                 str(out), "--part-rows", "4", "--image-size", "16", "--batch-size", "4",
                                 "--device", "cpu")

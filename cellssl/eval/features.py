@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import shutil
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -31,13 +30,15 @@ from cellssl.augment.views import build_eval_transform
 from cellssl.config import recipe_from_dict
 from cellssl.data.datasets import DataWarning, TransformedDataset, batch_images, build_dataset
 from cellssl.data.io import ImageReadError, output_file, relative_path
+from cellssl.data.parts import Parts, open_parts
 from cellssl.data.scale import match_scale
 from cellssl.engine.checkpoint import describe, load_backbone
 from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
+from cellssl.eval.settings import DEFAULT_PART_ROWS
 from cellssl.models.bn import adapt_batchnorm
 
-EMBED_PART_ROWS = 65_536  # embed writes a larger set in parts of this many rows (resumable; docs/scale.md)
+EMBED_PART_ROWS = DEFAULT_PART_ROWS  # embed writes a larger set in parts of this many rows (resumable; docs/scale.md)
 
 __all__ = [
     "FeatureSet",
@@ -413,11 +414,14 @@ def feature_source(info: dict) -> dict:
             "adapt_bn": _spec_key(info.get("adapt_bn")), "description": info.get("description")}
 
 
+SOURCE_NAMES = {"spec": "backbone", "step": "training step", "image_size": "image size", "adapt_bn": "AdaBN folder"}
+
+
 def source_mismatch(recorded: dict, current: dict) -> list[str]:
     """The ways two :func:`feature_source` records differ, e.g. ``["backbone random:resnet18 vs
     runs/a/last.pt"]`` (empty when the features could have come from ``current``)."""
-    names = {"spec": "backbone", "step": "training step", "image_size": "image size", "adapt_bn": "AdaBN folder"}
-    return [f"{names[k]} {recorded.get(k)} vs {current.get(k)}" for k in names if recorded.get(k) != current.get(k)]
+    return [f"{SOURCE_NAMES[k]} {recorded.get(k)} vs {current.get(k)}" for k in SOURCE_NAMES
+            if recorded.get(k) != current.get(k)]
 
 
 def save_embeddings(fs: FeatureSet, path: str | Path) -> Path:
@@ -485,13 +489,6 @@ def parts_folder(out: str | Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """One finished part, written under a temporary name renamed at the end (a killed run leaves
-    only complete parts)."""
-    with output_file(path) as tmp:
-        np.savez(tmp, **arrays)
-
-
 def _part_plan(ex: FeatureExtractor, data: str | Path, keep: np.ndarray, part_rows: int) -> dict:
     """What the parts of one embedding depend on (a rerun keeps parts only when it is the same)."""
     return {"source": feature_source(ex.describe(data)), "data": _spec_key(data), "rows": int(len(keep)),
@@ -499,73 +496,35 @@ def _part_plan(ex: FeatureExtractor, data: str | Path, keep: np.ndarray, part_ro
             "part_rows": int(part_rows)}
 
 
-def plan_differences(old: Any, new: dict) -> list[str]:
-    """How the plan of parts on disk (``old``, None when unreadable) differs from ``new``: e.g.
-    ``["backbone random:resnet18 vs pixels:16", "rows 15 vs 12"]``; empty when they are the same embedding."""
-    if not (isinstance(old, dict) and isinstance(old.get("source"), dict)):
-        return ["an unreadable plan.json"]
-    return source_mismatch(old["source"], new["source"]) + [
-        f"{k} {old.get(k)} vs {new[k]}" for k in ("data", "rows", "rows_sha256", "part_rows") if old.get(k) != new[k]]
-
-
-def _open_parts(folder: Path, plan: dict, out: Path) -> None:
-    """Create ``folder`` with its ``plan.json``, or check that the parts already in it are of the same
-    embedding (DataError naming the difference); stale temporary files of a killed run are removed."""
-    plan_file = folder / "plan.json"
-    if plan_file.is_file():
-        try:
-            old = json.loads(plan_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            old = None
-        diff = plan_differences(old, plan)
-        if diff:
-            raise DataError(f"{folder} holds the parts of another embedding (theirs vs this one: {'; '.join(diff)}): "
-                            f"delete it, or choose another --out than {out}")
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".part-*.partial-*"):
-        stale.unlink(missing_ok=True)
-    if not plan_file.is_file():
-        with output_file(plan_file) as tmp:
-            tmp.write_text(json.dumps(plan, indent=1))
-
-
 def embed_in_parts(ex: FeatureExtractor, ds: Any, data: str | Path, keep: np.ndarray, out: Path,
                    part_rows: int = EMBED_PART_ROWS) -> Path:
     """The features of the rows ``keep`` of ``ds`` in parts of ``part_rows`` rows, then ``out``.
 
     Part k (``<out>.parts/part-00000k.npz``: ``features``, ``rows``, ``paths``, ``labels``,
-    ``skipped``) is written atomically once its rows are done; parts already there from a killed run
-    of the same embedding (``plan.json``: backbone, step, data, rows) are kept, so the rerun continues
-    after the last complete part. At the end the parts are streamed into ``out`` (the ``.npz`` of
-    :func:`save_embeddings`, one part in memory at a time) and the parts folder is removed. Unlike
-    the one-pass path, a class left with no readable image is kept in ``classes``."""
-    folder = parts_folder(out)
-    _open_parts(folder, _part_plan(ex, data, keep, part_rows), out)
+    ``skipped``; :mod:`cellssl.data.parts`) is written atomically once its rows are done; parts
+    already there from a killed run of the same embedding (``plan.json``: backbone, step, data,
+    rows) are kept, so the rerun continues after the last complete part. At the end the parts are
+    streamed into ``out`` (the ``.npz`` of :func:`save_embeddings`, one part in memory at a time)
+    and the parts folder is removed. Unlike the one-pass path, a class left with no readable image
+    is kept in ``classes``."""
+    parts = open_parts(parts_folder(out), _part_plan(ex, data, keep, part_rows), out=out, what="embedding",
+                       names=SOURCE_NAMES)
     ex.prepare(ds.channels)
     transform = build_eval_transform(ex.data_cfg, ds.channels)
     root, opts, labels = Path(ds.root), ex.options, ds.labels  # (N,) once (a folder's is built per call)
-    n_parts = -(-len(keep) // part_rows)
-    names = [folder / f"part-{k:06d}.npz" for k in range(n_parts)]
-    todo = [k for k in range(n_parts) if not names[k].is_file()]
+    todo = parts.todo()
     for k in tqdm(todo, desc="embed parts", unit="part", disable=not opts.progress or len(todo) < 2):
-        rows = keep[k * part_rows:(k + 1) * part_rows]
+        rows = keep[slice(*parts.bounds(k))]
         feats, ok = _extract(ex.backbone, _ReadableRows(ds, transform, rows, int(ex.data_cfg.image_size)),
                              ex.device, opts.batch_size, opts.num_workers, progress=False)
-        _save_part(names[k], {
+        parts.save(k, {
             "features": feats[ok], "rows": rows[ok], "labels": labels[rows[ok]].astype(np.int64),
             "paths": np.asarray([relative_path(ds.samples[int(i)][0], root) for i in rows[ok]], dtype=str),
             "skipped": np.asarray([relative_path(ds.samples[int(i)][0], root) for i in rows[~ok]], dtype=str)})
     info = ex.describe(data)
-    path = _assemble_parts(names, out, info, list(ds.classes), data)
-    shutil.rmtree(folder, ignore_errors=True)
+    path = _assemble_parts(parts, out, info, list(ds.classes), data)
+    parts.remove()
     return path
-
-
-def _part_arrays(names: list[Path], key: str) -> Iterator[np.ndarray]:
-    """Array ``key`` of each part in turn (one part read at a time)."""
-    for name in names:
-        with np.load(name) as z:
-            yield z[key]
 
 
 def _npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -588,11 +547,11 @@ def _write_npz_member(zf: zipfile.ZipFile, key: str, dtype: np.dtype, shape: tup
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def _assemble_parts(names: list[Path], out: Path, info: dict, classes: list[str], data: str | Path) -> Path:
+def _assemble_parts(parts: Parts, out: Path, info: dict, classes: list[str], data: str | Path) -> Path:
     """Stream the parts into ``out`` with the arrays of :func:`save_embeddings` (labels and classes
     when every kept image has a label)."""
     n, dim, width, labelled, skipped = 0, 0, 1, bool(classes), []
-    for name in names:  # sizes first (the headers need the whole shapes), from the parts' .npy headers
+    for name in parts.names:  # sizes first (the headers need the whole shapes), from the parts' .npy headers
         shape, _ = _npz_member_header(name, "features")
         n, dim = n + shape[0], max(dim, shape[1] if len(shape) == 2 else 0)
         width = max(width, _npz_member_header(name, "paths")[1].itemsize // 4)
@@ -605,11 +564,11 @@ def _assemble_parts(names: list[Path], out: Path, info: dict, classes: list[str]
         warnings.warn(f"{len(skipped)} images of {data} left out (unreadable or another channel count than "
                       "most, named above)", DataWarning, stacklevel=3)
     with output_file(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write_npz_member(zf, "features", np.float32, (n, dim), lambda: _part_arrays(names, "features"))
-        _write_npz_member(zf, "paths", np.dtype(f"<U{width}"), (n,), lambda: _part_arrays(names, "paths"))
+        _write_npz_member(zf, "features", np.float32, (n, dim), lambda: parts.arrays("features"))
+        _write_npz_member(zf, "paths", np.dtype(f"<U{width}"), (n,), lambda: parts.arrays("paths"))
         small = {"source": np.asarray(json.dumps(feature_source(info))), "skipped": np.asarray(skipped, dtype=str)}
         if labelled:
-            _write_npz_member(zf, "labels", np.int64, (n,), lambda: _part_arrays(names, "labels"))
+            _write_npz_member(zf, "labels", np.int64, (n,), lambda: parts.arrays("labels"))
             small["classes"] = np.asarray(classes, dtype=str)
         for key, arr in small.items():
             with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
