@@ -117,6 +117,10 @@ class DataConfig:
     # micrometres per pixel of these images (None = unknown); a checkpoint keeps it as the model's
     # scale, and a folder read with another declared scale (--um-per-px) is resampled to it
     um_per_px: Optional[float] = None
+    # a streaming source (--data pipe:/file:/http(s) URL of shards, cellssl.data.stream): the cells each
+    # loader worker shuffles among, and how long a shard may give no data before it is an error
+    shuffle_buffer: int = 1000
+    stream_timeout_s: float = 120.0
     synth_n: int = 800  # images in the built-in synthetic set
     synth_seed: int = 0
 
@@ -398,6 +402,7 @@ _RANGES: dict[str, Range] = {
     "data.channels": Range(1), "data.image_size": Range(8), "data.percentiles": Range(0, 100),
     "data.std": _POS, "data.num_workers": _NONNEG, "data.max_bad_fraction": _PROB, "data.synth_n": Range(1),
     "data.synth_seed": _SEED, "data.um_per_px": _POS,
+    "data.shuffle_buffer": Range(1), "data.stream_timeout_s": _POS,
     "views.n_views": Range(2), "views.crop_scale": Range(0, 1, lo_open=True), "views.crop_ratio": _POS,
     "views.hed_jitter": _NONNEG, "views.brightness": _NONNEG, "views.contrast": _NONNEG,
     "views.saturation": _NONNEG, "views.hue": Range(0, 0.5), "views.color_jitter_prob": _PROB,

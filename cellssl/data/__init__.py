@@ -4,6 +4,8 @@
   (H, W, C); listing images; output files and folders written whole
 - :mod:`cellssl.data.datasets` — datasets of folders, CSV manifests, ``.npz`` and shards, their batches, splits
 - :mod:`cellssl.data.shards` — cells as tar shards with an index (millions of cells)
+- :mod:`cellssl.data.stream` — a shard source read as a stream (``pipe:``, ``file:``, ``http(s)://``): each
+  rank and loader worker its own shards, for pretraining
 - :mod:`cellssl.data.parts` — outputs of a long pass written in resumable parts (``embed``, ``predict``)
 - :mod:`cellssl.data.stain` — stain normalisation (Macenko, Reinhard), applied while reading
 - :mod:`cellssl.data.scale` — physical scale: µm per pixel, resampling to a model's scale, the apparent cell size

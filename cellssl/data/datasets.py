@@ -40,7 +40,7 @@ from cellssl.data.io import (
     read_raw_image,
     scale_intensity,
 )
-from cellssl.data.shards import ShardReader, has_loose_shards, is_shard_folder
+from cellssl.data.shards import ShardReader, has_loose_shards, is_shard_folder, is_stream_spec
 from cellssl.errors import ConfigError, DataError
 
 BLOODMNIST_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
@@ -238,6 +238,17 @@ class ArrayImageDataset(ImageDataset):
         return img[:, :, None] if img.ndim == 2 else img
 
 
+def shard_cell_image(raw: np.ndarray, cfg: DataConfig, channels: int | None, where: str,
+                     value_range: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """A stored shard cell ``raw`` (H, W, C, any dtype) as float32 (H, W, C') in [0, 1]: scaled by
+    ``cfg.intensity`` / ``cfg.percentiles``, converted to ``channels`` when given (1 <-> 3; a count
+    that cannot be converted is an ImageReadError naming ``where``). Shared by :class:`ShardDataset`
+    and the stream (:mod:`cellssl.data.stream`)."""
+    img = np.ascontiguousarray(scale_intensity(raw, cfg.intensity, tuple(cfg.percentiles), value_range),
+                               dtype=np.float32)
+    return convert_channels(img, channels, where) if channels else img
+
+
 class _ShardSamples(Sequence):
     """``(path, label)`` of each cell of a shard folder, made on access (no list of N tuples)."""
 
@@ -301,10 +312,7 @@ class ShardDataset(ImageDataset):
         return self.reader.raw(i)
 
     def _read(self, i: int, channels: int | None) -> np.ndarray:
-        c = self.cfg
-        img = np.ascontiguousarray(scale_intensity(self.reader.raw(i), c.intensity, tuple(c.percentiles),
-                                                   self.value_range), dtype=np.float32)
-        return convert_channels(img, channels, self.reader.member(i)) if channels else img
+        return shard_cell_image(self.reader.raw(i), self.cfg, channels, self.reader.member(i), self.value_range)
 
     def is_bad(self, i: int) -> bool:
         return i in self._bad  # by index: no path is made per read
@@ -347,11 +355,16 @@ class MultiViewDataset(Dataset):
             img, label, ok = self.base.load_checked(int(i))
         else:  # a dataset of other datasets (e.g. adapt's mixture): its own load decides
             (img, label), ok = self.base.load(int(i)), True
-        out = self.transform(img)
-        item: dict[str, Any] = {"views": out["views"], "label": int(label), "index": int(i), "readable": ok}
-        if out.get("local") is not None:
-            item["local"] = out["local"]
-        return item
+        return view_item(self.transform(img), label, i, ok)
+
+
+def view_item(out: dict[str, Any], label: int, i: int, readable: bool = True) -> dict[str, Any]:
+    """One training item from a multi-view transform's ``out`` (``views`` (M, C, S, S)[, ``local``]):
+    ``{"views", "label", "index", "readable"[, "local"]}`` (:class:`MultiViewDataset`, the stream)."""
+    item: dict[str, Any] = {"views": out["views"], "label": int(label), "index": int(i), "readable": readable}
+    if out.get("local") is not None:
+        item["local"] = out["local"]
+    return item
 
 
 class TransformedDataset(Dataset):
@@ -564,7 +577,7 @@ def default_synthetic_path(cfg: DataConfig) -> Path:
     return ensure_synthetic(default_synth_dir(cfg.synth_n, cfg.synth_seed, size), n=cfg.synth_n, seed=cfg.synth_seed, image_size=size)
 
 
-def _stain_normalizer(cfg: DataConfig) -> Callable[[np.ndarray], np.ndarray] | None:
+def stain_normalizer(cfg: DataConfig) -> Callable[[np.ndarray], np.ndarray] | None:
     """The stain normaliser of ``cfg`` (:func:`cellssl.data.stain.build_stain_normalizer`), or None."""
     if cfg.stain_normalize in (None, "none"):
         return None
@@ -606,6 +619,9 @@ def build_dataset(
     spec = str(path if path is not None else cfg.path) if (path is not None or cfg.path) else None
     if spec is None:
         spec = str(default_synthetic_path(cfg))
+    if is_stream_spec(spec):
+        raise DataError(f"{spec} is a streaming shard source: only 'cellssl pretrain' reads it; for this command "
+                        "pass a shard folder on a local disk (copy the shards and their index.json there)")
     if ".npz" in Path(spec).name:
         ds: ImageDataset = _npz_dataset(spec, cfg, labelled, transform)
     elif is_shard_folder(Path(spec).expanduser()):
@@ -637,7 +653,7 @@ def build_dataset(
             if cfg.intensity != "auto" or first.dtype != np.uint8:
                 pct = (0.0, 100.0) if cfg.intensity == "minmax" else tuple(cfg.percentiles)
                 ds.value_range = _dataset_range(ds, DataConfig(**{**cfg.__dict__, "percentiles": list(pct)}))
-    ds.pre_transform = _stain_normalizer(cfg)
+    ds.pre_transform = stain_normalizer(cfg)
     return ds
 
 

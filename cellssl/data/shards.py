@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import warnings
@@ -97,6 +98,32 @@ def line_starts(path: str | Path, count: int, chunk: int = 1 << 24) -> np.ndarra
         raise DataError(f"{path} lists {len(out) - 1} paths for {count} cells; re-create the shards with "
                         "'cellssl datasets shard'")
     return out
+
+
+def decode_cell(data: bytes, where: str) -> np.ndarray:
+    """The pixels of one ``.npy`` shard member as (H, W, C) in their own dtype (a 2-D array gets
+    C = 1); ImageReadError naming ``where`` (``shard-000003.tar:000004711.npy``) when it cannot be
+    decoded. The one decoding of a stored cell: the map-style reader and the stream use it."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ImageReadError(where, f"corrupt shard member ({exc})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or min(arr.shape) == 0:
+        raise ImageReadError(where, f"corrupt shard member (array of shape {arr.shape})")
+    return arr
+
+
+STREAM_PREFIXES = ("pipe:", "file:", "http://", "https://")
+_BRACES = re.compile(r"\{\d+\.\.\d+\}")
+
+
+def is_stream_spec(spec: str | Path | None) -> bool:
+    """True when a ``--data`` value names a streaming shard source (:mod:`cellssl.data.stream`): a
+    ``pipe:``, ``file:``, ``http(s)://`` URL, or shards in brace notation (``shard-{000000..000009}.tar``)."""
+    s = str(spec or "")
+    return s.startswith(STREAM_PREFIXES) or bool(_BRACES.search(s))
 
 
 def _cell_meta(label: int, classes: list[str], path: str, raw: np.ndarray) -> dict[str, Any]:
@@ -254,8 +281,14 @@ def load_index(root: str | Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read shard index {path} ({exc}); re-create the shards with 'cellssl datasets shard'") from None
+    return check_index(index, path)
+
+
+def check_index(index: Any, where: str | Path) -> dict[str, Any]:
+    """``index`` (parsed ``index.json``, read from ``where``) when it is a cellssl shard index; else a
+    one-line DataError naming ``where``."""
     if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
-        raise DataError(f"{path} is not a cellssl shard index (format '{FORMAT}'); "
+        raise DataError(f"{where} is not a cellssl shard index (format '{FORMAT}'); "
                         "re-create the shards with 'cellssl datasets shard'")
     return index
 
@@ -362,15 +395,7 @@ class ShardReader:
         data = os.pread(self._fd(int(rec["shard"])), int(rec["size"]), int(rec["offset"]))
         if len(data) != int(rec["size"]):
             raise ImageReadError(self.member(i), f"the shard ends early ({len(data)} of {int(rec['size'])} bytes)")
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise ImageReadError(self.member(i), f"corrupt shard member ({exc})") from None
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if arr.ndim != 3 or min(arr.shape) == 0:
-            raise ImageReadError(self.member(i), f"corrupt shard member (array of shape {arr.shape})")
-        return arr
+        return decode_cell(data, self.member(i))
 
     def close(self) -> None:
         """Close the open shard files."""

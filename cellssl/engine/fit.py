@@ -36,7 +36,6 @@ from cellssl.engine.checkpoint import (
     training_checkpoint,
 )
 from cellssl.engine.distributed import (
-    ResumableSampler,
     agree_max,
     broadcast_buffers,
     broadcast_int,
@@ -47,7 +46,15 @@ from cellssl.engine.distributed import (
 )
 from cellssl.engine.guard import NonFiniteGuard
 from cellssl.engine.hardware import resolve_precision, use_channels_last
-from cellssl.engine.loader import build_training_data, step_batches, training_loader, worker_pids
+from cellssl.engine.loader import (
+    StreamViews,
+    build_training_data,
+    step_batches,
+    stream_resume_note,
+    training_loader,
+    training_sampler,
+    worker_pids,
+)
 from cellssl.engine.logger import MetricsLogger
 from cellssl.engine.optim import build_optimizer, lr_at, set_lr, warmup_steps_for
 from cellssl.engine.watchdog import STOP_SIGNALS, StallWatchdog, StopRequest, deferred_stop_signals
@@ -397,6 +404,8 @@ class Training:
                                         schedule_fixed=self.schedule_fixed, in_chans=self.in_chans)
             if self.dist.distributed:
                 state["ranks"] = by_rank
+            if isinstance(self.sampler, StreamViews):
+                state["stream"] = self.sampler.position(self.step)
             save_atomic(state, self.ckpt_path)
 
     def finish(self) -> None:
@@ -445,7 +454,7 @@ class Training:
                 f"{getattr(self.base, 'root', 'the data')}): use --batch-size {max(2, n // (2 * dist.world_size))} "
                 "or more data"
             )
-        self.sampler = ResumableSampler(n, tc.batch_size, tc.seed, dist.rank, dist.world_size)
+        self.sampler = training_sampler(self.recipe, views_ds, n, dist.rank, dist.world_size)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = tc.max_steps if tc.max_steps else (tc.epochs or 1) * self.steps_per_epoch
         self.loader = training_loader(self.recipe, views_ds, self.sampler, pin_memory=self.device.type == "cuda",
@@ -484,6 +493,10 @@ class Training:
         ckpt = restore_training(self.ckpt_path, self.recipe, self.method, self.optimizer, self.scaler)
         self.step = self.start_step = int(ckpt["step"])
         self._restore_rank_state(ckpt.get("ranks"))
+        if isinstance(self.sampler, StreamViews):
+            note = stream_resume_note(ckpt.get("stream"), self.sampler.position(self.step))
+            if note:
+                warnings.warn(note, stacklevel=1)
         planned, stored = self.total_steps, int(ckpt.get("total_steps", self.total_steps))
         self.schedule_fixed = bool(ckpt.get("schedule_fixed", False))
         asked = run_length(vars(self.tc))
