@@ -375,6 +375,10 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
         raise CellSSLError(f"--target-error must be a fraction between 0 and 1 (e.g. 0.05), got {target_error}")
     if ood_quantile is not None and not 0 < ood_quantile <= 1:
         raise CellSSLError(f"--ood-quantile must be in (0, 1] (e.g. 0.99), got {ood_quantile}")
+    if fmt == "parquet":
+        from cellssl.eval.tables import check_writable
+
+        check_writable(out)  # before any image is read (docs/reliability.md)
     report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
                  batch_size=batch_size, device=device, overwrite=overwrite, part_rows=part_rows, fmt=fmt)
     if "parquet" in report["files"]:
