@@ -240,24 +240,16 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
 @click.option("--um-per-px", type=RecipeValue("data.um_per_px"), default=None,
               help="Micrometres per pixel of --data: resampled to the checkpoint's data.um_per_px when it has one.")
 @click.option("--part-rows", type=click.IntRange(1), default=DEFAULT_PART_ROWS, show_default=True,
-              help=".npz of a larger set: embedded in parts of this many rows (OUT.parts/, one part in memory); "
-                   "a killed embed rerun with the same options continues after the last complete part.")
+              help="A larger set is embedded in parts of this many rows (OUT.parts/, one part in memory; any "
+                   "format); a killed embed rerun with the same options continues after the last complete part.")
 def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, part_rows, image_size, batch_size, device, adapt_bn):
     """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels),
     .h5ad (AnnData) or .parquet."""
-    from cellssl.eval.tables import check_writable, embed_outputs, resolve_output
+    from cellssl.eval.tables import embed_outputs
 
-    path, kind = resolve_output(out, fmt)
-    check_writable(path.parent)
-    if kind == "npz" and not plot:
-        from cellssl.eval.features import embed as run
-
-        path = run(checkpoint, data, out, part_rows=part_rows, image_size=image_size, batch_size=batch_size,
-                   device=device, adapt_bn=adapt_bn, um_per_px=um_per_px)
-        click.echo(f"features written to {path}")
-        return
-    files = embed_outputs(checkpoint, data, out, fmt=fmt, lab=lab, plot=plot, image_size=image_size,
-                          batch_size=batch_size, device=device, adapt_bn=adapt_bn, um_per_px=um_per_px)
+    files = embed_outputs(checkpoint, data, out, fmt=fmt, lab=lab, plot=plot, part_rows=part_rows,
+                          image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn,
+                          um_per_px=um_per_px)
     click.echo(f"features written to {files['features']}")
     if "plot" in files:
         click.echo(f"map: {files['plot']}")
@@ -384,13 +376,13 @@ def predict(model, data, out, target_error, ood_quantile, sheet, batch_size, dev
     if ood_quantile is not None and not 0 < ood_quantile <= 1:
         raise CellSSLError(f"--ood-quantile must be in (0, 1] (e.g. 0.99), got {ood_quantile}")
     if fmt == "parquet":
-        from cellssl.eval.tables import check_writable, csv_to_parquet
+        from cellssl.eval.tables import check_writable
 
-        check_writable(out)
+        check_writable(out)  # before any image is read (docs/reliability.md)
     report = run(model, data, out, target_error=target_error, ood_quantile=ood_quantile, sheet=sheet,
-                 batch_size=batch_size, device=device, overwrite=overwrite, part_rows=part_rows)
-    if fmt == "parquet":
-        click.echo(f"table: {csv_to_parquet(report['files']['csv'])}")
+                 batch_size=batch_size, device=device, overwrite=overwrite, part_rows=part_rows, fmt=fmt)
+    if "parquet" in report["files"]:
+        click.echo(f"table: {report['files']['parquet']}")
     click.echo(format_predict_summary(report))
 
 

@@ -47,6 +47,17 @@ def make_image_folder(root: Path, n_per_class: int = 16, size: int = 24, classes
     return root
 
 
+def make_plate_folder(root: Path, plate: str = "plate2") -> Path:
+    """``root/cells``: 6 red and 6 green 16 px cells, and 2 larger (20 px) green ones in the
+    sub-folder ``green/<plate>`` below their class (a batch / plate folder)."""
+    make_image_folder(root / "cells", n_per_class=6, size=16, classes=("red", "green"))
+    (root / "cells" / "green" / plate).mkdir()
+    make_image_folder(root / "tmp", n_per_class=2, size=20, classes=("x",))
+    for i, p in enumerate(sorted((root / "tmp" / "x").iterdir())):
+        p.rename(root / "cells" / "green" / plate / f"big_{i}.png")
+    return root / "cells"
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "cells")

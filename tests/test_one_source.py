@@ -61,13 +61,14 @@ def test_cli_choices_and_defaults_are_those_of_the_code_they_drive():
     assert _options("embed")["fmt"].type.choices == ("auto", *tables.EMBED_FORMATS)
     pred = _options("predict")
     assert pred["fmt"].type.choices == tables.PREDICT_FORMATS
+    assert pred["fmt"].default == _default(predict_module.predict, "fmt")
     assert f"{_default(unsure.calibrate, 'target_error'):g}" in pred["target_error"].help
     assert f"{_default(unsure.calibrate, 'ood_quantile'):g}" in pred["ood_quantile"].help
 
 
 # every command and the function it runs (those taking **fields also take the FeatureOptions fields)
 RUNS = {"fewshot": fewshot_module.fewshot, "linear": linear.linear, "knn": knn_module.knn,
-        "finetune": finetune.finetune, "embed": features.embed, "predict": predict_module.predict,
+        "finetune": finetune.finetune, "embed": tables.embed_outputs, "predict": predict_module.predict,
         "export": export_module.export, "select": select_module.select, "adapt": continued.adapt,
         "transfer-report": report.transfer_report}
 

@@ -13,18 +13,12 @@ import pytest
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureSet
 from cellssl.eval.tables import csv_to_parquet, resolve_output
-from conftest import TINY_BACKBONE, make_image_folder, run_cli
+from conftest import TINY_BACKBONE, make_image_folder, make_plate_folder, run_cli
 
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bio")
-    make_image_folder(root / "cells", n_per_class=6, size=16, classes=("red", "green"))
-    (root / "cells" / "green" / "plate2").mkdir()
-    make_image_folder(root / "tmp", n_per_class=2, size=20, classes=("x",))
-    for i, p in enumerate(sorted((root / "tmp" / "x").iterdir())):
-        p.rename(root / "cells" / "green" / "plate2" / f"big_{i}.png")
-    return root / "cells"
+    return make_plate_folder(tmp_path_factory.mktemp("bio"))
 
 
 # ---- 1. AnnData -----------------------------------------------------------------------------

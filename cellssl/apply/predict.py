@@ -13,6 +13,7 @@ from the training images' by more than 2x (another magnification) are predicted 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
@@ -44,17 +45,17 @@ from cellssl.errors import DataError
 from cellssl.eval.metrics import classification_metrics
 from cellssl.eval.probes import softmax
 from cellssl.eval.report import markdown_table, pct, write_json
-from cellssl.eval.settings import DEFAULT_PART_ROWS
+from cellssl.eval.settings import DEFAULT_PART_ROWS, PREDICT_FORMATS
 from cellssl.eval.unsure import MIN_CALIBRATION_CELLS, OODModel, thresholds
 from cellssl.plots import image_sheet, tile
 
 __all__ = ["predict", "format_predict_summary", "SIZE_TOLERANCE"]
 
 SIZE_TOLERANCE = 2.0  # flag images whose height or width differs from the training median by more than this factor
-CSV_NAME, SHEET_NAME = "predictions.csv", "least_certain.png"
+CSV_NAME, SHEET_NAME, PARQUET_NAME = "predictions.csv", "least_certain.png", "predictions.parquet"
 PARTS_NAME = "predictions.parts"  # the parts of a large set (resumable), in --out until the outputs are made
 # what --overwrite may replace
-PREDICT_FILES = (CSV_NAME, SHEET_NAME, "report.md", "report.json", "predictions.parquet", OUTPUT_MARKER, PARTS_NAME)
+PREDICT_FILES = (CSV_NAME, SHEET_NAME, "report.md", "report.json", PARQUET_NAME, OUTPUT_MARKER, PARTS_NAME)
 PLAN_NAMES = {"model_sha256": "model checksum", "part_rows": "part rows"}  # how a plan's keys read in an error
 
 
@@ -91,7 +92,7 @@ def _size_reason(h: int, w: int, native: list[int]) -> str:
 def predict(model: str | Path, data: str | Path, out: str | Path, *, target_error: float | None = None,
             ood_quantile: float | None = None, batch_size: int = 128, device: str = "auto", num_workers: int = 0,
             sheet: int = 48, progress: bool = True, overwrite: bool = False,
-            part_rows: int = DEFAULT_PART_ROWS) -> dict:
+            part_rows: int = DEFAULT_PART_ROWS, fmt: str = "csv") -> dict:
     """Classify every image below ``data`` with the predictor ``model``; write ``out``.
 
     Writes ``out/predictions.csv`` (one row per image: path, predicted class, its probability,
@@ -99,7 +100,8 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
     when ``data`` has class sub-folders named like the model's classes), ``out/report.md`` +
     ``report.json`` (the differential count: number and % per class, of all cells and of the
     confident ones; the unsure rule; accuracy when labels are known) and ``out/least_certain.png``
-    (the ``sheet`` least certain cells). ``target_error`` / ``ood_quantile`` re-choose the
+    (the ``sheet`` least certain cells); with ``fmt="parquet"`` also ``out/predictions.parquet`` (the
+    same columns, typed: :class:`~cellssl.eval.tables.ParquetRows`). ``target_error`` / ``ood_quantile`` re-choose the
     ``unsure`` thresholds from the saved validation scores (default: the ones chosen at fit time).
     The files are written to a hidden temporary folder renamed to ``out`` at the end (an interrupted
     run leaves no ``out``, or the earlier one whole); an ``out`` that holds files is refused, and
@@ -110,8 +112,10 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
     features) go to ``out/predictions.parts/part-00000k.npz`` as soon as the part is done, a rerun
     of a killed run with the same model, data and ``part_rows`` keeps the complete parts and scores
     the rest, and the outputs are then made from the parts one part at a time (the same files and
-    summary as one pass).
+    summary as one pass; the Parquet table one row group a part).
     """
+    if fmt not in PREDICT_FORMATS:
+        raise DataError(f"unknown output format {fmt!r}: use one of {', '.join(PREDICT_FORMATS)}")
     t0 = time.monotonic()
     out = _check_out(Path(out), overwrite)
     pred = load_predictor(model, device)
@@ -123,12 +127,15 @@ def predict(model: str | Path, data: str | Path, out: str | Path, *, target_erro
     th = thresholds(pred.unsure, target_error, ood_quantile) if pred.unsure else None
     with output_folder(out, replace=overwrite) as tmp:  # all files or none: renamed to out at the end
         mark_output_folder(tmp, "predict")  # a later predict on a folder holding `out` skips its images
-        tally = _write_csv(tmp / CSV_NAME, ds, pred, chunks, th, sheet)
+        table = tmp / PARQUET_NAME if fmt == "parquet" else None
+        tally = _write_csv(tmp / CSV_NAME, ds, pred, chunks, th, sheet, table)
         if not tally.n_used:
             raise DataError(f"no image in {data} could be classified (e.g. {ds.samples[0][0]}: {tally.first_reason})")
         report = _summary(pred, data, tally, th)
         report["files"] = {"csv": str(out / CSV_NAME), "markdown": str(out / "report.md"),
                            "json": str(out / "report.json")}
+        if table is not None:
+            report["files"]["parquet"] = str(out / PARQUET_NAME)
         if _contact_sheet(ds, tmp / SHEET_NAME, pred.classes, tally.least):
             report["files"]["contact_sheet"] = str(out / SHEET_NAME)
         report["seconds"] = round(time.monotonic() - t0, 1)
@@ -392,9 +399,10 @@ def _reason_kind(reason: str, used: bool) -> str:
 
 
 def _write_csv(path: Path, ds: Any, pred: Predictor, chunks: Iterable[_Scores], th: dict | None,
-               sheet: int) -> _Tally:
+               sheet: int, table: Path | None = None) -> _Tally:
     """predictions.csv: one row per image, written chunk by chunk as the scores come (to a temporary
-    name, then renamed); returns the :class:`_Tally` of all chunks."""
+    name, then renamed), and with ``table`` the same rows as Parquet there (one row group a chunk);
+    returns the :class:`_Tally` of all chunks."""
     classes, root, truth = pred.classes, Path(ds.root), _truth(ds, pred.classes)
     header = ["path", "predicted", "probability", "top3", "unsure", "reason", "distance"]
     has_truth = bool((truth >= 0).any())
@@ -402,18 +410,29 @@ def _write_csv(path: Path, ds: Any, pred: Predictor, chunks: Iterable[_Scores], 
         header.append("true_class")
     tally = _Tally(len(classes), sheet)
     tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", newline="") as f, _typed_rows(table, header) as typed:
         w = csv.writer(f)
         w.writerow(header)
         for scores in chunks:
             flags = _flags(scores, th, pred.native_size)
             unsure = np.array([bool(fl) for fl in flags], dtype=bool)
-            rows = _csv_rows(scores, _row_paths(ds.samples, scores.rows, root), classes, unsure, flags,
-                             truth[scores.rows] if has_truth else None)
+            rows = list(_csv_rows(scores, _row_paths(ds.samples, scores.rows, root), classes, unsure, flags,
+                                  truth[scores.rows] if has_truth else None))
             w.writerows(rows)
+            if typed is not None:
+                typed.write(rows)
             tally.add(scores, unsure, flags, truth[scores.rows])
     tmp.replace(path)
     return tally
+
+
+def _typed_rows(table: Path | None, header: list[str]) -> contextlib.AbstractContextManager:
+    """The :class:`~cellssl.eval.tables.ParquetRows` writer of ``table`` (None: no table, a context of None)."""
+    if table is None:
+        return contextlib.nullcontext(None)
+    from cellssl.eval.tables import ParquetRows  # loads anndata (0.4 s): only with --format parquet
+
+    return ParquetRows(table, header)
 
 
 def _csv_rows(scores: _Scores, rel: list[str], classes: list[str], unsure: np.ndarray, flags: list[list[str]],
@@ -539,6 +558,9 @@ def _write_report(report: dict, out: Path) -> None:
     files = report["files"]
     lines += ["## Files", "", f"- `{Path(files['csv']).name}`: one row per image (path, predicted, probability, "
               "top3, unsure, reason, distance)"]
+    if files.get("parquet"):
+        lines.append(f"- `{Path(files['parquet']).name}`: the same rows, typed (probability and distance float, "
+                     "unsure bool)")
     if files.get("contact_sheet"):
         lines += [f"- `{Path(files['contact_sheet']).name}`: the least certain cells", "",
                   f"![least certain cells]({Path(files['contact_sheet']).name})"]

@@ -52,6 +52,9 @@ __all__ = [
     "load_features",
     "embed",
     "EMBED_PART_ROWS",
+    "EmbeddingParts",
+    "embedding_parts",
+    "assemble_npz",
     "subsample_per_class",
     "align_labels",
     "class_lut",
@@ -496,17 +499,70 @@ def _part_plan(ex: FeatureExtractor, data: str | Path, keep: np.ndarray, part_ro
             "part_rows": int(part_rows)}
 
 
-def embed_in_parts(ex: FeatureExtractor, ds: Any, data: str | Path, keep: np.ndarray, out: Path,
-                   part_rows: int = EMBED_PART_ROWS) -> Path:
-    """The features of the rows ``keep`` of ``ds`` in parts of ``part_rows`` rows, then ``out``.
+@dataclass
+class EmbeddingParts:
+    """The complete parts of one embedding (:func:`embedding_parts`) and what its output needs
+    besides their rows: ``info`` (:meth:`FeatureExtractor.describe`), the dataset's ``classes``, the
+    ``data`` spec and its ``root`` folder. :meth:`totals` sizes the whole without reading a feature."""
+
+    parts: Parts
+    info: dict
+    classes: list[str]
+    data: str | Path
+    root: str
+
+    def totals(self) -> "PartsTotals":
+        """Rows, feature width, the widest path, whether every row is labelled and the skipped files
+        of all parts, from the parts' ``.npy`` headers and small arrays (no feature is read); a
+        DataError when no row could be read, a warning naming the count of skipped files."""
+        n, dim, width, labelled, skipped = 0, 0, 1, bool(self.classes), []
+        for name in self.parts.names:
+            shape, _ = _npz_member_header(name, "features")
+            n, dim = n + shape[0], max(dim, shape[1] if len(shape) == 2 else 0)
+            width = max(width, _npz_member_header(name, "paths")[1].itemsize // 4)
+            with np.load(name) as z:
+                labelled = labelled and bool((z["labels"] >= 0).all())
+                skipped += [str(x) for x in z["skipped"]]
+        if not n:
+            raise DataError(f"no image of {self.data} could be read: run 'cellssl datasets check {self.data}'")
+        if skipped:
+            warnings.warn(f"{len(skipped)} images of {self.data} left out (unreadable or another channel count "
+                          "than most, named above)", DataWarning, stacklevel=3)
+        return PartsTotals(n, dim, width, labelled, skipped)
+
+    def chunks(self) -> Iterator[tuple[int, FeatureSet]]:
+        """``(start, rows)`` of each part in turn, one part read at a time: ``rows`` a
+        :class:`FeatureSet` of the part's features (n, F), labels, paths, the classes, info and root;
+        ``start`` its first row in the whole output."""
+        start = 0
+        for k in range(len(self.parts.names)):
+            z = self.parts.load(k)
+            yield start, FeatureSet(features=z["features"], labels=z["labels"], paths=[str(p) for p in z["paths"]],
+                                    classes=list(self.classes), info=self.info, root=self.root, rows=z["rows"])
+            start += len(z["rows"])
+
+
+@dataclass
+class PartsTotals:
+    """What :meth:`EmbeddingParts.totals` adds up: ``n`` rows, ``dim`` features a row, ``width``
+    characters of the longest path, ``labelled`` (every row has a class), ``skipped`` files."""
+
+    n: int
+    dim: int
+    width: int
+    labelled: bool
+    skipped: list[str]
+
+
+def embedding_parts(ex: FeatureExtractor, ds: Any, data: str | Path, keep: np.ndarray, out: Path,
+                    part_rows: int = EMBED_PART_ROWS) -> EmbeddingParts:
+    """The features of the rows ``keep`` of ``ds`` in parts of ``part_rows`` rows, kept on disk.
 
     Part k (``<out>.parts/part-00000k.npz``: ``features``, ``rows``, ``paths``, ``labels``,
     ``skipped``; :mod:`cellssl.data.parts`) is written atomically once its rows are done; parts
     already there from a killed run of the same embedding (``plan.json``: backbone, step, data,
-    rows) are kept, so the rerun continues after the last complete part. At the end the parts are
-    streamed into ``out`` (the ``.npz`` of :func:`save_embeddings`, one part in memory at a time)
-    and the parts folder is removed. Unlike the one-pass path, a class left with no readable image
-    is kept in ``classes``."""
+    rows) are kept, so the rerun continues after the last complete part. The caller assembles its
+    output from the returned parts and then removes them (``.parts.remove()``)."""
     parts = open_parts(parts_folder(out), _part_plan(ex, data, keep, part_rows), out=out, what="embedding",
                        names=SOURCE_NAMES)
     ex.prepare(ds.channels)
@@ -521,9 +577,18 @@ def embed_in_parts(ex: FeatureExtractor, ds: Any, data: str | Path, keep: np.nda
             "features": feats[ok], "rows": rows[ok], "labels": labels[rows[ok]].astype(np.int64),
             "paths": np.asarray([relative_path(ds.samples[int(i)][0], root) for i in rows[ok]], dtype=str),
             "skipped": np.asarray([relative_path(ds.samples[int(i)][0], root) for i in rows[~ok]], dtype=str)})
-    info = ex.describe(data)
-    path = _assemble_parts(parts, out, info, list(ds.classes), data)
-    parts.remove()
+    return EmbeddingParts(parts, ex.describe(data), list(ds.classes), data, str(root))
+
+
+def embed_in_parts(ex: FeatureExtractor, ds: Any, data: str | Path, keep: np.ndarray, out: Path,
+                   part_rows: int = EMBED_PART_ROWS) -> Path:
+    """The features of the rows ``keep`` of ``ds`` in resumable parts (:func:`embedding_parts`),
+    then streamed into ``out`` (the ``.npz`` of :func:`save_embeddings`, one part in memory at a
+    time), then the parts folder removed. Unlike the one-pass path, a class left with no readable
+    image is kept in ``classes``."""
+    done = embedding_parts(ex, ds, data, keep, out, part_rows)
+    path = assemble_npz(done, out)
+    done.parts.remove()
     return path
 
 
@@ -547,29 +612,18 @@ def _write_npz_member(zf: zipfile.ZipFile, key: str, dtype: np.dtype, shape: tup
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def _assemble_parts(parts: Parts, out: Path, info: dict, classes: list[str], data: str | Path) -> Path:
+def assemble_npz(done: EmbeddingParts, out: Path) -> Path:
     """Stream the parts into ``out`` with the arrays of :func:`save_embeddings` (labels and classes
     when every kept image has a label)."""
-    n, dim, width, labelled, skipped = 0, 0, 1, bool(classes), []
-    for name in parts.names:  # sizes first (the headers need the whole shapes), from the parts' .npy headers
-        shape, _ = _npz_member_header(name, "features")
-        n, dim = n + shape[0], max(dim, shape[1] if len(shape) == 2 else 0)
-        width = max(width, _npz_member_header(name, "paths")[1].itemsize // 4)
-        with np.load(name) as z:
-            labelled = labelled and bool((z["labels"] >= 0).all())
-            skipped += [str(x) for x in z["skipped"]]
-    if not n:
-        raise DataError(f"no image of {data} could be read: run 'cellssl datasets check {data}'")
-    if skipped:
-        warnings.warn(f"{len(skipped)} images of {data} left out (unreadable or another channel count than "
-                      "most, named above)", DataWarning, stacklevel=3)
+    parts, tot = done.parts, done.totals()  # sizes first: the headers need the whole shapes
     with output_file(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write_npz_member(zf, "features", np.float32, (n, dim), lambda: parts.arrays("features"))
-        _write_npz_member(zf, "paths", np.dtype(f"<U{width}"), (n,), lambda: parts.arrays("paths"))
-        small = {"source": np.asarray(json.dumps(feature_source(info))), "skipped": np.asarray(skipped, dtype=str)}
-        if labelled:
-            _write_npz_member(zf, "labels", np.int64, (n,), lambda: parts.arrays("labels"))
-            small["classes"] = np.asarray(classes, dtype=str)
+        _write_npz_member(zf, "features", np.float32, (tot.n, tot.dim), lambda: parts.arrays("features"))
+        _write_npz_member(zf, "paths", np.dtype(f"<U{tot.width}"), (tot.n,), lambda: parts.arrays("paths"))
+        small = {"source": np.asarray(json.dumps(feature_source(done.info))),
+                 "skipped": np.asarray(tot.skipped, dtype=str)}
+        if tot.labelled:
+            _write_npz_member(zf, "labels", np.int64, (tot.n,), lambda: parts.arrays("labels"))
+            small["classes"] = np.asarray(done.classes, dtype=str)
         for key, arr in small.items():
             with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, arr)

@@ -28,7 +28,7 @@ from cellssl.plots import pyplot, save_figure
 
 __all__ = ["write_report", "format_summary", "ReportKind", "FEWSHOT", "LINEAR", "KNN", "FINETUNE", "REPORT_KINDS",
            "report_paths", "plot_confusion", "plot_shots", "plot_embedding", "markdown_table", "pct", "jsonable",
-           "write_json", "tsne_2d", "umap_2d", "embedding_2d", "plot_embedding_groups"]
+           "write_json", "tsne_2d", "umap_2d", "embedding_2d", "plot_rows", "plot_embedding_groups"]
 
 MIN_EMBED_POINTS = 10
 
@@ -215,6 +215,14 @@ def _quiet_embedding_2d(x: np.ndarray, seed: int) -> tuple[np.ndarray, str] | No
         return None
 
 
+def plot_rows(n: int, max_points: int = 2000, seed: int = 0) -> np.ndarray:
+    """The rows (sorted, (min(n, max_points),)) of n that a map of at most ``max_points`` points
+    draws: all of them, or ``max_points`` drawn without replacement with ``seed``."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+
+
 def plot_embedding_groups(features: np.ndarray, groups: dict[str, np.ndarray], path: Path, max_points: int = 2000,
                           seed: int = 0, title: str = "") -> Path | None:
     """One 2-D map (:func:`embedding_2d`) of (N, F) ``features``, drawn once per entry of
@@ -224,9 +232,7 @@ def plot_embedding_groups(features: np.ndarray, groups: dict[str, np.ndarray], p
     x = np.asarray(features)
     if len(x) < MIN_EMBED_POINTS or x.ndim != 2 or not groups:
         return None
-    keep = np.arange(len(x))
-    if len(keep) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(x), size=max_points, replace=False))
+    keep = plot_rows(len(x), max_points, seed)
     drawn = _quiet_embedding_2d(x[keep], seed)
     if drawn is None:
         return None
