@@ -133,14 +133,14 @@ def test_variants_and_shipped_baseline_recipes_become_rows(tmp_path):
     assert quality.recipe_rows(tmp_path) == {"`blood_smear_vicreg` recipe": {"method": "vicreg",
                                                                               "recipe": "blood_smear_vicreg"}}
     rows = quality.with_variants({"raw": {"kind": "raw"}, "MSBReg": {"method": "msbreg"}},
-                                 ["strong colour=recipes/ablation/strong_colour.yaml", "grey=views.saturation=1.0"])
-    assert list(rows) == ["raw", "MSBReg", "MSBReg + strong colour", "MSBReg + grey"]
+                                 ["weak colour=recipes/ablation/weak_colour.yaml", "grey=views.saturation=1.0"])
+    assert list(rows) == ["raw", "MSBReg", "MSBReg + weak colour", "MSBReg + grey"]
     args = quality.parse_args(["--cross-lab", "none"])
-    strong = quality.row_recipe(rows["MSBReg + strong colour"], args)
-    assert (strong.views.hed_jitter, strong.views.brightness, strong.views.saturation, strong.views.hue) == (
-        0.04, 0.25, 0.2, 0.04)
+    weak = quality.row_recipe(rows["MSBReg + weak colour"], args)
+    assert (weak.views.hed_jitter, weak.views.brightness, weak.views.saturation, weak.views.hue) == (
+        0.02, 0.1, 0.05, 0.0)
     assert quality.row_recipe(rows["MSBReg + grey"], args).views.saturation == 1.0
-    assert quality.row_recipe(rows["MSBReg"], args).views.hed_jitter == 0.02  # the shipped recipe is untouched
+    assert quality.row_recipe(rows["MSBReg"], args).views.hed_jitter == 0.04  # the shipped recipe is untouched
     assert len({quality.row_key(n, s, args) for n, s in rows.items() if "method" in s}) == 3
     np.testing.assert_equal(quality.budget_order("20 min") < quality.budget_order("5 steps"), True)
 
