@@ -73,10 +73,10 @@ class Parts:
         with output_file(self.names[k]) as tmp:
             np.savez(tmp, **arrays)
 
-    def load(self, k: int) -> dict[str, np.ndarray]:
-        """The arrays of part k."""
+    def load(self, k: int, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """The arrays of part k, but those named in ``skip`` (not read from disk)."""
         with np.load(self.names[k]) as z:
-            return {key: z[key] for key in z.files}
+            return {key: z[key] for key in z.files if key not in skip}
 
     def arrays(self, key: str) -> Iterator[np.ndarray]:
         """Array ``key`` of each part in turn (one part read at a time)."""

@@ -510,11 +510,18 @@ class EmbeddingParts:
     classes: list[str]
     data: str | Path
     root: str
+    _totals: "PartsTotals | None" = field(default=None, init=False, repr=False)
 
     def totals(self) -> "PartsTotals":
         """Rows, feature width, the widest path, whether every row is labelled and the skipped files
-        of all parts, from the parts' ``.npy`` headers and small arrays (no feature is read); a
-        DataError when no row could be read, a warning naming the count of skipped files."""
+        of all parts, from the parts' ``.npy`` headers and small arrays (no feature is read; added
+        up once, then kept); a DataError when no row could be read, a warning naming the count of
+        skipped files."""
+        if self._totals is None:
+            self._totals = self._add_up()
+        return self._totals
+
+    def _add_up(self) -> "PartsTotals":
         n, dim, width, labelled, skipped = 0, 0, 1, bool(self.classes), []
         for name in self.parts.names:
             shape, _ = _npz_member_header(name, "features")
@@ -527,18 +534,20 @@ class EmbeddingParts:
             raise DataError(f"no image of {self.data} could be read: run 'cellssl datasets check {self.data}'")
         if skipped:
             warnings.warn(f"{len(skipped)} images of {self.data} left out (unreadable or another channel count "
-                          "than most, named above)", DataWarning, stacklevel=3)
+                          "than most, named above)", DataWarning, stacklevel=4)
         return PartsTotals(n, dim, width, labelled, skipped)
 
-    def chunks(self) -> Iterator[tuple[int, FeatureSet]]:
+    def chunks(self, features: bool = True) -> Iterator[tuple[int, FeatureSet]]:
         """``(start, rows)`` of each part in turn, one part read at a time: ``rows`` a
-        :class:`FeatureSet` of the part's features (n, F), labels, paths, the classes, info and root;
-        ``start`` its first row in the whole output."""
-        start = 0
+        :class:`FeatureSet` of the part's features (n, F; with ``features=False`` none are read from
+        disk and the set holds (0, F)), labels, paths, the classes, info and root; ``start`` its
+        first row in the whole output."""
+        start, none = 0, np.zeros((0, self.totals().dim), np.float32)
         for k in range(len(self.parts.names)):
-            z = self.parts.load(k)
-            yield start, FeatureSet(features=z["features"], labels=z["labels"], paths=[str(p) for p in z["paths"]],
-                                    classes=list(self.classes), info=self.info, root=self.root, rows=z["rows"])
+            z = self.parts.load(k, skip=() if features else ("features",))
+            yield start, FeatureSet(features=z.get("features", none), labels=z["labels"],
+                                    paths=[str(p) for p in z["paths"]], classes=list(self.classes), info=self.info,
+                                    root=self.root, rows=z["rows"])
             start += len(z["rows"])
 
 

@@ -18,9 +18,10 @@ cell, is held whole). ``predict`` streams its table the same way (:class:`Parque
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,7 @@ def assemble_h5ad(done: EmbeddingParts, path: str | Path, lab: str | None = None
     and filled part by part, so at most one part of features is in memory."""
     path, tot = Path(path), done.totals()
     folders = _folders(done)
-    obs = pd.concat([obs_frame(fs, lab, start=start, folders=folders) for start, fs in _without_features(done)])
+    obs = pd.concat([obs_frame(fs, lab, start=start, folders=folders) for start, fs in done.chunks(features=False)])
     first = FeatureSet(np.zeros((0, tot.dim), np.float32), np.zeros(0, np.int64), [], done.classes, done.info,
                        done.root)
     with output_file(path) as tmp:
@@ -202,13 +203,6 @@ def assemble_h5ad(done: EmbeddingParts, path: str | Path, lab: str | None = None
                 x[start:start + len(feats)] = feats
                 start += len(feats)
     return path
-
-
-def _without_features(done: EmbeddingParts) -> Iterable[tuple[int, FeatureSet]]:
-    """:meth:`EmbeddingParts.chunks` with each part's features dropped as soon as it is read."""
-    for start, fs in done.chunks():
-        fs.features = fs.features[:0]
-        yield start, fs
 
 
 def _parquet_table(fs: Any, lab: str | None, start: int = 0, folders: Sequence[str] | None = None) -> pa.Table:
@@ -269,12 +263,14 @@ class ParquetRows:
         empty = pd.Series([], dtype=str)
         self.schema = pa.schema([(c, pa.from_numpy_dtype(self.types[c](empty).dtype) if c in self.types
                                   else pa.string()) for c in self.columns])
-        self._file: Any = None
+        self._stack = contextlib.ExitStack()
         self._writer: pq.ParquetWriter | None = None
 
     def __enter__(self) -> "ParquetRows":
-        self._file = output_file(self.path)
-        self._writer = pq.ParquetWriter(self._file.__enter__(), self.schema)
+        with contextlib.ExitStack() as stack:  # the temporary file is removed if the writer cannot start
+            tmp = stack.enter_context(output_file(self.path))
+            self._writer = stack.enter_context(contextlib.closing(pq.ParquetWriter(tmp, self.schema)))
+            self._stack = stack.pop_all()
         return self
 
     def write(self, rows: Sequence[Sequence[str]] | pd.DataFrame) -> None:
@@ -287,10 +283,8 @@ class ParquetRows:
         self._writer.write_table(pa.Table.from_pandas(df, schema=self.schema, preserve_index=False))
 
     def __exit__(self, *exc: Any) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._file.__exit__(*exc)
+        self._writer = None
+        self._stack.__exit__(*exc)  # closes the writer, then renames (or on an error removes) the file
 
 
 def csv_to_parquet(csv_path: str | Path, path: str | Path | None = None,
