@@ -324,6 +324,10 @@ class TrainConfig:
     # auto (bf16 on CUDA, fp32 on CPU) | fast (bf16 on CUDA and on CPUs with AMX-BF16, else fp32)
     # | bf16 | fp16 | fp32 (cellssl.engine.hardware)
     precision: str = "auto"
+    # The EMA target's forward (MSBReg, BYOL): auto (bf16 autocast in an fp32 run on a CPU with native
+    # bf16 dot products, AVX512-BF16 or AMX-BF16, where it is 2x faster; else as the run) | same (as the
+    # run) | bf16 (cellssl.engine.hardware)
+    target_precision: str = "auto"
     compile: bool = False  # torch.compile (inductor) the training step, on any device
     threads: Optional[int] = None  # torch CPU threads; None = torch default
     checkpoint_every: int = 100
@@ -391,6 +395,7 @@ _CHOICES = {
     "optim.predictor_lr_schedule": ("cosine", "constant"),
     "optim.name": ("adamw", "lars", "sgd"),
     "train.precision": ("auto", "fast", "bf16", "fp16", "fp32"),
+    "train.target_precision": ("auto", "same", "bf16"),
 }
 
 

@@ -189,3 +189,15 @@ def test_host_read_counter_counts():
         assert counter.n == 2
     finally:
         mp.undo()
+
+
+def test_a_compiled_msbreg_with_forces_off_still_has_a_loss_to_differentiate():
+    """Inductor (not aot_eager) returned the loss without gradient when a force that is off reported a
+    zero made from no input (``new_zeros``); the centroid-only ablation then failed at ``backward``."""
+    method = _tiny_msbreg(sv_weight=0.0, brownian_weight=0.0)
+    compiled = torch.compile(method, fullgraph=True)
+    views = torch.randn(4, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = compiled(views, **method.step_inputs(4, torch.device("cpu")))
+    assert out["loss"].requires_grad and out["loss_sv"] == 0 and out["loss_brownian"] == 0
+    out["loss"].backward()
+    assert method.predictor[0].weight.grad.abs().sum() > 0

@@ -88,3 +88,53 @@ def test_recipes_and_checkpoints_without_the_new_values_still_load() -> None:
     assert load_recipe("blood_smear", ["train.precision=fast"]).train.precision == "fast"
     with pytest.raises(ConfigError, match="train.precision: 'amx' is not one of auto, fast, bf16"):
         load_recipe("blood_smear", ["train.precision=amx"])
+
+
+@pytest.mark.parametrize("flags,run,device,setting,expected", [
+    ({"avx512f", "avx2"}, "fp32", CPU, "auto", None),  # a CPU without bf16 dot products: fp32 as the run
+    ({"avx512_bf16"}, "fp32", CPU, "auto", torch.bfloat16),  # AVX512-BF16 alone: a bf16 forward pays
+    ({"amx_bf16"}, "fp32", CPU, "auto", torch.bfloat16),
+    ({"avx512_bf16"}, "bf16", CPU, "auto", None),  # the run is already bf16: its own autocast
+    ({"avx512_bf16"}, "fp32", CPU, "same", None),
+    ({"avx512f"}, "fp32", CPU, "bf16", torch.bfloat16),  # asked for: on any CPU
+    (set(), "bf16", CUDA, "auto", None),
+])
+def test_target_forward_precision(monkeypatch, flags, run, device, setting, expected) -> None:
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
+    assert hw.target_autocast_dtype(device, run, setting) is expected
+
+
+def test_a_bf16_target_forward_keeps_the_target_float32_and_close() -> None:
+    import cellssl.methods  # noqa: F401  (registers the methods)
+    from cellssl.methods.base import build_method
+    from cellssl.models.backbone import build_backbone
+
+    torch.manual_seed(0)
+    r = load_recipe("blood_smear", ["model.backbone=resnet18", "model.proj_hidden=64", "model.proj_dim=32",
+                                    "model.pred_hidden=64"])
+    method = build_method(r.method, r.model, build_backbone(r.model, 3, 32)).train()
+    x = torch.rand(16, 3, 32, 32)
+    ref = method.target(x)
+    method.use_target_dtype(torch.bfloat16)
+    fast = method.target(x)
+    assert fast.dtype == torch.float32 and not fast.requires_grad
+    assert next(method.target_backbone.parameters()).dtype == torch.float32  # the EMA keeps fp32 weights
+    cos = torch.nn.functional.cosine_similarity(fast, ref, dim=-1)
+    assert cos.min() > 0.99, cos  # bf16 rounding, not a different target
+    assert not torch.equal(fast, ref)  # ... and it did run in bf16
+    vicreg = build_method(load_recipe("blood_smear_vicreg").method, r.model, build_backbone(r.model, 3, 32))
+    assert vicreg.use_target_dtype(torch.bfloat16).target_dtype is None  # no target, nothing to speed up
+
+
+@pytest.mark.parametrize("has_dot,expected", [(False, None), (True, torch.bfloat16)])
+def test_fit_runs_the_target_in_bf16_only_where_the_cpu_has_it(tmp_path: Path, tiny_folder: Path, monkeypatch,
+                                                             has_dot, expected) -> None:
+    monkeypatch.setattr(hw, "cpu_has_bf16_dot", lambda: has_dot)
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2, log_every=1, monitor_every=100)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}", "data.num_workers=0"])
+    assert r.train.target_precision == "auto"
+    res = fit(r)
+    assert res.method.target_dtype is expected
+    assert torch.isfinite(torch.tensor(res.last_metrics["loss"]))
+    with pytest.raises(ConfigError, match="train.target_precision: 'fp16' is not one of auto, same, bf16"):
+        load_recipe("blood_smear", ["train.target_precision=fp16"])

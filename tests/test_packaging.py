@@ -72,6 +72,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--image-size", "16", "--workers", "0",
         "--backbone", TINY_BACKBONE,
         "--set", "train.progress=false", "--set", "model.proj_hidden=32", "--set", "model.pred_hidden=32",
-        "--set", "model.proj_dim=16", "--set", "train.threads=1")
+        "--set", "model.proj_dim=16", "--set", "train.threads=1",
+        "--set", "train.compile=false")  # inductor's minute on the CPU: test_gpu_path compiles this ablation
     assert (out / "checkpoints" / "last.pt").is_file()
     assert "sv_weight: 0.0" in (out / "config.yaml").read_text()  # the ablation overlay was found and applied

@@ -123,7 +123,7 @@ def adapted_recipe(source_config: dict, data: str | Path, out: str | Path, *, ma
                    overrides: Sequence[str] = ()) -> Any:
     """The recipe for continued training: the source run's recipe with the target data, ``out``,
     ``optim.lr × adapt.lr_scale``, ``method.momentum_base = adapt.momentum_base`` and
-    ``train.max_steps = max_steps or adapt.max_steps``. ``overrides`` (``key=value``) are applied
+    ``train.max_steps = max_steps or adapt.max_steps``, ``train.compile`` off. ``overrides`` (``key=value``) are applied
     first; a value given there explicitly (optim.lr, method.momentum_base, train.max_steps) is kept as is."""
     values = copy.deepcopy(source_config)
     if method:  # another method's own settings start from their defaults (the shared ones are kept)
@@ -139,6 +139,10 @@ def adapted_recipe(source_config: dict, data: str | Path, out: str | Path, *, ma
         r.train.max_steps = int(max_steps)
     elif not _explicit(overrides, "train.max_steps"):
         r.train.max_steps = int(r.adapt.max_steps)
+    if not _explicit(overrides, "train.compile"):
+        # a few hundred steps: torch.compile's start (~45 s for resnet18 on 2 CPU cores, docs/tuning.md)
+        # costs more than its ~15 % a step gives back
+        r.train.compile = False
     if max_minutes is not None:
         r.train.max_minutes = float(max_minutes)
     if device is not None:

@@ -45,7 +45,7 @@ from cellssl.engine.distributed import (
     init_distributed,
 )
 from cellssl.engine.guard import NonFiniteGuard
-from cellssl.engine.hardware import resolve_precision, use_channels_last
+from cellssl.engine.hardware import resolve_precision, target_autocast_dtype, use_channels_last
 from cellssl.engine.loader import (
     StreamViews,
     build_training_data,
@@ -147,6 +147,7 @@ class Training:
         self._build_data(dataset)
         self._build_model(load_pretrained=not resume and init_from is None, init_from=init_from)
         self.autocast, precision = autocast_for(self.device, tc.precision)
+        self.method.use_target_dtype(target_autocast_dtype(self.device, precision, tc.target_precision))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         on_device = self.device.type in DEVICE_CHECKED and not self.scaler.is_enabled()
         self.optimizer = build_optimizer(self.method, recipe.optim, self.global_batch, fused=on_device)
@@ -186,7 +187,13 @@ class Training:
                     lr = set_lr(self.optimizer, self.step, self.total_steps, self.recipe.optim)
                     first_compiled = tc.compile and self.step == self.start_step  # torch.compile builds the graph
                     watch.stage("forward", self.step, factor=3.0 if first_compiled else 1.0)
+                    if first_compiled and self.progress is not None:
+                        self.progress.set_postfix_str("compiling the step (torch.compile: about a minute on a CPU)")
                     outputs = self.forward(views, local)
+                    if first_compiled and not outputs["loss"].requires_grad:
+                        raise TrainingError(
+                            "the compiled step's loss has no gradient (a torch.compile fault of this torch "
+                            f"{torch.__version__} with this method's settings): rerun with --set train.compile=false")
                     skip = self.guard.skip(self.step, outputs)  # a non-finite loss is never applied (engine.guard)
                     if skip is True:
                         self.next_step()

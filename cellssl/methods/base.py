@@ -160,6 +160,7 @@ class SSLMethod(nn.Module):
     uses_predictor = False
     supports_local_views = False  # multi-crop: small local crops through the online branch
     channels_last = False  # the backbone sees channels-last batches (use_channels_last)
+    target_dtype: torch.dtype | None = None  # the target's forward under this autocast (use_target_dtype)
     # Each logged loss term -> the settings fields that weight or shape it (named when it goes non-finite).
     loss_terms: dict[str, tuple[str, ...]] = {}
 
@@ -201,8 +202,15 @@ class SSLMethod(nn.Module):
 
     @torch.no_grad()
     def target(self, x: Tensor) -> Tensor:
-        """Target embedding z' = g'(f'(x)), no gradient: (N, C, H, W) -> (N, D)."""
-        return self.target_projector(self.target_backbone(x))
+        """Target embedding z' = g'(f'(x)), no gradient: (N, C, H, W) -> (N, D), float32.
+
+        After :meth:`use_target_dtype` (bf16) the forward runs under that autocast: the target is never
+        differentiated, so only its forward's precision matters, and the losses normalise z' in float32.
+        Its weights stay float32 (the EMA's small updates need them)."""
+        if self.target_dtype is None:
+            return self.target_projector(self.target_backbone(x))
+        with torch.autocast(device_type=x.device.type, dtype=self.target_dtype):
+            return self.target_projector(self.target_backbone(x)).float()
 
     def target_embedding(self, x: Tensor, z_online: Tensor) -> Tensor:
         """The target's embedding of ``x`` (no gradient), given the online one ``z_online`` of the same
@@ -227,6 +235,13 @@ class SSLMethod(nn.Module):
         convolutions on GPUs; ``model.channels_last`` on CUDA). Returns ``self``."""
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
+        return self
+
+    def use_target_dtype(self, dtype: torch.dtype | None) -> SSLMethod:
+        """Run the EMA target's forward under autocast to ``dtype`` (bf16), or as the run (None);
+        ``train.target_precision`` through :func:`cellssl.engine.hardware.target_autocast_dtype`.
+        Returns ``self``; a method without a target keeps None."""
+        self.target_dtype = dtype if self.uses_target else None
         return self
 
     def seed(self, seed: int) -> None:

@@ -281,9 +281,11 @@ class MSBReg(SSLMethod):
             xl, _, n_local = self.flatten_views(local)
             p_local = self.unflatten(self.predictor(self.online(xl)), b, n_local)
         out: dict[str, Tensor] = {}
-        zero = z_flat.new_zeros(()).float()
         l_mc = centroid_loss(self.unflatten(p_flat, b, m), self.unflatten(zt_flat, b, m), cfg.centroid_variant,
                              p_local=p_local)
+        # A force that is off reports 0, computed from the batch: under torch.compile (torch 2.14) an output
+        # made from no input (new_zeros) left the compiled graph's loss without gradient.
+        zero = l_mc.detach() * 0
         l_sv = zero
         if cfg.sv_weight:
             batches = sv_inputs(z, cfg.sv_on)

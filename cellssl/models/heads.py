@@ -46,13 +46,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     running statistics get the same update on every rank, and a single process is exactly
     ``nn.BatchNorm1d``. Works on any backend (gloo on CPU too, where ``nn.SyncBatchNorm`` does not);
     ``model.sync_bn`` turns these into ``nn.SyncBatchNorm`` on GPUs, which computes the same thing.
-    Inputs ``(B, C)``.
+    Inputs ``(B, C)``; under autocast the statistics and the output are float32.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or distributed_world() == 1 or x.ndim != 2:
             return super().forward(x)
-        xg = gather_with_grad(x)
+        xg = gather_with_grad(x).float()  # statistics in float32 under bf16 autocast, as nn.BatchNorm1d's
         mean = xg.mean(dim=0)
         var = xg.var(dim=0, unbiased=False)
         if self.track_running_stats and self.running_mean is not None:
