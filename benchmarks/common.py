@@ -46,9 +46,9 @@ ADAPT_KINDS = ("adabn", "continued")
 # Each method's own settings, chosen on the val split (docs/tuning.md, with the number of tuning
 # runs each method had). MSBReg's live in recipes/blood_smear.yaml (what users get).
 TUNED: dict[str, list[str]] = {
-    "msbreg": [],  # the blood_smear recipe is MSBReg's tuned setting (4 views x 64 images, weak colour)
-    # the baselines keep their own 2 views x 128 images (what their papers and cellssl's recipes use);
-    # the weak colour jitter tuned on val (for MSBReg and VICReg, docs/tuning.md) is shared by all
+    "msbreg": [],  # the blood_smear recipe is MSBReg's tuned setting (4 views x 64 images, strong colour)
+    # the baselines keep their own 2 views x 128 images (what their papers and cellssl's recipes use,
+    # recipes/blood_smear_vicreg.yaml too); blood_smear's views (docs/tuning.md phase C) are shared by all
     "byol": ["train.batch_size=128", "views.n_views=2"],
     "simclr": ["train.batch_size=128", "views.n_views=2"],
     "vicreg": ["train.batch_size=128", "views.n_views=2"],

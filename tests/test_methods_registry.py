@@ -119,8 +119,12 @@ def test_switching_method_drops_the_recipes_other_settings_at_their_defaults():
 def test_every_shipped_recipe_and_overlay_loads_with_its_methods_settings():
     from cellssl.config import RECIPES_DIR, available_recipes
 
-    for name in available_recipes():
-        assert type(load_recipe(name).method) is MSBRegSettings
+    loaded = {name: load_recipe(name) for name in available_recipes()}
+    for recipe in loaded.values():
+        assert type(recipe.method) is METHOD_SETTINGS[recipe.method.name]
+        assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+    assert type(loaded["blood_smear"].method) is MSBRegSettings  # blood_smear stays MSBReg's recipe (issue 20)
+    assert type(loaded["blood_smear_vicreg"].method) is VICRegSettings
     overlays = sorted(RECIPES_DIR.glob("ablation/*.yaml"))
     assert len(overlays) >= 9
     for path in overlays:
