@@ -49,12 +49,16 @@ from cellssl.engine.logger import read_metrics
 
 # setting -> (what it is, recipe overrides). fp32 first: the reference of the loss column.
 SETTINGS: dict[str, tuple[str, list[str]]] = {
-    "fp32": ("float32, contiguous, eager: today's CPU default", ["train.precision=fp32"]),
+    "fp32": ("float32, contiguous, eager (the EMA target's forward in bf16 where the CPU has bf16 dot "
+             "products: train.target_precision=auto, the default)", ["train.precision=fp32"]),
+    "target_fp32": ("float32 everywhere, the EMA target's forward too (train.target_precision=same): the "
+                    "default before", ["train.precision=fp32", "train.target_precision=same"]),
     "bf16": ("bf16 autocast", ["train.precision=bf16"]),
     "fast": ("train.precision=fast: bf16 only on a CPU with AMX/AVX512-BF16", ["train.precision=fast"]),
     "cl": ("channels-last memory format on the CPU", ["train.precision=fp32", "model.channels_last_cpu=true"]),
     "bf16_cl": ("bf16 + channels-last", ["train.precision=bf16", "model.channels_last_cpu=true"]),
-    "compile": ("torch.compile (inductor), fp32", ["train.precision=fp32", "train.compile=true"]),
+    "compile": ("torch.compile (inductor), fp32: blood_smear's default",
+                ["train.precision=fp32", "train.compile=true"]),
     "bf16_cl_compile": ("bf16 + channels-last + torch.compile",
                         ["train.precision=bf16", "model.channels_last_cpu=true", "train.compile=true"]),
     "w1": ("1 loader worker (fp32)", ["train.precision=fp32", "data.num_workers=1"]),
@@ -90,7 +94,7 @@ def run_overrides(method: str, shape: str, setting: str, args, out: Path) -> lis
             f"model.backbone={args.backbone}", f"train.batch_size={b}", f"views.n_views={m}",
             f"train.max_steps={args.warmup + args.steps}", f"train.out={out}", "train.log_every=1",
             f"train.monitor_every={big}", f"train.checkpoint_every={big}", "train.progress=false",
-            "train.device=cpu", f"train.seed={args.seed}", *SETTINGS[setting][1], *args.set]
+            "train.device=cpu", f"train.seed={args.seed}", "train.compile=false", *SETTINGS[setting][1], *args.set]
 
 
 def measure_in_child(method: str, shape: str, setting: str, args, work: Path) -> dict:
