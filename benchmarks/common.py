@@ -41,6 +41,8 @@ SPLIT_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")  # the files make_sp
 
 # the cross-lab columns (benchmarks/crosslab.py) and the adaptations of a trained row
 XL_METRICS = ["xl_1shot", "xl_5shot", "xl_linear", "xl_linear_bal"]
+METRICS = ["linear", "knn", "1shot", "5shot", "10shot"]  # the PBC columns of a row
+ADAPT_LABELS = {"adabn": "AdaBN (`adapt --bn-only`)", "continued": "continued SSL (`adapt`)"}
 ADAPT_KINDS = ("adabn", "continued")
 
 # Each method's own settings, chosen on the val split (docs/tuning.md, with the number of tuning
@@ -159,3 +161,75 @@ def child_env(**extra: str) -> dict[str, str]:
     plus ``extra`` variables (e.g. ``OMP_NUM_THREADS="1"``)."""
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), path] if path else [str(REPO)]), **extra}
+
+
+# ---- a row's summary over seeds and the main table (quality and lightly_vicreg) -------------------
+def mean_interval(rows: list[dict], k: str) -> tuple[float, float]:
+    """Mean over seeds of metric ``k`` and its 95 % interval: Student-t over seeds when there are
+    several (:func:`cellssl.eval.metrics.mean_ci95`), else the stored episode interval ``<k>_ci``
+    (few-shot) or 0."""
+    from cellssl.eval.metrics import mean_ci95  # start-up time: scikit-learn (--help without it)
+
+    if len(rows) > 1:
+        return mean_ci95([r[k] for r in rows])
+    return float(rows[0][k]), float(rows[0].get(f"{k}_ci", 0.0))
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and 95 % interval per metric (:func:`mean_interval`), per-seed values, budget figures,
+    the cross-lab columns when every seed has them, and each adaptation's summary."""
+    out: dict = {}
+    keys = METRICS + [k for k in XL_METRICS if all(k in r for r in rows)]
+    for k in keys:
+        out[k] = mean_interval(rows, k)
+        out[f"{k}_seeds"] = [float(r[k]) for r in rows]
+    if "5shot" in out and "xl_5shot" in out:
+        from benchmarks.crosslab import objective  # start-up time: torch
+
+        out["objective"] = mean_interval([{"v": objective(r)} for r in rows], "v")
+    out["n_seeds"] = len(rows)
+    out["minutes"] = float(np.mean([r.get("minutes", 0.0) for r in rows]))
+    out["steps"] = int(np.mean([r.get("steps", 0) for r in rows]))
+    out["views_per_s"] = float(np.mean([r.get("views_per_s", 0.0) for r in rows]))
+    out["shape"] = f"{rows[0]['batch']}×{rows[0]['n_views']}" if "batch" in rows[0] else ""
+    for kind in ADAPT_KINDS:
+        done = [r[kind] for r in rows if kind in r]
+        if done and len(done) == len(rows):
+            ad = {k: mean_interval(done, k) for k in XL_METRICS}
+            ad.update(n_seeds=len(done), adapt_steps=int(np.mean([d.get("adapt_steps", 0) for d in done])),
+                      adapt_minutes=float(np.mean([d.get("adapt_minutes", 0.0) for d in done])), tag=done[0]["tag"])
+            out[kind] = ad
+    return out
+
+
+def fmt(v: tuple[float, float] | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v[0]:.3f} ± {v[1]:.3f}" if v[1] else f"{v[0]:.3f}"
+
+
+def table(results: dict[str, dict], objective_column: bool = False) -> list[str]:
+    """The main table: PBC columns, the cross-lab columns, (the tuning objective), budget figures."""
+    head = ("| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | other lab 1-shot | "
+            "other lab 5-shot | PBC→other lab acc | PBC→other lab bal. acc |")
+    head += " objective |" if objective_column else ""
+    head += " seeds | steps | images×views | image-views/s | min/run |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        cells = [name, *[fmt(r.get(k)) for k in METRICS + XL_METRICS]]
+        if objective_column:
+            cells.append(f"**{fmt(r['objective'])}**" if "objective" in r else "–")
+        cells += [str(r["n_seeds"]), str(r.get("steps") or "–"), r.get("shape") or "–",
+                  f"{r['views_per_s']:.0f}" if r.get("views_per_s") else "–", f"{r.get('minutes', 0):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def seed_table(results: dict[str, dict]) -> list[str]:
+    lines = ["| features | linear per seed | 5-shot per seed | other lab 5-shot per seed |", "|---|---|---|---|"]
+    for name, r in results.items():
+        if r["n_seeds"] > 1:
+            xl = ", ".join(f"{x:.3f}" for x in r.get("xl_5shot_seeds", [])) or "–"
+            lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in r['linear_seeds'])} | "
+                         f"{', '.join(f'{x:.3f}' for x in r['5shot_seeds'])} | {xl} |")
+    return lines

@@ -60,10 +60,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import (
     ADAPT_KINDS,
+    ADAPT_LABELS,
     DEFAULT_CROSS_LAB,
     DEFAULT_PBC,
     RAW_PIXELS,
@@ -72,10 +71,14 @@ from benchmarks.common import (
     XL_METRICS,
     command_line,
     evaluate,
+    fmt,
     machine_line,
     make_split,
     require_folder,
     run_alone_notice,
+    seed_table,
+    summarise,
+    table,
     write_markdown,
 )
 from cellssl.engine.logger import read_metrics
@@ -100,8 +103,6 @@ ROWS: dict[str, dict] = {
     "ablation: centroid + Brownian": {"method": "msbreg", "overlays": ["recipes/ablation/centroid_bd.yaml"]},
 }
 ABLATION_FULL = "MSBReg"  # the ablation's "all three forces" row is the MSBReg row
-METRICS = ["linear", "knn", "1shot", "5shot", "10shot"]
-ADAPT_LABELS = {"adabn": "AdaBN (`adapt --bn-only`)", "continued": "continued SSL (`adapt`)"}
 
 
 # ---- budgets: equal minutes (headline) or equal image-views ---------------------------------------
@@ -339,67 +340,6 @@ def run_seed(name: str, spec: dict, seed: int, parts, args, key: str) -> dict:
 
 
 # ---- summaries and tables ---------------------------------------------------------------------------
-def mean_interval(rows: list[dict], k: str) -> tuple[float, float]:
-    """Mean over seeds of metric ``k`` and its 95 % interval: Student-t over seeds when there are
-    several (:func:`cellssl.eval.metrics.mean_ci95`), else the stored episode interval ``<k>_ci``
-    (few-shot) or 0."""
-    from cellssl.eval.metrics import mean_ci95  # start-up time: scikit-learn (--help without it)
-
-    if len(rows) > 1:
-        return mean_ci95([r[k] for r in rows])
-    return float(rows[0][k]), float(rows[0].get(f"{k}_ci", 0.0))
-
-
-def summarise(rows: list[dict]) -> dict:
-    """Mean and 95 % interval per metric (:func:`mean_interval`), per-seed values, budget figures,
-    the cross-lab columns when every seed has them, and each adaptation's summary."""
-    out: dict = {}
-    keys = METRICS + [k for k in XL_METRICS if all(k in r for r in rows)]
-    for k in keys:
-        out[k] = mean_interval(rows, k)
-        out[f"{k}_seeds"] = [float(r[k]) for r in rows]
-    if "5shot" in out and "xl_5shot" in out:
-        from benchmarks.crosslab import objective  # start-up time: torch
-
-        out["objective"] = mean_interval([{"v": objective(r)} for r in rows], "v")
-    out["n_seeds"] = len(rows)
-    out["minutes"] = float(np.mean([r.get("minutes", 0.0) for r in rows]))
-    out["steps"] = int(np.mean([r.get("steps", 0) for r in rows]))
-    out["views_per_s"] = float(np.mean([r.get("views_per_s", 0.0) for r in rows]))
-    out["shape"] = f"{rows[0]['batch']}×{rows[0]['n_views']}" if "batch" in rows[0] else ""
-    for kind in ADAPT_KINDS:
-        done = [r[kind] for r in rows if kind in r]
-        if done and len(done) == len(rows):
-            ad = {k: mean_interval(done, k) for k in XL_METRICS}
-            ad.update(n_seeds=len(done), adapt_steps=int(np.mean([d.get("adapt_steps", 0) for d in done])),
-                      adapt_minutes=float(np.mean([d.get("adapt_minutes", 0.0) for d in done])), tag=done[0]["tag"])
-            out[kind] = ad
-    return out
-
-
-def fmt(v: tuple[float, float] | None) -> str:
-    if v is None:
-        return "–"
-    return f"{v[0]:.3f} ± {v[1]:.3f}" if v[1] else f"{v[0]:.3f}"
-
-
-def table(results: dict[str, dict], objective_column: bool = False) -> list[str]:
-    """The main table: PBC columns, the cross-lab columns, (the tuning objective), budget figures."""
-    head = ("| features | linear acc | kNN acc | 8-way 1-shot | 8-way 5-shot | 8-way 10-shot | other lab 1-shot | "
-            "other lab 5-shot | PBC→other lab acc | PBC→other lab bal. acc |")
-    head += " objective |" if objective_column else ""
-    head += " seeds | steps | images×views | image-views/s | min/run |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in results.items():
-        cells = [name, *[fmt(r.get(k)) for k in METRICS + XL_METRICS]]
-        if objective_column:
-            cells.append(f"**{fmt(r['objective'])}**" if "objective" in r else "–")
-        cells += [str(r["n_seeds"]), str(r.get("steps") or "–"), r.get("shape") or "–",
-                  f"{r['views_per_s']:.0f}" if r.get("views_per_s") else "–", f"{r.get('minutes', 0):.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def adapt_table(results: dict[str, dict]) -> list[str]:
     """The cross-lab columns of each trained row without adaptation and after each adaptation."""
     lines = ["| features | adaptation to the other lab | other lab 1-shot | other lab 5-shot | PBC→other lab acc | "
@@ -413,16 +353,6 @@ def adapt_table(results: dict[str, dict]) -> list[str]:
                 a = r[kind]
                 lines.append(f"| {name} | {ADAPT_LABELS[kind]} | " + " | ".join(fmt(a[k]) for k in XL_METRICS)
                              + f" | {a['adapt_steps'] or '–'} | {a['adapt_minutes']:.1f} |")
-    return lines
-
-
-def seed_table(results: dict[str, dict]) -> list[str]:
-    lines = ["| features | linear per seed | 5-shot per seed | other lab 5-shot per seed |", "|---|---|---|---|"]
-    for name, r in results.items():
-        if r["n_seeds"] > 1:
-            xl = ", ".join(f"{x:.3f}" for x in r.get("xl_5shot_seeds", [])) or "–"
-            lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in r['linear_seeds'])} | "
-                         f"{', '.join(f'{x:.3f}' for x in r['5shot_seeds'])} | {xl} |")
     return lines
 
 

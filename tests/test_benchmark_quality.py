@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import crosslab, quality
+from benchmarks import common, crosslab, quality
 from cellssl.config import load_recipe
 from cellssl.engine.fit import fit
 from cellssl.errors import DataError
@@ -104,7 +104,7 @@ def test_budgets_set_the_schedule_and_store_each_budget_apart():
 
 
 def fake_seed(acc: float, steps: int = 0) -> dict:
-    row = {k: acc for k in quality.METRICS + quality.XL_METRICS}
+    row = {k: acc for k in common.METRICS + common.XL_METRICS}
     budget = {"steps": steps, "minutes": 20.0, "batch": 64, "n_views": 4, "views_per_s": 50.0} if steps else {}
     return {**row, **budget}
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import quality, selection
+from benchmarks import common, selection
 from cellssl.eval.features import FeatureSet
 from cellssl.eval.fewshot import run_fewshot
 from cellssl.eval.metrics import mean_ci95, proportion_ci95, t95
@@ -50,8 +50,8 @@ def test_fewshot_episodes_use_the_same_interval() -> None:
 
 def test_benchmarks_use_cellssl_s_interval_over_seeds() -> None:
     rows = [{"linear": v} for v in (0.70, 0.72, 0.69, 0.74, 0.71, 0.73, 0.70)]  # 7 seeds
-    assert quality.mean_interval(rows, "linear") == pytest.approx(mean_ci95([r["linear"] for r in rows]))
-    assert quality.mean_interval(rows, "linear")[1] == pytest.approx(
+    assert common.mean_interval(rows, "linear") == pytest.approx(mean_ci95([r["linear"] for r in rows]))
+    assert common.mean_interval(rows, "linear")[1] == pytest.approx(
         2.447 * np.std([r["linear"] for r in rows], ddof=1) / math.sqrt(7), rel=1e-3)
     runs = [{"acc": r["linear"], "classes": 8} for r in rows]
     assert selection.cell(runs, 8).startswith(f"{100 * mean_ci95([r['acc'] for r in runs])[0]:.1f} ± "
