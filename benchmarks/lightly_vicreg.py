@@ -108,6 +108,7 @@ class ImageFiles:
 def eval_recipe(image_size: int):
     """The ``blood_smear`` recipe with VICReg and the ImageNet normalisation lightly trained with: what
     the checkpoint records, so the evaluation reads the images as training did."""
+    import cellssl.methods  # noqa: F401  (registers the methods a recipe names)
     from cellssl.config import load_recipe
 
     return load_recipe("blood_smear", ["method.name=vicreg", f"data.image_size={image_size}",

@@ -96,3 +96,16 @@ def test_the_defaults_are_lightlys_example():
     a = lv.parse_args(["--minutes", "20"])
     assert (a.lr, a.momentum, a.batch_size, a.workers) == (0.06, 0.0, 128, 2)  # lightly's example
     assert lv.parse_args(["--cross-lab", "none"]).cross_lab is None
+
+
+def test_its_recipe_builds_in_a_fresh_interpreter():
+    """Nothing else imported first (as ``python -m benchmarks.lightly_vicreg`` runs): the methods are
+    registered by the script itself before the recipe is read."""
+    import subprocess
+
+    from benchmarks.common import child_env
+
+    code = ("from benchmarks.lightly_vicreg import eval_recipe; r = eval_recipe(64); "
+            "assert r.method.name == 'vicreg' and r.data.mean == [0.485, 0.456, 0.406], r")
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
