@@ -201,3 +201,15 @@ def test_a_compiled_msbreg_with_forces_off_still_has_a_loss_to_differentiate():
     assert out["loss"].requires_grad and out["loss_sv"] == 0 and out["loss_brownian"] == 0
     out["loss"].backward()
     assert method.predictor[0].weight.grad.abs().sum() > 0
+
+
+def test_a_compiled_step_whose_loss_has_no_gradient_stops_with_one_line(tmp_path, tiny_folder, monkeypatch):
+    """A torch.compile fault of that kind (above) must not reach ``backward`` as an internal error."""
+    def forward(self, views, local):
+        return {"loss": torch.tensor(1.0)}  # what the faulty compiled graph returned: no grad_fn
+
+    monkeypatch.setattr(fit_mod.Training, "forward", forward)
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=2)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'run'}", "train.compile=true"])
+    with pytest.raises(TrainingError, match=r"compiled step's loss has no gradient .*--set train.compile=false$"):
+        fit(r)
