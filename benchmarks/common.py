@@ -115,6 +115,25 @@ def evaluate(train_fs, test_fs, episodes: int, target_fs=None) -> dict:
     return row
 
 
+def extractor_for(spec_str: str, args):
+    """The feature extractor of a checkpoint or baseline spec (a checkpoint is read at its own image size;
+    ``args``: ``image_size``, ``device``)."""
+    from cellssl.eval.features import FeatureExtractor  # start-up time: torch
+
+    size = args.image_size if spec_str.startswith(("random:", "pixels:")) else None
+    return FeatureExtractor(spec_str, image_size=size, device=args.device, batch_size=256, progress=False)
+
+
+def features_for(spec_str: str, parts: dict[str, Path], args):
+    """(probe features: the pretrain part, evaluation features: ``args.eval_on``, cross-lab features or None);
+    ``args`` also gives ``probe_max`` and ``cross_lab``."""
+    ex = extractor_for(spec_str, args)
+    train = ex.features(parts["pretrain"], max_per_class=args.probe_max)
+    test = ex.features(parts[args.eval_on])
+    target = ex.features(args.cross_lab) if args.cross_lab else None
+    return train, test, target
+
+
 def command_line(module: str, argv: Sequence[str] | None = None) -> str:
     """The command that reruns this benchmark: ``python -m benchmarks.<module> ARGS`` (``argv``,
     default this process's arguments), each argument quoted for a shell."""

@@ -42,7 +42,10 @@ from pathlib import Path
 from benchmarks.common import (
     DEFAULT_CROSS_LAB,
     DEFAULT_PBC,
+    SPLIT_SUFFIXES,
     command_line,
+    evaluate,
+    features_for,
     machine_line,
     make_split,
     require_folder,
@@ -87,10 +90,8 @@ class ImageFiles:
     """The images of a class-folder tree (labels unused), each read as RGB and passed to ``transform``
     (lightly's multi-view transform: a list of views). Picklable, for spawned loader workers."""
 
-    SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
     def __init__(self, root: Path, transform) -> None:
-        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in self.SUFFIXES)
+        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in SPLIT_SUFFIXES)
         if not self.files:
             sys.exit(f"error: no images under {root}; pass --data (a folder with one sub-folder per class)")
         self.transform = transform
@@ -170,18 +171,6 @@ def train(seed: int, args, out: Path) -> tuple[Path, dict]:
                   "image_views": views, "views_per_s": views / max(seconds, 1e-9)}
 
 
-def evaluate_checkpoint(ckpt: Path, args) -> dict:
-    """The quality benchmark's columns for one checkpoint (``benchmarks.common.evaluate``)."""
-    from benchmarks.common import evaluate
-    from cellssl.eval.features import FeatureExtractor
-
-    ex = FeatureExtractor(ckpt, device="cpu", batch_size=256, progress=False)
-    train_fs = ex.features(args.parts["pretrain"], max_per_class=args.probe_max)
-    test_fs = ex.features(args.parts["test"])
-    target = ex.features(args.cross_lab) if args.cross_lab else None
-    return evaluate(train_fs, test_fs, args.episodes, target)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--probe-max", type=int, default=None)
     args = ap.parse_args(argv)
     args.cross_lab = None if str(args.cross_lab).lower() == "none" else args.cross_lab
+    args.eval_on, args.device = "test", "cpu"  # what benchmarks.common.features_for reads, as quality's rows
     return args
 
 
@@ -227,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         if str(seed) in done:
             continue
         ckpt, info = train(seed, args, work / f"{key}-s{seed}")
-        row = {**evaluate_checkpoint(ckpt, args), **info}
+        train_fs, test_fs, target_fs = features_for(str(ckpt), args.parts, args)
+        row = {**evaluate(train_fs, test_fs, args.episodes, target_fs), **info}
         done[str(seed)] = row
         store_path.write_text(json.dumps(store, indent=1))
         print(f"seed {seed}: {json.dumps(row)}", flush=True)

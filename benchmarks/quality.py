@@ -71,6 +71,8 @@ from benchmarks.common import (
     XL_METRICS,
     command_line,
     evaluate,
+    extractor_for,
+    features_for,
     fmt,
     machine_line,
     make_split,
@@ -271,23 +273,6 @@ def pretrain(spec: dict, seed: int, parts: dict[str, Path], args, key: str) -> t
             "views_per_s": res.step * per_step / max(seconds, 1e-9)}
     done_file.write_text(json.dumps(info))
     return ckpt, info
-
-
-def extractor_for(spec_str: str, args):
-    """The feature extractor of a checkpoint or baseline spec (a checkpoint is read at its own image size)."""
-    from cellssl.eval.features import FeatureExtractor  # start-up time: torch
-
-    size = args.image_size if spec_str.startswith(("random:", "pixels:")) else None
-    return FeatureExtractor(spec_str, image_size=size, device=args.device, batch_size=256, progress=False)
-
-
-def features_for(spec_str: str, parts: dict[str, Path], args):
-    """(probe features: the pretrain part, evaluation features: ``--eval-on``, cross-lab features or None)."""
-    ex = extractor_for(spec_str, args)
-    train = ex.features(parts["pretrain"], max_per_class=args.probe_max)
-    test = ex.features(parts[args.eval_on])
-    target = ex.features(args.cross_lab) if args.cross_lab else None
-    return train, test, target
 
 
 def adapt_tag(kind: str, args) -> str:
