@@ -231,6 +231,53 @@ def test_max_minutes_sizes_the_schedule_so_lr_anneals(tmp_path, tiny_folder, mon
     assert ckpt["total_steps"] == res.total_steps and ckpt["schedule_fixed"] is True
 
 
+class _StepClock:
+    """Replaces ``time`` inside cellssl.engine.fit: the clock moves only when a step's forward runs,
+    by 2 s for the first ``slow`` steps and 1 s after (a step right after compiling is slower)."""
+
+    def __init__(self, slow: int):
+        self.now, self.steps, self.slow = 0.0, 0, slow
+
+    def tick(self):
+        self.steps += 1
+        self.now += 2.0 if self.steps <= self.slow else 1.0
+
+    def monotonic(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("replans", [0, 2])
+def test_budget_replans_use_the_minutes_when_the_first_steps_are_slow(tmp_path, tiny_folder, monkeypatch, replans):
+    """Sized once from slow first steps, a 60 s budget ends after two thirds of it; re-sized twice
+    from the rate since the probe, it ends in the last tenth, never past it, with the LR annealed."""
+    import cellssl.engine.fit as fit_mod
+    from cellssl.engine.optim import lr_at, warmup_steps_for
+    from cellssl.methods.msbreg import MSBReg
+
+    clock, original = _StepClock(slow=11), MSBReg.forward
+
+    def timed(self, *args, **kwargs):
+        clock.tick()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fit_mod, "time", clock)
+    monkeypatch.setattr(MSBReg, "forward", timed)
+    assert fit_mod.replan_points(4, 29, 2) == [12, 20] and fit_mod.replan_points(4, 5, 3) == [] and fit_mod.replan_points(0, 3, 5) == [1, 2]
+    r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=None, epochs=1000, log_every=1)),
+                    [f"data.path={tiny_folder}", f"train.out={tmp_path / 'a'}", "train.max_minutes=1",
+                     "train.budget_probe_steps=3", f"train.budget_replans={replans}", "optim.min_lr_ratio=0.01"])
+    res = fit(r)
+    assert res.stopped_early is None and res.step == res.total_steps
+    used = clock.now / 60
+    assert (used < 0.7) if replans == 0 else (0.9 <= used <= 1.0)
+    t = res.total_steps
+    assert metrics_rows(tmp_path / "a")[-1]["lr"] == pytest.approx(
+        lr_at(t - 1, t, 0.001, warmup_steps_for(r.optim, t), 0.01))
+
+
 def test_resume_keeps_the_budgeted_schedule(tmp_path, tiny_folder, monkeypatch):
     import cellssl.engine.fit as fit_mod
 

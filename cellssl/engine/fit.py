@@ -169,6 +169,7 @@ class Training:
         self.last: dict = {}
         self.epoch, self.data_time, self.collapse_warned = -1, 0.0, False
         self.start_time, self.t_probe, self.probe_from = 0.0, None, self.start_step
+        self.replan_steps: list[int] = []  # steps at which a budget re-sizes the schedule (fit_schedule_to_budget)
         self.watch = StallWatchdog(tc.stall_timeout_s, self.out, lambda: worker_pids(self.loader), self.worker_stacks)
         self.stop = StopRequest()
 
@@ -353,19 +354,32 @@ class Training:
 
     def fit_schedule_to_budget(self) -> None:
         """``--max-minutes``: time ``train.budget_probe_steps`` steps (after the first), then size the
-        whole schedule (warm-up, cosine LR, EMA) to the steps that fit (the same on every rank)."""
-        if self.schedule_fixed:
+        whole schedule (warm-up, cosine LR, EMA) to the steps that fit (the same on every rank), and
+        re-size it at ``train.budget_replans`` even steps after that, each from the rate since the last."""
+        if self.schedule_fixed and not self.replan_steps:
             return
         if self.t_probe is None:
             self.t_probe, self.probe_from = time.monotonic(), self.step  # the first step (allocation) is not typical
-        elif self.step - self.probe_from >= self.tc.budget_probe_steps:
-            per_step = (time.monotonic() - self.t_probe) / (self.step - self.probe_from)
-            left = self.tc.max_minutes * 60 - (time.monotonic() - self.start_time)
-            self.total_steps = broadcast_int(budget_total_steps(self.step, self.total_steps, per_step, left))
+        elif not self.schedule_fixed and self.step - self.probe_from >= self.tc.budget_probe_steps:
+            self.planned_steps = self.total_steps  # the recipe's epochs or max_steps: the cap
+            self.size_to_budget(margin=0.97)
             self.schedule_fixed = True
-            if self.progress is not None:
-                self.progress.total = self.total_steps
-                self.progress.refresh()
+            self.replan_steps = replan_points(self.step, self.total_steps, self.tc.budget_replans)
+        elif self.replan_steps and self.step >= self.replan_steps[0]:  # a step count: the same on every rank
+            self.replan_steps.pop(0)
+            self.size_to_budget(margin=0.99)  # a third of the run: the rate includes checkpoints and logging
+
+    def size_to_budget(self, margin: float) -> None:
+        """Set ``total_steps`` to what fits in the budget's time left at the rate measured since the
+        last sizing (or the probe's start), capped at the recipe's plan (rank 0's figure on every rank)."""
+        now = time.monotonic()
+        per_step = (now - self.t_probe) / (self.step - self.probe_from)
+        self.t_probe, self.probe_from = now, self.step  # the next re-size measures the steps after this one
+        left = self.tc.max_minutes * 60 - (now - self.start_time)
+        self.total_steps = broadcast_int(budget_total_steps(self.step, self.planned_steps, per_step, left, margin))
+        if self.progress is not None:
+            self.progress.total = self.total_steps
+            self.progress.refresh()
 
     def out_of_time(self) -> bool:
         """Past ``--max-minutes`` (×1.25 once the schedule is sized to it) before the schedule's end."""
@@ -558,6 +572,12 @@ def replanned_total(step: int, planned: int, max_minutes: float | None, out: Pat
            f"give --max-steps (or --epochs) above {step} to train longer")
     raise ConfigError(f"--resume: the run in {out} is already at step {step} and the recipe now plans {planned} "
                       f"steps: nothing to train; {how}, or use {out / 'checkpoints' / 'last.pt'} as it is")
+
+
+def replan_points(step: int, total: int, replans: int) -> list[int]:
+    """The steps at which a budgeted schedule sized at ``step`` for ``total`` steps is re-sized:
+    ``replans`` points evenly spaced in between (e.g. 10, 910, 2 -> [310, 610]), none repeated."""
+    return sorted({step + (total - step) * (k + 1) // (replans + 1) for k in range(replans)} - {step})
 
 
 def budget_total_steps(step: int, planned: int, seconds_per_step: float, seconds_left: float,
