@@ -265,7 +265,8 @@ def test_budget_replans_use_the_minutes_when_the_first_steps_are_slow(tmp_path, 
 
     monkeypatch.setattr(fit_mod, "time", clock)
     monkeypatch.setattr(MSBReg, "forward", timed)
-    assert fit_mod.replan_points(4, 29, 2) == [12, 20] and fit_mod.replan_points(4, 5, 3) == [] and fit_mod.replan_points(0, 3, 5) == [1, 2]
+    assert fit_mod.replan_points(4, 29, 2) == [12, 20] and fit_mod.replan_points(4, 5, 3) == []
+    assert fit_mod.replan_points(0, 3, 5) == [1, 2]  # no step twice
     r = load_recipe(str(tiny_recipe_yaml(tmp_path / "r.yaml", max_steps=None, epochs=1000, log_every=1)),
                     [f"data.path={tiny_folder}", f"train.out={tmp_path / 'a'}", "train.max_minutes=1",
                      "train.budget_probe_steps=3", f"train.budget_replans={replans}", "optim.min_lr_ratio=0.01"])
