@@ -251,8 +251,8 @@ class _StepClock:
 
 @pytest.mark.parametrize("replans", [0, 2])
 def test_budget_replans_use_the_minutes_when_the_first_steps_are_slow(tmp_path, tiny_folder, monkeypatch, replans):
-    """Sized once from slow first steps, a 60 s budget ends after two thirds of it; re-sized twice
-    from the rate since the probe, it ends in the last tenth, never past it, with the LR annealed."""
+    """Sized once from slow first steps, a 60 s budget ends after two thirds of it; re-sized twice,
+    each from the rate since the last sizing, it ends in the last tenth, never past it, LR annealed."""
     import cellssl.engine.fit as fit_mod
     from cellssl.engine.optim import lr_at, warmup_steps_for
     from cellssl.methods.msbreg import MSBReg

@@ -169,7 +169,9 @@ class Training:
         self.last: dict = {}
         self.epoch, self.data_time, self.collapse_warned = -1, 0.0, False
         self.start_time, self.t_probe, self.probe_from = 0.0, None, self.start_step
-        self.replan_steps: list[int] = []  # steps at which a budget re-sizes the schedule (fit_schedule_to_budget)
+        # a budget's cap (the recipe's epochs or max_steps, set when it first sizes the schedule) and the
+        # steps at which it re-sizes the schedule (fit_schedule_to_budget)
+        self.planned_steps, self.replan_steps = self.total_steps, []
         self.watch = StallWatchdog(tc.stall_timeout_s, self.out, lambda: worker_pids(self.loader), self.worker_stacks)
         self.stop = StopRequest()
 
@@ -361,7 +363,7 @@ class Training:
         if self.t_probe is None:
             self.t_probe, self.probe_from = time.monotonic(), self.step  # the first step (allocation) is not typical
         elif not self.schedule_fixed and self.step - self.probe_from >= self.tc.budget_probe_steps:
-            self.planned_steps = self.total_steps  # the recipe's epochs or max_steps: the cap
+            self.planned_steps = self.total_steps  # as planned now (--resume may re-plan it before)
             self.size_to_budget(margin=0.97)
             self.schedule_fixed = True
             self.replan_steps = replan_points(self.step, self.total_steps, self.tc.budget_replans)
