@@ -117,11 +117,13 @@ def evaluate(train_fs, test_fs, episodes: int, target_fs=None) -> dict:
 
 def extractor_for(spec_str: str, args):
     """The feature extractor of a checkpoint or baseline spec (a checkpoint is read at its own image size;
-    ``args``: ``image_size``, ``device``)."""
+    ``args``: ``image_size``, ``device`` and, when it has one, ``tta``: the orientation averaging,
+    None / ``auto`` = each checkpoint recipe's ``eval.tta``, raw pixels plain)."""
     from cellssl.eval.features import FeatureExtractor  # start-up time: torch
 
     size = args.image_size if spec_str.startswith(("random:", "pixels:")) else None
-    return FeatureExtractor(spec_str, image_size=size, device=args.device, batch_size=256, progress=False)
+    return FeatureExtractor(spec_str, image_size=size, device=args.device, batch_size=256, progress=False,
+                            tta=getattr(args, "tta", None))
 
 
 def features_for(spec_str: str, parts: dict[str, Path], args):

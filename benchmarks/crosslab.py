@@ -127,18 +127,19 @@ def adapted_metrics(checkpoint: str | Path, source_dir: str | Path, target_dir: 
                     source_fs: FeatureSet | None, kind: str, out: str | Path, *, episodes: int, seed: int = 0,
                     probe_max: int | None = None, device: str = "auto", steps: int | None = None,
                     minutes: float | None = None, source_fraction: float | None = None,
-                    overrides: Sequence[str] = ()) -> dict:
+                    overrides: Sequence[str] = (), tta: str | None = None) -> dict:
     """Cross-lab metrics of ``checkpoint`` after adaptation ``kind`` to ``target_dir``.
 
     AdaBN: the probe stays the source model's (``source_fs``, source BatchNorm statistics); only the
     target features come from the adapted checkpoint. Continued SSL: the weights changed, so the
     source features (``source_dir``, at most ``probe_max`` per class) are recomputed with the adapted
     model and the probe refit on them. ``source_fs``: the source model's features of ``source_dir``
-    (computed here when None; unused by continued SSL)."""
+    (computed here when None; unused by continued SSL). ``tta``: the orientation averaging of the
+    features (None: the checkpoint recipe's ``eval.tta``)."""
     source, fraction = (source_dir, source_fraction) if source_fraction else (None, None)
     ckpt, info = adapted_checkpoint(checkpoint, target_dir, out, kind, steps=steps, minutes=minutes, device=device,
                                     source=source, source_fraction=fraction, overrides=overrides)
-    opts = {"device": device, "batch_size": 256, "progress": False, "seed": seed}
+    opts = {"device": device, "batch_size": 256, "progress": False, "seed": seed, "tta": tta}
     ex = FeatureExtractor(ckpt, **opts)
     target = ex.features(target_dir)
     if kind == "continued":

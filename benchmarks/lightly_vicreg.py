@@ -53,6 +53,7 @@ from benchmarks.common import (
     summarise,
     table,
 )
+from cellssl.config import TTA_CHOICES
 
 LIGHTLY = "lightly==1.6.0"
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -171,6 +172,17 @@ def train(seed: int, args, out: Path) -> tuple[Path, dict]:
                   "image_views": views, "views_per_s": views / max(seconds, 1e-9)}
 
 
+def trained(seed: int, args, out: Path) -> tuple[Path, dict]:
+    """The checkpoint and info of a finished run in ``out`` (another evaluation of the same training),
+    else :func:`train` (from the start: a wall-clock budget cannot be resumed fairly)."""
+    done = out / "train.json"
+    if done.is_file() and (out / "last.pt").is_file():
+        return out / "last.pt", json.loads(done.read_text())
+    ckpt, info = train(seed, args, out)
+    done.write_text(json.dumps(info))
+    return ckpt, info
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--probe-max", type=int, default=None)
+    ap.add_argument("--tta", choices=TTA_CHOICES, default="auto",
+                    help="features averaged over each image's 8 rotations and flips (auto: as the quality "
+                         "benchmark's rows, dihedral); none = plain features (results before 2026-12-02)")
     args = ap.parse_args(argv)
     args.cross_lab = None if str(args.cross_lab).lower() == "none" else args.cross_lab
     args.eval_on, args.device = "test", "cpu"  # what benchmarks.common.features_for reads, as quality's rows
@@ -210,13 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     args.parts = make_split(Path(args.data), work / "split")
     store_path = Path(args.store or work / "results.json")
     store = json.loads(store_path.read_text()) if store_path.exists() else {}
-    key = f"{args.minutes:g}min-lr{args.lr:g}-m{args.momentum:g}-b{args.batch_size}-{args.image_size}px"
+    train_key = f"{args.minutes:g}min-lr{args.lr:g}-m{args.momentum:g}-b{args.batch_size}-{args.image_size}px"
+    key = train_key + ("" if args.tta == "none" else f"-tta-{args.tta}")  # plain features: the earlier key
     done = store.setdefault(key, {})
     print(f"{command_line('lightly_vicreg', argv)}\n{machine_line()}", flush=True)
     for seed in range(args.seeds):
         if str(seed) in done:
             continue
-        ckpt, info = train(seed, args, work / f"{key}-s{seed}")
+        ckpt, info = trained(seed, args, work / f"{train_key}-s{seed}")
         train_fs, test_fs, target_fs = features_for(str(ckpt), args.parts, args)
         row = {**evaluate(train_fs, test_fs, args.episodes, target_fs), **info}
         done[str(seed)] = row

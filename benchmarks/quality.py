@@ -21,7 +21,10 @@ Protocol
 * Frozen features, cellssl's own evaluation code: 8-way 1/5/10-shot SimpleShot episodes (15
   queries) on the evaluated split; a logistic-regression linear probe and a kNN (k=20, T=0.07)
   probe fitted on ``pretrain`` and tested on the evaluated split. Reference rows: raw pixels
-  (16×16×3) and random-init resnet18.
+  (16×16×3) and random-init resnet18. The features are averaged over each image's 8 rotations and
+  flips (``--tta``, default ``auto``: the checkpoint recipe's ``eval.tta``; raw pixels stay plain);
+  ``--tta none`` gives the plain features that results before 2026-12-02 used (their stored rows
+  match it).
 * Cross-lab columns (``--cross-lab``, default ``../shared/data/jtsc128``: 284 white cells, 4 of PBC's
   classes, another lab, microscope and stain; ``benchmarks/crosslab.py``): 4-way 1/5-shot within it
   (95 % interval over episodes), and zero-label transfer: a linear probe fitted on the pretrain part's
@@ -83,6 +86,7 @@ from benchmarks.common import (
     table,
     write_markdown,
 )
+from cellssl.config import TTA_CHOICES
 from cellssl.engine.logger import read_metrics
 from cellssl.plots import pyplot, save_figure
 
@@ -103,6 +107,13 @@ ROWS: dict[str, dict] = {
                                                    "overlays": ["recipes/ablation/centroid.yaml"]},
     "ablation: centroid + SV": {"method": "msbreg", "overlays": ["recipes/ablation/centroid_sv.yaml"]},
     "ablation: centroid + Brownian": {"method": "msbreg", "overlays": ["recipes/ablation/centroid_bd.yaml"]},
+}
+# how the report names the features' orientation averaging (--tta; cellssl.models.orientation)
+TTA_LINES = {
+    "auto": "features averaged over each image's 8 rotations and flips (`eval.tta: auto`: every trained row's "
+            "views rotate and flip; raw pixels plain)",
+    "dihedral": "features averaged over each image's 8 rotations and flips (`--tta dihedral`, raw pixels too)",
+    "none": "plain features, one pass per image (`--tta none`)",
 }
 ABLATION_FULL = "MSBReg"  # the ablation's "all three forces" row is the MSBReg row
 
@@ -232,15 +243,19 @@ def recipe_text(name: str) -> str:
     return path.read_text() if path.is_file() else Path(name).read_text()
 
 
-def row_key(name: str, spec: dict, args) -> str:
+def row_key(name: str, spec: dict, args, features: bool = True) -> str:
     """Hash of everything that changes a row's numbers (not the seed, not the budget: the store keeps
-    each budget under its own name)."""
+    each budget under its own name); ``features=False``: of what changes its trained model (the
+    training folder's name), without how its features are computed (``--tta``), so that another
+    evaluation of the same runs reuses their checkpoints."""
     texts = [(REPO / o).read_text() for o in spec_overlays(spec, args)] if "method" in spec else []
     untrained = [args.image_size, args.backbone] + ([RAW_PIXELS] if spec.get("kind") == "raw" else [])
     recipe = spec.get("recipe", args.recipe)
     blob = [spec.get("kind", "ssl"), row_overrides(spec, args) if "method" in spec else untrained,
             texts, recipe, recipe_text(recipe) if "method" in spec else "",
             args.eval_on, args.episodes, args.probe_max, str(args.cross_lab)]
+    if features and args.tta != "none":  # the features' orientation averaging; rows stored before it were plain
+        blob.append(f"tta={args.tta}")
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -304,7 +319,7 @@ def adapt_seed(row: dict, parts: dict[str, Path], args) -> bool:
         res = adapted_metrics(ckpt, parts["pretrain"], args.cross_lab, source_fs, kind, out,
                               episodes=args.episodes, probe_max=args.probe_max, device=args.device,
                               steps=None if args.adapt_minutes else args.adapt_steps, minutes=args.adapt_minutes,
-                              source_fraction=args.adapt_source_fraction, overrides=overrides)
+                              source_fraction=args.adapt_source_fraction, overrides=overrides, tta=args.tta)
         row[kind] = {**res, "tag": adapt_tag(kind, args)}
     return True
 
@@ -518,7 +533,8 @@ def write_report(store: dict, rows: dict[str, dict], args, out_md: Path, total_m
         f"- evaluation: 8-way 1/5/10-shot SimpleShot episodes on {args.eval_on} (15 queries, {args.episodes} "
         f"episodes); linear probe (logistic regression on L2-normalised, standardised features, C by "
         f"validation) and kNN (k=20, T=0.07) fitted on the pretrain part"
-        + (f" ({args.probe_max} per class)" if args.probe_max else "") + f", tested on {args.eval_on}",
+        + (f" ({args.probe_max} per class)" if args.probe_max else "") + f", tested on {args.eval_on}; "
+        + TTA_LINES[args.tta],
         "- other lab (`benchmarks/crosslab.py`): all-way (4-way for jtsc128) 1- and 5-shot SimpleShot "
         f"episodes within it (15 queries, {args.episodes} episodes; ± over episodes); zero-label transfer "
         "`PBC→other lab`: the linear probe fitted on the pretrain part's images of the other lab's classes "
@@ -575,6 +591,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--adapt-minutes", type=float, default=None, help="continued SSL budget in minutes instead")
     ap.add_argument("--adapt-source-fraction", type=float, default=0.0,
                     help="share of PBC pretrain images mixed into continued SSL (cellssl adapt --source-fraction)")
+    ap.add_argument("--tta", choices=TTA_CHOICES, default="auto",
+                    help="features averaged over each image's 8 rotations and flips: auto = each checkpoint "
+                         "recipe's eval.tta (dihedral for blood_smear; raw pixels stay plain); none = plain features")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--progress", action="store_true")
@@ -645,7 +664,8 @@ def run_row(name: str, spec: dict, store: dict, store_path: Path, parts: dict[st
         res = entry["seeds"].get(str(seed))
         changed = res is None
         if res is None:
-            res = entry["seeds"][str(seed)] = run_seed(name, spec, seed, parts, args, key)
+            res = entry["seeds"][str(seed)] = run_seed(name, spec, seed, parts, args,
+                                                       row_key(name, spec, args, features=False))
         if "method" in spec:
             changed = adapt_seed(res, parts, args) or changed
         if changed:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from cellssl.apply.settings import DEFAULT_BUDGET, DEFAULT_N_CLASSES, EXPORT_FORMATS, STRATEGIES
-from cellssl.config import OPTIONS, EvalConfig, parse_value, value_range, value_type
+from cellssl.config import OPTIONS, TTA_CHOICES, EvalConfig, parse_value, value_range, value_type
 from cellssl.errors import CellSSLError, ConfigError, did_you_mean
 from cellssl.eval.settings import (
     DEFAULT_OOD_QUANTILE,
@@ -102,6 +102,10 @@ def _eval_options(f):
                      help="Input size (default: the checkpoint's).")(f)
     f = click.option("--adapt-bn", type=click.Path(), default=None,
                      help="Re-estimate BatchNorm statistics on this folder first (AdaBN).")(f)
+    f = click.option("--tta", type=click.Choice(TTA_CHOICES), default=None,
+                     help="Average each image's features over its 8 rotations and flips (dihedral; 8x the "
+                          "passes) or not (none). Default: the checkpoint recipe's eval.tta (auto: dihedral "
+                          "when its views rotate and flip).")(f)
     f = click.option("--checkpoint", required=True,
                      help="A checkpoint from `cellssl pretrain`; baselines: random:<timm name> (random init), "
                           "pixels:<side> (raw pixels, e.g. pixels:16), or pretrained:<timm tag | exported folder | "
@@ -242,14 +246,14 @@ def demo(recipe, overlays, overrides, out, data, max_steps, device):
 @click.option("--part-rows", type=click.IntRange(1), default=DEFAULT_PART_ROWS, show_default=True,
               help="A larger set is embedded in parts of this many rows (OUT.parts/, one part in memory; any "
                    "format); a killed embed rerun with the same options continues after the last complete part.")
-def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, part_rows, image_size, batch_size, device, adapt_bn):
-    """Frozen backbone features of every image (no augmentation) -> .npz (features, paths, labels),
-    .h5ad (AnnData) or .parquet."""
+def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, part_rows, image_size, batch_size, device, adapt_bn, tta):
+    """Frozen backbone features of every image (no augmentation; averaged over its 8 rotations and flips
+    unless --tta none) -> .npz (features, paths, labels), .h5ad (AnnData) or .parquet."""
     from cellssl.eval.tables import embed_outputs
 
     files = embed_outputs(checkpoint, data, out, fmt=fmt, lab=lab, plot=plot, part_rows=part_rows,
                           image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn,
-                          um_per_px=um_per_px)
+                          um_per_px=um_per_px, tta=tta)
     click.echo(f"features written to {files['features']}")
     if "plot" in files:
         click.echo(f"map: {files['plot']}")
@@ -268,13 +272,13 @@ def embed(checkpoint, data, out, fmt, lab, plot, um_per_px, part_rows, image_siz
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path(), help="report.json (report.md and plots go next to it)")
 def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, out, image_size, batch_size, device,
-            adapt_bn):
+            adapt_bn, tta):
     """N-way K-shot episodes (SimpleShot or logistic regression): mean accuracy with 95% CI."""
     from cellssl.eval.fewshot import fewshot as run
 
     report = run(checkpoint, data, out, ways=ways, shots=tuple(shots), queries=queries, episodes=episodes,
                  classifier=classifier, seed=seed, image_size=image_size, batch_size=batch_size, device=device,
-                 adapt_bn=adapt_bn)
+                 adapt_bn=adapt_bn, tta=tta)
     _print_summary(report)
 
 
@@ -286,12 +290,12 @@ def fewshot(checkpoint, data, ways, shots, queries, episodes, classifier, seed, 
               help="No --test: hold out this fraction of --train.")
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path())
-def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_size, device, adapt_bn):
+def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_size, device, adapt_bn, tta):
     """Linear probe (logistic regression, C chosen on a validation split) on frozen features."""
     from cellssl.eval.linear import linear as run
 
     report = run(checkpoint, train_dir, test_dir, out, split=split, seed=seed, image_size=image_size,
-                 batch_size=batch_size, device=device, adapt_bn=adapt_bn)
+                 batch_size=batch_size, device=device, adapt_bn=adapt_bn, tta=tta)
     _print_summary(report)
 
 
@@ -306,12 +310,13 @@ def linear(checkpoint, train_dir, test_dir, split, seed, out, image_size, batch_
               show_default=True)
 @click.option("--seed", type=RecipeValue("train.seed"), default=0)
 @click.option("--out", required=True, type=click.Path())
-def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image_size, batch_size, device, adapt_bn):
+def knn(checkpoint, train_dir, test_dir, split, k, temperature, seed, out, image_size, batch_size, device, adapt_bn,
+        tta):
     """Weighted kNN classifier on frozen, L2-normalised features."""
     from cellssl.eval.knn import knn as run
 
     report = run(checkpoint, train_dir, test_dir, out, k=k, temperature=temperature, split=split, seed=seed,
-                 image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn)
+                 image_size=image_size, batch_size=batch_size, device=device, adapt_bn=adapt_bn, tta=tta)
     _print_summary(report)
 
 
@@ -431,7 +436,7 @@ def export(checkpoint, out, fmt, reports, overwrite):
 @click.option("--out", required=True, type=click.Path(),
               help="Folder for to_label.csv, contact_sheet.png, images/, map.png, report.md.")
 def select(checkpoint, data, budget, strategy, labelled, features, n_classes, link, no_map, fmt, seed, out, image_size,
-           batch_size, device, adapt_bn):
+           batch_size, device, adapt_bn, tta):
     """Which cells should the expert label first? Embed the pool and choose --budget cells.
 
     \b
@@ -444,7 +449,7 @@ def select(checkpoint, data, budget, strategy, labelled, features, n_classes, li
 
     report = run(checkpoint, data, out, budget=budget, strategy=strategy, labelled=labelled, features=features,
                  seed=seed, n_classes=n_classes, link=link, image_size=image_size, batch_size=batch_size,
-                 device=device, adapt_bn=adapt_bn, map_points=0 if no_map else 2000)
+                 device=device, adapt_bn=adapt_bn, tta=tta, map_points=0 if no_map else 2000)
     click.echo(format_selection(report))
     if fmt == "h5ad":
         from cellssl.eval.tables import npz_to_h5ad

@@ -360,6 +360,9 @@ class EvalConfig:
     queries: int = 15
     episodes: int = 600
     batch_size: int = 256
+    # features averaged over the 8 rotations/flips of each crop (cellssl.models.orientation):
+    # auto = dihedral when views.rotate and views.flip (the model was trained to ignore orientation)
+    tta: str = "auto"
 
 
 @dataclass
@@ -388,6 +391,8 @@ class Recipe:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
+TTA_CHOICES = ("auto", "none", "dihedral")  # eval.tta and the evaluation commands' --tta
+
 # Allowed words of the string recipe values (a method's own: in its settings' field metadata).
 _CHOICES = {
     "data.modality": ("brightfield", "fluorescence"),
@@ -400,6 +405,7 @@ _CHOICES = {
     "optim.name": ("adamw", "lars", "sgd"),
     "train.precision": ("auto", "fast", "bf16", "fp16", "fp32"),
     "train.target_precision": ("auto", "same", "bf16"),
+    "eval.tta": TTA_CHOICES,
 }
 
 

@@ -6,6 +6,8 @@ so that well-separated features must give accuracies far above chance.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,32 @@ def test_tuning_c_grid_tries_each_lab_view_switch_for_msbreg_and_vicreg() -> Non
             if getattr(r.views, key) > 0:
                 switched.setdefault(key, set()).add(r.method.name)
     assert switched == {k: {"msbreg", "vicreg"} for k in ("grayscale_p", "zoom_out_p", "randstain_p")}
+
+
+def test_orientation_averaging_is_part_of_a_rows_key_and_plain_rows_keep_theirs():
+    """``--tta none`` (plain features) keeps the key rows stored before ``--tta`` existed had, so they
+    are still reported; the default (orientation-averaged features) is stored apart from them."""
+    spec = {"method": "msbreg"}
+    plain = quality.parse_args(["--cross-lab", "none", "--tta", "none"])
+    default = quality.parse_args(["--cross-lab", "none"])
+    assert default.tta == "auto"
+    blob = [spec.get("kind", "ssl"), quality.row_overrides(spec, plain), [], plain.recipe,
+            quality.recipe_text(plain.recipe), plain.eval_on, plain.episodes, plain.probe_max, str(plain.cross_lab)]
+    before = hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    assert quality.row_key("MSBReg", spec, plain) == before
+    assert quality.row_key("MSBReg", spec, default) != before
+    assert quality.row_key("MSBReg", spec, default, features=False) == before  # the same trained runs
+    lines = "\n".join(quality.TTA_LINES.values())
+    assert "8 rotations and flips" in lines and "plain features" in lines
+
+
+def test_feature_options_benchmark_reads_size_and_orientation_and_refuses_the_rest():
+    from benchmarks import feature_options
+
+    assert feature_options.parse_option("80:dihedral") == (80, "dihedral")
+    for bad in ("80", "x:none", "64:rot4"):
+        with pytest.raises(SystemExit, match="is not SIZE:TTA"):
+            feature_options.parse_option(bad)
+    row = {"linear": 0.9, "knn": 0.8, "5shot": 0.6, "seconds": 12.0}
+    line = feature_options.table_lines([("a.pt", 64, "dihedral", row)])[-1]
+    assert line == "| `a.pt` | 64 | mean of 8 rotations and flips | 0.900 | 0.800 | 0.600 | – | – | 12 |"

@@ -217,7 +217,10 @@ def _write_head(path: Path, pred: Any) -> dict:
                "bias": classifier.head.bias.detach().contiguous()},
               str(path), metadata={"classes": json.dumps(list(pred.classes))})
     return {"classes": list(pred.classes), "normalize": bool(classifier.normalize), "file": path.name,
-            "math": "logits = weight @ (f / ||f||_2 if normalize else f) + bias; probabilities = softmax(logits)"}
+            "tta": classifier.tta,
+            "math": "logits = weight @ (f / ||f||_2 if normalize else f) + bias; probabilities = softmax(logits)"
+                    + ("; f = the mean of the backbone's features over the image's 8 rotations and flips"
+                       if classifier.tta == "dihedral" else "")}
 
 
 def _write_onnx(path: Path, backbone: nn.Module, pred: Any, in_chans: int, size: int, opset: int) -> dict:
@@ -345,10 +348,14 @@ def _card_head(head: dict | None) -> list[str]:
     if not head:
         return []
     norm = "f = f / f.norm(dim=1, keepdim=True)\n" if head["normalize"] else ""
+    # the probe was fitted on orientation-averaged features (cellssl.models.orientation): so is f
+    features = ("f = torch.stack([model(torch.rot90(x, k, (2, 3))) for x in (images, images.flip(3)) "
+                "for k in range(4)]).mean(0)  # the mean over the 8 rotations and flips, as the probe was fitted"
+                if head.get("tta") == "dihedral" else "f = model(images)")
     return ["The classifier head (`head.safetensors`):", "", "```python",
             "from safetensors.torch import load_file",
             "head = load_file(\"head.safetensors\")",
-            f"f = model(images)\n{norm}probabilities = (f @ head[\"weight\"].T + head[\"bias\"]).softmax(1)",
+            f"{features}\n{norm}probabilities = (f @ head[\"weight\"].T + head[\"bias\"]).softmax(1)",
             f"classes = {head['classes']}", "```", ""]
 
 

@@ -79,7 +79,8 @@ def load_predictor(model: str | Path, device: str | torch.device = "auto") -> Pr
     in_chans = int(ck["in_chans"])
     backbone = build_backbone(recipe.model, in_chans, recipe.data.image_size)
     k, f = state["head.weight"].shape
-    net = Classifier(backbone, int(f), int(k), normalize=bool(ck.get("head_normalize", False)))
+    net = Classifier(backbone, int(f), int(k), normalize=bool(ck.get("head_normalize", False)),
+                     tta=str(ck.get("tta") or "none"))
     load_state_checked(net, {n: v for n, v in state.items() if n.startswith(("backbone.", "head."))},
                        f"classifier ({recipe.model.backbone})", path)
     dev = resolve_device(device)
@@ -88,6 +89,6 @@ def load_predictor(model: str | Path, device: str | torch.device = "auto") -> Pr
     info = {"path": str(path), "kind": ck.get("kind", "finetune"), "description": describe(ck),
             "source": ck.get("source"), "source_description": ck.get("source_description"),
             "backbone": recipe.model.backbone, "image_size": int(data_cfg.image_size), "in_chans": in_chans,
-            "val_accuracy": ck.get("val_accuracy")}
+            "val_accuracy": ck.get("val_accuracy"), "tta": net.tta}
     return Predictor(net.to(dev).eval(), list(ck["classes"]), data_cfg, in_chans, ck.get("unsure"),
                      list(ck.get("native_size") or [0, 0]), dev, info)

@@ -4,7 +4,9 @@ Every evaluation (few-shot, linear probe, kNN, embedding export) starts here: a 
 ``random:<timm name>`` baseline, built by the very same :func:`~cellssl.engine.checkpoint.load_backbone`
 path) is loaded, the folder is read and normalised with the checkpoint recipe's
 :class:`~cellssl.config.DataConfig` (so images look exactly as they did in pretraining), and the
-backbone maps every image ``(C, S, S)`` to one feature vector ``(F,)``.
+backbone maps every image ``(C, S, S)`` to one feature vector ``(F,)``, averaged over the 8
+rotations and flips of the image when the recipe trained for that (``eval.tta``,
+:mod:`cellssl.models.orientation`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from cellssl.engine.distributed import resolve_device
 from cellssl.errors import DataError
 from cellssl.eval.settings import DEFAULT_PART_ROWS
 from cellssl.models.bn import adapt_batchnorm
+from cellssl.models.orientation import orientation_mean, resolve_tta
 
 EMBED_PART_ROWS = DEFAULT_PART_ROWS  # embed writes a larger set in parts of this many rows (resumable; docs/scale.md)
 
@@ -124,6 +127,9 @@ class FeatureOptions:
         progress: show a progress bar on long extractions.
         um_per_px: micrometres per pixel of the folders read; with the checkpoint recipe's
             ``data.um_per_px`` the images are resampled to the model's scale (:mod:`cellssl.data.scale`).
+        tta: ``auto`` | ``none`` | ``dihedral``: average each image's features over its 8 rotations
+            and flips (:func:`cellssl.models.orientation.orientation_mean`, 8× the forward passes);
+            None = the checkpoint recipe's ``eval.tta`` (``auto``: dihedral when its views rotate and flip).
     """
 
     image_size: int | None = None
@@ -135,6 +141,7 @@ class FeatureOptions:
     seed: int = 0
     progress: bool = True
     um_per_px: float | None = None
+    tta: str | None = None
 
 
 def feature_options(options: FeatureOptions | None = None, **fields: Any) -> FeatureOptions:
@@ -143,19 +150,21 @@ def feature_options(options: FeatureOptions | None = None, **fields: Any) -> Fea
 
 
 def extract_features(backbone: nn.Module, dataset: Dataset, device: str | torch.device = "cpu", batch_size: int = 256,
-                     num_workers: int = 0, progress: bool = True) -> np.ndarray:
+                     num_workers: int = 0, progress: bool = True, tta: str = "none") -> np.ndarray:
     """Backbone features of every item of ``dataset``, in order.
 
     Args:
         backbone: module mapping images (B, C, S, S) -> features (B, F).
         dataset: yields ``(tensor (C, S, S), label)``.
         device: where the forward passes run.
+        tta: ``none`` | ``dihedral`` (the mean over the image's 8 rotations and flips).
 
     Returns:
-        float32 array (N, F), row i = ``backbone(dataset[i][0])``, computed in eval mode without
-        gradients (the module's previous train/eval mode is restored afterwards).
+        float32 array (N, F), row i = ``backbone(dataset[i][0])`` (or its orientation mean),
+        computed in eval mode without gradients (the module's previous train/eval mode is restored
+        afterwards).
     """
-    return _extract(backbone, dataset, device, batch_size, num_workers, progress)[0]
+    return _extract(backbone, dataset, device, batch_size, num_workers, progress, tta)[0]
 
 
 class _ReadableRows(Dataset):
@@ -181,7 +190,7 @@ class _ReadableRows(Dataset):
 
 @torch.no_grad()
 def _extract(backbone: nn.Module, dataset: Dataset, device: str | torch.device, batch_size: int, num_workers: int,
-             progress: bool) -> tuple[np.ndarray, np.ndarray]:
+             progress: bool, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F) float32, readable (N,) bool) of every item of ``dataset`` (see
     :func:`extract_features`); ``readable`` is the items' ``"readable"`` flag, all True without it."""
     device = resolve_device(device)
@@ -204,9 +213,7 @@ def _extract(backbone: nn.Module, dataset: Dataset, device: str | torch.device, 
     try:
         for batch in iterator:
             x = batch_images(batch).to(device, non_blocking=True).float()
-            f = backbone(x)
-            if f.ndim != 2:
-                f = f.flatten(1)
+            f = orientation_mean(backbone, x, tta)
             out.append(f.float().cpu().numpy())
             flags = batch.get("readable") if isinstance(batch, dict) else None
             ok.append(np.ones(len(x), bool) if flags is None else np.asarray(flags, dtype=bool))
@@ -277,6 +284,7 @@ class FeatureExtractor:
         if self.options.image_size:
             self.data_cfg.image_size = int(self.options.image_size)
         self.data_cfg.path = None
+        self.tta = resolve_tta(self.options.tta, self.recipe, pixels=self.info.get("method") == "raw pixels")
         self.skipped: list[str] = []  # bad files left out of every folder extracted so far
         self._ready = False
 
@@ -330,7 +338,7 @@ class FeatureExtractor:
         transform = build_eval_transform(self.data_cfg, ds.channels)
         opts = self.options
         feats, ok = _extract(self.backbone, _ReadableRows(ds, transform, keep, int(self.data_cfg.image_size)),
-                             self.device, opts.batch_size, opts.num_workers, opts.progress)
+                             self.device, opts.batch_size, opts.num_workers, opts.progress, self.tta)
         bad = keep[~ok]
         if len(bad):
             self.skipped += [str(ds.samples[i][0]) for i in bad]
@@ -365,6 +373,7 @@ class FeatureExtractor:
             "recipe": cfg.get("name"),
             "config": cfg,
             "adapt_bn": self.adapt_bn,
+            "tta": self.tta,
             "data": str(data) if data is not None else None,
             "skipped_images": list(self.skipped),
             "um_per_px": self.options.um_per_px,  # of the data read (None: not declared)
@@ -412,12 +421,15 @@ def _spec_key(spec: Any) -> str | None:
 
 def feature_source(info: dict) -> dict:
     """What made a FeatureSet (from its ``info``): backbone ``spec`` (a resolved path or
-    ``random:...``), training ``step``, ``image_size``, ``adapt_bn`` folder, ``description``."""
+    ``random:...``), training ``step``, ``image_size``, ``adapt_bn`` folder, orientation averaging
+    ``tta`` (``none`` when not recorded), ``description``."""
     return {"spec": _spec_key(info.get("spec")), "step": info.get("step"), "image_size": info.get("image_size"),
-            "adapt_bn": _spec_key(info.get("adapt_bn")), "description": info.get("description")}
+            "adapt_bn": _spec_key(info.get("adapt_bn")), "tta": info.get("tta") or "none",
+            "description": info.get("description")}
 
 
-SOURCE_NAMES = {"spec": "backbone", "step": "training step", "image_size": "image size", "adapt_bn": "AdaBN folder"}
+SOURCE_NAMES = {"spec": "backbone", "step": "training step", "image_size": "image size", "adapt_bn": "AdaBN folder",
+                "tta": "orientation averaging (--tta)"}
 
 
 def source_mismatch(recorded: dict, current: dict) -> list[str]:
@@ -581,7 +593,7 @@ def embedding_parts(ex: FeatureExtractor, ds: Any, data: str | Path, keep: np.nd
     for k in tqdm(todo, desc="embed parts", unit="part", disable=not opts.progress or len(todo) < 2):
         rows = keep[slice(*parts.bounds(k))]
         feats, ok = _extract(ex.backbone, _ReadableRows(ds, transform, rows, int(ex.data_cfg.image_size)),
-                             ex.device, opts.batch_size, opts.num_workers, progress=False)
+                             ex.device, opts.batch_size, opts.num_workers, progress=False, tta=ex.tta)
         parts.save(k, {
             "features": feats[ok], "rows": rows[ok], "labels": labels[rows[ok]].astype(np.int64),
             "paths": np.asarray([relative_path(ds.samples[int(i)][0], root) for i in rows[ok]], dtype=str),

@@ -170,6 +170,7 @@ def save_classifier(fit: ProbeFit, train: FeatureSet, extractor: Any, path: str 
 
     ``model`` holds ``backbone.*`` (the extractor's backbone, AdaBN statistics included) and
     ``head.*`` (:meth:`ProbeFit.folded`, acting on L2-normalised features: ``head_normalize``);
+    ``tta`` the extractor's orientation averaging (``predict`` computes the features the same way);
     ``unsure`` holds the thresholds calibrated on the held-out validation rows
     (:func:`~cellssl.eval.unsure.calibrate`); ``native_size`` the training images' median size.
     """
@@ -199,6 +200,7 @@ def save_classifier(fit: ProbeFit, train: FeatureSet, extractor: Any, path: str 
         "source": extractor.spec,
         "source_description": extractor.describe()["description"],
         "adapt_bn": extractor.adapt_bn,
+        "tta": extractor.tta,  # the probe's features were orientation-averaged: predict averages too
         "native_size": size,
         "unsure": unsure,
         "model": state,

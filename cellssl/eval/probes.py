@@ -22,6 +22,7 @@ from torch import nn
 from cellssl.data.datasets import split_indices
 from cellssl.errors import DataError
 from cellssl.eval.features import FeatureExtractor, FeatureSet, check_min_images
+from cellssl.models.orientation import orientation_mean
 
 __all__ = ["split_featureset", "train_test_features", "fit_logreg", "Classifier", "softmax"]
 
@@ -73,18 +74,21 @@ class Classifier(nn.Module):
     """``backbone`` (B, C, S, S) -> (B, F) followed by ``head`` = Linear(F, K) -> logits (B, K).
 
     ``normalize=True`` L2-normalises the features before the head (a linear probe's folded form,
-    :meth:`cellssl.eval.linear.ProbeFit.folded`).
+    :meth:`cellssl.eval.linear.ProbeFit.folded`). ``tta="dihedral"`` averages the features over the
+    image's 8 rotations and flips (:func:`cellssl.models.orientation.orientation_mean`), as the probe's
+    training features were; fine-tuning trains with ``"none"``.
     """
-    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, normalize: bool = False):
+    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, normalize: bool = False,
+                 tta: str = "none"):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(n_features, n_classes)
         self.normalize = bool(normalize)
+        self.tta = tta
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features (B, F)."""
-        f = self.backbone(x)
-        return f.flatten(1) if f.ndim != 2 else f
+        """Backbone features (B, F), orientation-averaged with ``tta``."""
+        return orientation_mean(self.backbone, x, self.tta)
 
     def classify(self, f: torch.Tensor) -> torch.Tensor:
         """Features (B, F) -> logits (B, K)."""

@@ -4,6 +4,7 @@
 - :mod:`cellssl.models.heads` — projector and predictor MLPs
 - :mod:`cellssl.models.ema` — the EMA target network and its momentum schedule
 - :mod:`cellssl.models.bn` — AdaBN: BatchNorm statistics re-estimated on new images
+- :mod:`cellssl.models.orientation` — features averaged over a cell's 8 rotations and flips (``eval.tta``)
 """
 
 from cellssl.models.backbone import build_backbone, list_backbones
