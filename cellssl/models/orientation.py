@@ -10,7 +10,7 @@ D4 (4 quarter turns, each with and without a mirror) makes them exactly invarian
 This is test-time augmentation restricted to the symmetries the views were trained on, so it adds
 no assumption the pretraining did not already make. It costs 8 forward passes per image. On the
 blood-smear benchmark (docs/tuning.md, "Evaluation: orientation-averaged features") it raised the
-PBC val linear probe of a 20-minute ``blood_smear`` checkpoint from 0.871 to 0.909.
+PBC val linear probe of a 20-minute ``blood_smear`` checkpoint from 0.871 to 0.910.
 
 Written by hand: timm's test-time augmentation wraps a classifier's logits and knows flips only;
 this averages backbone features (what every probe, few-shot episode and saved classifier reads).
