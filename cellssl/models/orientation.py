@@ -19,11 +19,10 @@ this averages backbone features (what every probe, few-shot episode and saved cl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from cellssl.config import TTA_CHOICES
+from cellssl.config import TTA_CHOICES, Recipe
 from cellssl.errors import ConfigError
 
 __all__ = ["TTA_CHOICES", "D4_SIZE", "dihedral", "orientation_mean", "resolve_tta"]
@@ -69,15 +68,14 @@ def orientation_mean(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     return total / D4_SIZE
 
 
-def resolve_tta(tta: str | None, recipe: Any, *, pixels: bool = False) -> str:
+def resolve_tta(tta: str | None, recipe: Recipe, *, pixels: bool = False) -> str:
     """The orientation averaging to use: ``tta`` (``auto`` | ``none`` | ``dihedral``; None = the
     recipe's ``eval.tta``). ``auto`` is ``dihedral`` when the recipe's views both rotate and flip (the
     model was trained to ignore orientation), else ``none``. Raw pixels (``pixels``) are the plain
     reference: ``auto`` keeps them as they are."""
-    choice = tta or getattr(getattr(recipe, "eval", None), "tta", "auto") or "auto"
+    choice = tta or recipe.eval.tta
     if choice not in TTA_CHOICES:
         raise ConfigError(f"tta {choice!r} is not one of {', '.join(TTA_CHOICES)}")
     if choice != "auto":
         return choice
-    views = getattr(recipe, "views", None)
-    return "dihedral" if (not pixels and getattr(views, "rotate", False) and getattr(views, "flip", False)) else "none"
+    return "dihedral" if recipe.views.rotate and recipe.views.flip and not pixels else "none"
