@@ -207,6 +207,20 @@ def test_adapt_resume_with_more_steps_continues(tmp_path, tiny_folder, trained_c
 
 
 # ---- §3 and §4.11: signals -------------------------------------------------------------------
+def test_a_stop_signal_is_acknowledged_at_once_and_only_sets_the_request(capfd):
+    """Before: nothing was said until the step in progress ended (minutes for a first, compiling
+    step on a slow CPU), so a run that had been asked to stop looked hung."""
+    from cellssl.engine.watchdog import deferred_stop_signals
+
+    with deferred_stop_signals() as request:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+        said = capfd.readouterr().err
+        assert request.signal == "SIGTERM" and request.reason == "terminated"
+    assert "SIGTERM received: stopping at the end of this step and writing a checkpoint" in said
+    assert "send it again to stop now" in said
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, tiny_folder, capsys):
@@ -227,6 +241,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, tiny
     assert 3 <= step < 24 and [r["step"] for r in metrics_rows(out)][-1] == step  # no step lost
     assert f"terminated (SIGTERM) at step {step} of 24: checkpoint {out / 'checkpoints' / 'last.pt'}" in err
     assert "continue with --resume" in err and "Traceback" not in err
+    assert err.index("SIGTERM received: stopping at the end of this step") < err.index("terminated (SIGTERM)")
     code, _, err = run_cli(capsys, *common, "--out", str(out), "--resume")
     assert code == 0, err
     code, _, err = run_cli(capsys, *common, "--out", str(tmp_path / "ref"))

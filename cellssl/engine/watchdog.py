@@ -9,7 +9,9 @@
   same line on stderr.
 - :func:`deferred_stop_signals`: SIGINT (Ctrl-C) and SIGTERM (schedulers, ``docker stop``) only
   set a flag while the loop runs, so it stops at the end of the current step and writes a
-  checkpoint of exactly that step; a second signal interrupts at once.
+  checkpoint of exactly that step; a second signal interrupts at once. The first one is
+  acknowledged at once on stderr (:func:`stop_notice`): a step can take minutes (the first one
+  compiles), and a run that says nothing after Ctrl-C looks hung.
 - :func:`register_worker_stack_dump`: what a data-loader worker runs at start (no thread-pool call).
 """
 
@@ -42,12 +44,19 @@ class StopRequest:
         self.reason: str | None = None
 
 
+def stop_notice(name: str) -> bytes:
+    """The line written to stderr when a stop signal ``name`` (``"SIGTERM"``) is first received."""
+    return (f"\n{name} received: stopping at the end of this step and writing a checkpoint "
+            f"(send it again to stop now)\n").encode()
+
+
 @contextlib.contextmanager
 def deferred_stop_signals(interrupt_now: Callable[[], bool] = lambda: False) -> Iterator[StopRequest]:
-    """While the block runs, the first SIGINT or SIGTERM only fills the yielded :class:`StopRequest`;
-    a second one (or any signal once ``interrupt_now()`` is true: a stall) raises KeyboardInterrupt
-    at once. Torch's SIGCHLD handler is set aside after a stop request, so workers ended by the same
-    signal do not interrupt the step in progress. Outside the main thread nothing is installed."""
+    """While the block runs, the first SIGINT or SIGTERM only fills the yielded :class:`StopRequest`
+    (and writes :func:`stop_notice` to stderr); a second one (or any signal once ``interrupt_now()``
+    is true: a stall) raises KeyboardInterrupt at once. Torch's SIGCHLD handler is set aside after a
+    stop request, so workers ended by the same signal do not interrupt the step in progress. Outside
+    the main thread nothing is installed."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -59,6 +68,8 @@ def deferred_stop_signals(interrupt_now: Callable[[], bool] = lambda: False) -> 
         if request.signal is not None or interrupt_now():
             raise KeyboardInterrupt
         request.signal, request.reason, _ = STOP_SIGNALS[signal.Signals(signum)]
+        with contextlib.suppress(OSError):  # os.write, not print: a handler may run inside a print
+            os.write(sys.stderr.fileno(), stop_notice(request.signal))
         set_aside.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
