@@ -177,13 +177,26 @@ def test_orientation_averaging_is_part_of_a_rows_key_and_plain_rows_keep_theirs(
     assert "8 rotations and flips" in lines and "plain features" in lines
 
 
-def test_feature_options_benchmark_reads_size_and_orientation_and_refuses_the_rest():
+def test_feature_options_benchmark_reads_size_orientation_and_power_and_refuses_the_rest():
     from benchmarks import feature_options
 
-    assert feature_options.parse_option("80:dihedral") == (80, "dihedral")
-    for bad in ("80", "x:none", "64:rot4"):
+    assert feature_options.parse_option("80:dihedral") == (80, "dihedral", 1.0)
+    assert feature_options.parse_option("64:none:0.5") == (64, "none", 0.5)
+    for bad in ("80", "x:none", "64:rot4", "64:none:0", "64:none:2", "64:none:half", "64:none:0.5:1"):
         with pytest.raises(SystemExit, match="is not SIZE:TTA"):
             feature_options.parse_option(bad)
     row = {"linear": 0.9, "knn": 0.8, "5shot": 0.6, "seconds": 12.0}
-    line = feature_options.table_lines([("a.pt", 64, "dihedral", row)])[-1]
+    line = feature_options.table_lines([("a.pt", 64, "dihedral", 1.0, row)])[-1]
     assert line == "| `a.pt` | 64 | mean of 8 rotations and flips | 0.900 | 0.800 | 0.600 | – | – | 12 |"
+    assert "| one pass, x^0.5 |" in feature_options.table_lines([("a.pt", 64, "none", 0.5, row)])[-1]
+
+
+def test_feature_options_power_transform_takes_the_root_of_each_feature():
+    from benchmarks.feature_options import power_transform
+    from cellssl.eval.features import FeatureSet
+
+    fs = FeatureSet(np.array([[4.0, 0.0, 9.0]], dtype=np.float32), np.array([0]), ["a.png"], ["a"])
+    assert power_transform(fs, 1.0) is fs
+    out = power_transform(fs, 0.5)
+    assert out.features.dtype == np.float32 and np.allclose(out.features, [[2.0, 0.0, 3.0]])
+    assert out.paths == fs.paths and np.allclose(fs.features, [[4.0, 0.0, 9.0]])  # the input is kept"
