@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -50,16 +51,11 @@ COLUMNS = [("linear", "linear acc"), ("knn", "kNN acc"), ("5shot", "8-way 5-shot
 def parse_option(text: str) -> tuple[int, str, float]:
     """``"64:dihedral"`` -> ``(64, "dihedral", 1.0)``, ``"64:none:0.5"`` -> ``(64, "none", 0.5)``;
     exits with one line on anything else."""
-    size, tta, *rest = text.strip().split(":") + [""]
-    power = (rest[0] if rest else "") or "1"
-    try:
-        b = float(power)
-    except ValueError:
-        b = -1.0
-    if not size.isdigit() or tta not in ("none", "dihedral") or len(rest) > 2 or not 0 < b <= 1:
+    m = re.fullmatch(r"(\d+):(none|dihedral)(?::(\d*\.?\d+))?", text.strip())
+    if m is None or not 0 < float(m[3] or 1) <= 1:
         raise SystemExit(f"error: --options item {text!r} is not SIZE:TTA[:POWER] (e.g. 64:dihedral or "
                          f"64:dihedral:0.5; TTA none or dihedral; POWER in (0, 1])")
-    return int(size), tta, b
+    return int(m[1]), m[2], float(m[3] or 1)
 
 
 def power_transform(fs, power: float):
@@ -133,11 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(header), flush=True)
     rows = []
     for ckpt in args.checkpoint:
-        extracted: dict[tuple[int, str], tuple] = {}
+        extracted: dict[tuple[int, str], tuple] = {}  # options differing only in POWER share the features
         for size, tta, power in args.parsed:
             t0 = time.monotonic()
-            if (size, tta) not in extracted:  # options differing only in POWER share the features
-                extracted = {(size, tta): option_features(ckpt, size, tta, parts, args)}
+            if (size, tta) not in extracted:
+                extracted[size, tta] = option_features(ckpt, size, tta, parts, args)
             r = option_row(extracted[size, tta], power, args)
             r["seconds"] = time.monotonic() - t0
             rows.append((ckpt, size, tta, power, r))
